@@ -1,0 +1,454 @@
+//! The grant lifecycle: `pending → active → completed / expired / revoked` (or `denied`).
+//!
+//! Every transition consumes the grant and returns the next one, or an error that
+//! leaves the caller with nothing to persist. There is no path from an ended state
+//! back to `active`, and no transition can move `expires_at` past `max_expires_at`.
+
+use crate::clock::Timestamp;
+use crate::ids::GrantId;
+use crate::request::AccessRequest;
+use crate::ttl;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    Pending,
+    Active,
+    Completed,
+    Expired,
+    Revoked,
+    Denied,
+}
+
+impl GrantState {
+    pub fn is_ended(self) -> bool {
+        !matches!(self, Self::Pending | Self::Active)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Completed => "completed",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::Denied => "denied",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "active" => Self::Active,
+            "completed" => Self::Completed,
+            "expired" => Self::Expired,
+            "revoked" => Self::Revoked,
+            "denied" => Self::Denied,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for GrantState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why and by whom a grant ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndReason {
+    /// Who ended it: the workload URI, an operator name, or `lapse` for the sweeper.
+    pub by: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("grant `{id}` has already ended ({state})")]
+    Ended { id: GrantId, state: GrantState },
+    #[error("grant `{id}` is {state}, not active")]
+    NotActive { id: GrantId, state: GrantState },
+    #[error("grant `{id}` is {state}, not pending")]
+    NotPending { id: GrantId, state: GrantState },
+    #[error("grant `{id}` has not reached its expiry")]
+    NotYetExpired { id: GrantId },
+    #[error("grant `{id}` has reached its maximum lifetime and cannot be renewed")]
+    MaximumLifetimeReached { id: GrantId },
+    #[error("a credential lifetime of zero seconds cannot be issued")]
+    ZeroTtl,
+}
+
+/// A grant and everything needed to decide its next transition without outside state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: GrantId,
+    /// Exactly what was asked, kept so renewal can re-evaluate the same request.
+    pub request: AccessRequest,
+    /// The actions the credential carries; never wider than `request.actions`.
+    pub actions: Vec<String>,
+    pub state: GrantState,
+    /// Policies that determined the most recent decision on this grant.
+    pub policies: Vec<String>,
+    /// The `@max_ttl` cap that applied at the most recent decision.
+    pub ttl_cap_secs: Option<u64>,
+    /// Approvals the decision required (0 when none).
+    pub approvals_required: u32,
+    pub created_at: Timestamp,
+    /// For an active grant, when its current credential expires; for a pending one,
+    /// when the request stops being approvable.
+    /// INVARIANT: `expires_at <= max_expires_at` once active.
+    pub expires_at: Timestamp,
+    /// The grant's maximum lifetime; no renewal passes it.
+    pub max_expires_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+    pub end: Option<EndReason>,
+    /// RFC 7638 thumbprint of the DPoP key every credential of this grant is bound to.
+    pub jkt: String,
+    /// `jti` of the most recently issued access token.
+    pub token_jti: Option<String>,
+    pub renewals: u32,
+    /// Optimistic-concurrency version; the store refuses a write whose version moved.
+    pub version: u64,
+}
+
+/// Parameters of a new grant that the lifecycle needs from the decision.
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub id: GrantId,
+    pub request: AccessRequest,
+    pub policies: Vec<String>,
+    pub ttl_cap_secs: Option<u64>,
+    pub jkt: String,
+    pub now: Timestamp,
+    /// Server `max_ttl` in seconds.
+    pub server_max_ttl_secs: u64,
+    /// Server maximum lifetime of a grant across renewals, in seconds.
+    pub max_lifetime_secs: u64,
+}
+
+impl Grant {
+    /// An allowed request becomes an active grant whose credential lives
+    /// `min(requested, policy cap, server max_ttl)`.
+    pub fn issue(new: NewGrant, jti: String) -> Result<Self, LifecycleError> {
+        let ttl = ttl::effective_ttl_secs(
+            new.request.requested_ttl_secs,
+            new.ttl_cap_secs,
+            new.server_max_ttl_secs,
+        );
+        if ttl == 0 {
+            return Err(LifecycleError::ZeroTtl);
+        }
+        let max_expires_at = new.now.plus_secs(new.max_lifetime_secs);
+        Ok(Self {
+            id: new.id,
+            actions: new.request.actions.clone(),
+            request: new.request,
+            state: GrantState::Active,
+            policies: new.policies,
+            ttl_cap_secs: new.ttl_cap_secs,
+            approvals_required: 0,
+            created_at: new.now,
+            expires_at: ttl::expiry(new.now, ttl, max_expires_at),
+            max_expires_at,
+            ended_at: None,
+            end: None,
+            jkt: new.jkt,
+            token_jti: Some(jti),
+            renewals: 0,
+            version: 1,
+        })
+    }
+
+    /// A request that needs approval becomes a pending grant, approvable until
+    /// `now + approval_window_secs`.
+    pub fn pending(new: NewGrant, approvals: u32, approval_window_secs: u64) -> Self {
+        Self {
+            id: new.id,
+            actions: new.request.actions.clone(),
+            request: new.request,
+            state: GrantState::Pending,
+            policies: new.policies,
+            ttl_cap_secs: new.ttl_cap_secs,
+            approvals_required: approvals,
+            created_at: new.now,
+            expires_at: new.now.plus_secs(approval_window_secs),
+            max_expires_at: new.now.plus_secs(approval_window_secs.saturating_add(new.max_lifetime_secs)),
+            ended_at: None,
+            end: None,
+            jkt: new.jkt,
+            token_jti: None,
+            renewals: 0,
+            version: 1,
+        }
+    }
+
+    /// Seconds the current credential has left at `now`.
+    pub fn remaining_secs(&self, now: Timestamp) -> u64 {
+        now.secs_until(self.expires_at)
+    }
+
+    /// Whether a credential of this grant may be honoured at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.state == GrantState::Active && now < self.expires_at
+    }
+
+    fn end(mut self, state: GrantState, now: Timestamp, end: EndReason) -> Self {
+        self.state = state;
+        self.ended_at = Some(now);
+        self.end = Some(end);
+        self.version += 1;
+        self
+    }
+
+    fn require_active(&self) -> Result<(), LifecycleError> {
+        match self.state {
+            GrantState::Active => Ok(()),
+            s if s.is_ended() => Err(LifecycleError::Ended { id: self.id, state: s }),
+            s => Err(LifecycleError::NotActive { id: self.id, state: s }),
+        }
+    }
+
+    /// The workload says its task is over.
+    pub fn complete(self, now: Timestamp, by: &str, reason: &str) -> Result<Self, LifecycleError> {
+        self.require_active()?;
+        Ok(self.end(
+            GrantState::Completed,
+            now,
+            EndReason { by: by.to_owned(), reason: reason.to_owned() },
+        ))
+    }
+
+    /// Someone with authority ends it early. Pending grants can be revoked too.
+    pub fn revoke(self, now: Timestamp, by: &str, reason: &str) -> Result<Self, LifecycleError> {
+        if self.state.is_ended() {
+            return Err(LifecycleError::Ended { id: self.id, state: self.state });
+        }
+        Ok(self.end(
+            GrantState::Revoked,
+            now,
+            EndReason { by: by.to_owned(), reason: reason.to_owned() },
+        ))
+    }
+
+    /// The sweeper ends a grant whose time is up (an active grant's credential, or a
+    /// pending grant's approval window).
+    pub fn expire(self, now: Timestamp) -> Result<Self, LifecycleError> {
+        if self.state.is_ended() {
+            return Err(LifecycleError::Ended { id: self.id, state: self.state });
+        }
+        if now < self.expires_at {
+            return Err(LifecycleError::NotYetExpired { id: self.id });
+        }
+        let reason = if self.state == GrantState::Pending {
+            "approval window passed"
+        } else {
+            "ttl reached"
+        };
+        Ok(self.end(
+            GrantState::Expired,
+            now,
+            EndReason { by: "lapse".to_owned(), reason: reason.to_owned() },
+        ))
+    }
+
+    /// Renewal after a fresh allow decision: a new credential of at most `ttl` seconds
+    /// (already capped by the caller's fresh policy cap and server max), never past the
+    /// maximum lifetime.
+    pub fn renew(
+        mut self,
+        now: Timestamp,
+        ttl_secs: u64,
+        policies: Vec<String>,
+        ttl_cap_secs: Option<u64>,
+        jti: String,
+    ) -> Result<Self, LifecycleError> {
+        self.require_active()?;
+        if now >= self.expires_at {
+            // A lapsed credential is not renewable: the sweeper will end the grant.
+            return Err(LifecycleError::Ended { id: self.id, state: GrantState::Expired });
+        }
+        if ttl_secs == 0 {
+            return Err(LifecycleError::ZeroTtl);
+        }
+        if now >= self.max_expires_at {
+            return Err(LifecycleError::MaximumLifetimeReached { id: self.id });
+        }
+        let new_expiry = ttl::expiry(now, ttl_secs, self.max_expires_at);
+        if new_expiry <= self.expires_at && self.expires_at >= self.max_expires_at {
+            return Err(LifecycleError::MaximumLifetimeReached { id: self.id });
+        }
+        self.expires_at = new_expiry;
+        self.policies = policies;
+        self.ttl_cap_secs = ttl_cap_secs;
+        self.token_jti = Some(jti);
+        self.renewals += 1;
+        self.version += 1;
+        Ok(self)
+    }
+
+    /// A pending grant whose approvals are complete becomes active.
+    pub fn activate(
+        mut self,
+        now: Timestamp,
+        server_max_ttl_secs: u64,
+        max_lifetime_secs: u64,
+        jti: String,
+    ) -> Result<Self, LifecycleError> {
+        match self.state {
+            GrantState::Pending => {}
+            s if s.is_ended() => return Err(LifecycleError::Ended { id: self.id, state: s }),
+            s => return Err(LifecycleError::NotPending { id: self.id, state: s }),
+        }
+        if now >= self.expires_at {
+            return Err(LifecycleError::Ended { id: self.id, state: GrantState::Expired });
+        }
+        let ttl = ttl::effective_ttl_secs(
+            self.request.requested_ttl_secs,
+            self.ttl_cap_secs,
+            server_max_ttl_secs,
+        );
+        if ttl == 0 {
+            return Err(LifecycleError::ZeroTtl);
+        }
+        self.max_expires_at = now.plus_secs(max_lifetime_secs);
+        self.expires_at = ttl::expiry(now, ttl, self.max_expires_at);
+        self.state = GrantState::Active;
+        self.token_jti = Some(jti);
+        self.version += 1;
+        Ok(self)
+    }
+
+    /// A pending grant refused by a person.
+    pub fn deny(self, now: Timestamp, by: &str, reason: &str) -> Result<Self, LifecycleError> {
+        match self.state {
+            GrantState::Pending => Ok(self.end(
+                GrantState::Denied,
+                now,
+                EndReason { by: by.to_owned(), reason: reason.to_owned() },
+            )),
+            s if s.is_ended() => Err(LifecycleError::Ended { id: self.id, state: s }),
+            s => Err(LifecycleError::NotPending { id: self.id, state: s }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{RequestContext, Task, WorkloadIdentity};
+    use std::collections::BTreeMap;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_unix_seconds(s)
+    }
+
+    fn new_grant(requested: u64, cap: Option<u64>) -> NewGrant {
+        NewGrant {
+            id: GrantId::generate(),
+            request: AccessRequest {
+                workload: WorkloadIdentity {
+                    id: "spiffe://example.org/ci".into(),
+                    issuer: "https://issuer".into(),
+                    subject: "ci".into(),
+                    claims: BTreeMap::new(),
+                },
+                task: Task { id: "T-1".into(), purpose: "deploy".into(), ticket: String::new() },
+                audience: "orders".into(),
+                actions: vec!["read".into()],
+                requested_ttl_secs: requested,
+                context: RequestContext {
+                    environment: "prod".into(),
+                    source: "127.0.0.1".parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+                    time: t(1000),
+                    break_glass: false,
+                },
+            },
+            policies: vec!["p1".into()],
+            ttl_cap_secs: cap,
+            jkt: "jkt".into(),
+            now: t(1000),
+            server_max_ttl_secs: 3600,
+            max_lifetime_secs: 1800,
+        }
+    }
+
+    #[test]
+    fn issue_caps_ttl_at_every_ceiling() -> Result<(), LifecycleError> {
+        let g = Grant::issue(new_grant(600, Some(300)), "j".into())?;
+        assert_eq!(g.expires_at, t(1300));
+        let g = Grant::issue(new_grant(100_000, None), "j".into())?;
+        assert_eq!(g.expires_at, t(1000 + 1800), "max lifetime caps the first ttl too");
+        assert!(matches!(Grant::issue(new_grant(0, None), "j".into()), Err(LifecycleError::ZeroTtl)));
+        Ok(())
+    }
+
+    #[test]
+    fn ended_grants_never_return_to_active() -> Result<(), LifecycleError> {
+        let active = Grant::issue(new_grant(600, None), "j".into())?;
+        let ended = [
+            active.clone().complete(t(1100), "w", "done")?,
+            active.clone().revoke(t(1100), "op", "why")?,
+            active.clone().expire(t(1600))?,
+        ];
+        for g in ended {
+            assert!(g.state.is_ended());
+            assert!(g.clone().complete(t(1200), "w", "x").is_err());
+            assert!(g.clone().revoke(t(1200), "w", "x").is_err());
+            assert!(g.clone().expire(t(5000)).is_err());
+            assert!(g.clone().renew(t(1200), 60, vec![], None, "j2".into()).is_err());
+            assert!(g.clone().activate(t(1200), 600, 600, "j2".into()).is_err());
+            assert!(!g.is_live(t(1200)));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn expire_waits_for_expiry() -> Result<(), LifecycleError> {
+        let g = Grant::issue(new_grant(600, None), "j".into())?;
+        assert!(matches!(g.clone().expire(t(1599)), Err(LifecycleError::NotYetExpired { .. })));
+        assert_eq!(g.expire(t(1600))?.state, GrantState::Expired);
+        Ok(())
+    }
+
+    #[test]
+    fn renewal_is_capped_by_maximum_lifetime() -> Result<(), LifecycleError> {
+        let g = Grant::issue(new_grant(600, None), "j".into())?;
+        // max lifetime: 1000 + 1800 = 2800
+        let g = g.renew(t(1500), 600, vec!["p".into()], None, "j2".into())?;
+        assert_eq!(g.expires_at, t(2100));
+        let g = g.renew(t(2000), 600, vec!["p".into()], None, "j3".into())?;
+        assert_eq!(g.expires_at, t(2600));
+        let g = g.renew(t(2500), 600, vec!["p".into()], None, "j4".into())?;
+        assert_eq!(g.expires_at, t(2800), "capped at the maximum lifetime");
+        assert!(matches!(
+            g.clone().renew(t(2700), 600, vec![], None, "j5".into()),
+            Err(LifecycleError::MaximumLifetimeReached { .. })
+        ));
+        assert_eq!(g.renewals, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn lapsed_credentials_are_not_renewable() -> Result<(), LifecycleError> {
+        let g = Grant::issue(new_grant(60, None), "j".into())?;
+        assert!(g.renew(t(1060), 60, vec![], None, "j2".into()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn pending_grants_activate_within_their_window_only() -> Result<(), LifecycleError> {
+        let p = Grant::pending(new_grant(600, Some(120)), 2, 300);
+        assert_eq!(p.state, GrantState::Pending);
+        assert!(p.clone().complete(t(1010), "w", "x").is_err());
+        let a = p.clone().activate(t(1100), 3600, 1800, "j".into())?;
+        assert_eq!(a.state, GrantState::Active);
+        assert_eq!(a.expires_at, t(1220), "policy cap applies at activation");
+        assert!(p.clone().activate(t(1300), 3600, 1800, "j".into()).is_err());
+        assert_eq!(p.clone().expire(t(1300))?.state, GrantState::Expired);
+        assert_eq!(p.deny(t(1010), "alice", "no")?.state, GrantState::Denied);
+        Ok(())
+    }
+}

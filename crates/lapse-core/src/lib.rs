@@ -1,0 +1,18 @@
+//! The vocabulary of Lapse and the pure rules that connect it.
+//!
+//! Nothing in this crate performs I/O or reads the wall clock directly: time is
+//! injected through [`Clock`], so every rule here (TTL capping, renewal limits,
+//! lifecycle transitions) can be tested exhaustively and deterministically.
+
+pub mod clock;
+pub mod duration;
+pub mod grant;
+pub mod ids;
+pub mod request;
+pub mod ttl;
+
+pub use clock::{Clock, FakeClock, SystemClock, Timestamp};
+pub use duration::{DurationParseError, TtlDuration};
+pub use grant::{EndReason, Grant, GrantState, LifecycleError};
+pub use ids::{GrantId, IdParseError};
+pub use request::{AccessRequest, Decision, DecisionOutcome, RequestContext, Task, WorkloadIdentity};
