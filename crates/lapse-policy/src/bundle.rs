@@ -1,0 +1,437 @@
+//! A validated, indexed policy set, and the decision function over it.
+
+use crate::error::{PolicyError, first_offset, line_col, message};
+use crate::index::PolicyIndex;
+use crate::schema::{BASE_SCHEMA, BASE_SCHEMA_NAME};
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression,
+    Schema, SchemaFragment, ValidationMode, Validator,
+};
+use lapse_core::{AccessRequest, Decision, DecisionOutcome, TtlDuration};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+
+/// One file of a policy folder.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// What Lapse knows about one policy beyond its Cedar text.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyInfo {
+    pub id: String,
+    pub file: String,
+    pub effect: &'static str,
+    /// `@max_ttl`, in seconds.
+    pub max_ttl_secs: Option<u64>,
+    /// `@approval`: how many distinct people must approve.
+    pub approvals: u32,
+    /// `@approvers`: the group allowed to approve.
+    pub approvers: Option<String>,
+    /// `@break_glass("true")`: this permit decides break-glass requests only.
+    pub break_glass: bool,
+}
+
+/// A loaded policy folder. Immutable: a reload builds a new bundle and swaps it in.
+pub struct PolicyBundle {
+    schema_text: String,
+    info: HashMap<String, PolicyInfo>,
+    index: PolicyIndex,
+    action_entities: Entities,
+    actions: Vec<String>,
+    authorizer: Authorizer,
+    workload_type: EntityTypeName,
+    resource_type: EntityTypeName,
+    action_type: EntityTypeName,
+    /// Number of policies, for logs and metrics.
+    pub policy_count: usize,
+}
+
+impl std::fmt::Debug for PolicyBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyBundle")
+            .field("policy_count", &self.policy_count)
+            .field("actions", &self.actions)
+            .finish_non_exhaustive()
+    }
+}
+
+const KNOWN_ANNOTATIONS: &[&str] = &["id", "max_ttl", "approval", "approvers", "break_glass", "description"];
+
+impl PolicyBundle {
+    /// Reads every `*.cedar` and `*.cedarschema` file of `dir` (not recursive), in name order.
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let io = |source| PolicyError::Io { path: dir.to_owned(), source };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let path = entry.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            if ext != "cedar" && ext != "cedarschema" {
+                continue;
+            }
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| PolicyError::Io { path: path.clone(), source })?;
+            files.push(SourceFile { name, text });
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        if !files.iter().any(|f| f.name.ends_with(".cedar")) {
+            return Err(PolicyError::Empty(dir.display().to_string()));
+        }
+        Self::from_sources(&files)
+    }
+
+    /// Builds a bundle from in-memory sources: schema fragments end in `.cedarschema`,
+    /// policies in `.cedar`.
+    pub fn from_sources(files: &[SourceFile]) -> Result<Self, PolicyError> {
+        let mut fragments = Vec::new();
+        let mut schema_text = String::from(BASE_SCHEMA);
+        let base = SchemaFragment::from_cedarschema_str(BASE_SCHEMA)
+            .map_err(|e| PolicyError::Schema { file: BASE_SCHEMA_NAME.into(), message: message(&e) })?
+            .0;
+        fragments.push(base);
+        for f in files.iter().filter(|f| f.name.ends_with(".cedarschema")) {
+            let frag = SchemaFragment::from_cedarschema_str(&f.text).map_err(|e| {
+                let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&f.text, o));
+                PolicyError::Syntax { file: f.name.clone(), line, column, message: message(&e) }
+            })?;
+            fragments.push(frag.0);
+            schema_text.push_str(&format!("\n// ---- {} ----\n{}", f.name, f.text));
+        }
+        let schema = Schema::from_schema_fragments(fragments).map_err(|e| PolicyError::Schema {
+            file: "schema".into(),
+            message: message(&e),
+        })?;
+
+        // Parse each policy file on its own so that offsets in errors are offsets
+        // into that file, then give each policy a stable, readable id.
+        let mut all = PolicySet::new();
+        let mut file_of: HashMap<String, (String, String)> = HashMap::new(); // id -> (file, text)
+        let mut policies: Vec<(Policy, PolicyInfo)> = Vec::new();
+        for f in files.iter().filter(|f| f.name.ends_with(".cedar")) {
+            let parsed = PolicySet::from_str(&f.text).map_err(|e| {
+                let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&f.text, o));
+                PolicyError::Syntax { file: f.name.clone(), line, column, message: message(&e) }
+            })?;
+            if parsed.templates().next().is_some() {
+                return Err(PolicyError::Syntax {
+                    file: f.name.clone(),
+                    line: 1,
+                    column: 1,
+                    message: "policy templates are not supported; write static policies".into(),
+                });
+            }
+            // `policies()` iterates in an unspecified order; policy0, policy1… follow
+            // the file, so sort by that number.
+            let mut in_file: Vec<&Policy> = parsed.policies().collect();
+            in_file.sort_by_key(|p| p.id().to_string().trim_start_matches("policy").parse::<usize>().unwrap_or(usize::MAX));
+            for (n, p) in in_file.into_iter().enumerate() {
+                let id = p
+                    .annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{}#{}", f.name, n + 1));
+                if let Some((other, _)) = file_of.get(&id) {
+                    return Err(PolicyError::DuplicateId {
+                        file: f.name.clone(),
+                        policy: id,
+                        other: other.clone(),
+                    });
+                }
+                let policy = p.new_id(PolicyId::new(&id));
+                let info = annotations(&policy, &id, f)?;
+                all.add(policy.clone()).map_err(|e| PolicyError::Syntax {
+                    file: f.name.clone(),
+                    line: 1,
+                    column: 1,
+                    message: e.to_string(),
+                })?;
+                file_of.insert(id, (f.name.clone(), f.text.clone()));
+                policies.push((policy, info));
+            }
+        }
+
+        let result = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
+        if let Some(err) = result.validation_errors().next() {
+            let policy = err.policy_id().to_string();
+            let (file, text) = file_of.get(&policy).cloned().unwrap_or_default();
+            let (line, column) = first_offset(err).map_or((1, 1), |o| line_col(&text, o));
+            return Err(PolicyError::Validation { file, line, column, policy, message: message(err) });
+        }
+
+        let action_entities = schema.action_entities().map_err(|e| PolicyError::Schema {
+            file: "schema".into(),
+            message: e.to_string(),
+        })?;
+        let action_uids: Vec<EntityUid> = schema.actions().cloned().collect();
+        let with_class: Vec<(Policy, bool)> =
+            policies.iter().map(|(p, i)| (p.clone(), i.break_glass)).collect();
+        let index = PolicyIndex::build(&with_class, &action_uids, &action_entities).map_err(|e| {
+            PolicyError::Schema { file: "policies".into(), message: e.to_string() }
+        })?;
+        let mut actions: Vec<String> =
+            action_uids.iter().map(|a| a.id().unescaped().to_owned()).collect();
+        actions.sort();
+        let type_name = |s: &str| {
+            EntityTypeName::from_str(s).map_err(|e| PolicyError::Schema {
+                file: BASE_SCHEMA_NAME.into(),
+                message: e.to_string(),
+            })
+        };
+        Ok(Self {
+            workload_type: type_name("Workload")?,
+            resource_type: type_name("Resource")?,
+            action_type: type_name("Action")?,
+            schema_text,
+            policy_count: policies.len(),
+            info: policies.into_iter().map(|(_, i)| (i.id.clone(), i)).collect(),
+            index,
+            action_entities,
+            actions,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// Actions declared by the schema, sorted.
+    pub fn actions(&self) -> &[String] {
+        &self.actions
+    }
+
+    pub fn has_action(&self, action: &str) -> bool {
+        self.actions.binary_search_by(|a| a.as_str().cmp(action)).is_ok()
+    }
+
+    /// The merged schema as Cedar schema text (base plus fragments).
+    pub fn schema_text(&self) -> &str {
+        &self.schema_text
+    }
+
+    pub fn policy(&self, id: &str) -> Option<&PolicyInfo> {
+        self.info.get(id)
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyInfo> {
+        self.info.values()
+    }
+
+    /// Decides `request` now (the request carries the decision time).
+    ///
+    /// Every requested action must be allowed for the request to be allowed; the
+    /// TTL cap is the tightest `@max_ttl` among the permits that allowed it, and the
+    /// approvals required the highest `@approval`. A policy that fails to evaluate
+    /// makes the decision a deny: anything uncertain fails closed.
+    pub fn decide(&self, request: &AccessRequest) -> Decision {
+        if request.actions.is_empty() {
+            return Decision::deny("no actions requested", vec![]);
+        }
+        let entities = match self.entities(request) {
+            Ok(e) => e,
+            Err(msg) => return Decision::deny(format!("cannot build policy input: {msg}"), vec![]),
+        };
+        let context = match context(request) {
+            Ok(c) => c,
+            Err(msg) => return Decision::deny(format!("cannot build policy context: {msg}"), vec![]),
+        };
+        let principal = EntityUid::from_type_name_and_id(
+            self.workload_type.clone(),
+            EntityId::new(&request.workload.id),
+        );
+        let resource = EntityUid::from_type_name_and_id(
+            self.resource_type.clone(),
+            EntityId::new(&request.audience),
+        );
+        let break_glass = request.context.break_glass;
+
+        let mut determining: Vec<String> = Vec::new();
+        let mut cap: Option<u64> = None;
+        let mut approvals: u32 = 0;
+        let mut approvers: Option<String> = None;
+        for action in &request.actions {
+            let Some(set) = self.index.lookup(action, &request.audience, break_glass) else {
+                return Decision::deny(format!("unknown action `{action}`"), vec![]);
+            };
+            let action_uid =
+                EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action));
+            let cedar_request =
+                match Request::new(principal.clone(), action_uid, resource.clone(), context.clone(), None) {
+                    Ok(r) => r,
+                    Err(e) => return Decision::deny(format!("invalid policy request: {e}"), vec![]),
+                };
+            let response = self.authorizer.is_authorized(&cedar_request, set, &entities);
+            let diag = response.diagnostics();
+            let reasons: Vec<String> = diag.reason().map(ToString::to_string).collect();
+            if let Some(cedar_policy::AuthorizationError::PolicyEvaluationError(err)) = diag.errors().next() {
+                return Decision::deny(
+                    format!("policy `{}` failed to evaluate for `{action}`: failing closed", err.policy_id()),
+                    vec![err.policy_id().to_string()],
+                );
+            }
+            match response.decision() {
+                CedarDecision::Deny => {
+                    let msg = if reasons.is_empty() {
+                        if break_glass {
+                            format!("no break-glass policy permits `{action}` on `{}`", request.audience)
+                        } else {
+                            format!("no policy permits `{action}` on `{}`", request.audience)
+                        }
+                    } else {
+                        format!("`{action}` on `{}` is forbidden by {}", request.audience, quoted(&reasons))
+                    };
+                    return Decision::deny(msg, reasons);
+                }
+                CedarDecision::Allow => {
+                    for id in &reasons {
+                        if let Some(info) = self.info.get(id) {
+                            if let Some(t) = info.max_ttl_secs {
+                                cap = Some(cap.map_or(t, |c| c.min(t)));
+                            }
+                            if info.approvals > approvals {
+                                approvals = info.approvals;
+                                approvers = info.approvers.clone();
+                            }
+                        }
+                        if !determining.contains(id) {
+                            determining.push(id.clone());
+                        }
+                    }
+                }
+            }
+        }
+        determining.sort();
+        let outcome = if approvals > 0 {
+            DecisionOutcome::ApprovalRequired { approvals, ttl_cap_secs: cap, approvers }
+        } else {
+            DecisionOutcome::Allow { ttl_cap_secs: cap }
+        };
+        Decision { outcome, policies: determining }
+    }
+
+    fn entities(&self, request: &AccessRequest) -> Result<Entities, String> {
+        let w = &request.workload;
+        let workload = Entity::new_with_tags(
+            EntityUid::from_type_name_and_id(self.workload_type.clone(), EntityId::new(&w.id)),
+            [
+                ("uri".to_owned(), RestrictedExpression::new_string(w.id.clone())),
+                ("issuer".to_owned(), RestrictedExpression::new_string(w.issuer.clone())),
+                ("subject".to_owned(), RestrictedExpression::new_string(w.subject.clone())),
+            ],
+            [],
+            w.claims
+                .iter()
+                .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone()))),
+        )
+        .map_err(|e| e.to_string())?;
+        let resource = Entity::new_no_attrs(
+            EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(&request.audience)),
+            Default::default(),
+        );
+        self.action_entities
+            .clone()
+            .add_entities([workload, resource], None)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn context(request: &AccessRequest) -> Result<Context, String> {
+    let c = &request.context;
+    let ttl = i64::try_from(request.requested_ttl_secs).unwrap_or(i64::MAX);
+    Context::from_pairs([
+        ("task".to_owned(), RestrictedExpression::new_string(request.task.id.clone())),
+        ("purpose".to_owned(), RestrictedExpression::new_string(request.task.purpose.clone())),
+        ("ticket".to_owned(), RestrictedExpression::new_string(request.task.ticket.clone())),
+        ("ttl".to_owned(), RestrictedExpression::new_long(ttl)),
+        ("environment".to_owned(), RestrictedExpression::new_string(c.environment.clone())),
+        ("source".to_owned(), RestrictedExpression::new_ip(c.source.to_string())),
+        ("time".to_owned(), RestrictedExpression::new_datetime(c.time.rfc3339())),
+        ("break_glass".to_owned(), RestrictedExpression::new_bool(c.break_glass)),
+    ])
+    .map_err(|e| e.to_string())
+}
+
+fn quoted(ids: &[String]) -> String {
+    ids.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// Reads and checks Lapse's annotations on one policy.
+fn annotations(policy: &Policy, id: &str, file: &SourceFile) -> Result<PolicyInfo, PolicyError> {
+    let bad = |key: &str, value: &str, why: String| PolicyError::Annotation {
+        file: file.name.clone(),
+        line: annotation_line(&file.text, key, value),
+        policy: id.to_owned(),
+        message: why,
+    };
+    let mut info = PolicyInfo {
+        id: id.to_owned(),
+        file: file.name.clone(),
+        effect: match policy.effect() {
+            Effect::Permit => "permit",
+            Effect::Forbid => "forbid",
+        },
+        max_ttl_secs: None,
+        approvals: 0,
+        approvers: None,
+        break_glass: false,
+    };
+    let all: BTreeMap<&str, &str> = policy.annotations().collect();
+    for (key, value) in &all {
+        if !KNOWN_ANNOTATIONS.contains(key) {
+            return Err(bad(key, value, format!("unknown annotation `@{key}`; known: {}", KNOWN_ANNOTATIONS.join(", "))));
+        }
+    }
+    let permit_only = |key: &str, value: &str| {
+        if policy.effect() == Effect::Forbid {
+            Err(bad(key, value, format!("`@{key}` only applies to permit policies")))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(v) = all.get("max_ttl") {
+        permit_only("max_ttl", v)?;
+        let d: TtlDuration = v.parse().map_err(|e: lapse_core::DurationParseError| bad("max_ttl", v, e.to_string()))?;
+        if d.secs() == 0 {
+            return Err(bad("max_ttl", v, "`@max_ttl` must be longer than zero".into()));
+        }
+        info.max_ttl_secs = Some(d.secs());
+    }
+    if let Some(v) = all.get("approval") {
+        permit_only("approval", v)?;
+        let n: u32 = v
+            .parse()
+            .ok()
+            .filter(|n| (1..=10).contains(n))
+            .ok_or_else(|| bad("approval", v, format!("`@approval(\"{v}\")` must be a whole number from 1 to 10")))?;
+        info.approvals = n;
+    }
+    if let Some(v) = all.get("approvers") {
+        permit_only("approvers", v)?;
+        if v.trim().is_empty() {
+            return Err(bad("approvers", v, "`@approvers` names a group and cannot be empty".into()));
+        }
+        info.approvers = Some((*v).to_owned());
+    }
+    if let Some(v) = all.get("break_glass") {
+        permit_only("break_glass", v)?;
+        info.break_glass = match *v {
+            "true" => true,
+            "false" => false,
+            _ => return Err(bad("break_glass", v, format!("`@break_glass(\"{v}\")` must be \"true\" or \"false\""))),
+        };
+    }
+    Ok(info)
+}
+
+/// The line where `@key("value")` is written, for error messages (1 when not found).
+fn annotation_line(text: &str, key: &str, value: &str) -> usize {
+    let needle = format!("@{key}");
+    text.lines()
+        .position(|l| l.contains(&needle) && l.contains(value))
+        .map_or(1, |i| i + 1)
+}

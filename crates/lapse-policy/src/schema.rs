@@ -1,0 +1,46 @@
+//! The base schema Lapse contributes. Policy folders add their actions in
+//! `*.cedarschema` fragments, e.g.
+//! `action "read" appliesTo { principal: Workload, resource: Resource, context: RequestContext };`
+
+/// The base schema, in Cedar schema syntax (`lapse policy schema` prints it).
+///
+/// - `Workload`: the principal. Its id is the workload URI. Every identity-token claim
+///   is a string tag: `principal.hasTag("repository") && principal.getTag("repository") == "acme/shop"`.
+/// - `Resource`: the audience (target) of the request.
+/// - `RequestContext`: what Lapse knows about the request at decision time.
+pub const BASE_SCHEMA: &str = r#"// Lapse base schema. Policy folders add actions in *.cedarschema fragments.
+
+// A non-human identity. Entity id: the workload URI (e.g. spiffe://example.org/ci/deploy).
+// Tags: every claim of the identity token, as a string.
+entity Workload {
+  // The workload URI again, as a string, so policies can match it with `like`.
+  uri: String,
+  // `iss` of the identity token that proved the workload.
+  issuer: String,
+  // `sub` of that identity token.
+  subject: String,
+} tags String;
+
+// The target of a request (the token's audience). Entity id: the audience.
+entity Resource;
+
+type RequestContext = {
+  // The task the access is for, and why.
+  task: String,
+  purpose: String,
+  // Ticket or change reference; "" when none was given.
+  ticket: String,
+  // Requested lifetime in seconds.
+  ttl: Long,
+  // Environment named by the requester; "" when none was given.
+  environment: String,
+  // Network address the request came from.
+  source: ipaddr,
+  // Time of the decision (UTC).
+  time: datetime,
+  // True when the requester invoked break-glass.
+  break_glass: Bool,
+};
+"#;
+
+pub const BASE_SCHEMA_NAME: &str = "<lapse base schema>";
