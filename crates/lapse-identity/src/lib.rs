@@ -1,0 +1,249 @@
+//! Workload authentication.
+//!
+//! A workload proves what it is with an identity token from a configured issuer.
+//! [`IdentityVerifier::verify`] picks the issuer by the token's `iss`, verifies the
+//! signature with that issuer's JWKS (refetched once, rate-limited, when the `kid`
+//! is unknown), checks `aud`, `exp` and `nbf` with a small leeway, and names the
+//! workload with the issuer's template over the claims.
+
+mod jwks;
+mod template;
+
+pub use jwks::{JwksSource, KeySet};
+pub use template::WorkloadTemplate;
+
+use arc_swap::ArcSwap;
+use lapse_core::WorkloadIdentity;
+use lapse_token::jws::{self, Unverified};
+use lapse_token::TokenError;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An HTTP client for outbound fetches (JWKS), with rustls on the `ring` provider.
+/// Every process that makes outbound TLS calls builds its clients through here.
+pub fn http_client() -> reqwest::Client {
+    // Installing twice is harmless: the second call reports the first one won.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// One trusted issuer of identity tokens.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    pub jwks: JwksSource,
+    /// The audience identity tokens must carry for Lapse.
+    pub audience: String,
+    pub workload: WorkloadTemplate,
+    /// Tolerance for `exp`/`nbf`, in seconds.
+    pub leeway_secs: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("identity token is invalid: {0}")]
+    Token(#[from] TokenError),
+    #[error("identity token issuer `{0}` is not configured")]
+    UnknownIssuer(String),
+    #[error("identity token has no `iss`")]
+    NoIssuer,
+    #[error("identity token audience does not include `{0}`")]
+    WrongAudience(String),
+    #[error("identity token has no `sub`")]
+    NoSubject,
+    #[error("cannot name the workload: {0}")]
+    Template(String),
+    #[error("keys of issuer `{issuer}` are unavailable: {reason}")]
+    KeysUnavailable { issuer: String, reason: String },
+}
+
+impl IdentityError {
+    /// Whether the failure is ours (keys unreachable) rather than the token's.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::KeysUnavailable { .. })
+    }
+}
+
+struct Issuer {
+    config: IssuerConfig,
+    keys: ArcSwap<KeySet>,
+    last_fetch: Mutex<Option<Instant>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+/// Verified identities are cached by token hash until the token's `exp`, so a
+/// workload that presents the same identity token many times pays for its
+/// signature once. The cache is dropped whenever an issuer's keys change.
+struct VerifiedCache {
+    entries: Mutex<HashMap<[u8; 32], (WorkloadIdentity, i64)>>,
+    capacity: usize,
+}
+
+pub struct IdentityVerifier {
+    issuers: HashMap<String, Issuer>,
+    http: reqwest::Client,
+    /// Refetch a JWKS on an unknown `kid` at most this often.
+    min_refresh: Duration,
+    cache: VerifiedCache,
+}
+
+impl IdentityVerifier {
+    /// Builds the verifier and loads every issuer's keys. A file JWKS that cannot be
+    /// read stops the start; a URL that cannot be reached is retried on first use.
+    pub async fn new(configs: Vec<IssuerConfig>, http: reqwest::Client) -> Result<Self, IdentityError> {
+        let mut issuers = HashMap::new();
+        for config in configs {
+            let keys = match config.jwks.fetch(&http).await {
+                Ok(k) => k,
+                Err(reason) if config.jwks.is_file() => {
+                    return Err(IdentityError::KeysUnavailable { issuer: config.issuer.clone(), reason });
+                }
+                Err(reason) => {
+                    tracing::warn!(issuer = %config.issuer, %reason, "issuer keys unavailable at start; will retry on first use");
+                    KeySet::default()
+                }
+            };
+            issuers.insert(
+                config.issuer.clone(),
+                Issuer {
+                    config,
+                    keys: ArcSwap::from_pointee(keys),
+                    last_fetch: Mutex::new(Some(Instant::now())),
+                    refresh: tokio::sync::Mutex::new(()),
+                },
+            );
+        }
+        Ok(Self {
+            issuers,
+            http,
+            min_refresh: Duration::from_secs(10),
+            cache: VerifiedCache { entries: Mutex::new(HashMap::new()), capacity: 100_000 },
+        })
+    }
+
+    /// How often an unknown `kid` may trigger a refetch (default 10 s).
+    pub fn with_min_refresh(mut self, d: Duration) -> Self {
+        self.min_refresh = d;
+        self
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.issuers.keys().map(String::as_str)
+    }
+
+    /// Verifies `token` at `now_secs` and names its workload.
+    pub async fn verify(&self, token: &str, now_secs: i64) -> Result<WorkloadIdentity, IdentityError> {
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(token.as_bytes()).into()
+        };
+        if let Some(hit) = self.cached(&digest, now_secs) {
+            return Ok(hit);
+        }
+        let unverified = Unverified::parse(token)?;
+        let peek: Value = unverified
+            .untrusted_payload()
+            .and_then(|p| serde_json::from_slice(&p).ok())
+            .ok_or(TokenError::Malformed("claims are not a JSON object"))?;
+        let iss = peek.get("iss").and_then(Value::as_str).ok_or(IdentityError::NoIssuer)?;
+        let issuer = self
+            .issuers
+            .get(iss)
+            .ok_or_else(|| IdentityError::UnknownIssuer(iss.chars().take(128).collect()))?;
+
+        let key = match issuer.keys.load().select(unverified.header.kid.as_deref())? {
+            Some(k) => k,
+            None => {
+                self.refresh(issuer).await?;
+                issuer
+                    .keys
+                    .load()
+                    .select(unverified.header.kid.as_deref())?
+                    .ok_or_else(|| TokenError::UnknownKey(unverified.header.kid.clone().unwrap_or_default().chars().take(64).collect()))?
+            }
+        };
+        let payload = unverified.verify(&key)?;
+        let claims: serde_json::Map<String, Value> = jws::claims(&payload)?;
+        if claims.get("iss").and_then(Value::as_str) != Some(issuer.config.issuer.as_str()) {
+            return Err(IdentityError::NoIssuer);
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => *a == issuer.config.audience,
+            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(issuer.config.audience.as_str())),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(IdentityError::WrongAudience(issuer.config.audience.clone()));
+        }
+        let exp = claims.get("exp").and_then(Value::as_i64);
+        let nbf = claims.get("nbf").and_then(Value::as_i64);
+        jws::check_times(now_secs, exp, nbf, issuer.config.leeway_secs)?;
+        let subject = claims.get("sub").and_then(Value::as_str).ok_or(IdentityError::NoSubject)?.to_owned();
+        let flat = flatten(&claims);
+        let id = issuer.config.workload.render(&flat).map_err(IdentityError::Template)?;
+        let identity = WorkloadIdentity { id, issuer: issuer.config.issuer.clone(), subject, claims: flat };
+        self.remember(digest, &identity, exp.unwrap_or(now_secs));
+        Ok(identity)
+    }
+
+    async fn refresh(&self, issuer: &Issuer) -> Result<(), IdentityError> {
+        let _one_at_a_time = issuer.refresh.lock().await;
+        {
+            let last = issuer.last_fetch.lock().map(|g| *g).unwrap_or(None);
+            if last.is_some_and(|t| t.elapsed() < self.min_refresh) {
+                return Ok(());
+            }
+        }
+        let result = issuer.config.jwks.fetch(&self.http).await;
+        if let Ok(mut g) = issuer.last_fetch.lock() {
+            *g = Some(Instant::now());
+        }
+        match result {
+            Ok(keys) => {
+                tracing::info!(issuer = %issuer.config.issuer, keys = keys.len(), "issuer keys refreshed");
+                issuer.keys.store(Arc::new(keys));
+                if let Ok(mut c) = self.cache.entries.lock() {
+                    c.clear();
+                }
+                Ok(())
+            }
+            Err(reason) => Err(IdentityError::KeysUnavailable { issuer: issuer.config.issuer.clone(), reason }),
+        }
+    }
+
+    fn cached(&self, digest: &[u8; 32], now_secs: i64) -> Option<WorkloadIdentity> {
+        let c = self.cache.entries.lock().ok()?;
+        let (id, exp) = c.get(digest)?;
+        let leeway = self.issuers.get(&id.issuer)?.config.leeway_secs;
+        (now_secs < exp.saturating_add(leeway)).then(|| id.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], identity: &WorkloadIdentity, exp: i64) {
+        if let Ok(mut c) = self.cache.entries.lock() {
+            if c.len() >= self.cache.capacity {
+                c.clear();
+            }
+            c.insert(digest, (identity.clone(), exp));
+        }
+    }
+}
+
+/// Claims as strings: strings as they are, everything else as compact JSON.
+fn flatten(claims: &serde_json::Map<String, Value>) -> BTreeMap<String, String> {
+    claims
+        .iter()
+        .map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), s)
+        })
+        .collect()
+}

@@ -1,0 +1,69 @@
+//! RFC 9068 JWT access tokens, DPoP-bound through `cnf.jkt`.
+
+use crate::jws::{self, Unverified};
+use crate::jwk::PublicKey;
+use crate::TokenError;
+use serde::{Deserialize, Serialize};
+
+/// The `typ` header of a Lapse access token (RFC 9068 section 2.1).
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
+
+/// Claims of a Lapse access token. One token, one grant, one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    /// The workload URI.
+    pub sub: String,
+    /// The target the token is for.
+    pub aud: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: String,
+    /// RFC 9068 requires it; for a workload it is the workload itself.
+    pub client_id: String,
+    /// Space-separated actions, exactly those allowed.
+    pub scope: String,
+    pub cnf: Confirmation,
+    /// The task id.
+    pub task: String,
+    pub grant_id: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
+}
+
+/// RFC 9449 confirmation: the SHA-256 thumbprint of the DPoP key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    pub jkt: String,
+}
+
+impl AccessClaims {
+    pub fn actions(&self) -> impl Iterator<Item = &str> {
+        self.scope.split(' ').filter(|s| !s.is_empty())
+    }
+}
+
+/// Verifies a Lapse access token: `typ`, signature by a key `key_for(kid)` returns,
+/// issuer, and lifetime at `now_secs`. Grant state is the caller's to check.
+pub fn verify<'k>(
+    token: &str,
+    key_for: impl Fn(&str) -> Option<&'k PublicKey>,
+    issuer: &str,
+    now_secs: i64,
+) -> Result<AccessClaims, TokenError> {
+    let unverified = Unverified::parse(token)?;
+    match unverified.header.typ.as_deref() {
+        Some(t) if t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt") => {}
+        other => return Err(TokenError::WrongType(other.unwrap_or("").chars().take(32).collect())),
+    }
+    let kid = unverified.header.kid.clone().ok_or(TokenError::MissingClaim("kid"))?;
+    let key = key_for(&kid).ok_or_else(|| TokenError::UnknownKey(kid.chars().take(64).collect()))?;
+    let payload = unverified.verify(key)?;
+    let claims: AccessClaims = jws::claims(&payload)?;
+    if claims.iss != issuer {
+        return Err(TokenError::WrongIssuer(claims.iss.chars().take(128).collect()));
+    }
+    jws::check_times(now_secs, Some(claims.exp), Some(claims.nbf), 0)?;
+    Ok(claims)
+}

@@ -1,0 +1,233 @@
+//! RFC 9449 DPoP: verifying proofs (server and gates) and making them (clients).
+
+use crate::jwk::{Jwk, PublicKey, thumbprint};
+use crate::jws::{self, Unverified};
+use crate::replay::{ReplayCache, Seen};
+use crate::{TokenError, b64};
+use serde::{Deserialize, Serialize};
+
+pub const DPOP_TYP: &str = "dpop+jwt";
+
+/// What a proof must match.
+#[derive(Debug, Clone)]
+pub struct DpopRequirements<'a> {
+    /// The request's method.
+    pub htm: &'a str,
+    /// The request's URL without query and fragment, as this server is known publicly.
+    pub htu: &'a str,
+    pub now_secs: i64,
+    /// How old `iat` may be.
+    pub max_age_secs: i64,
+    /// How far in the future `iat` may be (clock skew).
+    pub max_skew_secs: i64,
+    /// The access token presented with the proof, whose hash must be in `ath`.
+    pub access_token: Option<&'a str>,
+}
+
+/// A verified proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpopProof {
+    /// RFC 7638 thumbprint of the proof's key.
+    pub jkt: String,
+    pub jti: String,
+    pub iat: i64,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct ProofClaims {
+    jti: Option<String>,
+    htm: Option<String>,
+    htu: Option<String>,
+    iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ath: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
+}
+
+const MAX_JTI_LEN: usize = 256;
+
+fn bad(msg: &str) -> TokenError {
+    TokenError::Dpop(msg.to_owned())
+}
+
+/// Verifies a DPoP proof per RFC 9449 section 4.3 and records its `jti`.
+pub fn verify(proof: &str, req: &DpopRequirements<'_>, replay: &ReplayCache) -> Result<DpopProof, TokenError> {
+    let unverified = Unverified::parse(proof).map_err(|e| bad(&format!("is not a valid JWS: {e}")))?;
+    if !unverified.header.typ.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(DPOP_TYP)) {
+        return Err(bad("must have `typ` `dpop+jwt`"));
+    }
+    let jwk = unverified.header.jwk.clone().ok_or_else(|| bad("has no `jwk` header"))?;
+    let key = PublicKey::from_jwk(&jwk).map_err(|e| bad(&format!("key is unusable: {e}")))?;
+    let payload = unverified.verify(&key).map_err(|e| bad(&format!("does not verify: {e}")))?;
+    let claims: ProofClaims = jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
+    let jti = claims.jti.ok_or_else(|| bad("has no `jti`"))?;
+    if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+        return Err(bad("`jti` must be 1 to 256 characters"));
+    }
+    let htm = claims.htm.ok_or_else(|| bad("has no `htm`"))?;
+    if htm != req.htm {
+        return Err(bad(&format!("`htm` `{}` does not match the request method `{}`", clip(&htm), req.htm)));
+    }
+    let htu = claims.htu.ok_or_else(|| bad("has no `htu`"))?;
+    if !same_htu(&htu, req.htu) {
+        return Err(bad(&format!("`htu` `{}` does not match the request URL `{}`", clip(&htu), req.htu)));
+    }
+    let iat = claims.iat.ok_or_else(|| bad("has no `iat`"))?;
+    if iat < req.now_secs.saturating_sub(req.max_age_secs) {
+        return Err(bad("is too old (`iat`)"));
+    }
+    if iat > req.now_secs.saturating_add(req.max_skew_secs) {
+        return Err(bad("is from the future (`iat`)"));
+    }
+    match (req.access_token, claims.ath.as_deref()) {
+        (Some(token), Some(ath)) => {
+            if b64::sha256(token) != ath {
+                return Err(bad("`ath` does not match the access token"));
+            }
+        }
+        (Some(_), None) => return Err(bad("has no `ath` for the access token")),
+        (None, _) => {}
+    }
+    let jkt = thumbprint(&jwk)?;
+    // Only proofs that passed every other check take room in the replay cache.
+    let expires = iat.saturating_add(req.max_age_secs).saturating_add(req.max_skew_secs).max(req.now_secs + 1);
+    match replay.check_and_insert(&format!("{jkt}:{jti}"), expires, req.now_secs) {
+        Seen::New => Ok(DpopProof { jkt, jti, iat }),
+        Seen::Replay => Err(TokenError::DpopReplay),
+        Seen::Full => Err(TokenError::ReplayCacheFull),
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// RFC 9449 section 4.3 step 9: compare without query and fragment, after syntax-based
+/// normalisation (case of scheme and host, default ports).
+pub fn same_htu(claimed: &str, expected: &str) -> bool {
+    let (Ok(a), Ok(b)) = (url::Url::parse(claimed), url::Url::parse(expected)) else {
+        return false;
+    };
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+        && a.path() == b.path()
+}
+
+/// A client's DPoP key (Ed25519). Lives in memory; `to_pem` exists for CLIs that
+/// must keep it between commands.
+#[derive(Clone)]
+pub struct DpopKey {
+    key: crate::signing::SigningKey,
+    jwk: Jwk,
+    jkt: String,
+}
+
+impl std::fmt::Debug for DpopKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpopKey").field("jkt", &self.jkt).finish_non_exhaustive()
+    }
+}
+
+impl DpopKey {
+    pub fn generate() -> Self {
+        Self::from_signing(crate::signing::SigningKey::generate())
+    }
+
+    pub fn from_signing(key: crate::signing::SigningKey) -> Self {
+        let mut jwk = key.jwk().clone();
+        jwk.kid = None;
+        jwk.alg = None;
+        jwk.use_ = None;
+        let jkt = thumbprint(&jwk).unwrap_or_default();
+        Self { key, jwk, jkt }
+    }
+
+    pub fn signing_key(&self) -> &crate::signing::SigningKey {
+        &self.key
+    }
+
+    pub fn jkt(&self) -> &str {
+        &self.jkt
+    }
+
+    /// A proof for one request, issued at `now_secs`, with a fresh random `jti`.
+    pub fn proof(&self, htm: &str, htu: &str, access_token: Option<&str>, now_secs: i64) -> String {
+        let jti: [u8; 16] = rand::random();
+        let claims = ProofClaims {
+            jti: Some(b64::encode(jti)),
+            htm: Some(htm.to_owned()),
+            htu: Some(htu.to_owned()),
+            iat: Some(now_secs),
+            ath: access_token.map(b64::sha256),
+            nonce: None,
+        };
+        let header = serde_json::json!({ "typ": DPOP_TYP, "alg": "EdDSA", "jwk": self.jwk });
+        self.key.sign_with_header(&header, &claims).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "https://lapse.example/oauth/token";
+
+    fn reqs(now: i64) -> DpopRequirements<'static> {
+        DpopRequirements { htm: "POST", htu: URL, now_secs: now, max_age_secs: 60, max_skew_secs: 5, access_token: None }
+    }
+
+    #[test]
+    fn a_good_proof_verifies_once() -> Result<(), TokenError> {
+        let key = DpopKey::generate();
+        let cache = ReplayCache::new(1000);
+        let proof = key.proof("POST", URL, None, 1000);
+        let v = verify(&proof, &reqs(1001), &cache)?;
+        assert_eq!(v.jkt, key.jkt());
+        assert_eq!(verify(&proof, &reqs(1002), &cache), Err(TokenError::DpopReplay));
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_method_url_or_time_is_refused() {
+        let key = DpopKey::generate();
+        let cache = ReplayCache::new(1000);
+        assert!(verify(&key.proof("GET", URL, None, 1000), &reqs(1000), &cache).is_err());
+        assert!(verify(&key.proof("POST", "https://other.example/oauth/token", None, 1000), &reqs(1000), &cache).is_err());
+        assert!(verify(&key.proof("POST", URL, None, 900), &reqs(1000), &cache).is_err());
+        assert!(verify(&key.proof("POST", URL, None, 1100), &reqs(1000), &cache).is_err());
+    }
+
+    #[test]
+    fn htu_normalisation_ignores_query_and_default_port() {
+        assert!(same_htu("https://LAPSE.example:443/oauth/token?x=1#f", URL));
+        assert!(!same_htu("http://lapse.example/oauth/token", URL));
+        assert!(!same_htu("https://lapse.example/oauth/token/", URL));
+    }
+
+    #[test]
+    fn ath_binds_the_access_token() -> Result<(), TokenError> {
+        let key = DpopKey::generate();
+        let cache = ReplayCache::new(1000);
+        let mut r = reqs(1000);
+        r.access_token = Some("the-token");
+        verify(&key.proof("POST", URL, Some("the-token"), 1000), &r, &cache)?;
+        assert!(verify(&key.proof("POST", URL, Some("other-token"), 1000), &r, &cache).is_err());
+        assert!(verify(&key.proof("POST", URL, None, 1000), &r, &cache).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_forged_signature_is_refused() {
+        let key = DpopKey::generate();
+        let other = DpopKey::generate();
+        let cache = ReplayCache::new(1000);
+        // Header (with `key`'s jwk) from one proof, signature from another key.
+        let good = key.proof("POST", URL, None, 1000);
+        let forged = other.proof("POST", URL, None, 1000);
+        let (gh, _) = good.split_once('.').unwrap_or_default();
+        let (_, rest) = forged.split_once('.').unwrap_or_default();
+        assert!(verify(&format!("{gh}.{rest}"), &reqs(1000), &cache).is_err());
+    }
+}

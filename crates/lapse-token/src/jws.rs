@@ -1,0 +1,119 @@
+//! Compact JWS: parse into [`Unverified`], verify into bytes you may trust.
+
+use crate::jwk::{Jwk, PublicKey};
+use crate::{TokenError, b64};
+use serde::Deserialize;
+
+/// The only algorithms Lapse accepts. Anything else, including `none` and the HMAC
+/// family, fails to parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alg {
+    EdDSA,
+    ES256,
+    RS256,
+}
+
+impl Alg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EdDSA => "EdDSA",
+            Self::ES256 => "ES256",
+            Self::RS256 => "RS256",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, TokenError> {
+        match s {
+            "EdDSA" | "Ed25519" => Ok(Self::EdDSA),
+            "ES256" => Ok(Self::ES256),
+            "RS256" => Ok(Self::RS256),
+            other => Err(TokenError::UnsupportedAlgorithm(other.chars().take(32).collect())),
+        }
+    }
+}
+
+/// The JOSE header members Lapse reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Header {
+    pub alg: String,
+    #[serde(default)]
+    pub typ: Option<String>,
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub jwk: Option<Jwk>,
+    #[serde(default)]
+    pub crit: Option<Vec<String>>,
+}
+
+/// The largest compact JWS Lapse will look at.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// A parsed but unverified compact JWS. Nothing in it may be trusted except for
+/// choosing which key to verify it with.
+#[derive(Debug)]
+pub struct Unverified<'a> {
+    pub header: Header,
+    pub alg: Alg,
+    signing_input: &'a str,
+    payload_b64: &'a str,
+    signature: Vec<u8>,
+}
+
+impl<'a> Unverified<'a> {
+    pub fn parse(token: &'a str) -> Result<Self, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed("token too long"));
+        }
+        let (signing_input, sig_b64) = token.rsplit_once('.').ok_or(TokenError::Malformed("not a compact JWS"))?;
+        let (header_b64, payload_b64) =
+            signing_input.split_once('.').ok_or(TokenError::Malformed("not a compact JWS"))?;
+        if payload_b64.contains('.') {
+            return Err(TokenError::Malformed("encrypted tokens (JWE) are not accepted"));
+        }
+        let header_bytes = b64::decode(header_b64).ok_or(TokenError::Malformed("header is not base64url"))?;
+        let header: Header =
+            serde_json::from_slice(&header_bytes).map_err(|_| TokenError::Malformed("header is not a JSON object"))?;
+        // RFC 7515 4.1.11: a `crit` we do not understand makes the token invalid.
+        if header.crit.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Err(TokenError::Malformed("unsupported critical header"));
+        }
+        let alg = Alg::parse(&header.alg)?;
+        let signature = b64::decode(sig_b64).ok_or(TokenError::Malformed("signature is not base64url"))?;
+        Ok(Self { header, alg, signing_input, payload_b64, signature })
+    }
+
+    /// The payload *before* verification, only for choosing which issuer's keys to
+    /// verify with. Never act on it otherwise.
+    pub fn untrusted_payload(&self) -> Option<Vec<u8>> {
+        b64::decode(self.payload_b64)
+    }
+
+    /// Verifies with `key`; the header's `alg` must be the key's algorithm.
+    pub fn verify(self, key: &PublicKey) -> Result<Vec<u8>, TokenError> {
+        if self.alg != key.alg() {
+            return Err(TokenError::AlgorithmMismatch { alg: self.header.alg, key: key.alg().as_str() });
+        }
+        key.verify(self.signing_input.as_bytes(), &self.signature)?;
+        b64::decode(self.payload_b64).ok_or(TokenError::Malformed("payload is not base64url"))
+    }
+}
+
+/// Reads claims JSON into `T`.
+pub fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, TokenError> {
+    serde_json::from_slice(payload).map_err(|_| TokenError::Malformed("claims are not the expected JSON object"))
+}
+
+/// Checks `exp` and `nbf` against `now_secs` with `leeway` seconds of tolerance.
+pub fn check_times(now_secs: i64, exp: Option<i64>, nbf: Option<i64>, leeway: i64) -> Result<(), TokenError> {
+    let exp = exp.ok_or(TokenError::MissingClaim("exp"))?;
+    if now_secs >= exp.saturating_add(leeway) {
+        return Err(TokenError::Expired);
+    }
+    if let Some(nbf) = nbf {
+        if now_secs.saturating_add(leeway) < nbf {
+            return Err(TokenError::NotYetValid);
+        }
+    }
+    Ok(())
+}
