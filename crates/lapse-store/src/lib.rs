@@ -1,0 +1,74 @@
+//! The store: the single source of truth for grants and the audit log.
+//!
+//! Every write goes through [`Store::commit`], which applies grant changes and
+//! appends their audit events in one transaction: either both are durable or
+//! neither is. That is how "no credential without its audit record" is kept —
+//! callers hand out a credential only after `commit` returned.
+
+pub mod audit;
+mod error;
+pub mod sqlite;
+
+pub use audit::{AuditEntry, AuditEvent, AuditSigner, Checkpoint, VerifyReport};
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use lapse_core::{Grant, GrantId, GrantState, Timestamp};
+use std::sync::Arc;
+
+/// A change to one grant.
+#[derive(Debug, Clone)]
+pub enum GrantWrite {
+    Insert(Grant),
+    /// Replace the stored grant if its version is still `expected_version`.
+    Update { grant: Grant, expected_version: u64 },
+}
+
+/// Grant changes and the audit events that record them, committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    pub grants: Vec<GrantWrite>,
+    pub events: Vec<AuditEvent>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GrantFilter {
+    pub state: Option<GrantState>,
+    pub workload: Option<String>,
+    pub task: Option<String>,
+    pub limit: usize,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies `batch` atomically and durably. Fails with [`StoreError::Conflict`]
+    /// when a grant moved since it was read, leaving nothing written.
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    async fn grant(&self, id: GrantId) -> Result<Option<Grant>, StoreError>;
+    /// Newest first.
+    async fn grants(&self, filter: GrantFilter) -> Result<Vec<Grant>, StoreError>;
+    /// Active or pending grants whose `expires_at` is at or before `now`.
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError>;
+    /// Audit entries with `seq > after`, in order.
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// Proves the store can take a write now.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a config names: `sqlite://PATH`.
+pub async fn open(
+    url: &str,
+    signer: Arc<dyn AuditSigner>,
+    busy_timeout: std::time::Duration,
+) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let store = SqliteStore::open(std::path::Path::new(path), signer, busy_timeout).await?;
+        Ok(Arc::new(store))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err(StoreError::Config("the PostgreSQL store is not available in this build yet; use sqlite://PATH".into()))
+    } else {
+        Err(StoreError::Config(format!("unsupported store URL `{url}`: expected sqlite://PATH")))
+    }
+}

@@ -1,0 +1,379 @@
+//! The embedded SQLite backend.
+//!
+//! One writer thread owns the write connection and applies commits in groups: it
+//! takes every batch waiting, applies each inside its own savepoint (so one failed
+//! batch does not sink the others), appends the audit entries with their chain
+//! hashes, re-signs the checkpoint, and commits once — one `fsync` for the group.
+//! WAL mode with `synchronous=FULL` makes each commit durable before any caller is
+//! answered. Reads use a small pool of separate connections and never block writes.
+
+use crate::audit::{AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash};
+use crate::{GrantFilter, GrantWrite, Store, StoreError, WriteBatch};
+use async_trait::async_trait;
+use lapse_core::{Grant, GrantId, Timestamp};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const MAX_GROUP: usize = 512;
+const READERS: usize = 4;
+
+enum Job {
+    Commit(WriteBatch, oneshot::Sender<Result<(), StoreError>>),
+    Ping(oneshot::Sender<Result<(), StoreError>>),
+}
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    busy_timeout: Duration,
+}
+
+fn open_conn(path: &Path, busy_timeout: Duration, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open `{}`: {e}", path.display())))?;
+    conn.busy_timeout(busy_timeout)?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS lapse_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM lapse_migrations", [], |r| r.get(0))?;
+    let newest = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0);
+    if current > newest {
+        return Err(StoreError::Config(format!(
+            "the database is at schema version {current}, newer than this build knows ({newest}); upgrade Lapse"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO lapse_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))",
+            params![version],
+        )?;
+        tx.commit()?;
+        tracing::info!(version, "store migration applied");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, signer: Arc<dyn AuditSigner>, busy_timeout: Duration) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("cannot create `{}`: {e}", dir.display())))?;
+        }
+        let mut conn = open_conn(path, busy_timeout, false)?;
+        migrate(&mut conn)?;
+        let head = read_head(&conn)?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            readers.push(open_conn(path, busy_timeout, true)?);
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("lapse-store-writer".into())
+            .spawn(move || Writer { conn, head, signer }.run(rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
+        Ok(Self { writer: tx, readers: Arc::new(Mutex::new(readers)), path: path.to_owned(), busy_timeout })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        let timeout = self.busy_timeout;
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().ok().and_then(|mut v| v.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => open_conn(&path, timeout, true)?,
+            };
+            let out = f(&conn);
+            if let Ok(mut v) = readers.lock() {
+                if v.len() < READERS * 4 {
+                    v.push(conn);
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+
+    async fn send(&self, job: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Job) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(job(tx))
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+}
+
+fn read_head(conn: &Connection) -> Result<(u64, String), StoreError> {
+    let row: Option<(i64, String)> = conn
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| (u64::try_from(s).unwrap_or(0), h)))
+}
+
+struct Writer {
+    conn: Connection,
+    /// (seq, hash) of the last committed entry.
+    head: (u64, String),
+    signer: Arc<dyn AuditSigner>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.group(jobs);
+        }
+    }
+
+    fn group(&mut self, jobs: Vec<Job>) {
+        let mut replies: Vec<(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>)> = Vec::new();
+        let mut head = self.head.clone();
+        let outcome = (|| -> Result<(), StoreError> {
+            let mut tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut appended = false;
+            for job in jobs {
+                match job {
+                    Job::Ping(reply) => replies.push((reply, Ok(()))),
+                    Job::Commit(batch, reply) => {
+                        let sp = tx.savepoint()?;
+                        let mut h = head.clone();
+                        match apply(&sp, &batch, &mut h) {
+                            Ok(()) => {
+                                sp.commit()?;
+                                appended |= !batch.events.is_empty();
+                                head = h;
+                                replies.push((reply, Ok(())));
+                            }
+                            Err(e) => {
+                                drop(sp); // rolls the savepoint back
+                                replies.push((reply, Err(e)));
+                            }
+                        }
+                    }
+                }
+            }
+            if appended {
+                let sig = self.signer.sign(&checkpoint_message(head.0, &head.1));
+                let seq = i64::try_from(head.0).unwrap_or(i64::MAX);
+                tx.execute(
+                    "INSERT INTO audit_checkpoint (id, seq, hash, kid, signature, at) VALUES (1, ?1, ?2, ?3, ?4, strftime('%s','now'))
+                     ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, kid = excluded.kid,
+                     signature = excluded.signature, at = excluded.at",
+                    params![seq, head.1, self.signer.kid(), hex::encode(sig)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                self.head = head;
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; nothing in this group was written");
+                // The transaction rolled back; re-read the head in case it is unknown.
+                if let Ok(h) = read_head(&self.conn) {
+                    self.head = h;
+                }
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn apply(conn: &Connection, batch: &WriteBatch, head: &mut (u64, String)) -> Result<(), StoreError> {
+    for w in &batch.grants {
+        match w {
+            GrantWrite::Insert(g) => {
+                let body = serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let r = conn.execute(
+                    "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        g.id.to_string(),
+                        g.state.as_str(),
+                        g.request.workload.id,
+                        g.request.audience,
+                        g.request.task.id,
+                        g.created_at.millis(),
+                        g.expires_at.millis(),
+                        i64::try_from(g.version).unwrap_or(i64::MAX),
+                        body
+                    ],
+                );
+                match r {
+                    Ok(_) => {}
+                    Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                        return Err(StoreError::Duplicate(g.id.to_string()));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            GrantWrite::Update { grant: g, expected_version } => {
+                let body = serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let n = conn.execute(
+                    "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5 WHERE id = ?1 AND version = ?6",
+                    params![
+                        g.id.to_string(),
+                        g.state.as_str(),
+                        g.expires_at.millis(),
+                        i64::try_from(g.version).unwrap_or(i64::MAX),
+                        body,
+                        i64::try_from(*expected_version).unwrap_or(i64::MAX)
+                    ],
+                )?;
+                if n != 1 {
+                    return Err(StoreError::Conflict(g.id.to_string()));
+                }
+            }
+        }
+    }
+    for ev in &batch.events {
+        append(conn, ev, head)?;
+    }
+    Ok(())
+}
+
+fn append(conn: &Connection, ev: &AuditEvent, head: &mut (u64, String)) -> Result<(), StoreError> {
+    let seq = head.0 + 1;
+    let data = serde_json::to_string(&ev.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let hash = entry_hash(seq, ev.at, &ev.kind, ev.grant_id.as_deref(), &ev.actor, &data, &head.1);
+    conn.prepare_cached(
+        "INSERT INTO audit (seq, at, kind, grant_id, actor, data, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![i64::try_from(seq).unwrap_or(i64::MAX), ev.at, ev.kind, ev.grant_id, ev.actor, data, head.1, hash])?;
+    *head = (seq, hash);
+    Ok(())
+}
+
+fn grant_from_body(body: &str) -> Result<Grant, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("grant record does not parse: {e}")))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.send(|tx| Job::Commit(batch, tx)).await
+    }
+
+    async fn grant(&self, id: GrantId) -> Result<Option<Grant>, StoreError> {
+        self.read(move |c| {
+            let body: Option<String> = c
+                .prepare_cached("SELECT body FROM grants WHERE id = ?1")?
+                .query_row(params![id.to_string()], |r| r.get(0))
+                .optional()?;
+            body.map(|b| grant_from_body(&b)).transpose()
+        })
+        .await
+    }
+
+    async fn grants(&self, filter: GrantFilter) -> Result<Vec<Grant>, StoreError> {
+        self.read(move |c| {
+            let limit = i64::try_from(if filter.limit == 0 { 100 } else { filter.limit.min(10_000) }).unwrap_or(100);
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM grants
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR workload = ?2) AND (?3 IS NULL OR task_id = ?3)
+                 ORDER BY created_at DESC, id DESC LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(
+                params![filter.state.map(|s| s.as_str()), filter.workload, filter.task, limit],
+                |r| r.get::<_, String>(0),
+            )?;
+            rows.map(|b| grant_from_body(&b?)).collect()
+        })
+        .await
+    }
+
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM grants WHERE state IN ('active', 'pending') AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now.millis(), i64::try_from(limit).unwrap_or(100)], |r| r.get::<_, String>(0))?;
+            rows.map(|b| grant_from_body(&b?)).collect()
+        })
+        .await
+    }
+
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, at, kind, grant_id, actor, data, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![i64::try_from(after).unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(1000)],
+                |r| {
+                    Ok(AuditEntry {
+                        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        at: r.get(1)?,
+                        kind: r.get(2)?,
+                        grant_id: r.get(3)?,
+                        actor: r.get(4)?,
+                        data: r.get(5)?,
+                        prev_hash: r.get(6)?,
+                        hash: r.get(7)?,
+                    })
+                },
+            )?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT seq, hash, kid, signature, at FROM audit_checkpoint WHERE id = 1", [], |r| {
+                Ok(Checkpoint {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    hash: r.get(1)?,
+                    kid: r.get(2)?,
+                    signature: r.get(3)?,
+                    at: r.get(4)?,
+                })
+            })
+            .optional()
+            .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.send(Job::Ping).await
+    }
+}
