@@ -52,6 +52,10 @@ pub trait Store: Send + Sync + 'static {
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError>;
     /// Audit entries with `seq > after`, in order.
     async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Audit entries that name `grant`, in order.
+    async fn audit_for(&self, grant: GrantId) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Number of active grants.
+    async fn count_active(&self) -> Result<u64, StoreError>;
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Proves the store can take a write now.
     async fn ping(&self) -> Result<(), StoreError>;

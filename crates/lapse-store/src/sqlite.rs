@@ -282,6 +282,19 @@ fn append(conn: &Connection, ev: &AuditEvent, head: &mut (u64, String)) -> Resul
     Ok(())
 }
 
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+        at: r.get(1)?,
+        kind: r.get(2)?,
+        grant_id: r.get(3)?,
+        actor: r.get(4)?,
+        data: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+    })
+}
+
 fn grant_from_body(body: &str) -> Result<Grant, StoreError> {
     serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("grant record does not parse: {e}")))
 }
@@ -338,20 +351,28 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt.query_map(
                 params![i64::try_from(after).unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(1000)],
-                |r| {
-                    Ok(AuditEntry {
-                        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                        at: r.get(1)?,
-                        kind: r.get(2)?,
-                        grant_id: r.get(3)?,
-                        actor: r.get(4)?,
-                        data: r.get(5)?,
-                        prev_hash: r.get(6)?,
-                        hash: r.get(7)?,
-                    })
-                },
+                entry_from_row,
             )?;
             rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn audit_for(&self, grant: GrantId) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, at, kind, grant_id, actor, data, prev_hash, hash FROM audit WHERE grant_id = ?1 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![grant.to_string()], entry_from_row)?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn count_active(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let n: i64 = c.query_row("SELECT COUNT(*) FROM grants WHERE state = 'active'", [], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
         })
         .await
     }

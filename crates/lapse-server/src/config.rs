@@ -1,0 +1,239 @@
+//! `lapse.toml`. Unknown keys are errors that name the key; durations are strings
+//! such as `90s`, `15m`, `2h`.
+
+use lapse_core::TtlDuration;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on, e.g. `127.0.0.1:7800`.
+    pub listen: SocketAddr,
+    /// The URL clients use to reach Lapse (the token issuer and the base of DPoP `htu`).
+    /// Defaults to `http://{listen}`.
+    pub public_url: Option<String>,
+    /// `sqlite://PATH`.
+    pub store: String,
+    /// Folder of `*.cedar` policies and `*.cedarschema` fragments.
+    pub policies: PathBuf,
+    /// Ceiling on any credential's lifetime.
+    pub max_ttl: TtlDuration,
+    /// Lifetime when a request names none.
+    #[serde(default = "default_ttl")]
+    pub default_ttl: TtlDuration,
+    /// Ceiling on a grant's lifetime across renewals.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: TtlDuration,
+    /// How long a request that needs approval stays approvable.
+    #[serde(default = "default_approval_window")]
+    pub approval_window: TtlDuration,
+    /// PKCS#8 PEM Ed25519 key that signs tokens and audit checkpoints; created if absent.
+    pub signing_key: PathBuf,
+    /// How long a store operation may wait for a lock before failing closed.
+    #[serde(default = "default_store_timeout")]
+    pub store_timeout: TtlDuration,
+    /// How old a DPoP proof may be.
+    #[serde(default = "default_dpop_max_age")]
+    pub dpop_max_age: TtlDuration,
+    #[serde(default, rename = "issuer")]
+    pub issuers: Vec<IssuerEntry>,
+    #[serde(default, rename = "audience")]
+    pub audiences: Vec<AudienceEntry>,
+    #[serde(default, rename = "operator")]
+    pub operators: Vec<OperatorEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerEntry {
+    pub issuer: String,
+    /// `file://PATH` or `https://…`.
+    pub jwks: String,
+    pub audience: String,
+    /// Template over claims naming the workload; default `{sub}`.
+    #[serde(default = "default_workload")]
+    pub workload: String,
+    #[serde(default = "default_leeway")]
+    pub leeway: TtlDuration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceEntry {
+    /// The audience (Cedar `Resource` id and the token's `aud`).
+    pub id: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorEntry {
+    pub name: String,
+    /// Hex SHA-256 of the operator's API token (`lapse operator token` makes one).
+    pub token_sha256: String,
+    /// Any of `admin`, `read`, `revoke`, `introspect`.
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Read,
+    Revoke,
+    Introspect,
+}
+
+fn default_ttl() -> TtlDuration {
+    TtlDuration::from_secs(300)
+}
+fn default_max_lifetime() -> TtlDuration {
+    TtlDuration::from_secs(3600)
+}
+fn default_approval_window() -> TtlDuration {
+    TtlDuration::from_secs(900)
+}
+fn default_store_timeout() -> TtlDuration {
+    TtlDuration::from_secs(5)
+}
+fn default_dpop_max_age() -> TtlDuration {
+    TtlDuration::from_secs(60)
+}
+fn default_workload() -> String {
+    "{sub}".into()
+}
+fn default_leeway() -> TtlDuration {
+    TtlDuration::from_secs(30)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config `{path}`: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config `{path}`: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.display().to_string(), message })?;
+        // Relative paths in a config file are relative to the file.
+        if let Some(base) = path.parent() {
+            cfg.resolve_relative(base);
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.message().to_owned() + &span_hint(text, e.span()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.policies);
+        fix(&mut self.signing_key);
+        if let Some(rest) = self.store.strip_prefix("sqlite://") {
+            let p = Path::new(rest);
+            if p.is_relative() {
+                self.store = format!("sqlite://{}", base.join(p).display());
+            }
+        }
+        for i in &mut self.issuers {
+            if let Some(rest) = i.jwks.strip_prefix("file://") {
+                let p = Path::new(rest);
+                if p.is_relative() {
+                    i.jwks = format!("file://{}", base.join(p).display());
+                }
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.max_ttl.secs() == 0 {
+            return Err("`max_ttl` must be longer than zero".into());
+        }
+        if self.issuers.is_empty() {
+            return Err("at least one `[[issuer]]` is required: workloads must prove who they are".into());
+        }
+        for op in &self.operators {
+            if op.token_sha256.len() != 64 || !op.token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("operator `{}`: `token_sha256` must be 64 hex digits", op.name));
+            }
+        }
+        for i in &self.issuers {
+            lapse_identity::JwksSource::parse(&i.jwks).map_err(|e| format!("issuer `{}`: {e}", i.issuer))?;
+            i.workload
+                .parse::<lapse_identity::WorkloadTemplate>()
+                .map_err(|e| format!("issuer `{}`: {e}", i.issuer))?;
+        }
+        if let Some(u) = &self.public_url {
+            url::Url::parse(u).map_err(|e| format!("`public_url` `{u}` is not a URL: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn public_url(&self) -> String {
+        self.public_url.clone().unwrap_or_else(|| format!("http://{}", self.listen)).trim_end_matches('/').to_owned()
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|s| {
+        let line = text.get(..s.start).map_or(1, |t| t.matches('\n').count() + 1);
+        format!(" (line {line})")
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+listen = "127.0.0.1:7800"
+store = "sqlite://lapse.db"
+policies = "policies"
+max_ttl = "15m"
+signing_key = "key.pem"
+[[issuer]]
+issuer = "https://issuer"
+jwks = "file://jwks.json"
+audience = "lapse"
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() -> Result<(), String> {
+        let c = Config::parse(MIN)?;
+        assert_eq!(c.max_ttl.secs(), 900);
+        assert_eq!(c.default_ttl.secs(), 300);
+        assert_eq!(c.issuers[0].workload, "{sub}");
+        assert_eq!(c.public_url(), "http://127.0.0.1:7800");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse(&format!("{MIN}\nmax_tll = \"5m\"")).err().unwrap_or_default();
+        assert!(e.contains("max_tll"), "{e}");
+        let e = Config::parse(&MIN.replace("audience = \"lapse\"", "audience = \"lapse\"\naudiance = 1")).err().unwrap_or_default();
+        assert!(e.contains("audiance"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_and_values_are_refused() {
+        assert!(Config::parse(&MIN.replace("\"15m\"", "\"15 minutes\"")).is_err());
+        assert!(Config::parse(&MIN.replace("file://jwks.json", "http://example.com/jwks")).is_err());
+        assert!(Config::parse(&MIN.replace("[[issuer]]", "[[nope]]")).is_err());
+    }
+}

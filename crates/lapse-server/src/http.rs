@@ -1,0 +1,463 @@
+//! The HTTP surface. Handlers parse, call the service, and shape the answer.
+
+use crate::error::ApiError;
+use crate::metrics::{RouteLabels, RouteOnly};
+use crate::openapi;
+use crate::service::{ExchangeInput, Issued, Lapse, clip};
+use crate::config::Role;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lapse_core::{GrantId, GrantState, Task, TtlDuration};
+use lapse_store::GrantFilter;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const MAX_BODY: usize = 64 * 1024;
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const TT_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+type AppState = Arc<Lapse>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/oauth/token", post(token))
+        .route("/oauth/introspect", post(introspect))
+        .route("/oauth/revoke", post(revoke_token))
+        .route("/v1/access-requests", post(access_request))
+        .route("/v1/grants", get(list_grants))
+        .route("/v1/grants/{id}", get(show_grant))
+        .route("/v1/grants/{id}/complete", post(complete))
+        .route("/v1/grants/{id}/revoke", post(revoke_grant))
+        .route("/v1/grants/{id}/renew", post(renew))
+        .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics.latency.get_or_create(&RouteOnly { route: route.clone() }).observe(start.elapsed().as_secs_f64());
+    s.metrics.requests.get_or_create(&RouteLabels { route, status: resp.status().as_u16() }).inc();
+    resp
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("request body exceeds {} KiB", MAX_BODY / 1024))
+        } else {
+            ApiError::InvalidRequest(format!("cannot read body: {e}"))
+        }
+    })
+}
+
+/// Parses a form body; each parameter at most once (RFC 6749 section 3.2).
+fn form(headers: &HeaderMap, b: &[u8]) -> Result<HashMap<String, String>, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded")) {
+        return Err(ApiError::UnsupportedMediaType("expected `application/x-www-form-urlencoded`".into()));
+    }
+    let mut out = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(b) {
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(ApiError::InvalidRequest(format!("parameter `{}` is repeated", clip(&k))));
+        }
+    }
+    Ok(out)
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, b: &[u8]) -> Result<T, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) {
+        return Err(ApiError::UnsupportedMediaType("expected `application/json`".into()));
+    }
+    serde_json::from_slice(b).map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+fn dpop_headers(headers: &HeaderMap) -> Vec<&str> {
+    headers.get_all("dpop").iter().map(|v| v.to_str().unwrap_or("")).collect()
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+fn no_store(v: Value, status: StatusCode) -> Response {
+    let mut r = (status, Json(v)).into_response();
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn parse_actions(scope: &str) -> Vec<String> {
+    let mut a: Vec<String> = scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    a.sort();
+    a.dedup();
+    a
+}
+
+async fn metadata(State(s): State<AppState>) -> Json<Value> {
+    let i = &s.issuer;
+    Json(json!({
+        "issuer": i,
+        "token_endpoint": format!("{i}/oauth/token"),
+        "introspection_endpoint": format!("{i}/oauth/introspect"),
+        "revocation_endpoint": format!("{i}/oauth/revoke"),
+        "jwks_uri": format!("{i}/.well-known/jwks.json"),
+        "grant_types_supported": [TOKEN_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["bearer"],
+        "revocation_endpoint_auth_methods_supported": ["none", "bearer"],
+        "dpop_signing_alg_values_supported": ["EdDSA", "ES256", "RS256"],
+        "scopes_supported": s.policy.load().as_ref().map(|p| p.actions().to_vec()).unwrap_or_default(),
+        "service_documentation": format!("{i}/openapi.json"),
+    }))
+}
+
+async fn jwks(State(s): State<AppState>) -> Json<Value> {
+    Json(json!({ "keys": [s.key.jwk()] }))
+}
+
+async fn token(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    let f = form(&headers, &b)?;
+    let p = |k: &str| f.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    match p("grant_type") {
+        Some(TOKEN_EXCHANGE) => {}
+        Some(other) => return Err(ApiError::UnsupportedGrantType(format!("grant type `{}` is not supported; use token exchange", clip(other)))),
+        None => return Err(ApiError::InvalidRequest("`grant_type` is required".into())),
+    }
+    let subject_token = p("subject_token").ok_or_else(|| ApiError::InvalidRequest("`subject_token` is required".into()))?;
+    match p("subject_token_type") {
+        Some(TT_JWT | TT_ID_TOKEN) => {}
+        Some(TT_ACCESS_TOKEN) => return Err(ApiError::InvalidRequest("exchanging Lapse access tokens (sub-agents) is not supported yet; present an identity token".into())),
+        Some(other) => return Err(ApiError::InvalidRequest(format!("unsupported `subject_token_type` `{}`", clip(other)))),
+        None => return Err(ApiError::InvalidRequest("`subject_token_type` is required".into())),
+    }
+    if p("actor_token").is_some() {
+        return Err(ApiError::InvalidRequest("`actor_token` is not supported".into()));
+    }
+    let ttl_secs = match p("expires_in") {
+        Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into()))?),
+        None => None,
+    };
+    let audience = p("audience").or(p("resource")).ok_or_else(|| ApiError::InvalidRequest("`audience` is required".into()))?;
+    let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/oauth/token", None)?;
+    let input = ExchangeInput {
+        identity_token: subject_token.to_owned(),
+        audience: audience.to_owned(),
+        actions: parse_actions(p("scope").unwrap_or("")),
+        task: Task {
+            id: p("task").unwrap_or("").to_owned(),
+            purpose: p("purpose").unwrap_or("").to_owned(),
+            ticket: p("ticket").unwrap_or("").to_owned(),
+        },
+        ttl_secs,
+        environment: p("environment").unwrap_or("").to_owned(),
+        break_glass: false,
+        source: peer.ip(),
+    };
+    let issued = s.exchange(input, &proof).await?;
+    Ok(no_store(token_response(&issued), StatusCode::OK))
+}
+
+fn token_response(i: &Issued) -> Value {
+    json!({
+        "access_token": i.access_token,
+        "issued_token_type": TT_ACCESS_TOKEN,
+        "token_type": "DPoP",
+        "expires_in": i.expires_in,
+        "scope": i.grant.actions.join(" "),
+        "grant_id": i.grant.id.to_string(),
+        "task": i.grant.request.task.id,
+    })
+}
+
+async fn introspect(State(s): State<AppState>, headers: HeaderMap, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?.require(Role::Introspect)?;
+    let b = body(b)?;
+    let f = form(&headers, &b)?;
+    let token = f.get("token").filter(|t| !t.is_empty()).ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
+    match s.introspect(token).await {
+        Ok(v) => Ok(no_store(v, StatusCode::OK)),
+        Err(ApiError::Unavailable(msg)) => Ok(no_store(
+            json!({ "active": false, "error": "temporarily_unavailable", "error_description": msg }),
+            StatusCode::SERVICE_UNAVAILABLE,
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// RFC 7009. The token itself is enough to revoke it (revoking only takes access
+/// away); operators may also call it. Unknown or invalid tokens answer 200.
+async fn revoke_token(State(s): State<AppState>, headers: HeaderMap, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let by = match authorization(&headers) {
+        Some(a) if a.starts_with("Bearer ") => {
+            let op = s.operator(Some(a))?;
+            op.require(Role::Revoke)?;
+            Some(op.name)
+        }
+        _ => None,
+    };
+    let b = body(b)?;
+    let f = form(&headers, &b)?;
+    let token = f.get("token").filter(|t| !t.is_empty()).ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
+    if let Ok(claims) = s.verify_access_token(token) {
+        if let Ok(id) = claims.grant_id.parse::<GrantId>() {
+            if let Some(g) = s.store.grant(id).await? {
+                if !g.state.is_ended() {
+                    let by = by.unwrap_or_else(|| claims.sub.clone());
+                    match s.revoke(g, &by, "revoked through RFC 7009").await {
+                        Ok(_) | Err(ApiError::Conflict(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    Ok(no_store(json!({}), StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessRequestBody {
+    identity_token: String,
+    audience: String,
+    actions: Vec<String>,
+    task: TaskBody,
+    ttl: Option<TtlDuration>,
+    #[serde(default)]
+    environment: String,
+    #[serde(default)]
+    break_glass: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskBody {
+    id: String,
+    purpose: String,
+    #[serde(default)]
+    ticket: String,
+}
+
+async fn access_request(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    let r: AccessRequestBody = json_body(&headers, &b)?;
+    if r.break_glass {
+        return Err(ApiError::InvalidRequest("break-glass requests are not enabled on this server".into()));
+    }
+    let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/v1/access-requests", None)?;
+    let mut actions = r.actions;
+    actions.sort();
+    actions.dedup();
+    let input = ExchangeInput {
+        identity_token: r.identity_token,
+        audience: r.audience,
+        actions,
+        task: Task { id: r.task.id, purpose: r.task.purpose, ticket: r.task.ticket },
+        ttl_secs: r.ttl.map(TtlDuration::secs),
+        environment: r.environment,
+        break_glass: false,
+        source: peer.ip(),
+    };
+    match s.exchange(input, &proof).await {
+        Ok(i) => {
+            let mut v = token_response(&i);
+            v["grant"] = grant_view(&i.grant);
+            v["status"] = json!("active");
+            Ok(no_store(v, StatusCode::CREATED))
+        }
+        Err(ApiError::AuthorizationPending { request_id, approvals, approvers }) => Ok(no_store(
+            json!({ "status": "pending", "request_id": request_id, "approvals_required": approvals, "approvers": approvers }),
+            StatusCode::ACCEPTED,
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn grant_view(g: &lapse_core::Grant) -> Value {
+    json!({
+        "id": g.id.to_string(),
+        "state": g.state,
+        "workload": g.request.workload.id,
+        "issuer": g.request.workload.issuer,
+        "audience": g.request.audience,
+        "actions": g.actions,
+        "task": g.request.task,
+        "environment": g.request.context.environment,
+        "source": g.request.context.source,
+        "break_glass": g.request.context.break_glass,
+        "policies": g.policies,
+        "approvals_required": g.approvals_required,
+        "created_at": g.created_at,
+        "expires_at": g.expires_at,
+        "max_expires_at": g.max_expires_at,
+        "ended_at": g.ended_at,
+        "end": g.end,
+        "jkt": g.jkt,
+        "renewals": g.renewals,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    workload: Option<String>,
+    task: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_grants(State(s): State<AppState>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?.require(Role::Read)?;
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let state = match q.state.as_deref() {
+        Some(st) => Some(GrantState::parse(st).ok_or_else(|| ApiError::InvalidRequest(format!("unknown state `{}`", clip(st))))?),
+        None => None,
+    };
+    let grants = s.store.grants(GrantFilter { state, workload: q.workload, task: q.task, limit: q.limit.unwrap_or(100).min(1000) }).await?;
+    Ok(no_store(json!({ "grants": grants.iter().map(grant_view).collect::<Vec<_>>() }), StatusCode::OK))
+}
+
+fn grant_id(raw: &str) -> Result<GrantId, ApiError> {
+    raw.parse().map_err(|e: lapse_core::IdParseError| ApiError::NotFound(e.to_string()))
+}
+
+async fn show_grant(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?.require(Role::Read)?;
+    let id = grant_id(&id)?;
+    let g = s.store.grant(id).await?.ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+    let events = s.store.audit_for(id).await?;
+    let mut v = grant_view(&g);
+    v["audit"] = json!(events);
+    Ok(no_store(v, StatusCode::OK))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    ttl: Option<TtlDuration>,
+}
+
+fn optional_json(headers: &HeaderMap, b: &[u8]) -> Result<ReasonBody, ApiError> {
+    if b.is_empty() {
+        Ok(ReasonBody::default())
+    } else {
+        json_body(headers, b)
+    }
+}
+
+async fn complete(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let id = grant_id(&id)?;
+    let b = body(b)?;
+    let r = optional_json(&headers, &b)?;
+    let path = format!("/v1/grants/{id}/complete");
+    let (claims, g) = s.workload_grant(authorization(&headers), &dpop_headers(&headers), "POST", &path, id).await?;
+    let reason = r.reason.unwrap_or_else(|| "task completed".into());
+    let g = s.complete(g, &claims.sub, &clip(&reason)).await?;
+    Ok(no_store(grant_view(&g), StatusCode::OK))
+}
+
+async fn revoke_grant(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    op.require(Role::Revoke)?;
+    let id = grant_id(&id)?;
+    let b = body(b)?;
+    let r = optional_json(&headers, &b)?;
+    let g = s.store.grant(id).await?.ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+    let reason = r.reason.unwrap_or_else(|| "revoked by operator".into());
+    let g = s.revoke(g, &op.name, &clip(&reason)).await?;
+    Ok(no_store(grant_view(&g), StatusCode::OK))
+}
+
+async fn renew(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = grant_id(&id)?;
+    let b = body(b)?;
+    let r = optional_json(&headers, &b)?;
+    let path = format!("/v1/grants/{id}/renew");
+    let (_, g) = s.workload_grant(authorization(&headers), &dpop_headers(&headers), "POST", &path, id).await?;
+    let issued = s.renew(g, r.ttl.map(TtlDuration::secs), peer.ip()).await?;
+    let mut v = token_response(&issued);
+    v["grant"] = grant_view(&issued.grant);
+    Ok(no_store(v, StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit(State(s): State<AppState>, headers: HeaderMap, q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?.require(Role::Read)?;
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let entries = s.store.audit(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000)).await?;
+    Ok(no_store(json!({ "entries": entries }), StatusCode::OK))
+}
+
+async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?.require(Role::Read)?;
+    let report = crate::verify_audit(s.store.as_ref(), &s.key).await?;
+    let status = if report.ok() { StatusCode::OK } else { StatusCode::CONFLICT };
+    Ok(no_store(json!(report), status))
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let policy = s.policy.load().is_some();
+    let store = s.store.ping().await;
+    let ready = policy && store.is_ok();
+    let body = json!({
+        "ready": ready,
+        "policy": if policy { "loaded" } else { "missing" },
+        "store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode()).into_response()
+}

@@ -1,0 +1,187 @@
+//! The Lapse broker.
+//!
+//! - [`config`]: `lapse.toml`.
+//! - [`service`]: exchange, introspect, complete, revoke, renew, sweep — no HTTP.
+//! - [`http`]: the axum router (`router(state)`, so tests drive it directly or over a
+//!   real socket).
+//! - [`dev`]: `lapse serve --dev`: a data folder with keys, a dev issuer and example
+//!   policies.
+
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod http;
+pub mod metrics;
+mod openapi;
+pub mod service;
+
+use config::Config;
+use lapse_core::Clock;
+use lapse_policy::PolicyBundle;
+use lapse_store::{AuditSigner, Store, VerifyReport};
+use lapse_token::SigningKey;
+use service::Lapse;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] lapse_token::signing::KeyFileError),
+    #[error(transparent)]
+    Store(#[from] lapse_store::StoreError),
+    #[error("policies: {0}")]
+    Policy(#[from] lapse_policy::PolicyError),
+    #[error(transparent)]
+    Identity(#[from] lapse_identity::IdentityError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("dev setup: {0}")]
+    Dev(String),
+}
+
+/// Signs audit checkpoints with the server key.
+pub struct KeySigner(pub SigningKey);
+
+impl AuditSigner for KeySigner {
+    fn kid(&self) -> String {
+        self.0.kid().to_owned()
+    }
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.0.sign(message)
+    }
+}
+
+/// Builds the broker from its config: key, store, policies, issuers. Any of them
+/// failing stops the start with an error that names what and where.
+pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, StartError> {
+    let (key, created) = SigningKey::load_or_generate(&cfg.signing_key)?;
+    if created {
+        tracing::info!(kid = key.kid(), path = %cfg.signing_key.display(), "generated a new signing key");
+    }
+    let store = lapse_store::open(
+        &cfg.store,
+        Arc::new(KeySigner(key.clone())),
+        Duration::from_secs(cfg.store_timeout.secs()),
+    )
+    .await?;
+    let policy = PolicyBundle::load_dir(&cfg.policies)?;
+    tracing::info!(policies = policy.policy_count, actions = ?policy.actions(), "policies loaded");
+    let mut issuers = Vec::new();
+    for i in &cfg.issuers {
+        issuers.push(lapse_identity::IssuerConfig {
+            issuer: i.issuer.clone(),
+            jwks: lapse_identity::JwksSource::parse(&i.jwks).map_err(|e| StartError::Dev(e))?,
+            audience: i.audience.clone(),
+            workload: i.workload.parse().map_err(|e: String| StartError::Dev(e))?,
+            leeway_secs: i64::try_from(i.leeway.secs()).unwrap_or(30),
+        });
+    }
+    let identity = lapse_identity::IdentityVerifier::new(issuers, lapse_identity::http_client()).await?;
+    let lapse = Arc::new(Lapse::new(cfg, store, Some(policy), identity, key, clock));
+    if let Ok(n) = lapse.store.count_active().await {
+        lapse.metrics.active_grants.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    Ok(lapse)
+}
+
+/// Serves until `shutdown` resolves, running the sweeper and the policy watcher.
+pub async fn serve(
+    lapse: Arc<Lapse>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sweeper = tokio::spawn(sweep_loop(lapse.clone()));
+    let watcher = tokio::spawn(policy_watch_loop(lapse.clone()));
+    let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    sweeper.abort();
+    watcher.abort();
+    result
+}
+
+async fn sweep_loop(lapse: Arc<Lapse>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match lapse.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(ended = n, "sweeper ended expired grants"),
+            Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
+        }
+    }
+}
+
+/// A fingerprint of the policy folder: names, sizes and modification times.
+fn fingerprint(dir: &Path) -> Option<Vec<(String, u64, SystemTime)>> {
+    let mut v: Vec<(String, u64, SystemTime)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), m.len(), m.modified().ok()?))
+        })
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+async fn policy_watch_loop(lapse: Arc<Lapse>) {
+    let dir = lapse.cfg.policies.clone();
+    let mut last = fingerprint(&dir);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match PolicyBundle::load_dir(&dir) {
+            Ok(b) => {
+                tracing::info!(policies = b.policy_count, "policies reloaded");
+                lapse.policy.store(Some(Arc::new(b)));
+            }
+            Err(e) => {
+                lapse.metrics.policy_reload_failures.inc();
+                tracing::error!(error = %e, "policy change refused; keeping the last good set");
+            }
+        }
+    }
+}
+
+/// Verifies the whole audit chain in the store against the signed checkpoint.
+pub async fn verify_audit(store: &dyn Store, key: &SigningKey) -> Result<VerifyReport, lapse_store::StoreError> {
+    let checkpoint = store.checkpoint().await?;
+    let mut v = lapse_store::audit::ChainVerifier::default();
+    let mut after = 0;
+    let mut at_checkpoint = None;
+    'pages: loop {
+        let page = store.audit(after, 5000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            if !v.push(e) {
+                break 'pages;
+            }
+            if checkpoint.as_ref().is_some_and(|c| c.seq == e.seq) {
+                at_checkpoint = Some(e.hash.clone());
+            }
+        }
+    }
+    let public = key.public().clone();
+    let kid = key.kid().to_owned();
+    let mut report = v.finish(checkpoint.as_ref(), |k, m, s| k == kid && public.verify(m, s).is_ok());
+    if report.ok() {
+        if let (Some(cp), Some(h)) = (&checkpoint, at_checkpoint) {
+            if cp.hash != h {
+                report.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,125 @@
+//! The OpenAPI 3.1 document for the native API and the OAuth endpoints, served at
+//! `/openapi.json`. Written by hand next to the handlers it describes; the
+//! integration tests check every path it names is routed.
+
+use serde_json::{Value, json};
+
+pub fn document() -> Value {
+    let err = json!({ "$ref": "#/components/schemas/Error" });
+    let e = |d: &str| json!({ "description": d, "content": { "application/json": { "schema": err } } });
+    let op_auth = json!([{ "operatorToken": [] }]);
+    let wl_auth = json!([{ "dpopToken": [] }]);
+    let gid = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^gr_[0-9a-f]{32}$" } });
+    let dpop = json!({ "name": "DPoP", "in": "header", "required": true, "schema": { "type": "string" }, "description": "RFC 9449 proof for this request" });
+    json!({
+      "openapi": "3.1.0",
+      "info": { "title": "Lapse", "version": env!("CARGO_PKG_VERSION"), "description": "Just-in-time access for non-human identities: task-scoped, DPoP-bound, short-lived credentials decided by Cedar policy." },
+      "paths": {
+        "/oauth/token": { "post": {
+          "summary": "RFC 8693 token exchange: identity token in, task-scoped DPoP-bound access token out",
+          "parameters": [dpop],
+          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "$ref": "#/components/schemas/TokenExchange" } } } },
+          "responses": {
+            "200": { "description": "issued", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/TokenResponse" } } } },
+            "400": e("invalid_request, invalid_grant, invalid_target, invalid_scope, invalid_dpop_proof, unsupported_grant_type, or authorization_pending with request_id"),
+            "403": e("access_denied by policy"), "413": e("body too large"), "415": e("wrong content type"), "503": e("store, policy or keys unavailable: nothing issued")
+          } } },
+        "/oauth/introspect": { "post": {
+          "summary": "RFC 7662 introspection", "security": op_auth,
+          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "type": "object", "required": ["token"], "properties": { "token": { "type": "string" }, "token_type_hint": { "type": "string" } } } } } },
+          "responses": { "200": { "description": "introspection result", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Introspection" } } } },
+            "400": e("invalid_request"), "401": e("operator token missing or unknown"), "403": e("operator lacks the introspect role"), "503": { "description": "store unavailable: inactive", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Introspection" } } } } } } },
+        "/oauth/revoke": { "post": {
+          "summary": "RFC 7009 revocation: ends the token's grant",
+          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "type": "object", "required": ["token"], "properties": { "token": { "type": "string" }, "token_type_hint": { "type": "string" } } } } } },
+          "responses": { "200": { "description": "revoked, or the token was not valid" }, "400": e("invalid_request"), "503": e("store unavailable") } } },
+        "/v1/access-requests": { "post": {
+          "summary": "Native access request (same semantics as token exchange)",
+          "parameters": [dpop],
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/AccessRequest" } } } },
+          "responses": {
+            "201": { "description": "allowed and issued", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Issued" } } } },
+            "202": { "description": "waiting for approval", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Pending" } } } },
+            "400": e("invalid request, identity token or DPoP proof"), "403": e("access_denied by policy"), "413": e("body too large"), "415": e("wrong content type"), "503": e("unavailable: nothing issued")
+          } } },
+        "/v1/grants": { "get": {
+          "summary": "List grants, newest first", "security": op_auth,
+          "parameters": [
+            { "name": "state", "in": "query", "schema": { "type": "string", "enum": ["pending", "active", "completed", "expired", "revoked", "denied"] } },
+            { "name": "workload", "in": "query", "schema": { "type": "string" } },
+            { "name": "task", "in": "query", "schema": { "type": "string" } },
+            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0, "maximum": 1000 } } ],
+          "responses": { "200": { "description": "grants", "content": { "application/json": { "schema": { "type": "object", "properties": { "grants": { "type": "array", "items": { "$ref": "#/components/schemas/Grant" } } } } } } },
+            "400": e("bad query"), "401": e("operator token required"), "403": e("role missing") } } },
+        "/v1/grants/{id}": { "get": {
+          "summary": "One grant with its audit entries", "security": op_auth, "parameters": [gid],
+          "responses": { "200": { "description": "the grant", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } }, "401": e("operator token required"), "403": e("role missing"), "404": e("no such grant") } } },
+        "/v1/grants/{id}/complete": { "post": {
+          "summary": "The workload ends its own grant (task over)", "security": wl_auth, "parameters": [gid, dpop],
+          "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Reason" } } } },
+          "responses": { "200": { "description": "completed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } },
+            "400": e("invalid DPoP proof or body"), "401": e("invalid token"), "403": e("token of another grant"), "404": e("no such grant"), "409": e("grant already ended") } } },
+        "/v1/grants/{id}/revoke": { "post": {
+          "summary": "An operator ends a grant", "security": op_auth, "parameters": [gid],
+          "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Reason" } } } },
+          "responses": { "200": { "description": "revoked", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } },
+            "401": e("operator token required"), "403": e("role missing"), "404": e("no such grant"), "409": e("grant already ended") } } },
+        "/v1/grants/{id}/renew": { "post": {
+          "summary": "Explicit renewal: policy is decided again now; capped by the grant's maximum lifetime", "security": wl_auth, "parameters": [gid, dpop],
+          "requestBody": { "content": { "application/json": { "schema": { "type": "object", "properties": { "ttl": { "type": "string", "examples": ["10m"] } } } } } },
+          "responses": { "200": { "description": "a new token", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Issued" } } } },
+            "400": e("invalid proof"), "401": e("invalid token"), "403": e("renewal refused: the grant is ended"), "409": e("ended or at maximum lifetime") } } },
+        "/v1/audit": { "get": {
+          "summary": "Audit entries after a sequence number", "security": op_auth,
+          "parameters": [ { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } } ],
+          "responses": { "200": { "description": "entries", "content": { "application/json": { "schema": { "type": "object", "properties": { "entries": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } } } } }, "401": e("operator token required"), "403": e("role missing") } } },
+        "/v1/audit/verify": { "get": {
+          "summary": "Verify the whole audit chain and its signed checkpoint", "security": op_auth,
+          "responses": { "200": { "description": "the chain verifies" }, "409": { "description": "tampering found; names the first bad entry" }, "401": e("operator token required"), "403": e("role missing") } } },
+        "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
+        "/.well-known/jwks.json": { "get": { "summary": "Keys that sign access tokens", "responses": { "200": { "description": "JWKS" } } } },
+        "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
+        "/readyz": { "get": { "summary": "Readiness: policy loaded and store writable", "responses": { "200": { "description": "ready" }, "503": { "description": "not ready, with the reason" } } } },
+        "/metrics": { "get": { "summary": "Prometheus metrics", "responses": { "200": { "description": "OpenMetrics text" } } } },
+        "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI" } } } }
+      },
+      "components": {
+        "securitySchemes": {
+          "operatorToken": { "type": "http", "scheme": "bearer", "description": "operator API token from the config" },
+          "dpopToken": { "type": "http", "scheme": "DPoP", "description": "the grant's own access token with a DPoP proof (RFC 9449)" }
+        },
+        "schemas": {
+          "Error": { "type": "object", "required": ["error", "error_description"], "properties": {
+            "error": { "type": "string" }, "error_description": { "type": "string" }, "policies": { "type": "array", "items": { "type": "string" } },
+            "request_id": { "type": "string" }, "approvals_required": { "type": "integer" }, "interval": { "type": "integer" } } },
+          "TokenExchange": { "type": "object", "required": ["grant_type", "subject_token", "subject_token_type", "audience", "scope", "task", "purpose"], "properties": {
+            "grant_type": { "const": "urn:ietf:params:oauth:grant-type:token-exchange" },
+            "subject_token": { "type": "string", "description": "identity token (OIDC workload JWT or SPIFFE JWT-SVID)" },
+            "subject_token_type": { "enum": ["urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"] },
+            "audience": { "type": "string" }, "scope": { "type": "string", "description": "space-separated actions" },
+            "task": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" }, "environment": { "type": "string" },
+            "expires_in": { "type": "integer", "minimum": 1 } } },
+          "TokenResponse": { "type": "object", "required": ["access_token", "token_type", "expires_in", "scope", "grant_id"], "properties": {
+            "access_token": { "type": "string" }, "issued_token_type": { "type": "string" }, "token_type": { "const": "DPoP" },
+            "expires_in": { "type": "integer" }, "scope": { "type": "string" }, "grant_id": { "type": "string" }, "task": { "type": "string" } } },
+          "Issued": { "allOf": [ { "$ref": "#/components/schemas/TokenResponse" }, { "type": "object", "properties": { "grant": { "$ref": "#/components/schemas/Grant" }, "status": { "type": "string" } } } ] },
+          "Pending": { "type": "object", "required": ["status", "request_id"], "properties": { "status": { "const": "pending" }, "request_id": { "type": "string" }, "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] } } },
+          "AccessRequest": { "type": "object", "additionalProperties": false, "required": ["identity_token", "audience", "actions", "task"], "properties": {
+            "identity_token": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1 },
+            "task": { "type": "object", "additionalProperties": false, "required": ["id", "purpose"], "properties": { "id": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" } } },
+            "ttl": { "type": "string", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" } } },
+          "Reason": { "type": "object", "additionalProperties": false, "properties": { "reason": { "type": "string" } } },
+          "Grant": { "type": "object", "required": ["id", "state", "workload", "audience", "actions"], "properties": {
+            "id": { "type": "string" }, "state": { "enum": ["pending", "active", "completed", "expired", "revoked", "denied"] },
+            "workload": { "type": "string" }, "issuer": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" } },
+            "task": { "type": "object" }, "policies": { "type": "array", "items": { "type": "string" } }, "created_at": { "type": "integer", "description": "ms since epoch" },
+            "expires_at": { "type": "integer" }, "max_expires_at": { "type": "integer" }, "ended_at": { "type": ["integer", "null"] }, "end": { "type": ["object", "null"] },
+            "jkt": { "type": "string" }, "renewals": { "type": "integer" }, "audit": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } },
+          "Introspection": { "type": "object", "required": ["active"], "properties": { "active": { "type": "boolean" }, "scope": { "type": "string" }, "sub": { "type": "string" }, "aud": { "type": "string" }, "exp": { "type": "integer" }, "grant_id": { "type": "string" }, "task": { "type": "string" }, "cnf": { "type": "object" } } },
+          "AuditEntry": { "type": "object", "required": ["seq", "at", "kind", "actor", "data", "prev_hash", "hash"], "properties": {
+            "seq": { "type": "integer" }, "at": { "type": "integer" }, "kind": { "type": "string" }, "grant_id": { "type": ["string", "null"] }, "actor": { "type": "string" },
+            "data": { "type": "string", "description": "event JSON exactly as hashed" }, "prev_hash": { "type": "string" }, "hash": { "type": "string" } } }
+        }
+      }
+    })
+}

@@ -1,0 +1,472 @@
+//! The broker's operations, independent of HTTP: exchange, introspect, complete,
+//! revoke, renew, sweep. Each writes the grant change and its audit events in one
+//! store commit before answering: no credential without its record.
+
+use crate::config::{Config, Role};
+use crate::error::ApiError;
+use crate::metrics::{Metrics, OutcomeLabels};
+use arc_swap::ArcSwapOption;
+use lapse_core::grant::NewGrant;
+use lapse_core::{
+    AccessRequest, Clock, Decision, DecisionOutcome, Grant, GrantId, GrantState, RequestContext, Task, Timestamp, ttl,
+};
+use lapse_identity::IdentityVerifier;
+use lapse_policy::PolicyBundle;
+use lapse_store::{AuditEvent, GrantWrite, Store, WriteBatch};
+use lapse_token::access::{self, ACCESS_TOKEN_TYP};
+use lapse_token::dpop::{self, DpopRequirements};
+use lapse_token::{AccessClaims, Confirmation, DpopProof, ReplayCache, SigningKey, TokenError};
+use serde_json::{Value, json};
+use sha2::Digest;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+pub struct Operator {
+    pub name: String,
+    pub roles: Vec<Role>,
+}
+
+impl Operator {
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.roles.contains(&Role::Admin) || self.roles.contains(&role) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("operator `{}` lacks the `{role:?}` role", self.name).to_lowercase()))
+        }
+    }
+}
+
+pub struct Lapse {
+    pub cfg: Config,
+    pub issuer: String,
+    pub store: Arc<dyn Store>,
+    pub policy: ArcSwapOption<PolicyBundle>,
+    pub identity: IdentityVerifier,
+    pub key: SigningKey,
+    pub replay: ReplayCache,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+    audiences: HashSet<String>,
+    operators: HashMap<[u8; 32], (String, Vec<Role>)>,
+}
+
+/// A token exchange or native access request, after parsing and before identity.
+pub struct ExchangeInput {
+    pub identity_token: String,
+    pub audience: String,
+    pub actions: Vec<String>,
+    pub task: Task,
+    pub ttl_secs: Option<u64>,
+    pub environment: String,
+    pub break_glass: bool,
+    pub source: IpAddr,
+}
+
+/// An issued credential.
+pub struct Issued {
+    pub grant: Grant,
+    pub access_token: String,
+    pub expires_in: u64,
+}
+
+pub fn hash_secret(s: &str) -> [u8; 32] {
+    sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+fn event(at: Timestamp, kind: &str, grant: Option<&GrantId>, actor: &str, data: Value) -> AuditEvent {
+    AuditEvent { at: at.millis(), kind: kind.to_owned(), grant_id: grant.map(ToString::to_string), actor: actor.to_owned(), data }
+}
+
+impl Lapse {
+    pub fn new(
+        cfg: Config,
+        store: Arc<dyn Store>,
+        policy: Option<PolicyBundle>,
+        identity: IdentityVerifier,
+        key: SigningKey,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let operators = cfg
+            .operators
+            .iter()
+            .filter_map(|o| {
+                let bytes: [u8; 32] = hex::decode(&o.token_sha256).ok()?.try_into().ok()?;
+                Some((bytes, (o.name.clone(), o.roles.clone())))
+            })
+            .collect();
+        Self {
+            issuer: cfg.public_url(),
+            audiences: cfg.audiences.iter().map(|a| a.id.clone()).collect(),
+            operators,
+            cfg,
+            store,
+            policy: ArcSwapOption::from(policy.map(Arc::new)),
+            identity,
+            key,
+            replay: ReplayCache::new(1_000_000),
+            clock,
+            metrics: Metrics::new(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The operator an `Authorization: Bearer` API token belongs to.
+    pub fn operator(&self, authorization: Option<&str>) -> Result<Operator, ApiError> {
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::Unauthorized("an operator API token is required (`Authorization: Bearer …`)".into()))?;
+        let (name, roles) = self
+            .operators
+            .get(&hash_secret(token.trim()))
+            .ok_or_else(|| ApiError::Unauthorized("unknown operator API token".into()))?;
+        Ok(Operator { name: name.clone(), roles: roles.clone() })
+    }
+
+    pub fn policy(&self) -> Result<Arc<PolicyBundle>, ApiError> {
+        self.policy
+            .load_full()
+            .ok_or_else(|| ApiError::Unavailable("no valid policy set is loaded; nothing can be issued".into()))
+    }
+
+    /// Verifies the single DPoP header of a request to `path` with method `htm`.
+    pub fn verify_dpop(
+        &self,
+        headers: &[&str],
+        htm: &str,
+        path: &str,
+        access_token: Option<&str>,
+    ) -> Result<DpopProof, ApiError> {
+        let proof = match headers {
+            [one] => *one,
+            [] => return Err(ApiError::InvalidDpopProof("a `DPoP` header with a proof is required".into())),
+            _ => return Err(ApiError::InvalidDpopProof("exactly one `DPoP` header is allowed".into())),
+        };
+        let htu = format!("{}{}", self.issuer, path);
+        let req = DpopRequirements {
+            htm,
+            htu: &htu,
+            now_secs: self.now().unix_seconds(),
+            max_age_secs: i64::try_from(self.cfg.dpop_max_age.secs()).unwrap_or(60),
+            max_skew_secs: 5,
+            access_token,
+        };
+        dpop::verify(proof, &req, &self.replay).map_err(|e| match e {
+            TokenError::ReplayCacheFull => ApiError::Unavailable("DPoP replay protection is saturated; failing closed".into()),
+            other => ApiError::InvalidDpopProof(other.to_string()),
+        })
+    }
+
+    fn check_target(&self, audience: &str, actions: &[String], policy: &PolicyBundle) -> Result<(), ApiError> {
+        if audience.is_empty() {
+            return Err(ApiError::InvalidRequest("`audience` is required".into()));
+        }
+        if !self.audiences.contains(audience) {
+            return Err(ApiError::InvalidTarget(format!("unknown audience `{}`", clip(audience))));
+        }
+        if actions.is_empty() {
+            return Err(ApiError::InvalidScope("`scope` must name at least one action".into()));
+        }
+        for a in actions {
+            if !policy.has_action(a) {
+                return Err(ApiError::InvalidScope(format!("unknown action `{}`", clip(a))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Authenticate, decide, and issue (or record as pending, or deny).
+    pub async fn exchange(&self, input: ExchangeInput, proof: &DpopProof) -> Result<Issued, ApiError> {
+        let now = self.now();
+        let policy = self.policy()?;
+        let workload = self.identity.verify(&input.identity_token, now.unix_seconds()).await.map_err(|e| {
+            if e.is_unavailable() {
+                ApiError::Unavailable(e.to_string())
+            } else {
+                ApiError::InvalidGrant(e.to_string())
+            }
+        })?;
+        self.check_target(&input.audience, &input.actions, &policy)?;
+        if input.task.id.trim().is_empty() {
+            return Err(ApiError::InvalidRequest("`task` is required: access is always for a named task".into()));
+        }
+        if input.task.purpose.trim().is_empty() {
+            return Err(ApiError::InvalidRequest("`purpose` is required".into()));
+        }
+        let requested = input.ttl_secs.unwrap_or(self.cfg.default_ttl.secs());
+        if requested == 0 {
+            return Err(ApiError::InvalidRequest("`expires_in` must be at least 1 second".into()));
+        }
+        let request = AccessRequest {
+            workload,
+            task: input.task,
+            audience: input.audience,
+            actions: input.actions,
+            requested_ttl_secs: requested,
+            context: RequestContext {
+                environment: input.environment,
+                source: input.source,
+                time: now,
+                break_glass: input.break_glass,
+            },
+        };
+        let decision = policy.decide(&request);
+        self.metrics.decisions.get_or_create(&OutcomeLabels { outcome: decision.outcome_label().into() }).inc();
+        let actor = request.workload.id.clone();
+        let id = GrantId::generate();
+        let decided = event(now, "access.decided", Some(&id), &actor, json!({ "request": &request, "decision": &decision, "jkt": proof.jkt }));
+        let new = NewGrant {
+            id,
+            request,
+            policies: decision.policies.clone(),
+            ttl_cap_secs: None,
+            jkt: proof.jkt.clone(),
+            now,
+            server_max_ttl_secs: self.cfg.max_ttl.secs(),
+            max_lifetime_secs: self.cfg.max_lifetime.secs(),
+        };
+        match decision.outcome.clone() {
+            DecisionOutcome::Deny { reasons } => {
+                // A denial is recorded like everything else, but no grant row exists.
+                self.store.commit(WriteBatch { grants: vec![], events: vec![decided] }).await?;
+                Err(ApiError::AccessDenied { description: reasons.join("; "), policies: decision.policies })
+            }
+            DecisionOutcome::ApprovalRequired { approvals, ttl_cap_secs, approvers } => {
+                let grant = Grant::pending(NewGrant { ttl_cap_secs, ..new }, approvals, self.cfg.approval_window.secs());
+                let pending = event(now, "grant.pending", Some(&grant.id), &actor, json!({ "approvals_required": approvals, "approvers": approvers, "approvable_until": grant.expires_at }));
+                let request_id = grant.id.to_string();
+                self.store.commit(WriteBatch { grants: vec![GrantWrite::Insert(grant)], events: vec![decided, pending] }).await?;
+                Err(ApiError::AuthorizationPending { request_id, approvals, approvers })
+            }
+            DecisionOutcome::Allow { ttl_cap_secs } => {
+                let jti = new_jti();
+                let grant = Grant::issue(NewGrant { ttl_cap_secs, ..new }, jti)
+                    .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                let token = self.mint(&grant, now)?;
+                let issued = event(now, "grant.issued", Some(&grant.id), &actor, issued_data(&grant, &decision, now));
+                self.store
+                    .commit(WriteBatch { grants: vec![GrantWrite::Insert(grant.clone())], events: vec![decided, issued] })
+                    .await?;
+                self.metrics.active_grants.inc();
+                Ok(Issued { expires_in: grant.remaining_secs(now), grant, access_token: token })
+            }
+        }
+    }
+
+    fn mint(&self, grant: &Grant, now: Timestamp) -> Result<String, ApiError> {
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            sub: grant.request.workload.id.clone(),
+            aud: grant.request.audience.clone(),
+            exp: grant.expires_at.unix_seconds(),
+            iat: now.unix_seconds(),
+            nbf: now.unix_seconds(),
+            jti: grant.token_jti.clone().unwrap_or_default(),
+            client_id: grant.request.workload.id.clone(),
+            scope: grant.actions.join(" "),
+            cnf: Confirmation { jkt: grant.jkt.clone() },
+            task: grant.request.task.id.clone(),
+            grant_id: grant.id.to_string(),
+            break_glass: grant.request.context.break_glass,
+        };
+        self.key
+            .sign_jwt(ACCESS_TOKEN_TYP, &claims)
+            .map_err(|e| ApiError::Unavailable(format!("cannot sign: {e}")))
+    }
+
+    /// Verifies a Lapse access token's signature and lifetime (not grant state).
+    pub fn verify_access_token(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let kid = self.key.kid().to_owned();
+        let public = self.key.public();
+        access::verify(token, |k| (k == kid).then_some(public), &self.issuer, self.now().unix_seconds())
+    }
+
+    /// RFC 7662. Inactive for anything not currently honourable.
+    pub async fn introspect(&self, token: &str) -> Result<Value, ApiError> {
+        let inactive = json!({ "active": false });
+        let Ok(claims) = self.verify_access_token(token) else { return Ok(inactive) };
+        let Ok(id) = claims.grant_id.parse::<GrantId>() else { return Ok(inactive) };
+        let grant = self.store.grant(id).await.map_err(|e| {
+            tracing::error!(error = %e, "introspection could not read the store; answering inactive");
+            ApiError::Unavailable("the store is unavailable; the token must be treated as inactive".into())
+        })?;
+        match grant {
+            Some(g) if g.is_live(self.now()) && g.jkt == claims.cnf.jkt => Ok(json!({
+                "active": true,
+                "iss": claims.iss,
+                "sub": claims.sub,
+                "aud": claims.aud,
+                "client_id": claims.client_id,
+                "scope": claims.scope,
+                "exp": claims.exp,
+                "iat": claims.iat,
+                "nbf": claims.nbf,
+                "jti": claims.jti,
+                "token_type": "DPoP",
+                "cnf": { "jkt": claims.cnf.jkt },
+                "task": claims.task,
+                "grant_id": claims.grant_id,
+            })),
+            _ => Ok(inactive),
+        }
+    }
+
+    /// A workload authenticated by its own DPoP-bound access token, for its own grant.
+    pub async fn workload_grant(
+        &self,
+        authorization: Option<&str>,
+        dpop_headers: &[&str],
+        htm: &str,
+        path: &str,
+        grant_id: GrantId,
+    ) -> Result<(AccessClaims, Grant), ApiError> {
+        let token = authorization
+            .and_then(|h| h.strip_prefix("DPoP "))
+            .ok_or_else(|| ApiError::InvalidToken("a DPoP-bound access token is required (`Authorization: DPoP …`)".into()))?;
+        let claims = self.verify_access_token(token).map_err(|e| ApiError::InvalidToken(e.to_string()))?;
+        let proof = self.verify_dpop(dpop_headers, htm, path, Some(token))?;
+        if proof.jkt != claims.cnf.jkt {
+            return Err(ApiError::InvalidDpopProof("the proof's key is not the key the token is bound to".into()));
+        }
+        if claims.grant_id != grant_id.to_string() {
+            return Err(ApiError::Forbidden("the token belongs to another grant".into()));
+        }
+        let grant = self.store.grant(grant_id).await?.ok_or_else(|| ApiError::NotFound(format!("no grant `{grant_id}`")))?;
+        Ok((claims, grant))
+    }
+
+    async fn end(&self, grant: Grant, ended: Grant, kind: &str, actor: &str, data: Value) -> Result<Grant, ApiError> {
+        let now = self.now();
+        let was_active = grant.state == GrantState::Active;
+        self.store
+            .commit(WriteBatch {
+                events: vec![event(now, kind, Some(&ended.id), actor, data)],
+                grants: vec![GrantWrite::Update { expected_version: grant.version, grant: ended.clone() }],
+            })
+            .await?;
+        if was_active {
+            self.metrics.active_grants.dec();
+        }
+        self.metrics.grants_ended.get_or_create(&OutcomeLabels { outcome: ended.state.as_str().into() }).inc();
+        Ok(ended)
+    }
+
+    pub async fn complete(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
+        let ended = grant.clone().complete(self.now(), by, reason).map_err(lifecycle)?;
+        self.end(grant, ended, "grant.completed", by, json!({ "reason": reason })).await
+    }
+
+    pub async fn revoke(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
+        let ended = grant.clone().revoke(self.now(), by, reason).map_err(lifecycle)?;
+        self.end(grant, ended, "grant.revoked", by, json!({ "reason": reason })).await
+    }
+
+    /// Renewal re-decides the original request now. Anything but a plain allow ends
+    /// the grant: the conditions it was granted under no longer hold.
+    pub async fn renew(&self, grant: Grant, ttl_secs: Option<u64>, source: IpAddr) -> Result<Issued, ApiError> {
+        let now = self.now();
+        let policy = self.policy()?;
+        let mut request = grant.request.clone();
+        request.context.time = now;
+        request.context.source = source;
+        if let Some(t) = ttl_secs {
+            request.requested_ttl_secs = t;
+        }
+        let decision: Decision = policy.decide(&request);
+        self.metrics.decisions.get_or_create(&OutcomeLabels { outcome: decision.outcome_label().into() }).inc();
+        let actor = grant.request.workload.id.clone();
+        let decided = event(now, "renewal.decided", Some(&grant.id), &actor, json!({ "request": &request, "decision": &decision }));
+        match decision.outcome {
+            DecisionOutcome::Allow { ttl_cap_secs } => {
+                let ttl = ttl::effective_ttl_secs(request.requested_ttl_secs, ttl_cap_secs, self.cfg.max_ttl.secs());
+                let renewed = grant
+                    .clone()
+                    .renew(now, ttl, decision.policies.clone(), ttl_cap_secs, new_jti())
+                    .map_err(lifecycle)?;
+                let token = self.mint(&renewed, now)?;
+                let data = issued_data(&renewed, &decision, now);
+                self.store
+                    .commit(WriteBatch {
+                        grants: vec![GrantWrite::Update { grant: renewed.clone(), expected_version: grant.version }],
+                        events: vec![decided, event(now, "grant.renewed", Some(&renewed.id), &actor, data)],
+                    })
+                    .await?;
+                Ok(Issued { expires_in: renewed.remaining_secs(now), grant: renewed, access_token: token })
+            }
+            other => {
+                let reason = match &other {
+                    DecisionOutcome::Deny { reasons } => reasons.join("; "),
+                    _ => "renewal would need approval".to_owned(),
+                };
+                let ended = grant.clone().revoke(now, "lapse", &format!("renewal refused: {reason}")).map_err(lifecycle)?;
+                let id = ended.id;
+                self.store
+                    .commit(WriteBatch {
+                        grants: vec![GrantWrite::Update { grant: ended, expected_version: grant.version }],
+                        events: vec![decided, event(now, "grant.revoked", Some(&id), "lapse", json!({ "reason": format!("renewal refused: {reason}") }))],
+                    })
+                    .await?;
+                self.metrics.active_grants.dec();
+                Err(ApiError::AccessDenied { description: format!("renewal refused, grant ended: {reason}"), policies: decision.policies })
+            }
+        }
+    }
+
+    /// Ends every grant whose time is up. Returns how many it ended.
+    pub async fn sweep(&self) -> Result<usize, ApiError> {
+        let now = self.now();
+        let due = self.store.due(now, 500).await?;
+        let mut n = 0;
+        for g in due {
+            let was_active = g.state == GrantState::Active;
+            let Ok(ended) = g.clone().expire(now) else { continue };
+            let batch = WriteBatch {
+                events: vec![event(now, "grant.expired", Some(&ended.id), "lapse", json!({ "reason": ended.end.as_ref().map(|e| e.reason.clone()), "expires_at": g.expires_at }))],
+                grants: vec![GrantWrite::Update { expected_version: g.version, grant: ended }],
+            };
+            match self.store.commit(batch).await {
+                Ok(()) => {
+                    n += 1;
+                    if was_active {
+                        self.metrics.active_grants.dec();
+                    }
+                    self.metrics.grants_ended.get_or_create(&OutcomeLabels { outcome: "expired".into() }).inc();
+                }
+                Err(lapse_store::StoreError::Conflict(_)) => {} // ended by someone else meanwhile
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn issued_data(grant: &Grant, decision: &Decision, now: Timestamp) -> Value {
+    json!({
+        "jti": grant.token_jti,
+        "jkt": grant.jkt,
+        "audience": grant.request.audience,
+        "scope": grant.actions.join(" "),
+        "task": grant.request.task.id,
+        "ttl": grant.remaining_secs(now),
+        "expires_at": grant.expires_at,
+        "max_expires_at": grant.max_expires_at,
+        "policies": decision.policies,
+        "break_glass": grant.request.context.break_glass,
+    })
+}
+
+fn new_jti() -> String {
+    let b: [u8; 16] = rand::random();
+    lapse_token::b64::encode(b)
+}
+
+fn lifecycle(e: lapse_core::LifecycleError) -> ApiError {
+    ApiError::Conflict(e.to_string())
+}
+
+pub fn clip(s: &str) -> String {
+    s.chars().take(128).collect()
+}
