@@ -1,0 +1,558 @@
+//! `lapse`: serve the broker, and talk to it.
+//!
+//! Exit codes: 0 success; 1 failure (the answer says why); 2 usage; 3 denied by
+//! policy; 4 pending approval; 5 audit chain does not verify; 6 policy tests failed;
+//! 7 unavailable (fail closed).
+
+use clap::{Parser, Subcommand};
+use lapse_core::{SystemClock, TtlDuration, Clock};
+use lapse_server::{config::Config, dev};
+use lapse_token::DpopKey;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+const DEFAULT_DEV_DIR: &str = ".lapse-dev";
+
+#[derive(Parser)]
+#[command(name = "lapse", version, about = "Just-in-time access for non-human identities")]
+struct Cli {
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker.
+    Serve {
+        #[arg(long, conflicts_with = "dev")]
+        config: Option<PathBuf>,
+        /// Embedded store, generated keys, a dev issuer and example policies in --data.
+        #[arg(long)]
+        dev: bool,
+        #[arg(long, default_value = DEFAULT_DEV_DIR)]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7800")]
+        listen: std::net::SocketAddr,
+    },
+    /// Dev-mode helpers.
+    Dev {
+        #[command(subcommand)]
+        cmd: DevCmd,
+    },
+    /// Exchange an identity token for a task-scoped, DPoP-bound access token.
+    Request(RequestArgs),
+    /// Inspect and end grants.
+    Grants {
+        #[command(subcommand)]
+        cmd: GrantsCmd,
+    },
+    /// Validate and test policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Verify and export the audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Mint an identity token from the dev issuer.
+    Token {
+        #[arg(long)]
+        workload: String,
+        #[arg(long, default_value = "10m")]
+        ttl: TtlDuration,
+        /// Extra claim, `name=value`; repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        #[arg(long, default_value = DEFAULT_DEV_DIR)]
+        data: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct Server {
+    /// Broker URL.
+    #[arg(long, env = "LAPSE_URL", default_value = "http://127.0.0.1:7800")]
+    url: String,
+    /// Operator API token (defaults to the dev folder's admin token when present).
+    #[arg(long, env = "LAPSE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    #[command(flatten)]
+    server: Server,
+    /// The identity token; or --identity-token-file; in dev, --dev-workload mints one.
+    #[arg(long, env = "LAPSE_IDENTITY_TOKEN", hide_env_values = true)]
+    identity_token: Option<String>,
+    #[arg(long)]
+    identity_token_file: Option<PathBuf>,
+    /// Mint the identity token from the dev issuer for this workload.
+    #[arg(long)]
+    dev_workload: Option<String>,
+    #[arg(long)]
+    audience: String,
+    /// Space-separated actions.
+    #[arg(long)]
+    scope: String,
+    #[arg(long)]
+    task: String,
+    #[arg(long)]
+    purpose: String,
+    #[arg(long)]
+    ticket: Option<String>,
+    #[arg(long)]
+    environment: Option<String>,
+    #[arg(long)]
+    ttl: Option<TtlDuration>,
+    /// PEM file of the DPoP key: used if it exists, created (0600) if not. Without it
+    /// a fresh key lives only in memory.
+    #[arg(long)]
+    dpop_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum GrantsCmd {
+    List {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        workload: Option<String>,
+        #[arg(long)]
+        task: Option<String>,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// End your own grant (workload): needs its access token and DPoP key.
+    Complete {
+        id: String,
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, env = "LAPSE_ACCESS_TOKEN", hide_env_values = true)]
+        access_token: String,
+        #[arg(long)]
+        dpop_key: PathBuf,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End a grant as an operator.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Renew your own grant (workload): policy decides again.
+    Renew {
+        id: String,
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, env = "LAPSE_ACCESS_TOKEN", hide_env_values = true)]
+        access_token: String,
+        #[arg(long)]
+        dpop_key: PathBuf,
+        #[arg(long)]
+        ttl: Option<TtlDuration>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Load and validate a policy folder.
+    Validate {
+        #[arg(long, default_value = "examples/policies")]
+        policies: PathBuf,
+    },
+    /// Run a policy test file against a policy folder.
+    Test {
+        file: PathBuf,
+        #[arg(long, default_value = "examples/policies")]
+        policies: PathBuf,
+    },
+    /// Print the base schema Lapse contributes.
+    Schema,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verify the chain in the store named by the config (works with the server down).
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_DEV_DIR)]
+        data: PathBuf,
+    },
+    /// Write the log as JSON Lines.
+    Export {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_DEV_DIR)]
+        data: PathBuf,
+        /// Output file; standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+struct Fail(u8, String);
+
+type Out = Result<(), Fail>;
+
+fn fail(code: u8, msg: impl Into<String>) -> Fail {
+    Fail(code, msg.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAPSE_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" })
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lapse: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("lapse: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Out {
+    let json_out = cli.json;
+    match cli.cmd {
+        Cmd::Serve { config, dev, data, listen } => serve(config, dev, &data, listen).await,
+        Cmd::Dev { cmd: DevCmd::Token { workload, ttl, claims, data } } => {
+            let mut extra = Vec::new();
+            for c in claims {
+                let (k, v) = c.split_once('=').ok_or_else(|| fail(2, format!("`--claim {c}`: expected name=value")))?;
+                extra.push((k.to_owned(), v.to_owned()));
+            }
+            let t = dev::dev_token(&data, &workload, ttl.secs(), &extra, SystemClock.now().unix_seconds()).map_err(|e| fail(1, e))?;
+            println!("{t}");
+            Ok(())
+        }
+        Cmd::Request(args) => request(args, json_out).await,
+        Cmd::Grants { cmd } => grants(cmd, json_out).await,
+        Cmd::Policy { cmd } => policy(cmd, json_out),
+        Cmd::Audit { cmd } => audit(cmd, json_out).await,
+    }
+}
+
+async fn serve(config: Option<PathBuf>, dev_mode: bool, data: &Path, listen: std::net::SocketAddr) -> Out {
+    let (cfg, admin) = match (config, dev_mode) {
+        (Some(path), false) => (Config::load(&path).map_err(|e| fail(1, e.to_string()))?, None),
+        (None, true) => {
+            let (cfg, path, token) = dev::prepare(data, listen).map_err(|e| fail(1, e.to_string()))?;
+            (cfg, Some((path, token)))
+        }
+        _ => return Err(fail(2, "use `lapse serve --dev` or `lapse serve --config lapse.toml`")),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| fail(1, format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let url = cfg.public_url();
+    let lapse = lapse_server::build(cfg, Arc::new(SystemClock)).await.map_err(|e| fail(1, e.to_string()))?;
+    if let Some((path, _)) = &admin {
+        println!(
+            "\nLapse is running at {url} (dev mode; config in {cfg})\n\n\
+             Try it:\n\
+             \x20 lapse request --dev-workload spiffe://dev.lapse.local/ci/deploy \\\n\
+             \x20   --audience orders-db --scope read --task T-1 --purpose 'nightly export' --dpop-key .lapse-dev/ci.key\n\
+             \x20 lapse grants list\n\
+             \x20 lapse grants revoke <grant id> --reason 'done here'\n\
+             \x20 lapse audit verify\n\n\
+             The operator token is in {data}/admin.token; the CLI uses it by default.\n",
+            cfg = path.display(),
+            data = data.display()
+        );
+    }
+    lapse_server::serve(lapse, listener, async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    })
+    .await
+    .map_err(|e| fail(1, format!("server failed: {e}")))
+}
+
+fn client() -> reqwest::Client {
+    lapse_identity::http_client()
+}
+
+fn operator_token(s: &Server) -> Result<String, Fail> {
+    if let Some(t) = &s.token {
+        return Ok(t.clone());
+    }
+    std::fs::read_to_string(Path::new(DEFAULT_DEV_DIR).join(dev::ADMIN_TOKEN_FILE))
+        .map(|t| t.trim().to_owned())
+        .map_err(|_| fail(2, "an operator token is required: --token or LAPSE_TOKEN"))
+}
+
+/// Reads an answer; maps error codes to exit codes.
+async fn answer(resp: Result<reqwest::Response, reqwest::Error>) -> Result<Value, Fail> {
+    let resp = resp.map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(json!({}));
+    if status.is_success() {
+        return Ok(body);
+    }
+    let code = body["error"].as_str().unwrap_or("error");
+    let desc = body["error_description"].as_str().unwrap_or("");
+    let exit = match (status.as_u16(), code) {
+        (_, "access_denied") => 3,
+        (_, "authorization_pending") => 4,
+        (503, _) => 7,
+        _ => 1,
+    };
+    let mut msg = format!("{code}: {desc}");
+    if let Some(r) = body["request_id"].as_str() {
+        msg.push_str(&format!(" (request_id {r})"));
+    }
+    Err(fail(exit, msg))
+}
+
+fn load_or_create_dpop(path: Option<&Path>) -> Result<DpopKey, Fail> {
+    match path {
+        None => Ok(DpopKey::generate()),
+        Some(p) => {
+            let (k, _) = lapse_token::SigningKey::load_or_generate(p).map_err(|e| fail(1, e.to_string()))?;
+            Ok(DpopKey::from_signing(k))
+        }
+    }
+}
+
+async fn request(a: RequestArgs, json_out: bool) -> Out {
+    let now = SystemClock.now().unix_seconds();
+    let identity = match (&a.identity_token, &a.identity_token_file, &a.dev_workload) {
+        (Some(t), None, None) => t.clone(),
+        (None, Some(f), None) => std::fs::read_to_string(f).map_err(|e| fail(1, format!("{}: {e}", f.display())))?.trim().to_owned(),
+        (None, None, Some(w)) => dev::dev_token(Path::new(DEFAULT_DEV_DIR), w, 600, &[], now).map_err(|e| fail(1, e))?,
+        _ => return Err(fail(2, "give exactly one of --identity-token, --identity-token-file, --dev-workload")),
+    };
+    let key = load_or_create_dpop(a.dpop_key.as_deref())?;
+    let url = format!("{}/oauth/token", a.server.url.trim_end_matches('/'));
+    let mut form = vec![
+        ("grant_type", lapse_server::http::TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", identity),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt".to_owned()),
+        ("audience", a.audience),
+        ("scope", a.scope),
+        ("task", a.task),
+        ("purpose", a.purpose),
+    ];
+    if let Some(t) = a.ticket {
+        form.push(("ticket", t));
+    }
+    if let Some(e) = a.environment {
+        form.push(("environment", e));
+    }
+    if let Some(t) = a.ttl {
+        form.push(("expires_in", t.secs().to_string()));
+    }
+    let proof = key.proof("POST", &url, None, now);
+    let v = answer(client().post(&url).header("DPoP", proof).form(&form).send().await).await?;
+    if json_out {
+        println!("{v}");
+    } else {
+        println!("grant    {}", v["grant_id"].as_str().unwrap_or(""));
+        println!("scope    {}", v["scope"].as_str().unwrap_or(""));
+        println!("expires  in {}s", v["expires_in"]);
+        println!("dpop jkt {}", key.jkt());
+        println!("token    {}", v["access_token"].as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
+fn print_grant(g: &Value) {
+    println!(
+        "{}  {:<9}  {}  {} [{}]  task {}  expires {}",
+        g["id"].as_str().unwrap_or(""),
+        g["state"].as_str().unwrap_or(""),
+        g["workload"].as_str().unwrap_or(""),
+        g["audience"].as_str().unwrap_or(""),
+        g["actions"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+        g["task"]["id"].as_str().unwrap_or(""),
+        g["expires_at"].as_i64().map(|ms| lapse_core::Timestamp::from_millis(ms).rfc3339()).unwrap_or_default(),
+    );
+}
+
+async fn workload_call(server: &Server, id: &str, action: &str, token: &str, key_path: &Path, body: Value) -> Result<Value, Fail> {
+    let key = lapse_token::SigningKey::load(key_path).map_err(|e| fail(1, e.to_string()))?;
+    let key = DpopKey::from_signing(key);
+    let url = format!("{}/v1/grants/{id}/{action}", server.url.trim_end_matches('/'));
+    let proof = key.proof("POST", &url, Some(token), SystemClock.now().unix_seconds());
+    answer(client().post(&url).header("Authorization", format!("DPoP {token}")).header("DPoP", proof).json(&body).send().await).await
+}
+
+async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {
+    match cmd {
+        GrantsCmd::List { server, state, workload, task } => {
+            let mut q = vec![];
+            if let Some(s) = state { q.push(("state", s)); }
+            if let Some(w) = workload { q.push(("workload", w)); }
+            if let Some(t) = task { q.push(("task", t)); }
+            let url = format!("{}/v1/grants", server.url.trim_end_matches('/'));
+            let v = answer(client().get(&url).bearer_auth(operator_token(&server)?).query(&q).send().await).await?;
+            if json_out {
+                println!("{v}");
+            } else {
+                for g in v["grants"].as_array().into_iter().flatten() {
+                    print_grant(g);
+                }
+            }
+        }
+        GrantsCmd::Show { id, server } => {
+            let url = format!("{}/v1/grants/{id}", server.url.trim_end_matches('/'));
+            let v = answer(client().get(&url).bearer_auth(operator_token(&server)?).send().await).await?;
+            if json_out {
+                println!("{v}");
+            } else {
+                print_grant(&v);
+                for e in v["audit"].as_array().into_iter().flatten() {
+                    println!("  #{:<6} {}  {:<18} {}", e["seq"], lapse_core::Timestamp::from_millis(e["at"].as_i64().unwrap_or(0)).rfc3339(), e["kind"].as_str().unwrap_or(""), e["actor"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        GrantsCmd::Revoke { id, server, reason } => {
+            let url = format!("{}/v1/grants/{id}/revoke", server.url.trim_end_matches('/'));
+            let v = answer(client().post(&url).bearer_auth(operator_token(&server)?).json(&json!({ "reason": reason })).send().await).await?;
+            if json_out { println!("{v}") } else { print_grant(&v) }
+        }
+        GrantsCmd::Complete { id, server, access_token, dpop_key, reason } => {
+            let v = workload_call(&server, &id, "complete", &access_token, &dpop_key, json!({ "reason": reason })).await?;
+            if json_out { println!("{v}") } else { print_grant(&v) }
+        }
+        GrantsCmd::Renew { id, server, access_token, dpop_key, ttl } => {
+            let body = match ttl { Some(t) => json!({ "ttl": t.to_string() }), None => json!({}) };
+            let v = workload_call(&server, &id, "renew", &access_token, &dpop_key, body).await?;
+            if json_out {
+                println!("{v}");
+            } else {
+                println!("expires  in {}s", v["expires_in"]);
+                println!("token    {}", v["access_token"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn policy(cmd: PolicyCmd, json_out: bool) -> Out {
+    match cmd {
+        PolicyCmd::Schema => {
+            print!("{}", lapse_policy::schema::BASE_SCHEMA);
+            Ok(())
+        }
+        PolicyCmd::Validate { policies } => {
+            let b = lapse_policy::PolicyBundle::load_dir(&policies).map_err(|e| fail(1, e.to_string()))?;
+            if json_out {
+                println!("{}", json!({ "valid": true, "policies": b.policy_count, "actions": b.actions() }));
+            } else {
+                println!("{}: {} policies valid; actions: {}", policies.display(), b.policy_count, b.actions().join(", "));
+            }
+            Ok(())
+        }
+        PolicyCmd::Test { file, policies } => {
+            let b = lapse_policy::PolicyBundle::load_dir(&policies).map_err(|e| fail(1, e.to_string()))?;
+            let text = std::fs::read_to_string(&file).map_err(|e| fail(1, format!("{}: {e}", file.display())))?;
+            let cases = lapse_policy::cases::parse(&text).map_err(|e| fail(2, e.to_string()))?;
+            let results = lapse_policy::cases::run(&b, &cases).map_err(|e| fail(2, e.to_string()))?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            if json_out {
+                println!("{}", json!({ "results": results, "failed": failed }));
+            } else {
+                for r in &results {
+                    if r.passed {
+                        println!("ok    {}", r.name);
+                    } else {
+                        println!("FAIL  {}: {}", r.name, r.failures.join("; "));
+                    }
+                }
+                println!("{} passed, {} failed", results.len() - failed, failed);
+            }
+            if failed > 0 { Err(fail(6, format!("{failed} policy test(s) failed"))) } else { Ok(()) }
+        }
+    }
+}
+
+async fn open_store(config: Option<PathBuf>, data: &Path) -> Result<(Arc<dyn lapse_store::Store>, lapse_token::SigningKey), Fail> {
+    let path = config.unwrap_or_else(|| data.join("lapse.toml"));
+    let cfg = Config::load(&path).map_err(|e| fail(1, e.to_string()))?;
+    let key = lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?;
+    let store = lapse_store::open(&cfg.store, Arc::new(lapse_server::KeySigner(key.clone())), std::time::Duration::from_secs(5))
+        .await
+        .map_err(|e| fail(7, e.to_string()))?;
+    Ok((store, key))
+}
+
+async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
+    match cmd {
+        AuditCmd::Verify { config, data } => {
+            let (store, key) = open_store(config, &data).await?;
+            let r = lapse_server::verify_audit(store.as_ref(), &key).await.map_err(|e| fail(7, e.to_string()))?;
+            if json_out {
+                println!("{}", json!(r));
+            } else if let Some((seq, why)) = &r.first_bad {
+                println!("audit chain BROKEN at entry {seq}: {why}");
+            } else {
+                println!("audit chain verifies: {} entries, head {}", r.entries, r.head.as_deref().unwrap_or("(empty)"));
+            }
+            if r.ok() { Ok(()) } else { Err(fail(5, "the audit chain does not verify")) }
+        }
+        AuditCmd::Export { config, data, out } => {
+            use std::io::Write;
+            let (store, _) = open_store(config, &data).await?;
+            let mut w: Box<dyn Write> = match &out {
+                Some(p) => Box::new(std::fs::File::create(p).map_err(|e| fail(1, format!("{}: {e}", p.display())))?),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut after = 0;
+            loop {
+                let page = store.audit(after, 5000).await.map_err(|e| fail(7, e.to_string()))?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for e in &page {
+                    let line = serde_json::to_string(e).map_err(|e| fail(1, e.to_string()))?;
+                    writeln!(w, "{line}").map_err(|e| fail(1, e.to_string()))?;
+                }
+            }
+            if let Some(cp) = store.checkpoint().await.map_err(|e| fail(7, e.to_string()))? {
+                if !json_out && out.is_some() {
+                    eprintln!("exported through entry {} (signed checkpoint {})", cp.seq, cp.hash);
+                }
+            }
+            Ok(())
+        }
+    }
+}
