@@ -4,8 +4,13 @@
 //! policy; 4 pending approval; 5 audit chain does not verify; 6 policy tests failed;
 //! 7 unavailable (fail closed).
 
+#![expect(
+    clippy::indexing_slicing,
+    reason = "the CLI reads serde_json::Value by key, which yields Null for anything missing and never panics"
+)]
+
 use clap::{Parser, Subcommand};
-use lapse_core::{SystemClock, TtlDuration, Clock};
+use lapse_core::{Clock, SystemClock, TtlDuration};
 use lapse_server::{config::Config, dev};
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
@@ -16,7 +21,11 @@ use std::sync::Arc;
 const DEFAULT_DEV_DIR: &str = ".lapse-dev";
 
 #[derive(Parser)]
-#[command(name = "lapse", version, about = "Just-in-time access for non-human identities")]
+#[command(
+    name = "lapse",
+    version,
+    about = "Just-in-time access for non-human identities"
+)]
 struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
@@ -222,10 +231,20 @@ fn fail(code: u8, msg: impl Into<String>) -> Fail {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAPSE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" })
+        tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Serve { .. }) {
+            "info"
+        } else {
+            "warn"
+        })
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lapse: cannot start the runtime: {e}");
@@ -244,14 +263,36 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Out {
     let json_out = cli.json;
     match cli.cmd {
-        Cmd::Serve { config, dev, data, listen } => serve(config, dev, &data, listen).await,
-        Cmd::Dev { cmd: DevCmd::Token { workload, ttl, claims, data } } => {
+        Cmd::Serve {
+            config,
+            dev,
+            data,
+            listen,
+        } => serve(config, dev, &data, listen).await,
+        Cmd::Dev {
+            cmd:
+                DevCmd::Token {
+                    workload,
+                    ttl,
+                    claims,
+                    data,
+                },
+        } => {
             let mut extra = Vec::new();
             for c in claims {
-                let (k, v) = c.split_once('=').ok_or_else(|| fail(2, format!("`--claim {c}`: expected name=value")))?;
+                let (k, v) = c
+                    .split_once('=')
+                    .ok_or_else(|| fail(2, format!("`--claim {c}`: expected name=value")))?;
                 extra.push((k.to_owned(), v.to_owned()));
             }
-            let t = dev::dev_token(&data, &workload, ttl.secs(), &extra, SystemClock.now().unix_seconds()).map_err(|e| fail(1, e))?;
+            let t = dev::dev_token(
+                &data,
+                &workload,
+                ttl.secs(),
+                &extra,
+                SystemClock.now().unix_seconds(),
+            )
+            .map_err(|e| fail(1, e))?;
             println!("{t}");
             Ok(())
         }
@@ -262,20 +303,36 @@ async fn run(cli: Cli) -> Out {
     }
 }
 
-async fn serve(config: Option<PathBuf>, dev_mode: bool, data: &Path, listen: std::net::SocketAddr) -> Out {
+async fn serve(
+    config: Option<PathBuf>,
+    dev_mode: bool,
+    data: &Path,
+    listen: std::net::SocketAddr,
+) -> Out {
     let (cfg, admin) = match (config, dev_mode) {
-        (Some(path), false) => (Config::load(&path).map_err(|e| fail(1, e.to_string()))?, None),
+        (Some(path), false) => (
+            Config::load(&path).map_err(|e| fail(1, e.to_string()))?,
+            None,
+        ),
         (None, true) => {
-            let (cfg, path, token) = dev::prepare(data, listen).map_err(|e| fail(1, e.to_string()))?;
+            let (cfg, path, token) =
+                dev::prepare(data, listen).map_err(|e| fail(1, e.to_string()))?;
             (cfg, Some((path, token)))
         }
-        _ => return Err(fail(2, "use `lapse serve --dev` or `lapse serve --config lapse.toml`")),
+        _ => {
+            return Err(fail(
+                2,
+                "use `lapse serve --dev` or `lapse serve --config lapse.toml`",
+            ));
+        }
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| fail(1, format!("cannot listen on {}: {e}", cfg.listen)))?;
     let url = cfg.public_url();
-    let lapse = lapse_server::build(cfg, Arc::new(SystemClock)).await.map_err(|e| fail(1, e.to_string()))?;
+    let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
+        .await
+        .map_err(|e| fail(1, e.to_string()))?;
     if let Some((path, _)) = &admin {
         println!(
             "\nLapse is running at {url} (dev mode; config in {cfg})\n\n\
@@ -294,10 +351,11 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool, data: &Path, listen: std
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]
@@ -347,7 +405,8 @@ fn load_or_create_dpop(path: Option<&Path>) -> Result<DpopKey, Fail> {
     match path {
         None => Ok(DpopKey::generate()),
         Some(p) => {
-            let (k, _) = lapse_token::SigningKey::load_or_generate(p).map_err(|e| fail(1, e.to_string()))?;
+            let (k, _) =
+                lapse_token::SigningKey::load_or_generate(p).map_err(|e| fail(1, e.to_string()))?;
             Ok(DpopKey::from_signing(k))
         }
     }
@@ -357,16 +416,29 @@ async fn request(a: RequestArgs, json_out: bool) -> Out {
     let now = SystemClock.now().unix_seconds();
     let identity = match (&a.identity_token, &a.identity_token_file, &a.dev_workload) {
         (Some(t), None, None) => t.clone(),
-        (None, Some(f), None) => std::fs::read_to_string(f).map_err(|e| fail(1, format!("{}: {e}", f.display())))?.trim().to_owned(),
-        (None, None, Some(w)) => dev::dev_token(Path::new(DEFAULT_DEV_DIR), w, 600, &[], now).map_err(|e| fail(1, e))?,
-        _ => return Err(fail(2, "give exactly one of --identity-token, --identity-token-file, --dev-workload")),
+        (None, Some(f), None) => std::fs::read_to_string(f)
+            .map_err(|e| fail(1, format!("{}: {e}", f.display())))?
+            .trim()
+            .to_owned(),
+        (None, None, Some(w)) => {
+            dev::dev_token(Path::new(DEFAULT_DEV_DIR), w, 600, &[], now).map_err(|e| fail(1, e))?
+        }
+        _ => {
+            return Err(fail(
+                2,
+                "give exactly one of --identity-token, --identity-token-file, --dev-workload",
+            ));
+        }
     };
     let key = load_or_create_dpop(a.dpop_key.as_deref())?;
     let url = format!("{}/oauth/token", a.server.url.trim_end_matches('/'));
     let mut form = vec![
         ("grant_type", lapse_server::http::TOKEN_EXCHANGE.to_owned()),
         ("subject_token", identity),
-        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt".to_owned()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:jwt".to_owned(),
+        ),
         ("audience", a.audience),
         ("scope", a.scope),
         ("task", a.task),
@@ -382,7 +454,15 @@ async fn request(a: RequestArgs, json_out: bool) -> Out {
         form.push(("expires_in", t.secs().to_string()));
     }
     let proof = key.proof("POST", &url, None, now);
-    let v = answer(client().post(&url).header("DPoP", proof).form(&form).send().await).await?;
+    let v = answer(
+        client()
+            .post(&url)
+            .header("DPoP", proof)
+            .form(&form)
+            .send()
+            .await,
+    )
+    .await?;
     if json_out {
         println!("{v}");
     } else {
@@ -402,29 +482,77 @@ fn print_grant(g: &Value) {
         g["state"].as_str().unwrap_or(""),
         g["workload"].as_str().unwrap_or(""),
         g["audience"].as_str().unwrap_or(""),
-        g["actions"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+        g["actions"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default(),
         g["task"]["id"].as_str().unwrap_or(""),
-        g["expires_at"].as_i64().map(|ms| lapse_core::Timestamp::from_millis(ms).rfc3339()).unwrap_or_default(),
+        g["expires_at"]
+            .as_i64()
+            .map(|ms| lapse_core::Timestamp::from_millis(ms).rfc3339())
+            .unwrap_or_default(),
     );
 }
 
-async fn workload_call(server: &Server, id: &str, action: &str, token: &str, key_path: &Path, body: Value) -> Result<Value, Fail> {
+async fn workload_call(
+    server: &Server,
+    id: &str,
+    action: &str,
+    token: &str,
+    key_path: &Path,
+    body: Value,
+) -> Result<Value, Fail> {
     let key = lapse_token::SigningKey::load(key_path).map_err(|e| fail(1, e.to_string()))?;
     let key = DpopKey::from_signing(key);
-    let url = format!("{}/v1/grants/{id}/{action}", server.url.trim_end_matches('/'));
+    let url = format!(
+        "{}/v1/grants/{id}/{action}",
+        server.url.trim_end_matches('/')
+    );
     let proof = key.proof("POST", &url, Some(token), SystemClock.now().unix_seconds());
-    answer(client().post(&url).header("Authorization", format!("DPoP {token}")).header("DPoP", proof).json(&body).send().await).await
+    answer(
+        client()
+            .post(&url)
+            .header("Authorization", format!("DPoP {token}"))
+            .header("DPoP", proof)
+            .json(&body)
+            .send()
+            .await,
+    )
+    .await
 }
 
 async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {
     match cmd {
-        GrantsCmd::List { server, state, workload, task } => {
+        GrantsCmd::List {
+            server,
+            state,
+            workload,
+            task,
+        } => {
             let mut q = vec![];
-            if let Some(s) = state { q.push(("state", s)); }
-            if let Some(w) = workload { q.push(("workload", w)); }
-            if let Some(t) = task { q.push(("task", t)); }
+            if let Some(s) = state {
+                q.push(("state", s));
+            }
+            if let Some(w) = workload {
+                q.push(("workload", w));
+            }
+            if let Some(t) = task {
+                q.push(("task", t));
+            }
             let url = format!("{}/v1/grants", server.url.trim_end_matches('/'));
-            let v = answer(client().get(&url).bearer_auth(operator_token(&server)?).query(&q).send().await).await?;
+            let v = answer(
+                client()
+                    .get(&url)
+                    .bearer_auth(operator_token(&server)?)
+                    .query(&q)
+                    .send()
+                    .await,
+            )
+            .await?;
             if json_out {
                 println!("{v}");
             } else {
@@ -435,27 +563,79 @@ async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {
         }
         GrantsCmd::Show { id, server } => {
             let url = format!("{}/v1/grants/{id}", server.url.trim_end_matches('/'));
-            let v = answer(client().get(&url).bearer_auth(operator_token(&server)?).send().await).await?;
+            let v = answer(
+                client()
+                    .get(&url)
+                    .bearer_auth(operator_token(&server)?)
+                    .send()
+                    .await,
+            )
+            .await?;
             if json_out {
                 println!("{v}");
             } else {
                 print_grant(&v);
                 for e in v["audit"].as_array().into_iter().flatten() {
-                    println!("  #{:<6} {}  {:<18} {}", e["seq"], lapse_core::Timestamp::from_millis(e["at"].as_i64().unwrap_or(0)).rfc3339(), e["kind"].as_str().unwrap_or(""), e["actor"].as_str().unwrap_or(""));
+                    println!(
+                        "  #{:<6} {}  {:<18} {}",
+                        e["seq"],
+                        lapse_core::Timestamp::from_millis(e["at"].as_i64().unwrap_or(0)).rfc3339(),
+                        e["kind"].as_str().unwrap_or(""),
+                        e["actor"].as_str().unwrap_or("")
+                    );
                 }
             }
         }
         GrantsCmd::Revoke { id, server, reason } => {
             let url = format!("{}/v1/grants/{id}/revoke", server.url.trim_end_matches('/'));
-            let v = answer(client().post(&url).bearer_auth(operator_token(&server)?).json(&json!({ "reason": reason })).send().await).await?;
-            if json_out { println!("{v}") } else { print_grant(&v) }
+            let v = answer(
+                client()
+                    .post(&url)
+                    .bearer_auth(operator_token(&server)?)
+                    .json(&json!({ "reason": reason }))
+                    .send()
+                    .await,
+            )
+            .await?;
+            if json_out {
+                println!("{v}")
+            } else {
+                print_grant(&v)
+            }
         }
-        GrantsCmd::Complete { id, server, access_token, dpop_key, reason } => {
-            let v = workload_call(&server, &id, "complete", &access_token, &dpop_key, json!({ "reason": reason })).await?;
-            if json_out { println!("{v}") } else { print_grant(&v) }
+        GrantsCmd::Complete {
+            id,
+            server,
+            access_token,
+            dpop_key,
+            reason,
+        } => {
+            let v = workload_call(
+                &server,
+                &id,
+                "complete",
+                &access_token,
+                &dpop_key,
+                json!({ "reason": reason }),
+            )
+            .await?;
+            if json_out {
+                println!("{v}")
+            } else {
+                print_grant(&v)
+            }
         }
-        GrantsCmd::Renew { id, server, access_token, dpop_key, ttl } => {
-            let body = match ttl { Some(t) => json!({ "ttl": t.to_string() }), None => json!({}) };
+        GrantsCmd::Renew {
+            id,
+            server,
+            access_token,
+            dpop_key,
+            ttl,
+        } => {
+            let body = match ttl {
+                Some(t) => json!({ "ttl": t.to_string() }),
+                None => json!({}),
+            };
             let v = workload_call(&server, &id, "renew", &access_token, &dpop_key, body).await?;
             if json_out {
                 println!("{v}");
@@ -475,19 +655,31 @@ fn policy(cmd: PolicyCmd, json_out: bool) -> Out {
             Ok(())
         }
         PolicyCmd::Validate { policies } => {
-            let b = lapse_policy::PolicyBundle::load_dir(&policies).map_err(|e| fail(1, e.to_string()))?;
+            let b = lapse_policy::PolicyBundle::load_dir(&policies)
+                .map_err(|e| fail(1, e.to_string()))?;
             if json_out {
-                println!("{}", json!({ "valid": true, "policies": b.policy_count, "actions": b.actions() }));
+                println!(
+                    "{}",
+                    json!({ "valid": true, "policies": b.policy_count, "actions": b.actions() })
+                );
             } else {
-                println!("{}: {} policies valid; actions: {}", policies.display(), b.policy_count, b.actions().join(", "));
+                println!(
+                    "{}: {} policies valid; actions: {}",
+                    policies.display(),
+                    b.policy_count,
+                    b.actions().join(", ")
+                );
             }
             Ok(())
         }
         PolicyCmd::Test { file, policies } => {
-            let b = lapse_policy::PolicyBundle::load_dir(&policies).map_err(|e| fail(1, e.to_string()))?;
-            let text = std::fs::read_to_string(&file).map_err(|e| fail(1, format!("{}: {e}", file.display())))?;
+            let b = lapse_policy::PolicyBundle::load_dir(&policies)
+                .map_err(|e| fail(1, e.to_string()))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| fail(1, format!("{}: {e}", file.display())))?;
             let cases = lapse_policy::cases::parse(&text).map_err(|e| fail(2, e.to_string()))?;
-            let results = lapse_policy::cases::run(&b, &cases).map_err(|e| fail(2, e.to_string()))?;
+            let results =
+                lapse_policy::cases::run(&b, &cases).map_err(|e| fail(2, e.to_string()))?;
             let failed = results.iter().filter(|r| !r.passed).count();
             if json_out {
                 println!("{}", json!({ "results": results, "failed": failed }));
@@ -501,18 +693,30 @@ fn policy(cmd: PolicyCmd, json_out: bool) -> Out {
                 }
                 println!("{} passed, {} failed", results.len() - failed, failed);
             }
-            if failed > 0 { Err(fail(6, format!("{failed} policy test(s) failed"))) } else { Ok(()) }
+            if failed > 0 {
+                Err(fail(6, format!("{failed} policy test(s) failed")))
+            } else {
+                Ok(())
+            }
         }
     }
 }
 
-async fn open_store(config: Option<PathBuf>, data: &Path) -> Result<(Arc<dyn lapse_store::Store>, lapse_token::SigningKey), Fail> {
+async fn open_store(
+    config: Option<PathBuf>,
+    data: &Path,
+) -> Result<(Arc<dyn lapse_store::Store>, lapse_token::SigningKey), Fail> {
     let path = config.unwrap_or_else(|| data.join("lapse.toml"));
     let cfg = Config::load(&path).map_err(|e| fail(1, e.to_string()))?;
-    let key = lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?;
-    let store = lapse_store::open(&cfg.store, Arc::new(lapse_server::KeySigner(key.clone())), std::time::Duration::from_secs(5))
-        .await
-        .map_err(|e| fail(7, e.to_string()))?;
+    let key =
+        lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?;
+    let store = lapse_store::open(
+        &cfg.store,
+        Arc::new(lapse_server::KeySigner(key.clone())),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| fail(7, e.to_string()))?;
     Ok((store, key))
 }
 
@@ -520,26 +724,42 @@ async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
     match cmd {
         AuditCmd::Verify { config, data } => {
             let (store, key) = open_store(config, &data).await?;
-            let r = lapse_server::verify_audit(store.as_ref(), &key).await.map_err(|e| fail(7, e.to_string()))?;
+            let r = lapse_server::verify_audit(store.as_ref(), &key)
+                .await
+                .map_err(|e| fail(7, e.to_string()))?;
             if json_out {
                 println!("{}", json!(r));
             } else if let Some((seq, why)) = &r.first_bad {
                 println!("audit chain BROKEN at entry {seq}: {why}");
             } else {
-                println!("audit chain verifies: {} entries, head {}", r.entries, r.head.as_deref().unwrap_or("(empty)"));
+                println!(
+                    "audit chain verifies: {} entries, head {}",
+                    r.entries,
+                    r.head.as_deref().unwrap_or("(empty)")
+                );
             }
-            if r.ok() { Ok(()) } else { Err(fail(5, "the audit chain does not verify")) }
+            if r.ok() {
+                Ok(())
+            } else {
+                Err(fail(5, "the audit chain does not verify"))
+            }
         }
         AuditCmd::Export { config, data, out } => {
             use std::io::Write;
             let (store, _) = open_store(config, &data).await?;
             let mut w: Box<dyn Write> = match &out {
-                Some(p) => Box::new(std::fs::File::create(p).map_err(|e| fail(1, format!("{}: {e}", p.display())))?),
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .map_err(|e| fail(1, format!("{}: {e}", p.display())))?,
+                ),
                 None => Box::new(std::io::stdout().lock()),
             };
             let mut after = 0;
             loop {
-                let page = store.audit(after, 5000).await.map_err(|e| fail(7, e.to_string()))?;
+                let page = store
+                    .audit(after, 5000)
+                    .await
+                    .map_err(|e| fail(7, e.to_string()))?;
                 let Some(last) = page.last() else { break };
                 after = last.seq;
                 for e in &page {
@@ -547,10 +767,17 @@ async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
                     writeln!(w, "{line}").map_err(|e| fail(1, e.to_string()))?;
                 }
             }
-            if let Some(cp) = store.checkpoint().await.map_err(|e| fail(7, e.to_string()))? {
-                if !json_out && out.is_some() {
-                    eprintln!("exported through entry {} (signed checkpoint {})", cp.seq, cp.hash);
-                }
+            if let Some(cp) = store
+                .checkpoint()
+                .await
+                .map_err(|e| fail(7, e.to_string()))?
+                && !json_out
+                && out.is_some()
+            {
+                eprintln!(
+                    "exported through entry {} (signed checkpoint {})",
+                    cp.seq, cp.hash
+                );
             }
             Ok(())
         }

@@ -9,7 +9,9 @@ use std::str::FromStr;
 pub struct TtlDuration(u64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration `{input}`: expected a whole number followed by s, m, h or d, e.g. `90s`, `15m`, `2h`")]
+#[error(
+    "invalid duration `{input}`: expected a whole number followed by s, m, h or d, e.g. `90s`, `15m`, `2h`"
+)]
 pub struct DurationParseError {
     pub input: String,
 }
@@ -28,11 +30,11 @@ impl FromStr for TtlDuration {
     type Err = DurationParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || DurationParseError { input: s.to_owned() };
+        let err = || DurationParseError {
+            input: s.to_owned(),
+        };
         let s_trim = s.trim();
-        let unit_at = s_trim
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(err)?;
+        let unit_at = s_trim.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
         let (digits, unit) = s_trim.split_at(unit_at);
         if digits.is_empty() {
             return Err(err());
@@ -52,11 +54,11 @@ impl FromStr for TtlDuration {
 impl fmt::Display for TtlDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0;
-        if s != 0 && s % 86_400 == 0 {
+        if s != 0 && s.is_multiple_of(86_400) {
             write!(f, "{}d", s / 86_400)
-        } else if s != 0 && s % 3600 == 0 {
+        } else if s != 0 && s.is_multiple_of(3600) {
             write!(f, "{}h", s / 3600)
-        } else if s != 0 && s % 60 == 0 {
+        } else if s != 0 && s.is_multiple_of(60) {
             write!(f, "{}m", s / 60)
         } else {
             write!(f, "{s}s")
@@ -91,8 +93,20 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "15", "m", "-5m", "1.5h", "10 m", "5w", "99999999999999999999s"] {
-            assert!(bad.parse::<TtlDuration>().is_err(), "{bad} should not parse");
+        for bad in [
+            "",
+            "15",
+            "m",
+            "-5m",
+            "1.5h",
+            "10 m",
+            "5w",
+            "99999999999999999999s",
+        ] {
+            assert!(
+                bad.parse::<TtlDuration>().is_err(),
+                "{bad} should not parse"
+            );
         }
     }
 

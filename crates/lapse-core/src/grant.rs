@@ -175,7 +175,9 @@ impl Grant {
             approvals_required: approvals,
             created_at: new.now,
             expires_at: new.now.plus_secs(approval_window_secs),
-            max_expires_at: new.now.plus_secs(approval_window_secs.saturating_add(new.max_lifetime_secs)),
+            max_expires_at: new
+                .now
+                .plus_secs(approval_window_secs.saturating_add(new.max_lifetime_secs)),
             ended_at: None,
             end: None,
             jkt: new.jkt,
@@ -206,8 +208,14 @@ impl Grant {
     fn require_active(&self) -> Result<(), LifecycleError> {
         match self.state {
             GrantState::Active => Ok(()),
-            s if s.is_ended() => Err(LifecycleError::Ended { id: self.id, state: s }),
-            s => Err(LifecycleError::NotActive { id: self.id, state: s }),
+            s if s.is_ended() => Err(LifecycleError::Ended {
+                id: self.id,
+                state: s,
+            }),
+            s => Err(LifecycleError::NotActive {
+                id: self.id,
+                state: s,
+            }),
         }
     }
 
@@ -217,19 +225,28 @@ impl Grant {
         Ok(self.end(
             GrantState::Completed,
             now,
-            EndReason { by: by.to_owned(), reason: reason.to_owned() },
+            EndReason {
+                by: by.to_owned(),
+                reason: reason.to_owned(),
+            },
         ))
     }
 
     /// Someone with authority ends it early. Pending grants can be revoked too.
     pub fn revoke(self, now: Timestamp, by: &str, reason: &str) -> Result<Self, LifecycleError> {
         if self.state.is_ended() {
-            return Err(LifecycleError::Ended { id: self.id, state: self.state });
+            return Err(LifecycleError::Ended {
+                id: self.id,
+                state: self.state,
+            });
         }
         Ok(self.end(
             GrantState::Revoked,
             now,
-            EndReason { by: by.to_owned(), reason: reason.to_owned() },
+            EndReason {
+                by: by.to_owned(),
+                reason: reason.to_owned(),
+            },
         ))
     }
 
@@ -237,7 +254,10 @@ impl Grant {
     /// pending grant's approval window).
     pub fn expire(self, now: Timestamp) -> Result<Self, LifecycleError> {
         if self.state.is_ended() {
-            return Err(LifecycleError::Ended { id: self.id, state: self.state });
+            return Err(LifecycleError::Ended {
+                id: self.id,
+                state: self.state,
+            });
         }
         if now < self.expires_at {
             return Err(LifecycleError::NotYetExpired { id: self.id });
@@ -250,7 +270,10 @@ impl Grant {
         Ok(self.end(
             GrantState::Expired,
             now,
-            EndReason { by: "lapse".to_owned(), reason: reason.to_owned() },
+            EndReason {
+                by: "lapse".to_owned(),
+                reason: reason.to_owned(),
+            },
         ))
     }
 
@@ -268,7 +291,10 @@ impl Grant {
         self.require_active()?;
         if now >= self.expires_at {
             // A lapsed credential is not renewable: the sweeper will end the grant.
-            return Err(LifecycleError::Ended { id: self.id, state: GrantState::Expired });
+            return Err(LifecycleError::Ended {
+                id: self.id,
+                state: GrantState::Expired,
+            });
         }
         if ttl_secs == 0 {
             return Err(LifecycleError::ZeroTtl);
@@ -299,11 +325,24 @@ impl Grant {
     ) -> Result<Self, LifecycleError> {
         match self.state {
             GrantState::Pending => {}
-            s if s.is_ended() => return Err(LifecycleError::Ended { id: self.id, state: s }),
-            s => return Err(LifecycleError::NotPending { id: self.id, state: s }),
+            s if s.is_ended() => {
+                return Err(LifecycleError::Ended {
+                    id: self.id,
+                    state: s,
+                });
+            }
+            s => {
+                return Err(LifecycleError::NotPending {
+                    id: self.id,
+                    state: s,
+                });
+            }
         }
         if now >= self.expires_at {
-            return Err(LifecycleError::Ended { id: self.id, state: GrantState::Expired });
+            return Err(LifecycleError::Ended {
+                id: self.id,
+                state: GrantState::Expired,
+            });
         }
         let ttl = ttl::effective_ttl_secs(
             self.request.requested_ttl_secs,
@@ -327,10 +366,19 @@ impl Grant {
             GrantState::Pending => Ok(self.end(
                 GrantState::Denied,
                 now,
-                EndReason { by: by.to_owned(), reason: reason.to_owned() },
+                EndReason {
+                    by: by.to_owned(),
+                    reason: reason.to_owned(),
+                },
             )),
-            s if s.is_ended() => Err(LifecycleError::Ended { id: self.id, state: s }),
-            s => Err(LifecycleError::NotPending { id: self.id, state: s }),
+            s if s.is_ended() => Err(LifecycleError::Ended {
+                id: self.id,
+                state: s,
+            }),
+            s => Err(LifecycleError::NotPending {
+                id: self.id,
+                state: s,
+            }),
         }
     }
 }
@@ -355,13 +403,19 @@ mod tests {
                     subject: "ci".into(),
                     claims: BTreeMap::new(),
                 },
-                task: Task { id: "T-1".into(), purpose: "deploy".into(), ticket: String::new() },
+                task: Task {
+                    id: "T-1".into(),
+                    purpose: "deploy".into(),
+                    ticket: String::new(),
+                },
                 audience: "orders".into(),
                 actions: vec!["read".into()],
                 requested_ttl_secs: requested,
                 context: RequestContext {
                     environment: "prod".into(),
-                    source: "127.0.0.1".parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+                    source: "127.0.0.1"
+                        .parse()
+                        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
                     time: t(1000),
                     break_glass: false,
                 },
@@ -380,8 +434,15 @@ mod tests {
         let g = Grant::issue(new_grant(600, Some(300)), "j".into())?;
         assert_eq!(g.expires_at, t(1300));
         let g = Grant::issue(new_grant(100_000, None), "j".into())?;
-        assert_eq!(g.expires_at, t(1000 + 1800), "max lifetime caps the first ttl too");
-        assert!(matches!(Grant::issue(new_grant(0, None), "j".into()), Err(LifecycleError::ZeroTtl)));
+        assert_eq!(
+            g.expires_at,
+            t(1000 + 1800),
+            "max lifetime caps the first ttl too"
+        );
+        assert!(matches!(
+            Grant::issue(new_grant(0, None), "j".into()),
+            Err(LifecycleError::ZeroTtl)
+        ));
         Ok(())
     }
 
@@ -398,7 +459,11 @@ mod tests {
             assert!(g.clone().complete(t(1200), "w", "x").is_err());
             assert!(g.clone().revoke(t(1200), "w", "x").is_err());
             assert!(g.clone().expire(t(5000)).is_err());
-            assert!(g.clone().renew(t(1200), 60, vec![], None, "j2".into()).is_err());
+            assert!(
+                g.clone()
+                    .renew(t(1200), 60, vec![], None, "j2".into())
+                    .is_err()
+            );
             assert!(g.clone().activate(t(1200), 600, 600, "j2".into()).is_err());
             assert!(!g.is_live(t(1200)));
         }
@@ -408,7 +473,10 @@ mod tests {
     #[test]
     fn expire_waits_for_expiry() -> Result<(), LifecycleError> {
         let g = Grant::issue(new_grant(600, None), "j".into())?;
-        assert!(matches!(g.clone().expire(t(1599)), Err(LifecycleError::NotYetExpired { .. })));
+        assert!(matches!(
+            g.clone().expire(t(1599)),
+            Err(LifecycleError::NotYetExpired { .. })
+        ));
         assert_eq!(g.expire(t(1600))?.state, GrantState::Expired);
         Ok(())
     }

@@ -27,7 +27,9 @@ impl fmt::Display for GrantId {
 impl FromStr for GrantId {
     type Err = IdParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex = s.strip_prefix("gr_").ok_or_else(|| IdParseError(truncate(s)))?;
+        let hex = s
+            .strip_prefix("gr_")
+            .ok_or_else(|| IdParseError(truncate(s)))?;
         if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(IdParseError(truncate(s)));
         }
@@ -64,6 +66,10 @@ mod tests {
         let id = GrantId::generate();
         assert_eq!(id.to_string().parse::<GrantId>(), Ok(id));
         assert!("gr_xyz".parse::<GrantId>().is_err());
-        assert!("0190f0a0b0c0d0e0f000000000000000".parse::<GrantId>().is_err());
+        assert!(
+            "0190f0a0b0c0d0e0f000000000000000"
+                .parse::<GrantId>()
+                .is_err()
+        );
     }
 }

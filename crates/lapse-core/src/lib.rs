@@ -15,4 +15,6 @@ pub use clock::{Clock, FakeClock, SystemClock, Timestamp};
 pub use duration::{DurationParseError, TtlDuration};
 pub use grant::{EndReason, Grant, GrantState, LifecycleError};
 pub use ids::{GrantId, IdParseError};
-pub use request::{AccessRequest, Decision, DecisionOutcome, RequestContext, Task, WorkloadIdentity};
+pub use request::{
+    AccessRequest, Decision, DecisionOutcome, RequestContext, Task, WorkloadIdentity,
+};

@@ -29,8 +29,12 @@ impl JwksSource {
         match url.scheme() {
             "https" => Ok(Self::Url(url)),
             "http" if is_loopback(&url) => Ok(Self::Url(url)),
-            "http" => Err(format!("JWKS URL `{s}` must use https (plain http is allowed for loopback only)")),
-            other => Err(format!("unsupported JWKS scheme `{other}`; use file:// or https://")),
+            "http" => Err(format!(
+                "JWKS URL `{s}` must use https (plain http is allowed for loopback only)"
+            )),
+            other => Err(format!(
+                "unsupported JWKS scheme `{other}`; use file:// or https://"
+            )),
         }
     }
 
@@ -40,7 +44,9 @@ impl JwksSource {
 
     pub async fn fetch(&self, http: &reqwest::Client) -> Result<KeySet, String> {
         let body = match self {
-            Self::File(p) => tokio::fs::read(p).await.map_err(|e| format!("cannot read `{}`: {e}", p.display()))?,
+            Self::File(p) => tokio::fs::read(p)
+                .await
+                .map_err(|e| format!("cannot read `{}`: {e}", p.display()))?,
             Self::Url(u) => {
                 let resp = http
                     .get(u.clone())
@@ -51,7 +57,10 @@ impl JwksSource {
                 if !resp.status().is_success() {
                     return Err(format!("`{u}` answered {}", resp.status()));
                 }
-                let bytes = resp.bytes().await.map_err(|e| format!("cannot read `{u}`: {e}"))?;
+                let bytes = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| format!("cannot read `{u}`: {e}"))?;
                 bytes.to_vec()
             }
         };
@@ -87,7 +96,8 @@ impl KeySet {
     /// Parses a JWKS document. Keys not for signatures, symmetric keys and keys that do
     /// not parse are skipped (and logged); a document with no usable key is an error.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let doc: JwksDoc = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let doc: JwksDoc =
+            serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
         let mut set = Self::default();
         for raw in doc.keys {
             let jwk: Jwk = match serde_json::from_value(raw) {
@@ -108,11 +118,11 @@ impl KeySet {
                 }
             };
             // A key that names its algorithm is used for that algorithm only.
-            if let Some(alg) = &jwk.alg {
-                if alg != key.alg().as_str() {
-                    tracing::warn!(kid = ?jwk.kid, %alg, "skipping JWK whose `alg` does not fit its key type");
-                    continue;
-                }
+            if let Some(alg) = &jwk.alg
+                && alg != key.alg().as_str()
+            {
+                tracing::warn!(kid = ?jwk.kid, %alg, "skipping JWK whose `alg` does not fit its key type");
+                continue;
             }
             match jwk.kid {
                 Some(kid) => {
@@ -121,7 +131,7 @@ impl KeySet {
                 None => set.without_kid.push(key),
             }
         }
-        if set.len() == 0 {
+        if set.is_empty() {
             return Err("JWKS document has no usable signature key".into());
         }
         Ok(set)

@@ -14,8 +14,8 @@ pub use template::WorkloadTemplate;
 
 use arc_swap::ArcSwap;
 use lapse_core::WorkloadIdentity;
-use lapse_token::jws::{self, Unverified};
 use lapse_token::TokenError;
+use lapse_token::jws::{self, Unverified};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -96,13 +96,19 @@ pub struct IdentityVerifier {
 impl IdentityVerifier {
     /// Builds the verifier and loads every issuer's keys. A file JWKS that cannot be
     /// read stops the start; a URL that cannot be reached is retried on first use.
-    pub async fn new(configs: Vec<IssuerConfig>, http: reqwest::Client) -> Result<Self, IdentityError> {
+    pub async fn new(
+        configs: Vec<IssuerConfig>,
+        http: reqwest::Client,
+    ) -> Result<Self, IdentityError> {
         let mut issuers = HashMap::new();
         for config in configs {
             let keys = match config.jwks.fetch(&http).await {
                 Ok(k) => k,
                 Err(reason) if config.jwks.is_file() => {
-                    return Err(IdentityError::KeysUnavailable { issuer: config.issuer.clone(), reason });
+                    return Err(IdentityError::KeysUnavailable {
+                        issuer: config.issuer.clone(),
+                        reason,
+                    });
                 }
                 Err(reason) => {
                     tracing::warn!(issuer = %config.issuer, %reason, "issuer keys unavailable at start; will retry on first use");
@@ -123,7 +129,10 @@ impl IdentityVerifier {
             issuers,
             http,
             min_refresh: Duration::from_secs(10),
-            cache: VerifiedCache { entries: Mutex::new(HashMap::new()), capacity: 100_000 },
+            cache: VerifiedCache {
+                entries: Mutex::new(HashMap::new()),
+                capacity: 100_000,
+            },
         })
     }
 
@@ -138,7 +147,11 @@ impl IdentityVerifier {
     }
 
     /// Verifies `token` at `now_secs` and names its workload.
-    pub async fn verify(&self, token: &str, now_secs: i64) -> Result<WorkloadIdentity, IdentityError> {
+    pub async fn verify(
+        &self,
+        token: &str,
+        now_secs: i64,
+    ) -> Result<WorkloadIdentity, IdentityError> {
         let digest: [u8; 32] = {
             use sha2::Digest;
             sha2::Sha256::digest(token.as_bytes()).into()
@@ -151,13 +164,20 @@ impl IdentityVerifier {
             .untrusted_payload()
             .and_then(|p| serde_json::from_slice(&p).ok())
             .ok_or(TokenError::Malformed("claims are not a JSON object"))?;
-        let iss = peek.get("iss").and_then(Value::as_str).ok_or(IdentityError::NoIssuer)?;
+        let iss = peek
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or(IdentityError::NoIssuer)?;
         let issuer = self
             .issuers
             .get(iss)
             .ok_or_else(|| IdentityError::UnknownIssuer(iss.chars().take(128).collect()))?;
 
-        let key = match issuer.keys.load().select(unverified.header.kid.as_deref())? {
+        let key = match issuer
+            .keys
+            .load()
+            .select(unverified.header.kid.as_deref())?
+        {
             Some(k) => k,
             None => {
                 self.refresh(issuer).await?;
@@ -165,7 +185,18 @@ impl IdentityVerifier {
                     .keys
                     .load()
                     .select(unverified.header.kid.as_deref())?
-                    .ok_or_else(|| TokenError::UnknownKey(unverified.header.kid.clone().unwrap_or_default().chars().take(64).collect()))?
+                    .ok_or_else(|| {
+                        TokenError::UnknownKey(
+                            unverified
+                                .header
+                                .kid
+                                .clone()
+                                .unwrap_or_default()
+                                .chars()
+                                .take(64)
+                                .collect(),
+                        )
+                    })?
             }
         };
         let payload = unverified.verify(&key)?;
@@ -175,7 +206,9 @@ impl IdentityVerifier {
         }
         let aud_ok = match claims.get("aud") {
             Some(Value::String(a)) => *a == issuer.config.audience,
-            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(issuer.config.audience.as_str())),
+            Some(Value::Array(a)) => a
+                .iter()
+                .any(|v| v.as_str() == Some(issuer.config.audience.as_str())),
             _ => false,
         };
         if !aud_ok {
@@ -184,10 +217,23 @@ impl IdentityVerifier {
         let exp = claims.get("exp").and_then(Value::as_i64);
         let nbf = claims.get("nbf").and_then(Value::as_i64);
         jws::check_times(now_secs, exp, nbf, issuer.config.leeway_secs)?;
-        let subject = claims.get("sub").and_then(Value::as_str).ok_or(IdentityError::NoSubject)?.to_owned();
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or(IdentityError::NoSubject)?
+            .to_owned();
         let flat = flatten(&claims);
-        let id = issuer.config.workload.render(&flat).map_err(IdentityError::Template)?;
-        let identity = WorkloadIdentity { id, issuer: issuer.config.issuer.clone(), subject, claims: flat };
+        let id = issuer
+            .config
+            .workload
+            .render(&flat)
+            .map_err(IdentityError::Template)?;
+        let identity = WorkloadIdentity {
+            id,
+            issuer: issuer.config.issuer.clone(),
+            subject,
+            claims: flat,
+        };
         self.remember(digest, &identity, exp.unwrap_or(now_secs));
         Ok(identity)
     }
@@ -213,7 +259,10 @@ impl IdentityVerifier {
                 }
                 Ok(())
             }
-            Err(reason) => Err(IdentityError::KeysUnavailable { issuer: issuer.config.issuer.clone(), reason }),
+            Err(reason) => Err(IdentityError::KeysUnavailable {
+                issuer: issuer.config.issuer.clone(),
+                reason,
+            }),
         }
     }
 

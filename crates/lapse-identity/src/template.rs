@@ -33,10 +33,18 @@ impl FromStr for WorkloadTemplate {
                 parts.push(Part::Lit(lit.to_owned()));
             }
             let after = after.get(1..).unwrap_or_default();
-            let close = after.find('}').ok_or_else(|| format!("unclosed `{{` in workload template `{s}`"))?;
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in workload template `{s}`"))?;
             let (name, tail) = after.split_at(close);
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == ':') {
-                return Err(format!("invalid claim name `{name}` in workload template `{s}`"));
+            if name.is_empty()
+                || !name.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == ':'
+                })
+            {
+                return Err(format!(
+                    "invalid claim name `{name}` in workload template `{s}`"
+                ));
             }
             parts.push(Part::Claim(name.to_owned()));
             rest = tail.get(1..).unwrap_or_default();
@@ -48,7 +56,9 @@ impl FromStr for WorkloadTemplate {
             parts.push(Part::Lit(rest.to_owned()));
         }
         if !parts.iter().any(|p| matches!(p, Part::Claim(_))) {
-            return Err(format!("workload template `{s}` uses no claim; every workload would get the same name"));
+            return Err(format!(
+                "workload template `{s}` uses no claim; every workload would get the same name"
+            ));
         }
         Ok(Self(parts))
     }
@@ -65,12 +75,17 @@ impl WorkloadTemplate {
             match p {
                 Part::Lit(l) => out.push_str(l),
                 Part::Claim(c) => {
-                    let v = claims.get(c).filter(|v| !v.is_empty()).ok_or_else(|| format!("claim `{c}` is missing"))?;
+                    let v = claims
+                        .get(c)
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| format!("claim `{c}` is missing"))?;
                     if v.chars().any(char::is_control) {
                         return Err(format!("claim `{c}` holds control characters"));
                     }
                     if i != last && self.0.len() > 1 && v.contains('/') {
-                        return Err(format!("claim `{c}` contains `/` inside a workload template"));
+                        return Err(format!(
+                            "claim `{c}` contains `/` inside a workload template"
+                        ));
                     }
                     out.push_str(v);
                 }
@@ -85,16 +100,28 @@ mod tests {
     use super::*;
 
     fn claims(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn renders_claims() -> Result<(), String> {
         let t: WorkloadTemplate = "spiffe://ci.example/{project}/{job}".parse()?;
-        assert_eq!(t.render(&claims(&[("project", "shop"), ("job", "deploy")]))?, "spiffe://ci.example/shop/deploy");
+        assert_eq!(
+            t.render(&claims(&[("project", "shop"), ("job", "deploy")]))?,
+            "spiffe://ci.example/shop/deploy"
+        );
         assert!(t.render(&claims(&[("project", "shop")])).is_err());
-        assert!(t.render(&claims(&[("project", "a/b"), ("job", "x")])).is_err());
-        assert_eq!(WorkloadTemplate::default().render(&claims(&[("sub", "spiffe://x/y")]))?, "spiffe://x/y");
+        assert!(
+            t.render(&claims(&[("project", "a/b"), ("job", "x")]))
+                .is_err()
+        );
+        assert_eq!(
+            WorkloadTemplate::default().render(&claims(&[("sub", "spiffe://x/y")]))?,
+            "spiffe://x/y"
+        );
         Ok(())
     }
 

@@ -1,3 +1,10 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::type_complexity
+)]
 //! Identity tokens signed by an independent JWT library (jsonwebtoken), verified by Lapse.
 
 use base64::Engine;
@@ -24,12 +31,25 @@ fn keys() -> Keys {
     let es_sk = p256::SecretKey::random(&mut rand::rngs::OsRng);
     let es_pt = es_sk.public_key().to_sec1_bytes();
     let es = (
-        EncodingKey::from_ec_der(es_sk.to_pkcs8_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default().as_slice()),
+        EncodingKey::from_ec_der(
+            es_sk
+                .to_pkcs8_der()
+                .map(|d| d.as_bytes().to_vec())
+                .unwrap_or_default()
+                .as_slice(),
+        ),
         json!({"kty":"EC","crv":"P-256","kid":"es","x":B64.encode(&es_pt[1..33]),"y":B64.encode(&es_pt[33..65])}),
     );
-    let rs_sk = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap_or_else(|e| panic!("{e}"));
+    let rs_sk =
+        rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap_or_else(|e| panic!("{e}"));
     let rs = (
-        EncodingKey::from_rsa_der(rs_sk.to_pkcs1_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default().as_slice()),
+        EncodingKey::from_rsa_der(
+            rs_sk
+                .to_pkcs1_der()
+                .map(|d| d.as_bytes().to_vec())
+                .unwrap_or_default()
+                .as_slice(),
+        ),
         json!({"kty":"RSA","kid":"rs","n":B64.encode(rs_sk.n().to_bytes_be()),"e":B64.encode(rs_sk.e().to_bytes_be())}),
     );
     Keys { ed, es, rs }
@@ -43,7 +63,10 @@ fn ed25519_dalek_key() -> (EncodingKey, serde_json::Value) {
     let pem = std::fs::read(&p).unwrap_or_default();
     let mut jwk = serde_json::to_value(k.jwk()).unwrap_or_default();
     jwk["kid"] = json!("ed");
-    (EncodingKey::from_ed_pem(&pem).unwrap_or_else(|e| panic!("{e}")), jwk)
+    (
+        EncodingKey::from_ed_pem(&pem).unwrap_or_else(|e| panic!("{e}")),
+        jwk,
+    )
 }
 
 fn write_jwks(path: &Path, keys: &[&serde_json::Value]) {
@@ -83,8 +106,15 @@ async fn eddsa_es256_and_rs256_tokens_verify() {
     let jwks = dir.path().join("jwks.json");
     write_jwks(&jwks, &[&k.ed.1, &k.es.1, &k.rs.1]);
     let v = verifier(&jwks, "spiffe://ci.test/{repo}").await;
-    for (alg, kid, key) in [(Algorithm::EdDSA, "ed", &k.ed.0), (Algorithm::ES256, "es", &k.es.0), (Algorithm::RS256, "rs", &k.rs.0)] {
-        let id = v.verify(&sign(alg, kid, key, &claims("job-1")), NOW).await.unwrap_or_else(|e| panic!("{kid}: {e}"));
+    for (alg, kid, key) in [
+        (Algorithm::EdDSA, "ed", &k.ed.0),
+        (Algorithm::ES256, "es", &k.es.0),
+        (Algorithm::RS256, "rs", &k.rs.0),
+    ] {
+        let id = v
+            .verify(&sign(alg, kid, key, &claims("job-1")), NOW)
+            .await
+            .unwrap_or_else(|e| panic!("{kid}: {e}"));
         assert_eq!(id.id, "spiffe://ci.test/acme/shop");
         assert_eq!(id.subject, "job-1");
         assert_eq!(id.claims.get("repo").map(String::as_str), Some("acme/shop"));
@@ -106,42 +136,85 @@ async fn hostile_and_invalid_tokens_are_refused() {
     let _ = h;
     let none_header = B64.encode(r#"{"alg":"none","typ":"JWT"}"#);
     let payload = rest.split_once('.').map(|(p, _)| p).unwrap_or_default();
-    let err = v.verify(&format!("{none_header}.{payload}."), NOW).await.err().map(|e| e.to_string()).unwrap_or_default();
+    let err = v
+        .verify(&format!("{none_header}.{payload}."), NOW)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("unsupported algorithm `none`"), "{err}");
 
     // HS256 keyed with the RSA public key's bytes (the classic confusion attack).
     let n = k.rs.1["n"].as_str().unwrap_or_default().to_owned();
     let mut h = Header::new(Algorithm::HS256);
     h.kid = Some("rs".into());
-    let hs = jsonwebtoken::encode(&h, &claims("spiffe://x/y"), &EncodingKey::from_secret(n.as_bytes())).unwrap_or_default();
-    let err = v.verify(&hs, NOW).await.err().map(|e| e.to_string()).unwrap_or_default();
+    let hs = jsonwebtoken::encode(
+        &h,
+        &claims("spiffe://x/y"),
+        &EncodingKey::from_secret(n.as_bytes()),
+    )
+    .unwrap_or_default();
+    let err = v
+        .verify(&hs, NOW)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("unsupported algorithm `HS256`"), "{err}");
 
     // RS256 header on the Ed25519 key id.
-    let err = v.verify(&sign(Algorithm::RS256, "ed", &k.rs.0, &claims("a")), NOW).await.err().map(|e| e.to_string()).unwrap_or_default();
+    let err = v
+        .verify(&sign(Algorithm::RS256, "ed", &k.rs.0, &claims("a")), NOW)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("does not match the key"), "{err}");
 
     // Unknown kid.
-    assert!(matches!(v.verify(&sign(Algorithm::ES256, "es", &k.es.0, &claims("a")), NOW).await, Err(IdentityError::Token(_))));
+    assert!(matches!(
+        v.verify(&sign(Algorithm::ES256, "es", &k.es.0, &claims("a")), NOW)
+            .await,
+        Err(IdentityError::Token(_))
+    ));
 
     // Issuer not configured.
     let mut c = claims("a");
     c["iss"] = json!("https://evil.test");
-    assert!(matches!(v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW).await, Err(IdentityError::UnknownIssuer(_))));
+    assert!(matches!(
+        v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW)
+            .await,
+        Err(IdentityError::UnknownIssuer(_))
+    ));
 
     // Wrong audience.
     let mut c = claims("a");
     c["aud"] = json!(["other"]);
-    assert!(matches!(v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW).await, Err(IdentityError::WrongAudience(_))));
+    assert!(matches!(
+        v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW)
+            .await,
+        Err(IdentityError::WrongAudience(_))
+    ));
 
     // Expired beyond leeway, and within it.
     assert!(v.verify(&good, NOW + 311).await.is_err());
-    let fresh = sign(Algorithm::EdDSA, "ed", &k.ed.0, &{ let mut c = claims("b"); c["exp"] = json!(NOW - 5); c });
-    assert!(v.verify(&fresh, NOW).await.is_ok(), "5 s past exp is inside the 10 s leeway");
+    let fresh = sign(Algorithm::EdDSA, "ed", &k.ed.0, &{
+        let mut c = claims("b");
+        c["exp"] = json!(NOW - 5);
+        c
+    });
+    assert!(
+        v.verify(&fresh, NOW).await.is_ok(),
+        "5 s past exp is inside the 10 s leeway"
+    );
     // Not yet valid.
     let mut c = claims("a");
     c["nbf"] = json!(NOW + 60);
-    assert!(v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW).await.is_err());
+    assert!(
+        v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW)
+            .await
+            .is_err()
+    );
 
     // Tampered payload.
     let mut parts: Vec<&str> = good.split('.').collect();

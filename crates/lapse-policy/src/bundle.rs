@@ -5,8 +5,8 @@ use crate::index::PolicyIndex;
 use crate::schema::{BASE_SCHEMA, BASE_SCHEMA_NAME};
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
-    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression,
-    Schema, SchemaFragment, ValidationMode, Validator,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
+    SchemaFragment, ValidationMode, Validator,
 };
 use lapse_core::{AccessRequest, Decision, DecisionOutcome, TtlDuration};
 use std::collections::{BTreeMap, HashMap};
@@ -60,17 +60,30 @@ impl std::fmt::Debug for PolicyBundle {
     }
 }
 
-const KNOWN_ANNOTATIONS: &[&str] = &["id", "max_ttl", "approval", "approvers", "break_glass", "description"];
+const KNOWN_ANNOTATIONS: &[&str] = &[
+    "id",
+    "max_ttl",
+    "approval",
+    "approvers",
+    "break_glass",
+    "description",
+];
 
 impl PolicyBundle {
     /// Reads every `*.cedar` and `*.cedarschema` file of `dir` (not recursive), in name order.
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
-        let io = |source| PolicyError::Io { path: dir.to_owned(), source };
+        let io = |source| PolicyError::Io {
+            path: dir.to_owned(),
+            source,
+        };
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let entry = entry.map_err(io)?;
             let path = entry.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default();
             if ext != "cedar" && ext != "cedarschema" {
                 continue;
             }
@@ -79,8 +92,10 @@ impl PolicyBundle {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_owned();
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| PolicyError::Io { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Io {
+                path: path.clone(),
+                source,
+            })?;
             files.push(SourceFile { name, text });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -96,13 +111,21 @@ impl PolicyBundle {
         let mut fragments = Vec::new();
         let mut schema_text = String::from(BASE_SCHEMA);
         let base = SchemaFragment::from_cedarschema_str(BASE_SCHEMA)
-            .map_err(|e| PolicyError::Schema { file: BASE_SCHEMA_NAME.into(), message: message(&e) })?
+            .map_err(|e| PolicyError::Schema {
+                file: BASE_SCHEMA_NAME.into(),
+                message: message(&e),
+            })?
             .0;
         fragments.push(base);
         for f in files.iter().filter(|f| f.name.ends_with(".cedarschema")) {
             let frag = SchemaFragment::from_cedarschema_str(&f.text).map_err(|e| {
                 let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&f.text, o));
-                PolicyError::Syntax { file: f.name.clone(), line, column, message: message(&e) }
+                PolicyError::Syntax {
+                    file: f.name.clone(),
+                    line,
+                    column,
+                    message: message(&e),
+                }
             })?;
             fragments.push(frag.0);
             schema_text.push_str(&format!("\n// ---- {} ----\n{}", f.name, f.text));
@@ -120,7 +143,12 @@ impl PolicyBundle {
         for f in files.iter().filter(|f| f.name.ends_with(".cedar")) {
             let parsed = PolicySet::from_str(&f.text).map_err(|e| {
                 let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&f.text, o));
-                PolicyError::Syntax { file: f.name.clone(), line, column, message: message(&e) }
+                PolicyError::Syntax {
+                    file: f.name.clone(),
+                    line,
+                    column,
+                    message: message(&e),
+                }
             })?;
             if parsed.templates().next().is_some() {
                 return Err(PolicyError::Syntax {
@@ -133,7 +161,13 @@ impl PolicyBundle {
             // `policies()` iterates in an unspecified order; policy0, policy1… follow
             // the file, so sort by that number.
             let mut in_file: Vec<&Policy> = parsed.policies().collect();
-            in_file.sort_by_key(|p| p.id().to_string().trim_start_matches("policy").parse::<usize>().unwrap_or(usize::MAX));
+            in_file.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
             for (n, p) in in_file.into_iter().enumerate() {
                 let id = p
                     .annotation("id")
@@ -164,7 +198,13 @@ impl PolicyBundle {
             let policy = err.policy_id().to_string();
             let (file, text) = file_of.get(&policy).cloned().unwrap_or_default();
             let (line, column) = first_offset(err).map_or((1, 1), |o| line_col(&text, o));
-            return Err(PolicyError::Validation { file, line, column, policy, message: message(err) });
+            return Err(PolicyError::Validation {
+                file,
+                line,
+                column,
+                policy,
+                message: message(err),
+            });
         }
 
         let action_entities = schema.action_entities().map_err(|e| PolicyError::Schema {
@@ -172,13 +212,21 @@ impl PolicyBundle {
             message: e.to_string(),
         })?;
         let action_uids: Vec<EntityUid> = schema.actions().cloned().collect();
-        let with_class: Vec<(Policy, bool)> =
-            policies.iter().map(|(p, i)| (p.clone(), i.break_glass)).collect();
-        let index = PolicyIndex::build(&with_class, &action_uids, &action_entities).map_err(|e| {
-            PolicyError::Schema { file: "policies".into(), message: e.to_string() }
-        })?;
-        let mut actions: Vec<String> =
-            action_uids.iter().map(|a| a.id().unescaped().to_owned()).collect();
+        let with_class: Vec<(Policy, bool)> = policies
+            .iter()
+            .map(|(p, i)| (p.clone(), i.break_glass))
+            .collect();
+        let index =
+            PolicyIndex::build(&with_class, &action_uids, &action_entities).map_err(|e| {
+                PolicyError::Schema {
+                    file: "policies".into(),
+                    message: e.to_string(),
+                }
+            })?;
+        let mut actions: Vec<String> = action_uids
+            .iter()
+            .map(|a| a.id().unescaped().to_owned())
+            .collect();
         actions.sort();
         let type_name = |s: &str| {
             EntityTypeName::from_str(s).map_err(|e| PolicyError::Schema {
@@ -192,7 +240,10 @@ impl PolicyBundle {
             action_type: type_name("Action")?,
             schema_text,
             policy_count: policies.len(),
-            info: policies.into_iter().map(|(_, i)| (i.id.clone(), i)).collect(),
+            info: policies
+                .into_iter()
+                .map(|(_, i)| (i.id.clone(), i))
+                .collect(),
             index,
             action_entities,
             actions,
@@ -206,7 +257,9 @@ impl PolicyBundle {
     }
 
     pub fn has_action(&self, action: &str) -> bool {
-        self.actions.binary_search_by(|a| a.as_str().cmp(action)).is_ok()
+        self.actions
+            .binary_search_by(|a| a.as_str().cmp(action))
+            .is_ok()
     }
 
     /// The merged schema as Cedar schema text (base plus fragments).
@@ -238,7 +291,9 @@ impl PolicyBundle {
         };
         let context = match context(request) {
             Ok(c) => c,
-            Err(msg) => return Decision::deny(format!("cannot build policy context: {msg}"), vec![]),
+            Err(msg) => {
+                return Decision::deny(format!("cannot build policy context: {msg}"), vec![]);
+            }
         };
         let principal = EntityUid::from_type_name_and_id(
             self.workload_type.clone(),
@@ -260,17 +315,29 @@ impl PolicyBundle {
             };
             let action_uid =
                 EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action));
-            let cedar_request =
-                match Request::new(principal.clone(), action_uid, resource.clone(), context.clone(), None) {
-                    Ok(r) => r,
-                    Err(e) => return Decision::deny(format!("invalid policy request: {e}"), vec![]),
-                };
-            let response = self.authorizer.is_authorized(&cedar_request, set, &entities);
+            let cedar_request = match Request::new(
+                principal.clone(),
+                action_uid,
+                resource.clone(),
+                context.clone(),
+                None,
+            ) {
+                Ok(r) => r,
+                Err(e) => return Decision::deny(format!("invalid policy request: {e}"), vec![]),
+            };
+            let response = self
+                .authorizer
+                .is_authorized(&cedar_request, set, &entities);
             let diag = response.diagnostics();
             let reasons: Vec<String> = diag.reason().map(ToString::to_string).collect();
-            if let Some(cedar_policy::AuthorizationError::PolicyEvaluationError(err)) = diag.errors().next() {
+            if let Some(cedar_policy::AuthorizationError::PolicyEvaluationError(err)) =
+                diag.errors().next()
+            {
                 return Decision::deny(
-                    format!("policy `{}` failed to evaluate for `{action}`: failing closed", err.policy_id()),
+                    format!(
+                        "policy `{}` failed to evaluate for `{action}`: failing closed",
+                        err.policy_id()
+                    ),
                     vec![err.policy_id().to_string()],
                 );
             }
@@ -278,12 +345,19 @@ impl PolicyBundle {
                 CedarDecision::Deny => {
                     let msg = if reasons.is_empty() {
                         if break_glass {
-                            format!("no break-glass policy permits `{action}` on `{}`", request.audience)
+                            format!(
+                                "no break-glass policy permits `{action}` on `{}`",
+                                request.audience
+                            )
                         } else {
                             format!("no policy permits `{action}` on `{}`", request.audience)
                         }
                     } else {
-                        format!("`{action}` on `{}` is forbidden by {}", request.audience, quoted(&reasons))
+                        format!(
+                            "`{action}` on `{}` is forbidden by {}",
+                            request.audience,
+                            quoted(&reasons)
+                        )
                     };
                     return Decision::deny(msg, reasons);
                 }
@@ -307,11 +381,18 @@ impl PolicyBundle {
         }
         determining.sort();
         let outcome = if approvals > 0 {
-            DecisionOutcome::ApprovalRequired { approvals, ttl_cap_secs: cap, approvers }
+            DecisionOutcome::ApprovalRequired {
+                approvals,
+                ttl_cap_secs: cap,
+                approvers,
+            }
         } else {
             DecisionOutcome::Allow { ttl_cap_secs: cap }
         };
-        Decision { outcome, policies: determining }
+        Decision {
+            outcome,
+            policies: determining,
+        }
     }
 
     fn entities(&self, request: &AccessRequest) -> Result<Entities, String> {
@@ -319,9 +400,18 @@ impl PolicyBundle {
         let workload = Entity::new_with_tags(
             EntityUid::from_type_name_and_id(self.workload_type.clone(), EntityId::new(&w.id)),
             [
-                ("uri".to_owned(), RestrictedExpression::new_string(w.id.clone())),
-                ("issuer".to_owned(), RestrictedExpression::new_string(w.issuer.clone())),
-                ("subject".to_owned(), RestrictedExpression::new_string(w.subject.clone())),
+                (
+                    "uri".to_owned(),
+                    RestrictedExpression::new_string(w.id.clone()),
+                ),
+                (
+                    "issuer".to_owned(),
+                    RestrictedExpression::new_string(w.issuer.clone()),
+                ),
+                (
+                    "subject".to_owned(),
+                    RestrictedExpression::new_string(w.subject.clone()),
+                ),
             ],
             [],
             w.claims
@@ -330,7 +420,10 @@ impl PolicyBundle {
         )
         .map_err(|e| e.to_string())?;
         let resource = Entity::new_no_attrs(
-            EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(&request.audience)),
+            EntityUid::from_type_name_and_id(
+                self.resource_type.clone(),
+                EntityId::new(&request.audience),
+            ),
             Default::default(),
         );
         self.action_entities
@@ -344,20 +437,44 @@ fn context(request: &AccessRequest) -> Result<Context, String> {
     let c = &request.context;
     let ttl = i64::try_from(request.requested_ttl_secs).unwrap_or(i64::MAX);
     Context::from_pairs([
-        ("task".to_owned(), RestrictedExpression::new_string(request.task.id.clone())),
-        ("purpose".to_owned(), RestrictedExpression::new_string(request.task.purpose.clone())),
-        ("ticket".to_owned(), RestrictedExpression::new_string(request.task.ticket.clone())),
+        (
+            "task".to_owned(),
+            RestrictedExpression::new_string(request.task.id.clone()),
+        ),
+        (
+            "purpose".to_owned(),
+            RestrictedExpression::new_string(request.task.purpose.clone()),
+        ),
+        (
+            "ticket".to_owned(),
+            RestrictedExpression::new_string(request.task.ticket.clone()),
+        ),
         ("ttl".to_owned(), RestrictedExpression::new_long(ttl)),
-        ("environment".to_owned(), RestrictedExpression::new_string(c.environment.clone())),
-        ("source".to_owned(), RestrictedExpression::new_ip(c.source.to_string())),
-        ("time".to_owned(), RestrictedExpression::new_datetime(c.time.rfc3339())),
-        ("break_glass".to_owned(), RestrictedExpression::new_bool(c.break_glass)),
+        (
+            "environment".to_owned(),
+            RestrictedExpression::new_string(c.environment.clone()),
+        ),
+        (
+            "source".to_owned(),
+            RestrictedExpression::new_ip(c.source.to_string()),
+        ),
+        (
+            "time".to_owned(),
+            RestrictedExpression::new_datetime(c.time.rfc3339()),
+        ),
+        (
+            "break_glass".to_owned(),
+            RestrictedExpression::new_bool(c.break_glass),
+        ),
     ])
     .map_err(|e| e.to_string())
 }
 
 fn quoted(ids: &[String]) -> String {
-    ids.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reads and checks Lapse's annotations on one policy.
@@ -383,21 +500,38 @@ fn annotations(policy: &Policy, id: &str, file: &SourceFile) -> Result<PolicyInf
     let all: BTreeMap<&str, &str> = policy.annotations().collect();
     for (key, value) in &all {
         if !KNOWN_ANNOTATIONS.contains(key) {
-            return Err(bad(key, value, format!("unknown annotation `@{key}`; known: {}", KNOWN_ANNOTATIONS.join(", "))));
+            return Err(bad(
+                key,
+                value,
+                format!(
+                    "unknown annotation `@{key}`; known: {}",
+                    KNOWN_ANNOTATIONS.join(", ")
+                ),
+            ));
         }
     }
     let permit_only = |key: &str, value: &str| {
         if policy.effect() == Effect::Forbid {
-            Err(bad(key, value, format!("`@{key}` only applies to permit policies")))
+            Err(bad(
+                key,
+                value,
+                format!("`@{key}` only applies to permit policies"),
+            ))
         } else {
             Ok(())
         }
     };
     if let Some(v) = all.get("max_ttl") {
         permit_only("max_ttl", v)?;
-        let d: TtlDuration = v.parse().map_err(|e: lapse_core::DurationParseError| bad("max_ttl", v, e.to_string()))?;
+        let d: TtlDuration = v
+            .parse()
+            .map_err(|e: lapse_core::DurationParseError| bad("max_ttl", v, e.to_string()))?;
         if d.secs() == 0 {
-            return Err(bad("max_ttl", v, "`@max_ttl` must be longer than zero".into()));
+            return Err(bad(
+                "max_ttl",
+                v,
+                "`@max_ttl` must be longer than zero".into(),
+            ));
         }
         info.max_ttl_secs = Some(d.secs());
     }
@@ -407,13 +541,23 @@ fn annotations(policy: &Policy, id: &str, file: &SourceFile) -> Result<PolicyInf
             .parse()
             .ok()
             .filter(|n| (1..=10).contains(n))
-            .ok_or_else(|| bad("approval", v, format!("`@approval(\"{v}\")` must be a whole number from 1 to 10")))?;
+            .ok_or_else(|| {
+                bad(
+                    "approval",
+                    v,
+                    format!("`@approval(\"{v}\")` must be a whole number from 1 to 10"),
+                )
+            })?;
         info.approvals = n;
     }
     if let Some(v) = all.get("approvers") {
         permit_only("approvers", v)?;
         if v.trim().is_empty() {
-            return Err(bad("approvers", v, "`@approvers` names a group and cannot be empty".into()));
+            return Err(bad(
+                "approvers",
+                v,
+                "`@approvers` names a group and cannot be empty".into(),
+            ));
         }
         info.approvers = Some((*v).to_owned());
     }
@@ -422,7 +566,13 @@ fn annotations(policy: &Policy, id: &str, file: &SourceFile) -> Result<PolicyInf
         info.break_glass = match *v {
             "true" => true,
             "false" => false,
-            _ => return Err(bad("break_glass", v, format!("`@break_glass(\"{v}\")` must be \"true\" or \"false\""))),
+            _ => {
+                return Err(bad(
+                    "break_glass",
+                    v,
+                    format!("`@break_glass(\"{v}\")` must be \"true\" or \"false\""),
+                ));
+            }
         };
     }
     Ok(info)

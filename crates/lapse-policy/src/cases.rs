@@ -95,42 +95,61 @@ pub fn parse(text: &str) -> Result<CaseFile, CaseError> {
 
 /// Runs every case against `bundle`.
 pub fn run(bundle: &PolicyBundle, file: &CaseFile) -> Result<Vec<CaseResult>, CaseError> {
-    file.cases.iter().map(|c| run_one(bundle, &file.defaults, c)).collect()
+    file.cases
+        .iter()
+        .map(|c| run_one(bundle, &file.defaults, c))
+        .collect()
 }
 
-fn run_one(bundle: &PolicyBundle, defaults: &CaseFields, case: &Case) -> Result<CaseResult, CaseError> {
+fn run_one(
+    bundle: &PolicyBundle,
+    defaults: &CaseFields,
+    case: &Case,
+) -> Result<CaseResult, CaseError> {
     let request = request_of(defaults, case)?;
     let decision = bundle.decide(&request);
     let mut failures = Vec::new();
     let (got, cap, approvals) = match &decision.outcome {
         DecisionOutcome::Allow { ttl_cap_secs } => (Expect::Allow, *ttl_cap_secs, 0),
-        DecisionOutcome::ApprovalRequired { approvals, ttl_cap_secs, .. } => {
-            (Expect::Approval, *ttl_cap_secs, *approvals)
-        }
+        DecisionOutcome::ApprovalRequired {
+            approvals,
+            ttl_cap_secs,
+            ..
+        } => (Expect::Approval, *ttl_cap_secs, *approvals),
         DecisionOutcome::Deny { .. } => (Expect::Deny, None, 0),
     };
     if got != case.expect {
         failures.push(format!("expected {:?}, got {:?}", case.expect, got).to_lowercase());
     }
-    if let Some(want) = case.expect_ttl {
-        if cap != Some(want.secs()) {
-            let got = cap.map_or("no cap".to_owned(), |c| TtlDuration::from_secs(c).to_string());
-            failures.push(format!("expected ttl cap {want}, got {got}"));
-        }
+    if let Some(want) = case.expect_ttl
+        && cap != Some(want.secs())
+    {
+        let got = cap.map_or("no cap".to_owned(), |c| {
+            TtlDuration::from_secs(c).to_string()
+        });
+        failures.push(format!("expected ttl cap {want}, got {got}"));
     }
-    if let Some(want) = case.expect_approvals {
-        if approvals != want {
-            failures.push(format!("expected {want} approvals, got {approvals}"));
-        }
+    if let Some(want) = case.expect_approvals
+        && approvals != want
+    {
+        failures.push(format!("expected {want} approvals, got {approvals}"));
     }
     if let Some(want) = &case.expect_policies {
         let mut want = want.clone();
         want.sort();
         if want != decision.policies {
-            failures.push(format!("expected policies {want:?}, got {:?}", decision.policies));
+            failures.push(format!(
+                "expected policies {want:?}, got {:?}",
+                decision.policies
+            ));
         }
     }
-    Ok(CaseResult { name: case.name.clone(), passed: failures.is_empty(), failures, decision })
+    Ok(CaseResult {
+        name: case.name.clone(),
+        passed: failures.is_empty(),
+        failures,
+        decision,
+    })
 }
 
 fn request_of(defaults: &CaseFields, case: &Case) -> Result<AccessRequest, CaseError> {

@@ -19,7 +19,9 @@ pub enum PolicyError {
     },
     #[error("{file}: {message}")]
     Schema { file: String, message: String },
-    #[error("{file}:{line}:{column}: policy `{policy}` does not validate against the schema: {message}")]
+    #[error(
+        "{file}:{line}:{column}: policy `{policy}` does not validate against the schema: {message}"
+    )]
     Validation {
         file: String,
         line: usize,
@@ -48,7 +50,10 @@ pub enum PolicyError {
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let upto = text.get(..offset.min(text.len())).unwrap_or(text);
     let line = upto.matches('\n').count() + 1;
-    let column = upto.rfind('\n').map_or(upto.len(), |nl| upto.len() - nl - 1) + 1;
+    let column = upto
+        .rfind('\n')
+        .map_or(upto.len(), |nl| upto.len() - nl - 1)
+        + 1;
     (line, column)
 }
 

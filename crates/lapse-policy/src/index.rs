@@ -31,7 +31,7 @@ impl PolicyIndex {
         policies: &[(Policy, bool)],
         actions: &[EntityUid],
         action_entities: &Entities,
-    ) -> Result<Self, cedar_policy::PolicySetError> {
+    ) -> Result<Self, Box<cedar_policy::PolicySetError>> {
         let mut buckets = HashMap::new();
         for action in actions {
             let ancestors: BTreeSet<&EntityUid> = action_entities
@@ -43,7 +43,8 @@ impl PolicyIndex {
                     .iter()
                     .filter(|(p, bg)| {
                         // Forbids always apply; a permit applies only to its own class.
-                        let class_ok = p.effect() == cedar_policy::Effect::Forbid || *bg == break_glass;
+                        let class_ok =
+                            p.effect() == cedar_policy::Effect::Forbid || *bg == break_glass;
                         class_ok && action_may_match(p, action, &ancestors)
                     })
                     .map(|(p, _)| p)
@@ -57,16 +58,16 @@ impl PolicyIndex {
                 let mut bucket = ActionBucket::default();
                 for p in &candidates {
                     if !matches!(p.resource_constraint(), ResourceConstraint::Eq(_)) {
-                        bucket.default.add((*p).clone())?;
+                        bucket.default.add((*p).clone()).map_err(Box::new)?;
                     }
                 }
                 for r in named {
                     let mut set = bucket.default.clone();
                     for p in &candidates {
-                        if let ResourceConstraint::Eq(uid) = p.resource_constraint() {
-                            if uid.id().unescaped() == r {
-                                set.add((*p).clone())?;
-                            }
+                        if let ResourceConstraint::Eq(uid) = p.resource_constraint()
+                            && uid.id().unescaped() == r
+                        {
+                            set.add((*p).clone()).map_err(Box::new)?;
                         }
                     }
                     bucket.by_resource.insert(r, set);

@@ -1,6 +1,15 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::type_complexity
+)]
 //! The policy crate against the shipped example folder and against broken folders.
 
-use lapse_core::{AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity};
+use lapse_core::{
+    AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
+};
 use lapse_policy::{PolicyBundle, PolicyError, SourceFile, cases};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,7 +33,11 @@ fn request(workload: &str, audience: &str, actions: &[&str]) -> AccessRequest {
             subject: workload.into(),
             claims: BTreeMap::from([("repository".to_owned(), "acme/shop".to_owned())]),
         },
-        task: Task { id: "T-1".into(), purpose: "test".into(), ticket: String::new() },
+        task: Task {
+            id: "T-1".into(),
+            purpose: "test".into(),
+            ticket: String::new(),
+        },
         audience: audience.into(),
         actions: actions.iter().map(|s| s.to_string()).collect(),
         requested_ttl_secs: 3600,
@@ -66,7 +79,10 @@ expect = "allow"
     let results = cases::run(&b, &file)?;
     assert_eq!(results.len(), 1);
     assert!(!results[0].passed);
-    assert_eq!(results[0].failures, vec!["expected allow, got deny".to_owned()]);
+    assert_eq!(
+        results[0].failures,
+        vec!["expected allow, got deny".to_owned()]
+    );
     Ok(())
 }
 
@@ -86,7 +102,11 @@ fn default_deny_names_no_policy_and_forbid_names_itself() {
 fn all_actions_must_be_allowed() {
     let b = bundle();
     // read is allowed, write lacks a ticket: the whole request is denied.
-    let d = b.decide(&request("spiffe://dev.lapse.local/ci/deploy", "orders-db", &["read", "write"]));
+    let d = b.decide(&request(
+        "spiffe://dev.lapse.local/ci/deploy",
+        "orders-db",
+        &["read", "write"],
+    ));
     match d.outcome {
         DecisionOutcome::Deny { reasons } => assert!(reasons[0].contains("`write`"), "{reasons:?}"),
         other => panic!("expected deny, got {other:?}"),
@@ -97,7 +117,11 @@ fn all_actions_must_be_allowed() {
 fn unknown_action_is_denied() {
     let b = bundle();
     assert!(!b.has_action("delete"));
-    let d = b.decide(&request("spiffe://dev.lapse.local/ci/deploy", "orders-db", &["delete"]));
+    let d = b.decide(&request(
+        "spiffe://dev.lapse.local/ci/deploy",
+        "orders-db",
+        &["delete"],
+    ));
     assert_eq!(d.outcome_label(), "deny");
 }
 
@@ -110,7 +134,10 @@ fn claims_are_visible_as_tags() -> Result<(), PolicyError> {
             text: r#"permit (principal, action, resource) when { principal.hasTag("repository") && principal.getTag("repository") == "acme/shop" };"#.into(),
         },
     ])?;
-    assert!(b.decide(&request("spiffe://x/y", "r", &["read"])).is_allow());
+    assert!(
+        b.decide(&request("spiffe://x/y", "r", &["read"]))
+            .is_allow()
+    );
     let mut r = request("spiffe://x/y", "r", &["read"]);
     r.workload.claims.clear();
     assert!(!b.decide(&r).is_allow());
@@ -120,7 +147,10 @@ fn claims_are_visible_as_tags() -> Result<(), PolicyError> {
 fn load_err(files: &[(&str, &str)]) -> String {
     let files: Vec<SourceFile> = files
         .iter()
-        .map(|(n, t)| SourceFile { name: n.to_string(), text: t.to_string() })
+        .map(|(n, t)| SourceFile {
+            name: n.to_string(),
+            text: t.to_string(),
+        })
         .collect();
     match PolicyBundle::from_sources(&files) {
         Ok(_) => panic!("expected the folder to be refused"),
@@ -135,7 +165,13 @@ const ACTIONS: (&str, &str) = (
 
 #[test]
 fn syntax_errors_name_file_and_line() {
-    let e = load_err(&[ACTIONS, ("bad.cedar", "permit (principal, action, resource);\n\npermit (principal, action resource);\n")]);
+    let e = load_err(&[
+        ACTIONS,
+        (
+            "bad.cedar",
+            "permit (principal, action, resource);\n\npermit (principal, action resource);\n",
+        ),
+    ]);
     assert!(e.starts_with("bad.cedar:3:"), "{e}");
 }
 
@@ -143,7 +179,10 @@ fn syntax_errors_name_file_and_line() {
 fn validation_errors_name_file_line_and_policy() {
     let e = load_err(&[
         ACTIONS,
-        ("v.cedar", "// comment\npermit (principal, action, resource)\nwhen { context.nosuch == 1 };\n"),
+        (
+            "v.cedar",
+            "// comment\npermit (principal, action, resource)\nwhen { context.nosuch == 1 };\n",
+        ),
     ]);
     assert!(e.starts_with("v.cedar:3:"), "{e}");
     assert!(e.contains("v.cedar#1"), "{e}");
@@ -151,14 +190,38 @@ fn validation_errors_name_file_line_and_policy() {
 
 #[test]
 fn bad_annotations_are_refused() {
-    let e = load_err(&[ACTIONS, ("t.cedar", "\n@max_ttl(\"15 minutes\")\npermit (principal, action, resource);")]);
+    let e = load_err(&[
+        ACTIONS,
+        (
+            "t.cedar",
+            "\n@max_ttl(\"15 minutes\")\npermit (principal, action, resource);",
+        ),
+    ]);
     assert!(e.starts_with("t.cedar:2:"), "{e}");
     assert!(e.contains("15 minutes"), "{e}");
-    let e = load_err(&[ACTIONS, ("t.cedar", "@approval(\"0\")\npermit (principal, action, resource);")]);
+    let e = load_err(&[
+        ACTIONS,
+        (
+            "t.cedar",
+            "@approval(\"0\")\npermit (principal, action, resource);",
+        ),
+    ]);
     assert!(e.contains("1 to 10"), "{e}");
-    let e = load_err(&[ACTIONS, ("t.cedar", "@max_ttl(\"5m\")\nforbid (principal, action, resource);")]);
+    let e = load_err(&[
+        ACTIONS,
+        (
+            "t.cedar",
+            "@max_ttl(\"5m\")\nforbid (principal, action, resource);",
+        ),
+    ]);
     assert!(e.contains("only applies to permit"), "{e}");
-    let e = load_err(&[ACTIONS, ("t.cedar", "@maxttl(\"5m\")\npermit (principal, action, resource);")]);
+    let e = load_err(&[
+        ACTIONS,
+        (
+            "t.cedar",
+            "@maxttl(\"5m\")\npermit (principal, action, resource);",
+        ),
+    ]);
     assert!(e.contains("unknown annotation `@maxttl`"), "{e}");
 }
 
@@ -166,8 +229,14 @@ fn bad_annotations_are_refused() {
 fn duplicate_ids_are_refused() {
     let e = load_err(&[
         ACTIONS,
-        ("a.cedar", "@id(\"x\")\npermit (principal, action, resource);"),
-        ("b.cedar", "@id(\"x\")\npermit (principal, action, resource);"),
+        (
+            "a.cedar",
+            "@id(\"x\")\npermit (principal, action, resource);",
+        ),
+        (
+            "b.cedar",
+            "@id(\"x\")\npermit (principal, action, resource);",
+        ),
     ]);
     assert!(e.contains("duplicate policy id `x`"), "{e}");
 }
@@ -188,7 +257,10 @@ fn policy_errors_fail_closed() -> Result<(), PolicyError> {
     assert_eq!(d.policies, vec!["risky".to_owned()]);
     let mut r = request("spiffe://x/y", "r", &["read"]);
     r.requested_ttl_secs = 0;
-    assert!(b.decide(&r).is_allow(), "without the overflow the permit stands");
+    assert!(
+        b.decide(&r).is_allow(),
+        "without the overflow the permit stands"
+    );
     Ok(())
 }
 
@@ -215,8 +287,14 @@ fn index_matches_unindexed_evaluation() -> Result<(), PolicyError> {
     }
     let mk = |text: &str| {
         PolicyBundle::from_sources(&[
-            SourceFile { name: "a.cedarschema".into(), text: schema.into() },
-            SourceFile { name: "p.cedar".into(), text: text.into() },
+            SourceFile {
+                name: "a.cedarschema".into(),
+                text: schema.into(),
+            },
+            SourceFile {
+                name: "p.cedar".into(),
+                text: text.into(),
+            },
         ])
     };
     let indexed = mk(&scoped)?;

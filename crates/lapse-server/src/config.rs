@@ -112,16 +112,24 @@ fn default_leeway() -> TtlDuration {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config `{path}`: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config `{path}`: {message}")]
     Invalid { path: String, message: String },
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.display().to_string(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })?;
         // Relative paths in a config file are relative to the file.
         if let Some(base) = path.parent() {
             cfg.resolve_relative(base);
@@ -130,7 +138,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| e.message().to_owned() + &span_hint(text, e.span()))?;
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| e.message().to_owned() + &span_hint(text, e.span()))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -164,15 +173,23 @@ impl Config {
             return Err("`max_ttl` must be longer than zero".into());
         }
         if self.issuers.is_empty() {
-            return Err("at least one `[[issuer]]` is required: workloads must prove who they are".into());
+            return Err(
+                "at least one `[[issuer]]` is required: workloads must prove who they are".into(),
+            );
         }
         for op in &self.operators {
-            if op.token_sha256.len() != 64 || !op.token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("operator `{}`: `token_sha256` must be 64 hex digits", op.name));
+            if op.token_sha256.len() != 64
+                || !op.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(format!(
+                    "operator `{}`: `token_sha256` must be 64 hex digits",
+                    op.name
+                ));
             }
         }
         for i in &self.issuers {
-            lapse_identity::JwksSource::parse(&i.jwks).map_err(|e| format!("issuer `{}`: {e}", i.issuer))?;
+            lapse_identity::JwksSource::parse(&i.jwks)
+                .map_err(|e| format!("issuer `{}`: {e}", i.issuer))?;
             i.workload
                 .parse::<lapse_identity::WorkloadTemplate>()
                 .map_err(|e| format!("issuer `{}`: {e}", i.issuer))?;
@@ -184,13 +201,19 @@ impl Config {
     }
 
     pub fn public_url(&self) -> String {
-        self.public_url.clone().unwrap_or_else(|| format!("http://{}", self.listen)).trim_end_matches('/').to_owned()
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_owned()
     }
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     span.map(|s| {
-        let line = text.get(..s.start).map_or(1, |t| t.matches('\n').count() + 1);
+        let line = text
+            .get(..s.start)
+            .map_or(1, |t| t.matches('\n').count() + 1);
         format!(" (line {line})")
     })
     .unwrap_or_default()
@@ -224,16 +247,24 @@ audience = "lapse"
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::parse(&format!("{MIN}\nmax_tll = \"5m\"")).err().unwrap_or_default();
+        let e = Config::parse(&format!("{MIN}\nmax_tll = \"5m\""))
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("max_tll"), "{e}");
-        let e = Config::parse(&MIN.replace("audience = \"lapse\"", "audience = \"lapse\"\naudiance = 1")).err().unwrap_or_default();
+        let e = Config::parse(
+            &MIN.replace("audience = \"lapse\"", "audience = \"lapse\"\naudiance = 1"),
+        )
+        .err()
+        .unwrap_or_default();
         assert!(e.contains("audiance"), "{e}");
     }
 
     #[test]
     fn bad_durations_and_values_are_refused() {
         assert!(Config::parse(&MIN.replace("\"15m\"", "\"15 minutes\"")).is_err());
-        assert!(Config::parse(&MIN.replace("file://jwks.json", "http://example.com/jwks")).is_err());
+        assert!(
+            Config::parse(&MIN.replace("file://jwks.json", "http://example.com/jwks")).is_err()
+        );
         assert!(Config::parse(&MIN.replace("[[issuer]]", "[[nope]]")).is_err());
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::StartError;
 use crate::config::Config;
+use crate::set_field;
 use lapse_token::SigningKey;
 use lapse_token::signing::write_private;
 use std::path::{Path, PathBuf};
@@ -17,15 +18,33 @@ pub const DEV_ISSUER_KEY: &str = "dev-issuer.pem";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 const EXAMPLES: &[(&str, &str)] = &[
-    ("actions.cedarschema", include_str!("../../../examples/policies/actions.cedarschema")),
-    ("ci.cedar", include_str!("../../../examples/policies/ci.cedar")),
-    ("agents.cedar", include_str!("../../../examples/policies/agents.cedar")),
-    ("guardrails.cedar", include_str!("../../../examples/policies/guardrails.cedar")),
-    ("policy-tests.toml", include_str!("../../../examples/policies/policy-tests.toml")),
+    (
+        "actions.cedarschema",
+        include_str!("../../../examples/policies/actions.cedarschema"),
+    ),
+    (
+        "ci.cedar",
+        include_str!("../../../examples/policies/ci.cedar"),
+    ),
+    (
+        "agents.cedar",
+        include_str!("../../../examples/policies/agents.cedar"),
+    ),
+    (
+        "guardrails.cedar",
+        include_str!("../../../examples/policies/guardrails.cedar"),
+    ),
+    (
+        "policy-tests.toml",
+        include_str!("../../../examples/policies/policy-tests.toml"),
+    ),
 ];
 
 /// Prepares `dir` and returns the config to serve with, and the admin token.
-pub fn prepare(dir: &Path, listen: std::net::SocketAddr) -> Result<(Config, PathBuf, String), StartError> {
+pub fn prepare(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<(Config, PathBuf, String), StartError> {
     let err = |e: std::io::Error| StartError::Dev(format!("`{}`: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(err)?;
     let dir = dir.canonicalize().map_err(err)?;
@@ -121,7 +140,7 @@ pub fn dev_token(
         if ["iss", "sub", "aud", "iat", "nbf", "exp", "jti"].contains(&k.as_str()) {
             return Err(format!("claim `{k}` is set by the dev issuer"));
         }
-        claims[k] = serde_json::Value::String(v.clone());
+        set_field(&mut claims, k, serde_json::Value::String(v.clone()));
     }
     key.sign_jwt("JWT", &claims).map_err(|e| e.to_string())
 }

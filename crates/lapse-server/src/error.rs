@@ -2,6 +2,7 @@
 //! standards define one, and a description safe to show. Internals are logged,
 //! never returned.
 
+use crate::set_field;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -30,10 +31,17 @@ pub enum ApiError {
     InvalidToken(String),
     /// Policy said no.
     #[error("{description}")]
-    AccessDenied { description: String, policies: Vec<String> },
+    AccessDenied {
+        description: String,
+        policies: Vec<String>,
+    },
     /// Policy wants people to approve first.
     #[error("authorization pending")]
-    AuthorizationPending { request_id: String, approvals: u32, approvers: Option<String> },
+    AuthorizationPending {
+        request_id: String,
+        approvals: u32,
+        approvers: Option<String>,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -54,7 +62,9 @@ pub enum ApiError {
 impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) | Self::PayloadTooLarge(_) | Self::UnsupportedMediaType(_) => "invalid_request",
+            Self::InvalidRequest(_) | Self::PayloadTooLarge(_) | Self::UnsupportedMediaType(_) => {
+                "invalid_request"
+            }
             Self::UnsupportedGrantType(_) => "unsupported_grant_type",
             Self::InvalidGrant(_) => "invalid_grant",
             Self::InvalidTarget(_) => "invalid_target",
@@ -96,12 +106,18 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut body = json!({ "error": self.code(), "error_description": self.to_string() });
         match &self {
-            Self::AccessDenied { policies, .. } => body["policies"] = json!(policies),
-            Self::AuthorizationPending { request_id, approvals, approvers } => {
-                body["request_id"] = json!(request_id);
-                body["approvals_required"] = json!(approvals);
-                body["approvers"] = json!(approvers);
-                body["interval"] = json!(5);
+            Self::AccessDenied { policies, .. } => {
+                set_field(&mut body, "policies", json!(policies))
+            }
+            Self::AuthorizationPending {
+                request_id,
+                approvals,
+                approvers,
+            } => {
+                set_field(&mut body, "request_id", json!(request_id));
+                set_field(&mut body, "approvals_required", json!(approvals));
+                set_field(&mut body, "approvers", json!(approvers));
+                set_field(&mut body, "interval", json!(5));
             }
             _ => {}
         }
@@ -110,10 +126,20 @@ impl IntoResponse for ApiError {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
             Self::InvalidDpopProof(_) => {
-                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("DPoP error=\"invalid_dpop_proof\", algs=\"EdDSA ES256 RS256\""));
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "DPoP error=\"invalid_dpop_proof\", algs=\"EdDSA ES256 RS256\"",
+                    ),
+                );
             }
             Self::InvalidToken(_) => {
-                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("DPoP error=\"invalid_token\", algs=\"EdDSA ES256 RS256\""));
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "DPoP error=\"invalid_token\", algs=\"EdDSA ES256 RS256\"",
+                    ),
+                );
             }
             Self::Unauthorized(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -130,7 +156,9 @@ impl IntoResponse for ApiError {
 impl From<lapse_store::StoreError> for ApiError {
     fn from(e: lapse_store::StoreError) -> Self {
         match e {
-            lapse_store::StoreError::Conflict(id) => Self::Conflict(format!("grant `{id}` changed concurrently; retry")),
+            lapse_store::StoreError::Conflict(id) => {
+                Self::Conflict(format!("grant `{id}` changed concurrently; retry"))
+            }
             other => {
                 tracing::error!(error = %other, "store failure; failing closed");
                 Self::Unavailable("the store is unavailable; nothing was issued or changed".into())

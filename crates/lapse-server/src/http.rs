@@ -1,10 +1,11 @@
 //! The HTTP surface. Handlers parse, call the service, and shape the answer.
 
+use crate::config::Role;
 use crate::error::ApiError;
 use crate::metrics::{RouteLabels, RouteOnly};
 use crate::openapi;
 use crate::service::{ExchangeInput, Issued, Lapse, clip};
-use crate::config::Role;
+use crate::set_field;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
@@ -46,7 +47,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
@@ -56,11 +60,26 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
     let start = Instant::now();
     let resp = next.run(req).await;
-    s.metrics.latency.get_or_create(&RouteOnly { route: route.clone() }).observe(start.elapsed().as_secs_f64());
-    s.metrics.requests.get_or_create(&RouteLabels { route, status: resp.status().as_u16() }).inc();
+    s.metrics
+        .latency
+        .get_or_create(&RouteOnly {
+            route: route.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    s.metrics
+        .requests
+        .get_or_create(&RouteLabels {
+            route,
+            status: resp.status().as_u16(),
+        })
+        .inc();
     resp
 }
 
@@ -76,43 +95,77 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 
 /// Parses a form body; each parameter at most once (RFC 6749 section 3.2).
 fn form(headers: &HeaderMap, b: &[u8]) -> Result<HashMap<String, String>, ApiError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded")) {
-        return Err(ApiError::UnsupportedMediaType("expected `application/x-www-form-urlencoded`".into()));
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.split(';').next().is_some_and(|m| {
+        m.trim()
+            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    }) {
+        return Err(ApiError::UnsupportedMediaType(
+            "expected `application/x-www-form-urlencoded`".into(),
+        ));
     }
     let mut out = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(b) {
         if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(ApiError::InvalidRequest(format!("parameter `{}` is repeated", clip(&k))));
+            return Err(ApiError::InvalidRequest(format!(
+                "parameter `{}` is repeated",
+                clip(&k)
+            )));
         }
     }
     Ok(out)
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, b: &[u8]) -> Result<T, ApiError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) {
-        return Err(ApiError::UnsupportedMediaType("expected `application/json`".into()));
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return Err(ApiError::UnsupportedMediaType(
+            "expected `application/json`".into(),
+        ));
     }
-    serde_json::from_slice(b).map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(b)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
 }
 
 fn dpop_headers(headers: &HeaderMap) -> Vec<&str> {
-    headers.get_all("dpop").iter().map(|v| v.to_str().unwrap_or("")).collect()
+    headers
+        .get_all("dpop")
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect()
 }
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn no_store(v: Value, status: StatusCode) -> Response {
     let mut r = (status, Json(v)).into_response();
-    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
 fn parse_actions(scope: &str) -> Vec<String> {
-    let mut a: Vec<String> = scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let mut a: Vec<String> = scope
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     a.sort();
     a.dedup();
     a
@@ -151,10 +204,16 @@ async fn token(
     let p = |k: &str| f.get(k).map(String::as_str).filter(|v| !v.is_empty());
     match p("grant_type") {
         Some(TOKEN_EXCHANGE) => {}
-        Some(other) => return Err(ApiError::UnsupportedGrantType(format!("grant type `{}` is not supported; use token exchange", clip(other)))),
+        Some(other) => {
+            return Err(ApiError::UnsupportedGrantType(format!(
+                "grant type `{}` is not supported; use token exchange",
+                clip(other)
+            )));
+        }
         None => return Err(ApiError::InvalidRequest("`grant_type` is required".into())),
     }
-    let subject_token = p("subject_token").ok_or_else(|| ApiError::InvalidRequest("`subject_token` is required".into()))?;
+    let subject_token = p("subject_token")
+        .ok_or_else(|| ApiError::InvalidRequest("`subject_token` is required".into()))?;
     match p("subject_token_type") {
         Some(TT_JWT | TT_ID_TOKEN) => {}
         Some(TT_ACCESS_TOKEN) => return Err(ApiError::InvalidRequest("exchanging Lapse access tokens (sub-agents) is not supported yet; present an identity token".into())),
@@ -162,13 +221,19 @@ async fn token(
         None => return Err(ApiError::InvalidRequest("`subject_token_type` is required".into())),
     }
     if p("actor_token").is_some() {
-        return Err(ApiError::InvalidRequest("`actor_token` is not supported".into()));
+        return Err(ApiError::InvalidRequest(
+            "`actor_token` is not supported".into(),
+        ));
     }
     let ttl_secs = match p("expires_in") {
-        Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into()))?),
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
+        })?),
         None => None,
     };
-    let audience = p("audience").or(p("resource")).ok_or_else(|| ApiError::InvalidRequest("`audience` is required".into()))?;
+    let audience = p("audience")
+        .or(p("resource"))
+        .ok_or_else(|| ApiError::InvalidRequest("`audience` is required".into()))?;
     let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/oauth/token", None)?;
     let input = ExchangeInput {
         identity_token: subject_token.to_owned(),
@@ -200,11 +265,19 @@ fn token_response(i: &Issued) -> Value {
     })
 }
 
-async fn introspect(State(s): State<AppState>, headers: HeaderMap, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    s.operator(authorization(&headers))?.require(Role::Introspect)?;
+async fn introspect(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?
+        .require(Role::Introspect)?;
     let b = body(b)?;
     let f = form(&headers, &b)?;
-    let token = f.get("token").filter(|t| !t.is_empty()).ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
+    let token = f
+        .get("token")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
     match s.introspect(token).await {
         Ok(v) => Ok(no_store(v, StatusCode::OK)),
         Err(ApiError::Unavailable(msg)) => Ok(no_store(
@@ -217,7 +290,11 @@ async fn introspect(State(s): State<AppState>, headers: HeaderMap, b: Result<Byt
 
 /// RFC 7009. The token itself is enough to revoke it (revoking only takes access
 /// away); operators may also call it. Unknown or invalid tokens answer 200.
-async fn revoke_token(State(s): State<AppState>, headers: HeaderMap, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn revoke_token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let by = match authorization(&headers) {
         Some(a) if a.starts_with("Bearer ") => {
             let op = s.operator(Some(a))?;
@@ -228,18 +305,19 @@ async fn revoke_token(State(s): State<AppState>, headers: HeaderMap, b: Result<B
     };
     let b = body(b)?;
     let f = form(&headers, &b)?;
-    let token = f.get("token").filter(|t| !t.is_empty()).ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
-    if let Ok(claims) = s.verify_access_token(token) {
-        if let Ok(id) = claims.grant_id.parse::<GrantId>() {
-            if let Some(g) = s.store.grant(id).await? {
-                if !g.state.is_ended() {
-                    let by = by.unwrap_or_else(|| claims.sub.clone());
-                    match s.revoke(g, &by, "revoked through RFC 7009").await {
-                        Ok(_) | Err(ApiError::Conflict(_)) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
+    let token = f
+        .get("token")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
+    if let Ok(claims) = s.verify_access_token(token)
+        && let Ok(id) = claims.grant_id.parse::<GrantId>()
+        && let Some(g) = s.store.grant(id).await?
+        && !g.state.is_ended()
+    {
+        let by = by.unwrap_or_else(|| claims.sub.clone());
+        match s.revoke(g, &by, "revoked through RFC 7009").await {
+            Ok(_) | Err(ApiError::Conflict(_)) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(no_store(json!({}), StatusCode::OK))
@@ -277,7 +355,9 @@ async fn access_request(
     let b = body(b)?;
     let r: AccessRequestBody = json_body(&headers, &b)?;
     if r.break_glass {
-        return Err(ApiError::InvalidRequest("break-glass requests are not enabled on this server".into()));
+        return Err(ApiError::InvalidRequest(
+            "break-glass requests are not enabled on this server".into(),
+        ));
     }
     let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/v1/access-requests", None)?;
     let mut actions = r.actions;
@@ -287,7 +367,11 @@ async fn access_request(
         identity_token: r.identity_token,
         audience: r.audience,
         actions,
-        task: Task { id: r.task.id, purpose: r.task.purpose, ticket: r.task.ticket },
+        task: Task {
+            id: r.task.id,
+            purpose: r.task.purpose,
+            ticket: r.task.ticket,
+        },
         ttl_secs: r.ttl.map(TtlDuration::secs),
         environment: r.environment,
         break_glass: false,
@@ -296,11 +380,15 @@ async fn access_request(
     match s.exchange(input, &proof).await {
         Ok(i) => {
             let mut v = token_response(&i);
-            v["grant"] = grant_view(&i.grant);
-            v["status"] = json!("active");
+            set_field(&mut v, "grant", grant_view(&i.grant));
+            set_field(&mut v, "status", json!("active"));
             Ok(no_store(v, StatusCode::CREATED))
         }
-        Err(ApiError::AuthorizationPending { request_id, approvals, approvers }) => Ok(no_store(
+        Err(ApiError::AuthorizationPending {
+            request_id,
+            approvals,
+            approvers,
+        }) => Ok(no_store(
             json!({ "status": "pending", "request_id": request_id, "approvals_required": approvals, "approvers": approvers }),
             StatusCode::ACCEPTED,
         )),
@@ -341,28 +429,55 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_grants(State(s): State<AppState>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn list_grants(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let state = match q.state.as_deref() {
-        Some(st) => Some(GrantState::parse(st).ok_or_else(|| ApiError::InvalidRequest(format!("unknown state `{}`", clip(st))))?),
+        Some(st) => Some(
+            GrantState::parse(st)
+                .ok_or_else(|| ApiError::InvalidRequest(format!("unknown state `{}`", clip(st))))?,
+        ),
         None => None,
     };
-    let grants = s.store.grants(GrantFilter { state, workload: q.workload, task: q.task, limit: q.limit.unwrap_or(100).min(1000) }).await?;
-    Ok(no_store(json!({ "grants": grants.iter().map(grant_view).collect::<Vec<_>>() }), StatusCode::OK))
+    let grants = s
+        .store
+        .grants(GrantFilter {
+            state,
+            workload: q.workload,
+            task: q.task,
+            limit: q.limit.unwrap_or(100).min(1000),
+        })
+        .await?;
+    Ok(no_store(
+        json!({ "grants": grants.iter().map(grant_view).collect::<Vec<_>>() }),
+        StatusCode::OK,
+    ))
 }
 
 fn grant_id(raw: &str) -> Result<GrantId, ApiError> {
-    raw.parse().map_err(|e: lapse_core::IdParseError| ApiError::NotFound(e.to_string()))
+    raw.parse()
+        .map_err(|e: lapse_core::IdParseError| ApiError::NotFound(e.to_string()))
 }
 
-async fn show_grant(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn show_grant(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
     let id = grant_id(&id)?;
-    let g = s.store.grant(id).await?.ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+    let g = s
+        .store
+        .grant(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
     let events = s.store.audit_for(id).await?;
     let mut v = grant_view(&g);
-    v["audit"] = json!(events);
+    set_field(&mut v, "audit", json!(events));
     Ok(no_store(v, StatusCode::OK))
 }
 
@@ -383,24 +498,46 @@ fn optional_json(headers: &HeaderMap, b: &[u8]) -> Result<ReasonBody, ApiError> 
     }
 }
 
-async fn complete(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn complete(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let id = grant_id(&id)?;
     let b = body(b)?;
     let r = optional_json(&headers, &b)?;
     let path = format!("/v1/grants/{id}/complete");
-    let (claims, g) = s.workload_grant(authorization(&headers), &dpop_headers(&headers), "POST", &path, id).await?;
+    let (claims, g) = s
+        .workload_grant(
+            authorization(&headers),
+            &dpop_headers(&headers),
+            "POST",
+            &path,
+            id,
+        )
+        .await?;
     let reason = r.reason.unwrap_or_else(|| "task completed".into());
     let g = s.complete(g, &claims.sub, &clip(&reason)).await?;
     Ok(no_store(grant_view(&g), StatusCode::OK))
 }
 
-async fn revoke_grant(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn revoke_grant(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let op = s.operator(authorization(&headers))?;
     op.require(Role::Revoke)?;
     let id = grant_id(&id)?;
     let b = body(b)?;
     let r = optional_json(&headers, &b)?;
-    let g = s.store.grant(id).await?.ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+    let g = s
+        .store
+        .grant(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
     let reason = r.reason.unwrap_or_else(|| "revoked by operator".into());
     let g = s.revoke(g, &op.name, &clip(&reason)).await?;
     Ok(no_store(grant_view(&g), StatusCode::OK))
@@ -417,10 +554,18 @@ async fn renew(
     let b = body(b)?;
     let r = optional_json(&headers, &b)?;
     let path = format!("/v1/grants/{id}/renew");
-    let (_, g) = s.workload_grant(authorization(&headers), &dpop_headers(&headers), "POST", &path, id).await?;
+    let (_, g) = s
+        .workload_grant(
+            authorization(&headers),
+            &dpop_headers(&headers),
+            "POST",
+            &path,
+            id,
+        )
+        .await?;
     let issued = s.renew(g, r.ttl.map(TtlDuration::secs), peer.ip()).await?;
     let mut v = token_response(&issued);
-    v["grant"] = grant_view(&issued.grant);
+    set_field(&mut v, "grant", grant_view(&issued.grant));
     Ok(no_store(v, StatusCode::OK))
 }
 
@@ -431,17 +576,28 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
-async fn audit(State(s): State<AppState>, headers: HeaderMap, q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn audit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let entries = s.store.audit(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000)).await?;
+    let entries = s
+        .store
+        .audit(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
+        .await?;
     Ok(no_store(json!({ "entries": entries }), StatusCode::OK))
 }
 
 async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
     let report = crate::verify_audit(s.store.as_ref(), &s.key).await?;
-    let status = if report.ok() { StatusCode::OK } else { StatusCode::CONFLICT };
+    let status = if report.ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::CONFLICT
+    };
     Ok(no_store(json!(report), status))
 }
 
@@ -454,10 +610,21 @@ async fn readyz(State(s): State<AppState>) -> Response {
         "policy": if policy { "loaded" } else { "missing" },
         "store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
 }

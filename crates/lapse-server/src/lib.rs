@@ -1,6 +1,6 @@
 //! The Lapse broker.
 //!
-//! - [`config`]: `lapse.toml`.
+//! - `config`: `lapse.toml`.
 //! - [`service`]: exchange, introspect, complete, revoke, renew, sweep — no HTTP.
 //! - [`http`]: the axum router (`router(state)`, so tests drive it directly or over a
 //!   real socket).
@@ -39,7 +39,10 @@ pub enum StartError {
     #[error(transparent)]
     Identity(#[from] lapse_identity::IdentityError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("dev setup: {0}")]
     Dev(String),
 }
@@ -75,16 +78,20 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
     for i in &cfg.issuers {
         issuers.push(lapse_identity::IssuerConfig {
             issuer: i.issuer.clone(),
-            jwks: lapse_identity::JwksSource::parse(&i.jwks).map_err(|e| StartError::Dev(e))?,
+            jwks: lapse_identity::JwksSource::parse(&i.jwks).map_err(StartError::Dev)?,
             audience: i.audience.clone(),
             workload: i.workload.parse().map_err(|e: String| StartError::Dev(e))?,
             leeway_secs: i64::try_from(i.leeway.secs()).unwrap_or(30),
         });
     }
-    let identity = lapse_identity::IdentityVerifier::new(issuers, lapse_identity::http_client()).await?;
+    let identity =
+        lapse_identity::IdentityVerifier::new(issuers, lapse_identity::http_client()).await?;
     let lapse = Arc::new(Lapse::new(cfg, store, Some(policy), identity, key, clock));
     if let Ok(n) = lapse.store.count_active().await {
-        lapse.metrics.active_grants.set(i64::try_from(n).unwrap_or(i64::MAX));
+        lapse
+            .metrics
+            .active_grants
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     Ok(lapse)
 }
@@ -98,7 +105,9 @@ pub async fn serve(
     let sweeper = tokio::spawn(sweep_loop(lapse.clone()));
     let watcher = tokio::spawn(policy_watch_loop(lapse.clone()));
     let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     sweeper.abort();
     watcher.abort();
     result
@@ -124,7 +133,11 @@ fn fingerprint(dir: &Path) -> Option<Vec<(String, u64, SystemTime)>> {
         .filter_map(Result::ok)
         .filter_map(|e| {
             let m = e.metadata().ok()?;
-            Some((e.file_name().to_string_lossy().into_owned(), m.len(), m.modified().ok()?))
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                m.modified().ok()?,
+            ))
         })
         .collect();
     v.sort();
@@ -155,7 +168,10 @@ async fn policy_watch_loop(lapse: Arc<Lapse>) {
 }
 
 /// Verifies the whole audit chain in the store against the signed checkpoint.
-pub async fn verify_audit(store: &dyn Store, key: &SigningKey) -> Result<VerifyReport, lapse_store::StoreError> {
+pub async fn verify_audit(
+    store: &dyn Store,
+    key: &SigningKey,
+) -> Result<VerifyReport, lapse_store::StoreError> {
     let checkpoint = store.checkpoint().await?;
     let mut v = lapse_store::audit::ChainVerifier::default();
     let mut after = 0;
@@ -175,13 +191,21 @@ pub async fn verify_audit(store: &dyn Store, key: &SigningKey) -> Result<VerifyR
     }
     let public = key.public().clone();
     let kid = key.kid().to_owned();
-    let mut report = v.finish(checkpoint.as_ref(), |k, m, s| k == kid && public.verify(m, s).is_ok());
-    if report.ok() {
-        if let (Some(cp), Some(h)) = (&checkpoint, at_checkpoint) {
-            if cp.hash != h {
-                report.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
-            }
-        }
+    let mut report = v.finish(checkpoint.as_ref(), |k, m, s| {
+        k == kid && public.verify(m, s).is_ok()
+    });
+    if report.ok()
+        && let (Some(cp), Some(h)) = (&checkpoint, at_checkpoint)
+        && cp.hash != h
+    {
+        report.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
     }
     Ok(report)
+}
+
+/// Sets `key` on a JSON object (a no-op on anything else, which callers never pass).
+pub fn set_field(v: &mut serde_json::Value, key: &str, value: serde_json::Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.insert(key.to_owned(), value);
+    }
 }

@@ -39,19 +39,49 @@ impl Metrics {
         let mut registry = Registry::with_prefix("lapse");
         let requests = Family::<RouteLabels, Counter>::default();
         let latency = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0])
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ])
         });
         let decisions = Family::<OutcomeLabels, Counter>::default();
         let grants_ended = Family::<OutcomeLabels, Counter>::default();
         let active_grants = Gauge::<i64, AtomicI64>::default();
         let policy_reload_failures = Counter::default();
-        registry.register("http_requests", "HTTP requests by route and status", requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", latency.clone());
-        registry.register("decisions", "Policy decisions by outcome", decisions.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            latency.clone(),
+        );
+        registry.register(
+            "decisions",
+            "Policy decisions by outcome",
+            decisions.clone(),
+        );
         registry.register("grants_ended", "Grants ended, by how", grants_ended.clone());
-        registry.register("active_grants", "Grants currently active", active_grants.clone());
-        registry.register("policy_reload_failures", "Policy reloads refused (the last good set stays)", policy_reload_failures.clone());
-        Self { registry, requests, latency, decisions, grants_ended, active_grants, policy_reload_failures }
+        registry.register(
+            "active_grants",
+            "Grants currently active",
+            active_grants.clone(),
+        );
+        registry.register(
+            "policy_reload_failures",
+            "Policy reloads refused (the last good set stays)",
+            policy_reload_failures.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            decisions,
+            grants_ended,
+            active_grants,
+            policy_reload_failures,
+        }
     }
 
     pub fn encode(&self) -> String {

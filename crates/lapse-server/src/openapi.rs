@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 pub fn document() -> Value {
     let err = json!({ "$ref": "#/components/schemas/Error" });
-    let e = |d: &str| json!({ "description": d, "content": { "application/json": { "schema": err } } });
+    let e =
+        |d: &str| json!({ "description": d, "content": { "application/json": { "schema": err } } });
     let op_auth = json!([{ "operatorToken": [] }]);
     let wl_auth = json!([{ "dpopToken": [] }]);
     let gid = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^gr_[0-9a-f]{32}$" } });

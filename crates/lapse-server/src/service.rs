@@ -8,7 +8,8 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use arc_swap::ArcSwapOption;
 use lapse_core::grant::NewGrant;
 use lapse_core::{
-    AccessRequest, Clock, Decision, DecisionOutcome, Grant, GrantId, GrantState, RequestContext, Task, Timestamp, ttl,
+    AccessRequest, Clock, Decision, DecisionOutcome, Grant, GrantId, GrantState, RequestContext,
+    Task, Timestamp, ttl,
 };
 use lapse_identity::IdentityVerifier;
 use lapse_policy::PolicyBundle;
@@ -32,7 +33,9 @@ impl Operator {
         if self.roles.contains(&Role::Admin) || self.roles.contains(&role) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!("operator `{}` lacks the `{role:?}` role", self.name).to_lowercase()))
+            Err(ApiError::Forbidden(
+                format!("operator `{}` lacks the `{role:?}` role", self.name).to_lowercase(),
+            ))
         }
     }
 }
@@ -74,8 +77,20 @@ pub fn hash_secret(s: &str) -> [u8; 32] {
     sha2::Sha256::digest(s.as_bytes()).into()
 }
 
-fn event(at: Timestamp, kind: &str, grant: Option<&GrantId>, actor: &str, data: Value) -> AuditEvent {
-    AuditEvent { at: at.millis(), kind: kind.to_owned(), grant_id: grant.map(ToString::to_string), actor: actor.to_owned(), data }
+fn event(
+    at: Timestamp,
+    kind: &str,
+    grant: Option<&GrantId>,
+    actor: &str,
+    data: Value,
+) -> AuditEvent {
+    AuditEvent {
+        at: at.millis(),
+        kind: kind.to_owned(),
+        grant_id: grant.map(ToString::to_string),
+        actor: actor.to_owned(),
+        data,
+    }
 }
 
 impl Lapse {
@@ -118,18 +133,25 @@ impl Lapse {
     pub fn operator(&self, authorization: Option<&str>) -> Result<Operator, ApiError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::Unauthorized("an operator API token is required (`Authorization: Bearer …`)".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "an operator API token is required (`Authorization: Bearer …`)".into(),
+                )
+            })?;
         let (name, roles) = self
             .operators
             .get(&hash_secret(token.trim()))
             .ok_or_else(|| ApiError::Unauthorized("unknown operator API token".into()))?;
-        Ok(Operator { name: name.clone(), roles: roles.clone() })
+        Ok(Operator {
+            name: name.clone(),
+            roles: roles.clone(),
+        })
     }
 
     pub fn policy(&self) -> Result<Arc<PolicyBundle>, ApiError> {
-        self.policy
-            .load_full()
-            .ok_or_else(|| ApiError::Unavailable("no valid policy set is loaded; nothing can be issued".into()))
+        self.policy.load_full().ok_or_else(|| {
+            ApiError::Unavailable("no valid policy set is loaded; nothing can be issued".into())
+        })
     }
 
     /// Verifies the single DPoP header of a request to `path` with method `htm`.
@@ -142,8 +164,16 @@ impl Lapse {
     ) -> Result<DpopProof, ApiError> {
         let proof = match headers {
             [one] => *one,
-            [] => return Err(ApiError::InvalidDpopProof("a `DPoP` header with a proof is required".into())),
-            _ => return Err(ApiError::InvalidDpopProof("exactly one `DPoP` header is allowed".into())),
+            [] => {
+                return Err(ApiError::InvalidDpopProof(
+                    "a `DPoP` header with a proof is required".into(),
+                ));
+            }
+            _ => {
+                return Err(ApiError::InvalidDpopProof(
+                    "exactly one `DPoP` header is allowed".into(),
+                ));
+            }
         };
         let htu = format!("{}{}", self.issuer, path);
         let req = DpopRequirements {
@@ -155,50 +185,77 @@ impl Lapse {
             access_token,
         };
         dpop::verify(proof, &req, &self.replay).map_err(|e| match e {
-            TokenError::ReplayCacheFull => ApiError::Unavailable("DPoP replay protection is saturated; failing closed".into()),
+            TokenError::ReplayCacheFull => {
+                ApiError::Unavailable("DPoP replay protection is saturated; failing closed".into())
+            }
             other => ApiError::InvalidDpopProof(other.to_string()),
         })
     }
 
-    fn check_target(&self, audience: &str, actions: &[String], policy: &PolicyBundle) -> Result<(), ApiError> {
+    fn check_target(
+        &self,
+        audience: &str,
+        actions: &[String],
+        policy: &PolicyBundle,
+    ) -> Result<(), ApiError> {
         if audience.is_empty() {
             return Err(ApiError::InvalidRequest("`audience` is required".into()));
         }
         if !self.audiences.contains(audience) {
-            return Err(ApiError::InvalidTarget(format!("unknown audience `{}`", clip(audience))));
+            return Err(ApiError::InvalidTarget(format!(
+                "unknown audience `{}`",
+                clip(audience)
+            )));
         }
         if actions.is_empty() {
-            return Err(ApiError::InvalidScope("`scope` must name at least one action".into()));
+            return Err(ApiError::InvalidScope(
+                "`scope` must name at least one action".into(),
+            ));
         }
         for a in actions {
             if !policy.has_action(a) {
-                return Err(ApiError::InvalidScope(format!("unknown action `{}`", clip(a))));
+                return Err(ApiError::InvalidScope(format!(
+                    "unknown action `{}`",
+                    clip(a)
+                )));
             }
         }
         Ok(())
     }
 
     /// Authenticate, decide, and issue (or record as pending, or deny).
-    pub async fn exchange(&self, input: ExchangeInput, proof: &DpopProof) -> Result<Issued, ApiError> {
+    pub async fn exchange(
+        &self,
+        input: ExchangeInput,
+        proof: &DpopProof,
+    ) -> Result<Issued, ApiError> {
         let now = self.now();
         let policy = self.policy()?;
-        let workload = self.identity.verify(&input.identity_token, now.unix_seconds()).await.map_err(|e| {
-            if e.is_unavailable() {
-                ApiError::Unavailable(e.to_string())
-            } else {
-                ApiError::InvalidGrant(e.to_string())
-            }
-        })?;
+        let workload = self
+            .identity
+            .verify(&input.identity_token, now.unix_seconds())
+            .await
+            .map_err(|e| {
+                if e.is_unavailable() {
+                    ApiError::Unavailable(e.to_string())
+                } else {
+                    ApiError::InvalidGrant(e.to_string())
+                }
+            })?;
         self.check_target(&input.audience, &input.actions, &policy)?;
         if input.task.id.trim().is_empty() {
-            return Err(ApiError::InvalidRequest("`task` is required: access is always for a named task".into()));
+            return Err(ApiError::InvalidRequest(
+                "`task` is required: access is always for a named task".into(),
+            ));
         }
         if input.task.purpose.trim().is_empty() {
             return Err(ApiError::InvalidRequest("`purpose` is required".into()));
         }
         let requested = input.ttl_secs.unwrap_or(self.cfg.default_ttl.secs());
         if requested == 0 {
-            return Err(ApiError::InvalidRequest("`expires_in` must be at least 1 second".into()));
+            return Err(ApiError::InvalidRequest(
+                "`expires_in` must be at least 1 second".into(),
+            ));
         }
         let request = AccessRequest {
             workload,
@@ -214,10 +271,21 @@ impl Lapse {
             },
         };
         let decision = policy.decide(&request);
-        self.metrics.decisions.get_or_create(&OutcomeLabels { outcome: decision.outcome_label().into() }).inc();
+        self.metrics
+            .decisions
+            .get_or_create(&OutcomeLabels {
+                outcome: decision.outcome_label().into(),
+            })
+            .inc();
         let actor = request.workload.id.clone();
         let id = GrantId::generate();
-        let decided = event(now, "access.decided", Some(&id), &actor, json!({ "request": &request, "decision": &decision, "jkt": proof.jkt }));
+        let decided = event(
+            now,
+            "access.decided",
+            Some(&id),
+            &actor,
+            json!({ "request": &request, "decision": &decision, "jkt": proof.jkt }),
+        );
         let new = NewGrant {
             id,
             request,
@@ -231,27 +299,80 @@ impl Lapse {
         match decision.outcome.clone() {
             DecisionOutcome::Deny { reasons } => {
                 // A denial is recorded like everything else, but no grant row exists.
-                self.store.commit(WriteBatch { grants: vec![], events: vec![decided] }).await?;
-                Err(ApiError::AccessDenied { description: reasons.join("; "), policies: decision.policies })
+                self.store
+                    .commit(WriteBatch {
+                        grants: vec![],
+                        events: vec![decided],
+                    })
+                    .await?;
+                Err(ApiError::AccessDenied {
+                    description: reasons.join("; "),
+                    policies: decision.policies,
+                })
             }
-            DecisionOutcome::ApprovalRequired { approvals, ttl_cap_secs, approvers } => {
-                let grant = Grant::pending(NewGrant { ttl_cap_secs, ..new }, approvals, self.cfg.approval_window.secs());
-                let pending = event(now, "grant.pending", Some(&grant.id), &actor, json!({ "approvals_required": approvals, "approvers": approvers, "approvable_until": grant.expires_at }));
+            DecisionOutcome::ApprovalRequired {
+                approvals,
+                ttl_cap_secs,
+                approvers,
+            } => {
+                let grant = Grant::pending(
+                    NewGrant {
+                        ttl_cap_secs,
+                        ..new
+                    },
+                    approvals,
+                    self.cfg.approval_window.secs(),
+                );
+                let pending = event(
+                    now,
+                    "grant.pending",
+                    Some(&grant.id),
+                    &actor,
+                    json!({ "approvals_required": approvals, "approvers": approvers, "approvable_until": grant.expires_at }),
+                );
                 let request_id = grant.id.to_string();
-                self.store.commit(WriteBatch { grants: vec![GrantWrite::Insert(grant)], events: vec![decided, pending] }).await?;
-                Err(ApiError::AuthorizationPending { request_id, approvals, approvers })
+                self.store
+                    .commit(WriteBatch {
+                        grants: vec![GrantWrite::Insert(grant)],
+                        events: vec![decided, pending],
+                    })
+                    .await?;
+                Err(ApiError::AuthorizationPending {
+                    request_id,
+                    approvals,
+                    approvers,
+                })
             }
             DecisionOutcome::Allow { ttl_cap_secs } => {
                 let jti = new_jti();
-                let grant = Grant::issue(NewGrant { ttl_cap_secs, ..new }, jti)
-                    .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                let grant = Grant::issue(
+                    NewGrant {
+                        ttl_cap_secs,
+                        ..new
+                    },
+                    jti,
+                )
+                .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
                 let token = self.mint(&grant, now)?;
-                let issued = event(now, "grant.issued", Some(&grant.id), &actor, issued_data(&grant, &decision, now));
+                let issued = event(
+                    now,
+                    "grant.issued",
+                    Some(&grant.id),
+                    &actor,
+                    issued_data(&grant, &decision, now),
+                );
                 self.store
-                    .commit(WriteBatch { grants: vec![GrantWrite::Insert(grant.clone())], events: vec![decided, issued] })
+                    .commit(WriteBatch {
+                        grants: vec![GrantWrite::Insert(grant.clone())],
+                        events: vec![decided, issued],
+                    })
                     .await?;
                 self.metrics.active_grants.inc();
-                Ok(Issued { expires_in: grant.remaining_secs(now), grant, access_token: token })
+                Ok(Issued {
+                    expires_in: grant.remaining_secs(now),
+                    grant,
+                    access_token: token,
+                })
             }
         }
     }
@@ -267,7 +388,9 @@ impl Lapse {
             jti: grant.token_jti.clone().unwrap_or_default(),
             client_id: grant.request.workload.id.clone(),
             scope: grant.actions.join(" "),
-            cnf: Confirmation { jkt: grant.jkt.clone() },
+            cnf: Confirmation {
+                jkt: grant.jkt.clone(),
+            },
             task: grant.request.task.id.clone(),
             grant_id: grant.id.to_string(),
             break_glass: grant.request.context.break_glass,
@@ -281,14 +404,23 @@ impl Lapse {
     pub fn verify_access_token(&self, token: &str) -> Result<AccessClaims, TokenError> {
         let kid = self.key.kid().to_owned();
         let public = self.key.public();
-        access::verify(token, |k| (k == kid).then_some(public), &self.issuer, self.now().unix_seconds())
+        access::verify(
+            token,
+            |k| (k == kid).then_some(public),
+            &self.issuer,
+            self.now().unix_seconds(),
+        )
     }
 
     /// RFC 7662. Inactive for anything not currently honourable.
     pub async fn introspect(&self, token: &str) -> Result<Value, ApiError> {
         let inactive = json!({ "active": false });
-        let Ok(claims) = self.verify_access_token(token) else { return Ok(inactive) };
-        let Ok(id) = claims.grant_id.parse::<GrantId>() else { return Ok(inactive) };
+        let Ok(claims) = self.verify_access_token(token) else {
+            return Ok(inactive);
+        };
+        let Ok(id) = claims.grant_id.parse::<GrantId>() else {
+            return Ok(inactive);
+        };
         let grant = self.store.grant(id).await.map_err(|e| {
             tracing::error!(error = %e, "introspection could not read the store; answering inactive");
             ApiError::Unavailable("the store is unavailable; the token must be treated as inactive".into())
@@ -325,48 +457,102 @@ impl Lapse {
     ) -> Result<(AccessClaims, Grant), ApiError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("DPoP "))
-            .ok_or_else(|| ApiError::InvalidToken("a DPoP-bound access token is required (`Authorization: DPoP …`)".into()))?;
-        let claims = self.verify_access_token(token).map_err(|e| ApiError::InvalidToken(e.to_string()))?;
+            .ok_or_else(|| {
+                ApiError::InvalidToken(
+                    "a DPoP-bound access token is required (`Authorization: DPoP …`)".into(),
+                )
+            })?;
+        let claims = self
+            .verify_access_token(token)
+            .map_err(|e| ApiError::InvalidToken(e.to_string()))?;
         let proof = self.verify_dpop(dpop_headers, htm, path, Some(token))?;
         if proof.jkt != claims.cnf.jkt {
-            return Err(ApiError::InvalidDpopProof("the proof's key is not the key the token is bound to".into()));
+            return Err(ApiError::InvalidDpopProof(
+                "the proof's key is not the key the token is bound to".into(),
+            ));
         }
         if claims.grant_id != grant_id.to_string() {
-            return Err(ApiError::Forbidden("the token belongs to another grant".into()));
+            return Err(ApiError::Forbidden(
+                "the token belongs to another grant".into(),
+            ));
         }
-        let grant = self.store.grant(grant_id).await?.ok_or_else(|| ApiError::NotFound(format!("no grant `{grant_id}`")))?;
+        let grant = self
+            .store
+            .grant(grant_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no grant `{grant_id}`")))?;
         Ok((claims, grant))
     }
 
-    async fn end(&self, grant: Grant, ended: Grant, kind: &str, actor: &str, data: Value) -> Result<Grant, ApiError> {
+    async fn end(
+        &self,
+        grant: Grant,
+        ended: Grant,
+        kind: &str,
+        actor: &str,
+        data: Value,
+    ) -> Result<Grant, ApiError> {
         let now = self.now();
         let was_active = grant.state == GrantState::Active;
         self.store
             .commit(WriteBatch {
                 events: vec![event(now, kind, Some(&ended.id), actor, data)],
-                grants: vec![GrantWrite::Update { expected_version: grant.version, grant: ended.clone() }],
+                grants: vec![GrantWrite::Update {
+                    expected_version: grant.version,
+                    grant: ended.clone(),
+                }],
             })
             .await?;
         if was_active {
             self.metrics.active_grants.dec();
         }
-        self.metrics.grants_ended.get_or_create(&OutcomeLabels { outcome: ended.state.as_str().into() }).inc();
+        self.metrics
+            .grants_ended
+            .get_or_create(&OutcomeLabels {
+                outcome: ended.state.as_str().into(),
+            })
+            .inc();
         Ok(ended)
     }
 
     pub async fn complete(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
-        let ended = grant.clone().complete(self.now(), by, reason).map_err(lifecycle)?;
-        self.end(grant, ended, "grant.completed", by, json!({ "reason": reason })).await
+        let ended = grant
+            .clone()
+            .complete(self.now(), by, reason)
+            .map_err(lifecycle)?;
+        self.end(
+            grant,
+            ended,
+            "grant.completed",
+            by,
+            json!({ "reason": reason }),
+        )
+        .await
     }
 
     pub async fn revoke(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
-        let ended = grant.clone().revoke(self.now(), by, reason).map_err(lifecycle)?;
-        self.end(grant, ended, "grant.revoked", by, json!({ "reason": reason })).await
+        let ended = grant
+            .clone()
+            .revoke(self.now(), by, reason)
+            .map_err(lifecycle)?;
+        self.end(
+            grant,
+            ended,
+            "grant.revoked",
+            by,
+            json!({ "reason": reason }),
+        )
+        .await
     }
 
     /// Renewal re-decides the original request now. Anything but a plain allow ends
     /// the grant: the conditions it was granted under no longer hold.
-    pub async fn renew(&self, grant: Grant, ttl_secs: Option<u64>, source: IpAddr) -> Result<Issued, ApiError> {
+    pub async fn renew(
+        &self,
+        grant: Grant,
+        ttl_secs: Option<u64>,
+        source: IpAddr,
+    ) -> Result<Issued, ApiError> {
         let now = self.now();
         let policy = self.policy()?;
         let mut request = grant.request.clone();
@@ -376,12 +562,27 @@ impl Lapse {
             request.requested_ttl_secs = t;
         }
         let decision: Decision = policy.decide(&request);
-        self.metrics.decisions.get_or_create(&OutcomeLabels { outcome: decision.outcome_label().into() }).inc();
+        self.metrics
+            .decisions
+            .get_or_create(&OutcomeLabels {
+                outcome: decision.outcome_label().into(),
+            })
+            .inc();
         let actor = grant.request.workload.id.clone();
-        let decided = event(now, "renewal.decided", Some(&grant.id), &actor, json!({ "request": &request, "decision": &decision }));
+        let decided = event(
+            now,
+            "renewal.decided",
+            Some(&grant.id),
+            &actor,
+            json!({ "request": &request, "decision": &decision }),
+        );
         match decision.outcome {
             DecisionOutcome::Allow { ttl_cap_secs } => {
-                let ttl = ttl::effective_ttl_secs(request.requested_ttl_secs, ttl_cap_secs, self.cfg.max_ttl.secs());
+                let ttl = ttl::effective_ttl_secs(
+                    request.requested_ttl_secs,
+                    ttl_cap_secs,
+                    self.cfg.max_ttl.secs(),
+                );
                 let renewed = grant
                     .clone()
                     .renew(now, ttl, decision.policies.clone(), ttl_cap_secs, new_jti())
@@ -390,27 +591,55 @@ impl Lapse {
                 let data = issued_data(&renewed, &decision, now);
                 self.store
                     .commit(WriteBatch {
-                        grants: vec![GrantWrite::Update { grant: renewed.clone(), expected_version: grant.version }],
-                        events: vec![decided, event(now, "grant.renewed", Some(&renewed.id), &actor, data)],
+                        grants: vec![GrantWrite::Update {
+                            grant: renewed.clone(),
+                            expected_version: grant.version,
+                        }],
+                        events: vec![
+                            decided,
+                            event(now, "grant.renewed", Some(&renewed.id), &actor, data),
+                        ],
                     })
                     .await?;
-                Ok(Issued { expires_in: renewed.remaining_secs(now), grant: renewed, access_token: token })
+                Ok(Issued {
+                    expires_in: renewed.remaining_secs(now),
+                    grant: renewed,
+                    access_token: token,
+                })
             }
             other => {
                 let reason = match &other {
                     DecisionOutcome::Deny { reasons } => reasons.join("; "),
                     _ => "renewal would need approval".to_owned(),
                 };
-                let ended = grant.clone().revoke(now, "lapse", &format!("renewal refused: {reason}")).map_err(lifecycle)?;
+                let ended = grant
+                    .clone()
+                    .revoke(now, "lapse", &format!("renewal refused: {reason}"))
+                    .map_err(lifecycle)?;
                 let id = ended.id;
                 self.store
                     .commit(WriteBatch {
-                        grants: vec![GrantWrite::Update { grant: ended, expected_version: grant.version }],
-                        events: vec![decided, event(now, "grant.revoked", Some(&id), "lapse", json!({ "reason": format!("renewal refused: {reason}") }))],
+                        grants: vec![GrantWrite::Update {
+                            grant: ended,
+                            expected_version: grant.version,
+                        }],
+                        events: vec![
+                            decided,
+                            event(
+                                now,
+                                "grant.revoked",
+                                Some(&id),
+                                "lapse",
+                                json!({ "reason": format!("renewal refused: {reason}") }),
+                            ),
+                        ],
                     })
                     .await?;
                 self.metrics.active_grants.dec();
-                Err(ApiError::AccessDenied { description: format!("renewal refused, grant ended: {reason}"), policies: decision.policies })
+                Err(ApiError::AccessDenied {
+                    description: format!("renewal refused, grant ended: {reason}"),
+                    policies: decision.policies,
+                })
             }
         }
     }
@@ -422,10 +651,21 @@ impl Lapse {
         let mut n = 0;
         for g in due {
             let was_active = g.state == GrantState::Active;
-            let Ok(ended) = g.clone().expire(now) else { continue };
+            let Ok(ended) = g.clone().expire(now) else {
+                continue;
+            };
             let batch = WriteBatch {
-                events: vec![event(now, "grant.expired", Some(&ended.id), "lapse", json!({ "reason": ended.end.as_ref().map(|e| e.reason.clone()), "expires_at": g.expires_at }))],
-                grants: vec![GrantWrite::Update { expected_version: g.version, grant: ended }],
+                events: vec![event(
+                    now,
+                    "grant.expired",
+                    Some(&ended.id),
+                    "lapse",
+                    json!({ "reason": ended.end.as_ref().map(|e| e.reason.clone()), "expires_at": g.expires_at }),
+                )],
+                grants: vec![GrantWrite::Update {
+                    expected_version: g.version,
+                    grant: ended,
+                }],
             };
             match self.store.commit(batch).await {
                 Ok(()) => {
@@ -433,7 +673,12 @@ impl Lapse {
                     if was_active {
                         self.metrics.active_grants.dec();
                     }
-                    self.metrics.grants_ended.get_or_create(&OutcomeLabels { outcome: "expired".into() }).inc();
+                    self.metrics
+                        .grants_ended
+                        .get_or_create(&OutcomeLabels {
+                            outcome: "expired".into(),
+                        })
+                        .inc();
                 }
                 Err(lapse_store::StoreError::Conflict(_)) => {} // ended by someone else meanwhile
                 Err(e) => return Err(e.into()),

@@ -1,3 +1,10 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::type_complexity
+)]
 //! The real server over real HTTP, with real signed identity tokens and real DPoP
 //! proofs. Access tokens are checked with an independent JWT library (jsonwebtoken).
 
@@ -20,22 +27,42 @@ struct Server {
 }
 
 async fn start_in(dir: PathBuf, clock: FakeClock, addr: &str) -> Server {
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap_or_else(|e| panic!("{e}"));
     cfg.store_timeout = TtlDuration::from_secs(1);
-    let lapse = lapse_server::build(cfg, Arc::new(clock.clone())).await.unwrap_or_else(|e| panic!("{e}"));
+    let lapse = lapse_server::build(cfg, Arc::new(clock.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let l2 = lapse.clone();
     let task = tokio::spawn(async move {
-        let _ = lapse_server::serve(l2, listener, async { let _ = rx.await; }).await;
+        let _ = lapse_server::serve(l2, listener, async {
+            let _ = rx.await;
+        })
+        .await;
     });
-    Server { url: format!("http://{addr}"), dir, admin, clock, stop: Some(tx), task, http: lapse_identity::http_client() }
+    Server {
+        url: format!("http://{addr}"),
+        dir,
+        admin,
+        clock,
+        stop: Some(tx),
+        task,
+        http: lapse_identity::http_client(),
+    }
 }
 
 async fn start() -> (tempfile::TempDir, Server) {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let s = start_in(tmp.path().join("data"), FakeClock::at(SystemClock.now()), "127.0.0.1:0").await;
+    let s = start_in(
+        tmp.path().join("data"),
+        FakeClock::at(SystemClock.now()),
+        "127.0.0.1:0",
+    )
+    .await;
     (tmp, s)
 }
 
@@ -45,7 +72,11 @@ impl Server {
             let _ = tx.send(());
         }
         let _ = self.task.await;
-        (self.dir.clone(), self.clock.clone(), self.url.trim_start_matches("http://").to_owned())
+        (
+            self.dir.clone(),
+            self.clock.clone(),
+            self.url.trim_start_matches("http://").to_owned(),
+        )
     }
 
     fn now(&self) -> i64 {
@@ -56,10 +87,20 @@ impl Server {
         dev::dev_token(&self.dir, workload, 600, &[], self.now()).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    async fn exchange(&self, key: &DpopKey, identity: &str, audience: &str, scope: &str, extra: &[(&str, &str)]) -> (u16, Value) {
+    async fn exchange(
+        &self,
+        key: &DpopKey,
+        identity: &str,
+        audience: &str,
+        scope: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, Value) {
         let url = format!("{}/oauth/token", self.url);
         let mut form = vec![
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
             ("subject_token", identity),
             ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
             ("audience", audience),
@@ -69,7 +110,8 @@ impl Server {
         ];
         form.extend_from_slice(extra);
         let proof = key.proof("POST", &url, None, self.now());
-        self.send(self.http.post(&url).header("DPoP", proof).form(&form)).await
+        self.send(self.http.post(&url).header("DPoP", proof).form(&form))
+            .await
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> (u16, Value) {
@@ -79,19 +121,45 @@ impl Server {
     }
 
     async fn introspect(&self, token: &str) -> Value {
-        let (status, v) = self.send(self.http.post(format!("{}/oauth/introspect", self.url)).bearer_auth(&self.admin).form(&[("token", token)])).await;
+        let (status, v) = self
+            .send(
+                self.http
+                    .post(format!("{}/oauth/introspect", self.url))
+                    .bearer_auth(&self.admin)
+                    .form(&[("token", token)]),
+            )
+            .await;
         assert_eq!(status, 200, "{v}");
         v
     }
 
-    async fn workload_call(&self, key: &DpopKey, token: &str, grant: &str, action: &str) -> (u16, Value) {
+    async fn workload_call(
+        &self,
+        key: &DpopKey,
+        token: &str,
+        grant: &str,
+        action: &str,
+    ) -> (u16, Value) {
         let url = format!("{}/v1/grants/{grant}/{action}", self.url);
         let proof = key.proof("POST", &url, Some(token), self.now());
-        self.send(self.http.post(&url).header("Authorization", format!("DPoP {token}")).header("DPoP", proof).json(&json!({}))).await
+        self.send(
+            self.http
+                .post(&url)
+                .header("Authorization", format!("DPoP {token}"))
+                .header("DPoP", proof)
+                .json(&json!({})),
+        )
+        .await
     }
 
     async fn audit_ok(&self) -> Value {
-        let (status, v) = self.send(self.http.get(format!("{}/v1/audit/verify", self.url)).bearer_auth(&self.admin)).await;
+        let (status, v) = self
+            .send(
+                self.http
+                    .get(format!("{}/v1/audit/verify", self.url))
+                    .bearer_auth(&self.admin),
+            )
+            .await;
         assert_eq!(status, 200, "audit must verify: {v}");
         v
     }
@@ -103,7 +171,15 @@ const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
 async fn allow_issues_a_capped_dpop_bound_token() {
     let (_tmp, s) = start().await;
     let key = DpopKey::generate();
-    let (status, v) = s.exchange(&key, &s.identity(CI), "orders-db", "read", &[("expires_in", "3600")]).await;
+    let (status, v) = s
+        .exchange(
+            &key,
+            &s.identity(CI),
+            "orders-db",
+            "read",
+            &[("expires_in", "3600")],
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["token_type"], "DPoP");
     assert_eq!(v["scope"], "read");
@@ -111,23 +187,46 @@ async fn allow_issues_a_capped_dpop_bound_token() {
     let token = v["access_token"].as_str().unwrap_or_default();
 
     // Verify with an independent library against the published JWKS.
-    let (_, jwks) = s.send(s.http.get(format!("{}/.well-known/jwks.json", s.url))).await;
-    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["keys"][0].clone()).unwrap_or_else(|e| panic!("{e}"));
+    let (_, jwks) = s
+        .send(s.http.get(format!("{}/.well-known/jwks.json", s.url)))
+        .await;
+    let jwk: jsonwebtoken::jwk::Jwk =
+        serde_json::from_value(jwks["keys"][0].clone()).unwrap_or_else(|e| panic!("{e}"));
     let header = jsonwebtoken::decode_header(token).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(header.typ.as_deref(), Some("at+jwt"));
     assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
     validation.set_audience(&["orders-db"]);
     validation.set_issuer(&[s.url.as_str()]);
-    let data = jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap_or_else(|e| panic!("{e}")), &validation)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let data = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap_or_else(|e| panic!("{e}")),
+        &validation,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let c = data.claims;
     assert_eq!(c["sub"], CI);
     assert_eq!(c["cnf"]["jkt"], key.jkt());
     assert_eq!(c["task"], "T-42");
     assert_eq!(c["grant_id"], v["grant_id"]);
-    assert_eq!(c["exp"].as_i64().unwrap_or(0) - c["iat"].as_i64().unwrap_or(0), 900);
-    for claim in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "scope", "cnf", "task", "grant_id", "client_id"] {
+    assert_eq!(
+        c["exp"].as_i64().unwrap_or(0) - c["iat"].as_i64().unwrap_or(0),
+        900
+    );
+    for claim in [
+        "iss",
+        "sub",
+        "aud",
+        "exp",
+        "iat",
+        "nbf",
+        "jti",
+        "scope",
+        "cnf",
+        "task",
+        "grant_id",
+        "client_id",
+    ] {
         assert!(c.get(claim).is_some(), "claim {claim} missing");
     }
 
@@ -144,48 +243,161 @@ async fn deny_pending_and_bad_input_get_precise_errors() {
     let key = DpopKey::generate();
     let id = s.identity(CI);
     let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, u16, &str)> = vec![
-        ("default deny", "orders-db", "write", vec![], 403, "access_denied"),
-        ("approval", "orders-db", "admin", vec![], 400, "authorization_pending"),
-        ("unknown audience", "payroll", "read", vec![], 400, "invalid_target"),
-        ("unknown action", "orders-db", "delete", vec![], 400, "invalid_scope"),
-        ("bad expires_in", "orders-db", "read", vec![("expires_in", "soon")], 400, "invalid_request"),
+        (
+            "default deny",
+            "orders-db",
+            "write",
+            vec![],
+            403,
+            "access_denied",
+        ),
+        (
+            "approval",
+            "orders-db",
+            "admin",
+            vec![],
+            400,
+            "authorization_pending",
+        ),
+        (
+            "unknown audience",
+            "payroll",
+            "read",
+            vec![],
+            400,
+            "invalid_target",
+        ),
+        (
+            "unknown action",
+            "orders-db",
+            "delete",
+            vec![],
+            400,
+            "invalid_scope",
+        ),
+        (
+            "bad expires_in",
+            "orders-db",
+            "read",
+            vec![("expires_in", "soon")],
+            400,
+            "invalid_request",
+        ),
     ];
     for (name, aud, scope, extra, status, code) in cases {
         let (st, v) = s.exchange(&key, &id, aud, scope, &extra).await;
-        assert_eq!((st, v["error"].as_str().unwrap_or("")), (status, code), "{name}: {v}");
+        assert_eq!(
+            (st, v["error"].as_str().unwrap_or("")),
+            (status, code),
+            "{name}: {v}"
+        );
         if code == "authorization_pending" {
-            assert!(v["request_id"].as_str().unwrap_or("").starts_with("gr_"), "{v}");
+            assert!(
+                v["request_id"].as_str().unwrap_or("").starts_with("gr_"),
+                "{v}"
+            );
             assert_eq!(v["approvals_required"], 2);
         }
     }
     // A bad identity token.
-    let (st, v) = s.exchange(&key, "not-a-jwt", "orders-db", "read", &[]).await;
-    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+    let (st, v) = s
+        .exchange(&key, "not-a-jwt", "orders-db", "read", &[])
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
     // An identity token for a workload nobody permits is a deny, not an error.
-    let (st, _) = s.exchange(&key, &s.identity("spiffe://elsewhere/x"), "orders-db", "read", &[]).await;
+    let (st, _) = s
+        .exchange(
+            &key,
+            &s.identity("spiffe://elsewhere/x"),
+            "orders-db",
+            "read",
+            &[],
+        )
+        .await;
     assert_eq!(st, 403);
 
     let url = format!("{}/oauth/token", s.url);
     // Unknown grant type.
-    let (st, v) = s.send(s.http.post(&url).header("DPoP", key.proof("POST", &url, None, s.now())).form(&[("grant_type", "client_credentials")])).await;
-    assert_eq!((st, v["error"].as_str()), (400, Some("unsupported_grant_type")));
+    let (st, v) = s
+        .send(
+            s.http
+                .post(&url)
+                .header("DPoP", key.proof("POST", &url, None, s.now()))
+                .form(&[("grant_type", "client_credentials")]),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
     // Repeated parameter.
-    let (st, v) = s.send(s.http.post(&url).header("content-type", "application/x-www-form-urlencoded").body("grant_type=a&grant_type=b")).await;
-    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_request")), "{v}");
+    let (st, v) = s
+        .send(
+            s.http
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("grant_type=a&grant_type=b"),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
     // Oversize body.
-    let (st, v) = s.send(s.http.post(&url).header("content-type", "application/x-www-form-urlencoded").body(vec![b'a'; 100_000])).await;
-    assert_eq!((st, v["error"].as_str()), (413, Some("invalid_request")), "{v}");
+    let (st, v) = s
+        .send(
+            s.http
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(vec![b'a'; 100_000]),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (413, Some("invalid_request")),
+        "{v}"
+    );
     // Wrong content type.
     let (st, _) = s.send(s.http.post(&url).json(&json!({}))).await;
     assert_eq!(st, 415);
     // Malformed JSON on the native API.
-    let (st, v) = s.send(s.http.post(format!("{}/v1/access-requests", s.url)).header("content-type", "application/json").body("{\"identity_token\": 5")).await;
-    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_request")), "{v}");
+    let (st, v) = s
+        .send(
+            s.http
+                .post(format!("{}/v1/access-requests", s.url))
+                .header("content-type", "application/json")
+                .body("{\"identity_token\": 5"),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
 
     // Denials are audited too; the chain still verifies.
-    let (_, a) = s.send(s.http.get(format!("{}/v1/audit", s.url)).bearer_auth(&s.admin)).await;
-    let kinds: Vec<&str> = a["entries"].as_array().into_iter().flatten().filter_map(|e| e["kind"].as_str()).collect();
-    assert!(kinds.contains(&"access.decided") && kinds.contains(&"grant.pending"), "{kinds:?}");
+    let (_, a) = s
+        .send(
+            s.http
+                .get(format!("{}/v1/audit", s.url))
+                .bearer_auth(&s.admin),
+        )
+        .await;
+    let kinds: Vec<&str> = a["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"access.decided") && kinds.contains(&"grant.pending"),
+        "{kinds:?}"
+    );
     s.audit_ok().await;
     s.stop().await;
 }
@@ -197,7 +409,10 @@ async fn dpop_replay_mismatch_and_missing_proofs_are_refused() {
     let url = format!("{}/oauth/token", s.url);
     let id = s.identity(CI);
     let form = [
-        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
         ("subject_token", id.as_str()),
         ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
         ("audience", "orders-db"),
@@ -206,22 +421,53 @@ async fn dpop_replay_mismatch_and_missing_proofs_are_refused() {
         ("purpose", "p"),
     ];
     let proof = key.proof("POST", &url, None, s.now());
-    let (st, _) = s.send(s.http.post(&url).header("DPoP", &proof).form(&form)).await;
+    let (st, _) = s
+        .send(s.http.post(&url).header("DPoP", &proof).form(&form))
+        .await;
     assert_eq!(st, 200);
-    let (st, v) = s.send(s.http.post(&url).header("DPoP", &proof).form(&form)).await;
-    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_dpop_proof")), "replay: {v}");
-    assert!(v["error_description"].as_str().unwrap_or("").contains("already used"));
+    let (st, v) = s
+        .send(s.http.post(&url).header("DPoP", &proof).form(&form))
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_dpop_proof")),
+        "replay: {v}"
+    );
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already used")
+    );
     for (name, p) in [
         ("wrong htm", key.proof("GET", &url, None, s.now())),
-        ("wrong htu", key.proof("POST", &format!("{}/v1/access-requests", s.url), None, s.now())),
+        (
+            "wrong htu",
+            key.proof(
+                "POST",
+                &format!("{}/v1/access-requests", s.url),
+                None,
+                s.now(),
+            ),
+        ),
         ("stale iat", key.proof("POST", &url, None, s.now() - 300)),
         ("garbage", "abc.def.ghi".to_owned()),
     ] {
-        let (st, v) = s.send(s.http.post(&url).header("DPoP", p).form(&form)).await;
-        assert_eq!((st, v["error"].as_str()), (400, Some("invalid_dpop_proof")), "{name}: {v}");
+        let (st, v) = s
+            .send(s.http.post(&url).header("DPoP", p).form(&form))
+            .await;
+        assert_eq!(
+            (st, v["error"].as_str()),
+            (400, Some("invalid_dpop_proof")),
+            "{name}: {v}"
+        );
     }
     let (st, v) = s.send(s.http.post(&url).form(&form)).await;
-    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_dpop_proof")), "missing: {v}");
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_dpop_proof")),
+        "missing: {v}"
+    );
 
     // Key mismatch: a token bound to one key, presented with another key's proof.
     let (_, v) = s.exchange(&key, &id, "orders-db", "read", &[]).await;
@@ -229,8 +475,16 @@ async fn dpop_replay_mismatch_and_missing_proofs_are_refused() {
     let grant = v["grant_id"].as_str().unwrap_or_default();
     let thief = DpopKey::generate();
     let (st, v2) = s.workload_call(&thief, token, grant, "complete").await;
-    assert_eq!((st, v2["error"].as_str()), (400, Some("invalid_dpop_proof")), "{v2}");
-    assert_eq!(s.introspect(token).await["active"], true, "a refused call changes nothing");
+    assert_eq!(
+        (st, v2["error"].as_str()),
+        (400, Some("invalid_dpop_proof")),
+        "{v2}"
+    );
+    assert_eq!(
+        s.introspect(token).await["active"],
+        true,
+        "a refused call changes nothing"
+    );
     s.stop().await;
 }
 
@@ -241,7 +495,10 @@ async fn lifecycle_complete_revoke_renew_and_introspection() {
     let id = s.identity(CI);
     // Complete by the workload.
     let (_, v) = s.exchange(&key, &id, "orders-db", "read", &[]).await;
-    let (t1, g1) = (v["access_token"].as_str().unwrap_or_default().to_owned(), v["grant_id"].as_str().unwrap_or_default().to_owned());
+    let (t1, g1) = (
+        v["access_token"].as_str().unwrap_or_default().to_owned(),
+        v["grant_id"].as_str().unwrap_or_default().to_owned(),
+    );
     let (st, c) = s.workload_call(&key, &t1, &g1, "complete").await;
     assert_eq!((st, c["state"].as_str()), (200, Some("completed")), "{c}");
     assert_eq!(s.introspect(&t1).await, json!({ "active": false }));
@@ -250,26 +507,59 @@ async fn lifecycle_complete_revoke_renew_and_introspection() {
 
     // Revoke by an operator.
     let (_, v) = s.exchange(&key, &id, "orders-db", "read", &[]).await;
-    let (t2, g2) = (v["access_token"].as_str().unwrap_or_default().to_owned(), v["grant_id"].as_str().unwrap_or_default().to_owned());
-    let (st, r) = s.send(s.http.post(format!("{}/v1/grants/{g2}/revoke", s.url)).bearer_auth(&s.admin).json(&json!({"reason": "test"}))).await;
+    let (t2, g2) = (
+        v["access_token"].as_str().unwrap_or_default().to_owned(),
+        v["grant_id"].as_str().unwrap_or_default().to_owned(),
+    );
+    let (st, r) = s
+        .send(
+            s.http
+                .post(format!("{}/v1/grants/{g2}/revoke", s.url))
+                .bearer_auth(&s.admin)
+                .json(&json!({"reason": "test"})),
+        )
+        .await;
     assert_eq!((st, r["state"].as_str()), (200, Some("revoked")), "{r}");
     assert_eq!(s.introspect(&t2).await["active"], false);
     // Operators need a token; unknown ones are refused.
-    let (st, _) = s.send(s.http.post(format!("{}/v1/grants/{g2}/revoke", s.url)).bearer_auth("nope")).await;
+    let (st, _) = s
+        .send(
+            s.http
+                .post(format!("{}/v1/grants/{g2}/revoke", s.url))
+                .bearer_auth("nope"),
+        )
+        .await;
     assert_eq!(st, 401);
 
     // RFC 7009 revocation with the token itself.
     let (_, v) = s.exchange(&key, &id, "orders-db", "read", &[]).await;
     let t3 = v["access_token"].as_str().unwrap_or_default().to_owned();
-    let (st, _) = s.send(s.http.post(format!("{}/oauth/revoke", s.url)).form(&[("token", t3.as_str())])).await;
+    let (st, _) = s
+        .send(
+            s.http
+                .post(format!("{}/oauth/revoke", s.url))
+                .form(&[("token", t3.as_str())]),
+        )
+        .await;
     assert_eq!(st, 200);
     assert_eq!(s.introspect(&t3).await["active"], false);
-    let (st, _) = s.send(s.http.post(format!("{}/oauth/revoke", s.url)).form(&[("token", "garbage")])).await;
+    let (st, _) = s
+        .send(
+            s.http
+                .post(format!("{}/oauth/revoke", s.url))
+                .form(&[("token", "garbage")]),
+        )
+        .await;
     assert_eq!(st, 200, "RFC 7009: invalid tokens answer 200");
 
     // Renewal: re-decided, capped by the maximum lifetime (1h in dev config).
-    let (_, v) = s.exchange(&key, &id, "orders-db", "read", &[("expires_in", "900")]).await;
-    let (t4, g4) = (v["access_token"].as_str().unwrap_or_default().to_owned(), v["grant_id"].as_str().unwrap_or_default().to_owned());
+    let (_, v) = s
+        .exchange(&key, &id, "orders-db", "read", &[("expires_in", "900")])
+        .await;
+    let (t4, g4) = (
+        v["access_token"].as_str().unwrap_or_default().to_owned(),
+        v["grant_id"].as_str().unwrap_or_default().to_owned(),
+    );
     let mut token = t4;
     for _ in 0..4 {
         s.clock.advance_secs(800);
@@ -279,7 +569,11 @@ async fn lifecycle_complete_revoke_renew_and_introspection() {
     }
     // 3200 s in: only 400 s of lifetime remain.
     let i = s.introspect(&token).await;
-    assert_eq!(i["exp"].as_i64().unwrap_or(0) - i["iat"].as_i64().unwrap_or(0), 400, "{i}");
+    assert_eq!(
+        i["exp"].as_i64().unwrap_or(0) - i["iat"].as_i64().unwrap_or(0),
+        400,
+        "{i}"
+    );
     s.clock.advance_secs(350);
     let (st, r) = s.workload_call(&key, &token, &g4, "renew").await;
     assert_eq!(st, 409, "maximum lifetime reached: {r}");
@@ -291,13 +585,27 @@ async fn lifecycle_complete_revoke_renew_and_introspection() {
 async fn the_sweeper_expires_grants() {
     let (_tmp, s) = start().await;
     let key = DpopKey::generate();
-    let (_, v) = s.exchange(&key, &s.identity(CI), "orders-db", "read", &[("expires_in", "60")]).await;
+    let (_, v) = s
+        .exchange(
+            &key,
+            &s.identity(CI),
+            "orders-db",
+            "read",
+            &[("expires_in", "60")],
+        )
+        .await;
     let token = v["access_token"].as_str().unwrap_or_default().to_owned();
     let grant = v["grant_id"].as_str().unwrap_or_default().to_owned();
     s.clock.advance_secs(61);
     let mut state = String::new();
     for _ in 0..40 {
-        let (_, g) = s.send(s.http.get(format!("{}/v1/grants/{grant}", s.url)).bearer_auth(&s.admin)).await;
+        let (_, g) = s
+            .send(
+                s.http
+                    .get(format!("{}/v1/grants/{grant}", s.url))
+                    .bearer_auth(&s.admin),
+            )
+            .await;
         state = g["state"].as_str().unwrap_or("").to_owned();
         if state == "expired" {
             break;
@@ -306,9 +614,23 @@ async fn the_sweeper_expires_grants() {
     }
     assert_eq!(state, "expired");
     assert_eq!(s.introspect(&token).await["active"], false);
-    let (_, g) = s.send(s.http.get(format!("{}/v1/grants/{grant}", s.url)).bearer_auth(&s.admin)).await;
-    let kinds: Vec<&str> = g["audit"].as_array().into_iter().flatten().filter_map(|e| e["kind"].as_str()).collect();
-    assert_eq!(kinds, vec!["access.decided", "grant.issued", "grant.expired"]);
+    let (_, g) = s
+        .send(
+            s.http
+                .get(format!("{}/v1/grants/{grant}", s.url))
+                .bearer_auth(&s.admin),
+        )
+        .await;
+    let kinds: Vec<&str> = g["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["access.decided", "grant.issued", "grant.expired"]
+    );
     s.stop().await;
 }
 
@@ -316,18 +638,29 @@ async fn the_sweeper_expires_grants() {
 async fn grants_and_audit_survive_a_restart() {
     let (_tmp, s) = start().await;
     let key = DpopKey::generate();
-    let (_, v) = s.exchange(&key, &s.identity(CI), "orders-db", "read", &[]).await;
+    let (_, v) = s
+        .exchange(&key, &s.identity(CI), "orders-db", "read", &[])
+        .await;
     let token = v["access_token"].as_str().unwrap_or_default().to_owned();
     let before = s.audit_ok().await;
     // Same data folder, same address: the issuer URL (and so `iss`) is unchanged.
     let (dir, clock, addr) = s.stop().await;
     let s = start_in(dir, clock, &addr).await;
-    assert_eq!(s.introspect(&token).await["active"], true, "same key, same grant after restart");
+    assert_eq!(
+        s.introspect(&token).await["active"],
+        true,
+        "same key, same grant after restart"
+    );
     let after = s.audit_ok().await;
     assert_eq!(before["entries"], after["entries"]);
-    let (st, _) = s.exchange(&key, &s.identity(CI), "orders-db", "read", &[]).await;
+    let (st, _) = s
+        .exchange(&key, &s.identity(CI), "orders-db", "read", &[])
+        .await;
     assert_eq!(st, 200);
-    assert_eq!(s.audit_ok().await["entries"], before["entries"].as_u64().unwrap_or(0) + 2);
+    assert_eq!(
+        s.audit_ok().await["entries"],
+        before["entries"].as_u64().unwrap_or(0) + 2
+    );
     s.stop().await;
 }
 
@@ -341,15 +674,31 @@ async fn an_unavailable_store_fails_closed() {
     // Another process takes the database's write lock and holds it.
     let db = s.dir.join("lapse.db");
     let c = rusqlite::Connection::open(&db).unwrap_or_else(|e| panic!("{e}"));
-    c.execute_batch("BEGIN EXCLUSIVE; DELETE FROM lapse_migrations WHERE version < 0;").unwrap_or_else(|e| panic!("{e}"));
+    c.execute_batch("BEGIN EXCLUSIVE; DELETE FROM lapse_migrations WHERE version < 0;")
+        .unwrap_or_else(|e| panic!("{e}"));
     let (st, v) = s.exchange(&key, &id, "orders-db", "read", &[]).await;
-    assert_eq!((st, v["error"].as_str()), (503, Some("temporarily_unavailable")), "{v}");
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (503, Some("temporarily_unavailable")),
+        "{v}"
+    );
     let (st, r) = s.send(s.http.get(format!("{}/readyz", s.url))).await;
     assert_eq!(st, 503, "{r}");
-    c.execute_batch("ROLLBACK").unwrap_or_else(|e| panic!("{e}"));
+    c.execute_batch("ROLLBACK")
+        .unwrap_or_else(|e| panic!("{e}"));
     drop(c);
-    let (_, g) = s.send(s.http.get(format!("{}/v1/grants", s.url)).bearer_auth(&s.admin)).await;
-    assert_eq!(g["grants"].as_array().map(Vec::len), Some(1), "nothing half-written");
+    let (_, g) = s
+        .send(
+            s.http
+                .get(format!("{}/v1/grants", s.url))
+                .bearer_auth(&s.admin),
+        )
+        .await;
+    assert_eq!(
+        g["grants"].as_array().map(Vec::len),
+        Some(1),
+        "nothing half-written"
+    );
     let (st, _) = s.send(s.http.get(format!("{}/readyz", s.url))).await;
     assert_eq!(st, 200);
     s.audit_ok().await;
@@ -361,12 +710,20 @@ async fn policy_edits_reload_and_bad_edits_keep_the_last_good_set() {
     let (_tmp, s) = start().await;
     let key = DpopKey::generate();
     let agent = "spiffe://dev.lapse.local/agent/support-bot";
-    let (st, _) = s.exchange(&key, &s.identity(agent), "orders-db", "read", &[]).await;
+    let (st, _) = s
+        .exchange(&key, &s.identity(agent), "orders-db", "read", &[])
+        .await;
     assert_eq!(st, 403);
     let pol = s.dir.join("policies");
-    std::fs::write(pol.join("broken.cedar"), "permit (principal, action resource);").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        pol.join("broken.cedar"),
+        "permit (principal, action resource);",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (st, _) = s.exchange(&key, &s.identity(CI), "orders-db", "read", &[]).await;
+    let (st, _) = s
+        .exchange(&key, &s.identity(CI), "orders-db", "read", &[])
+        .await;
     assert_eq!(st, 200, "the last good set still decides");
     std::fs::write(
         pol.join("broken.cedar"),
@@ -376,7 +733,9 @@ async fn policy_edits_reload_and_bad_edits_keep_the_last_good_set() {
     let mut st = 0;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (code, v) = s.exchange(&key, &s.identity(agent), "orders-db", "read", &[]).await;
+        let (code, v) = s
+            .exchange(&key, &s.identity(agent), "orders-db", "read", &[])
+            .await;
         st = code;
         if code == 200 {
             assert_eq!(v["expires_in"], 120);
@@ -384,9 +743,20 @@ async fn policy_edits_reload_and_bad_edits_keep_the_last_good_set() {
         }
     }
     assert_eq!(st, 200, "a good edit takes effect without restart");
-    let (_, m) = (0, reqwest::get(format!("{}/metrics", s.url)).await.unwrap_or_else(|e| panic!("{e}")).text().await.unwrap_or_default());
+    let (_, m) = (
+        0,
+        reqwest::get(format!("{}/metrics", s.url))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .text()
+            .await
+            .unwrap_or_default(),
+    );
     assert!(m.contains("lapse_policy_reload_failures_total 1"), "{m}");
-    assert!(m.contains("lapse_decisions_total{outcome=\"allow\"}"), "{m}");
+    assert!(
+        m.contains("lapse_decisions_total{outcome=\"allow\"}"),
+        "{m}"
+    );
     s.stop().await;
 }
 
@@ -398,17 +768,29 @@ async fn openapi_names_only_routed_paths() {
     assert!(paths.len() >= 15);
     for (path, ops) in paths {
         let concrete = path.replace("{id}", "gr_00000000000000000000000000000000");
-        for method in ops.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+        for method in ops
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
             let rb = match method.as_str() {
                 "get" => s.http.get(format!("{}{concrete}", s.url)),
                 _ => s.http.post(format!("{}{concrete}", s.url)),
             };
             let (st, v) = s.send(rb).await;
-            assert!(st != 404 || v["error_description"] != "no such endpoint", "{method} {path} is documented but not routed");
+            assert!(
+                st != 404 || v["error_description"] != "no such endpoint",
+                "{method} {path} is documented but not routed"
+            );
             assert!(st < 500 || path == "/readyz", "{method} {path}: {st}");
         }
     }
-    let (_, meta) = s.send(s.http.get(format!("{}/.well-known/oauth-authorization-server", s.url))).await;
+    let (_, meta) = s
+        .send(
+            s.http
+                .get(format!("{}/.well-known/oauth-authorization-server", s.url)),
+        )
+        .await;
     assert_eq!(meta["issuer"], s.url);
     assert_eq!(meta["token_endpoint"], format!("{}/oauth/token", s.url));
     s.stop().await;

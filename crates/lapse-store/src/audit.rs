@@ -40,8 +40,17 @@ pub struct AuditEntry {
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// SHA-256 over an unambiguous JSON array of every field and the previous hash.
-pub fn entry_hash(seq: u64, at: i64, kind: &str, grant_id: Option<&str>, actor: &str, data: &str, prev: &str) -> String {
-    let canonical = serde_json::to_string(&(seq, at, kind, grant_id, actor, data, prev)).unwrap_or_default();
+pub fn entry_hash(
+    seq: u64,
+    at: i64,
+    kind: &str,
+    grant_id: Option<&str>,
+    actor: &str,
+    data: &str,
+    prev: &str,
+) -> String {
+    let canonical =
+        serde_json::to_string(&(seq, at, kind, grant_id, actor, data, prev)).unwrap_or_default();
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
@@ -93,7 +102,12 @@ pub struct ChainVerifier {
 
 impl Default for ChainVerifier {
     fn default() -> Self {
-        Self { expected_seq: 1, prev: GENESIS.to_owned(), entries: 0, first_bad: None }
+        Self {
+            expected_seq: 1,
+            prev: GENESIS.to_owned(),
+            entries: 0,
+            first_bad: None,
+        }
     }
 }
 
@@ -105,10 +119,22 @@ impl ChainVerifier {
         }
         self.entries += 1;
         let bad = if e.seq != self.expected_seq {
-            Some(format!("expected entry {} but found {} (an entry was deleted, inserted or moved)", self.expected_seq, e.seq))
+            Some(format!(
+                "expected entry {} but found {} (an entry was deleted, inserted or moved)",
+                self.expected_seq, e.seq
+            ))
         } else if e.prev_hash != self.prev {
             Some("its previous-hash link does not match the entry before it (entries were reordered, inserted or deleted)".to_owned())
-        } else if entry_hash(e.seq, e.at, &e.kind, e.grant_id.as_deref(), &e.actor, &e.data, &e.prev_hash) != e.hash {
+        } else if entry_hash(
+            e.seq,
+            e.at,
+            &e.kind,
+            e.grant_id.as_deref(),
+            &e.actor,
+            &e.data,
+            &e.prev_hash,
+        ) != e.hash
+        {
             Some("its content does not match its hash (the entry was edited)".to_owned())
         } else {
             None
@@ -138,12 +164,16 @@ impl ChainVerifier {
                 Some(cp) => {
                     let sig = hex::decode(&cp.signature).unwrap_or_default();
                     if !verify_sig(&cp.kid, &checkpoint_message(cp.seq, &cp.hash), &sig) {
-                        self.first_bad = Some((cp.seq, "the checkpoint signature does not verify".into()));
+                        self.first_bad =
+                            Some((cp.seq, "the checkpoint signature does not verify".into()));
                     } else if cp.seq > last {
-                        self.first_bad = Some((last + 1, format!(
-                            "the log ends at entry {last} but the signed checkpoint covers {} (entries were deleted from the end)",
-                            cp.seq
-                        )));
+                        self.first_bad = Some((
+                            last + 1,
+                            format!(
+                                "the log ends at entry {last} but the signed checkpoint covers {} (entries were deleted from the end)",
+                                cp.seq
+                            ),
+                        ));
                     } else if cp.seq == last && cp.hash != self.prev {
                         self.first_bad = Some((last, "the chain does not end at the signed checkpoint's hash (the chain was rewritten)".into()));
                     }
@@ -176,12 +206,11 @@ pub fn verify<'a>(
         }
     }
     let mut report = v.finish(checkpoint, &verify_sig);
-    if report.ok() {
-        if let (Some(cp), Some(h)) = (checkpoint, at_checkpoint) {
-            if cp.hash != h {
-                report.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
-            }
-        }
+    if report.ok()
+        && let (Some(cp), Some(h)) = (checkpoint, at_checkpoint)
+        && cp.hash != h
+    {
+        report.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
     }
     report
 }

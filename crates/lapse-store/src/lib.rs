@@ -22,7 +22,10 @@ use std::sync::Arc;
 pub enum GrantWrite {
     Insert(Grant),
     /// Replace the stored grant if its version is still `expected_version`.
-    Update { grant: Grant, expected_version: u64 },
+    Update {
+        grant: Grant,
+        expected_version: u64,
+    },
 }
 
 /// Grant changes and the audit events that record them, committed atomically.
@@ -71,8 +74,12 @@ pub async fn open(
         let store = SqliteStore::open(std::path::Path::new(path), signer, busy_timeout).await?;
         Ok(Arc::new(store))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(StoreError::Config("the PostgreSQL store is not available in this build yet; use sqlite://PATH".into()))
+        Err(StoreError::Config(
+            "the PostgreSQL store is not available in this build yet; use sqlite://PATH".into(),
+        ))
     } else {
-        Err(StoreError::Config(format!("unsupported store URL `{url}`: expected sqlite://PATH")))
+        Err(StoreError::Config(format!(
+            "unsupported store URL `{url}`: expected sqlite://PATH"
+        )))
     }
 }

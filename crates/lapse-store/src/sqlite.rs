@@ -7,7 +7,9 @@
 //! WAL mode with `synchronous=FULL` makes each commit durable before any caller is
 //! answered. Reads use a small pool of separate connections and never block writes.
 
-use crate::audit::{AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash};
+use crate::audit::{
+    AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
+};
 use crate::{GrantFilter, GrantWrite, Store, StoreError, WriteBatch};
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, Timestamp};
@@ -21,6 +23,8 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
 
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
 enum Job {
     Commit(WriteBatch, oneshot::Sender<Result<(), StoreError>>),
     Ping(oneshot::Sender<Result<(), StoreError>>),
@@ -33,11 +37,17 @@ pub struct SqliteStore {
     busy_timeout: Duration,
 }
 
-fn open_conn(path: &Path, busy_timeout: Duration, read_only: bool) -> Result<Connection, StoreError> {
+fn open_conn(
+    path: &Path,
+    busy_timeout: Duration,
+    read_only: bool,
+) -> Result<Connection, StoreError> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Unavailable(format!("cannot open `{}`: {e}", path.display())))?;
@@ -53,7 +63,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS lapse_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
     )?;
-    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM lapse_migrations", [], |r| r.get(0))?;
+    let current: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM lapse_migrations",
+        [],
+        |r| r.get(0),
+    )?;
     let newest = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0);
     if current > newest {
         return Err(StoreError::Config(format!(
@@ -74,10 +88,15 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path, signer: Arc<dyn AuditSigner>, busy_timeout: Duration) -> Result<Self, StoreError> {
+    pub async fn open(
+        path: &Path,
+        signer: Arc<dyn AuditSigner>,
+        busy_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Unavailable(format!("cannot create `{}`: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create `{}`: {e}", dir.display()))
+            })?;
         }
         let mut conn = open_conn(path, busy_timeout, false)?;
         migrate(&mut conn)?;
@@ -91,7 +110,12 @@ impl SqliteStore {
             .name("lapse-store-writer".into())
             .spawn(move || Writer { conn, head, signer }.run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
-        Ok(Self { writer: tx, readers: Arc::new(Mutex::new(readers)), path: path.to_owned(), busy_timeout })
+        Ok(Self {
+            writer: tx,
+            readers: Arc::new(Mutex::new(readers)),
+            path: path.to_owned(),
+            busy_timeout,
+        })
     }
 
     async fn read<T: Send + 'static>(
@@ -108,10 +132,10 @@ impl SqliteStore {
                 None => open_conn(&path, timeout, true)?,
             };
             let out = f(&conn);
-            if let Ok(mut v) = readers.lock() {
-                if v.len() < READERS * 4 {
-                    v.push(conn);
-                }
+            if let Ok(mut v) = readers.lock()
+                && v.len() < READERS * 4
+            {
+                v.push(conn);
             }
             out
         })
@@ -119,20 +143,30 @@ impl SqliteStore {
         .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
     }
 
-    async fn send(&self, job: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Job) -> Result<(), StoreError> {
+    async fn send(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Job,
+    ) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writer
             .send(job(tx))
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
     }
 }
 
 fn read_head(conn: &Connection) -> Result<(u64, String), StoreError> {
     let row: Option<(i64, String)> = conn
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?;
-    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| (u64::try_from(s).unwrap_or(0), h)))
+    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| {
+        (u64::try_from(s).unwrap_or(0), h)
+    }))
 }
 
 struct Writer {
@@ -157,10 +191,12 @@ impl Writer {
     }
 
     fn group(&mut self, jobs: Vec<Job>) {
-        let mut replies: Vec<(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>)> = Vec::new();
+        let mut replies: Vec<(Reply, Result<(), StoreError>)> = Vec::new();
         let mut head = self.head.clone();
         let outcome = (|| -> Result<(), StoreError> {
-            let mut tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut appended = false;
             for job in jobs {
                 match job {
@@ -217,11 +253,16 @@ impl Writer {
     }
 }
 
-fn apply(conn: &Connection, batch: &WriteBatch, head: &mut (u64, String)) -> Result<(), StoreError> {
+fn apply(
+    conn: &Connection,
+    batch: &WriteBatch,
+    head: &mut (u64, String),
+) -> Result<(), StoreError> {
     for w in &batch.grants {
         match w {
             GrantWrite::Insert(g) => {
-                let body = serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let body =
+                    serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let r = conn.execute(
                     "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -239,14 +280,20 @@ fn apply(conn: &Connection, batch: &WriteBatch, head: &mut (u64, String)) -> Res
                 );
                 match r {
                     Ok(_) => {}
-                    Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Err(rusqlite::Error::SqliteFailure(f, _))
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
                         return Err(StoreError::Duplicate(g.id.to_string()));
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            GrantWrite::Update { grant: g, expected_version } => {
-                let body = serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            GrantWrite::Update {
+                grant: g,
+                expected_version,
+            } => {
+                let body =
+                    serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let n = conn.execute(
                     "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5 WHERE id = ?1 AND version = ?6",
                     params![
@@ -273,7 +320,15 @@ fn apply(conn: &Connection, batch: &WriteBatch, head: &mut (u64, String)) -> Res
 fn append(conn: &Connection, ev: &AuditEvent, head: &mut (u64, String)) -> Result<(), StoreError> {
     let seq = head.0 + 1;
     let data = serde_json::to_string(&ev.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let hash = entry_hash(seq, ev.at, &ev.kind, ev.grant_id.as_deref(), &ev.actor, &data, &head.1);
+    let hash = entry_hash(
+        seq,
+        ev.at,
+        &ev.kind,
+        ev.grant_id.as_deref(),
+        &ev.actor,
+        &data,
+        &head.1,
+    );
     conn.prepare_cached(
         "INSERT INTO audit (seq, at, kind, grant_id, actor, data, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
@@ -296,7 +351,8 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
 }
 
 fn grant_from_body(body: &str) -> Result<Grant, StoreError> {
-    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("grant record does not parse: {e}")))
+    serde_json::from_str(body)
+        .map_err(|e| StoreError::Corrupt(format!("grant record does not parse: {e}")))
 }
 
 #[async_trait]
@@ -371,7 +427,11 @@ impl Store for SqliteStore {
 
     async fn count_active(&self) -> Result<u64, StoreError> {
         self.read(|c| {
-            let n: i64 = c.query_row("SELECT COUNT(*) FROM grants WHERE state = 'active'", [], |r| r.get(0))?;
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM grants WHERE state = 'active'",
+                [],
+                |r| r.get(0),
+            )?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
         .await
@@ -379,15 +439,19 @@ impl Store for SqliteStore {
 
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         self.read(|c| {
-            c.query_row("SELECT seq, hash, kid, signature, at FROM audit_checkpoint WHERE id = 1", [], |r| {
-                Ok(Checkpoint {
-                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                    hash: r.get(1)?,
-                    kid: r.get(2)?,
-                    signature: r.get(3)?,
-                    at: r.get(4)?,
-                })
-            })
+            c.query_row(
+                "SELECT seq, hash, kid, signature, at FROM audit_checkpoint WHERE id = 1",
+                [],
+                |r| {
+                    Ok(Checkpoint {
+                        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        hash: r.get(1)?,
+                        kid: r.get(2)?,
+                        signature: r.get(3)?,
+                        at: r.get(4)?,
+                    })
+                },
+            )
             .optional()
             .map_err(StoreError::from)
         })

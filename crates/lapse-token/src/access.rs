@@ -1,8 +1,8 @@
 //! RFC 9068 JWT access tokens, DPoP-bound through `cnf.jkt`.
 
-use crate::jws::{self, Unverified};
-use crate::jwk::PublicKey;
 use crate::TokenError;
+use crate::jwk::PublicKey;
+use crate::jws::{self, Unverified};
 use serde::{Deserialize, Serialize};
 
 /// The `typ` header of a Lapse access token (RFC 9068 section 2.1).
@@ -54,15 +54,28 @@ pub fn verify<'k>(
 ) -> Result<AccessClaims, TokenError> {
     let unverified = Unverified::parse(token)?;
     match unverified.header.typ.as_deref() {
-        Some(t) if t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt") => {}
-        other => return Err(TokenError::WrongType(other.unwrap_or("").chars().take(32).collect())),
+        Some(t)
+            if t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP)
+                || t.eq_ignore_ascii_case("application/at+jwt") => {}
+        other => {
+            return Err(TokenError::WrongType(
+                other.unwrap_or("").chars().take(32).collect(),
+            ));
+        }
     }
-    let kid = unverified.header.kid.clone().ok_or(TokenError::MissingClaim("kid"))?;
-    let key = key_for(&kid).ok_or_else(|| TokenError::UnknownKey(kid.chars().take(64).collect()))?;
+    let kid = unverified
+        .header
+        .kid
+        .clone()
+        .ok_or(TokenError::MissingClaim("kid"))?;
+    let key =
+        key_for(&kid).ok_or_else(|| TokenError::UnknownKey(kid.chars().take(64).collect()))?;
     let payload = unverified.verify(key)?;
     let claims: AccessClaims = jws::claims(&payload)?;
     if claims.iss != issuer {
-        return Err(TokenError::WrongIssuer(claims.iss.chars().take(128).collect()));
+        return Err(TokenError::WrongIssuer(
+            claims.iss.chars().take(128).collect(),
+        ));
     }
     jws::check_times(now_secs, Some(claims.exp), Some(claims.nbf), 0)?;
     Ok(claims)

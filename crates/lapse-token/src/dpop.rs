@@ -52,26 +52,51 @@ fn bad(msg: &str) -> TokenError {
 }
 
 /// Verifies a DPoP proof per RFC 9449 section 4.3 and records its `jti`.
-pub fn verify(proof: &str, req: &DpopRequirements<'_>, replay: &ReplayCache) -> Result<DpopProof, TokenError> {
-    let unverified = Unverified::parse(proof).map_err(|e| bad(&format!("is not a valid JWS: {e}")))?;
-    if !unverified.header.typ.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(DPOP_TYP)) {
+pub fn verify(
+    proof: &str,
+    req: &DpopRequirements<'_>,
+    replay: &ReplayCache,
+) -> Result<DpopProof, TokenError> {
+    let unverified =
+        Unverified::parse(proof).map_err(|e| bad(&format!("is not a valid JWS: {e}")))?;
+    if !unverified
+        .header
+        .typ
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case(DPOP_TYP))
+    {
         return Err(bad("must have `typ` `dpop+jwt`"));
     }
-    let jwk = unverified.header.jwk.clone().ok_or_else(|| bad("has no `jwk` header"))?;
+    let jwk = unverified
+        .header
+        .jwk
+        .clone()
+        .ok_or_else(|| bad("has no `jwk` header"))?;
     let key = PublicKey::from_jwk(&jwk).map_err(|e| bad(&format!("key is unusable: {e}")))?;
-    let payload = unverified.verify(&key).map_err(|e| bad(&format!("does not verify: {e}")))?;
-    let claims: ProofClaims = jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
+    let payload = unverified
+        .verify(&key)
+        .map_err(|e| bad(&format!("does not verify: {e}")))?;
+    let claims: ProofClaims =
+        jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
     let jti = claims.jti.ok_or_else(|| bad("has no `jti`"))?;
     if jti.is_empty() || jti.len() > MAX_JTI_LEN {
         return Err(bad("`jti` must be 1 to 256 characters"));
     }
     let htm = claims.htm.ok_or_else(|| bad("has no `htm`"))?;
     if htm != req.htm {
-        return Err(bad(&format!("`htm` `{}` does not match the request method `{}`", clip(&htm), req.htm)));
+        return Err(bad(&format!(
+            "`htm` `{}` does not match the request method `{}`",
+            clip(&htm),
+            req.htm
+        )));
     }
     let htu = claims.htu.ok_or_else(|| bad("has no `htu`"))?;
     if !same_htu(&htu, req.htu) {
-        return Err(bad(&format!("`htu` `{}` does not match the request URL `{}`", clip(&htu), req.htu)));
+        return Err(bad(&format!(
+            "`htu` `{}` does not match the request URL `{}`",
+            clip(&htu),
+            req.htu
+        )));
     }
     let iat = claims.iat.ok_or_else(|| bad("has no `iat`"))?;
     if iat < req.now_secs.saturating_sub(req.max_age_secs) {
@@ -91,7 +116,10 @@ pub fn verify(proof: &str, req: &DpopRequirements<'_>, replay: &ReplayCache) -> 
     }
     let jkt = thumbprint(&jwk)?;
     // Only proofs that passed every other check take room in the replay cache.
-    let expires = iat.saturating_add(req.max_age_secs).saturating_add(req.max_skew_secs).max(req.now_secs + 1);
+    let expires = iat
+        .saturating_add(req.max_age_secs)
+        .saturating_add(req.max_skew_secs)
+        .max(req.now_secs + 1);
     match replay.check_and_insert(&format!("{jkt}:{jti}"), expires, req.now_secs) {
         Seen::New => Ok(DpopProof { jkt, jti, iat }),
         Seen::Replay => Err(TokenError::DpopReplay),
@@ -126,7 +154,9 @@ pub struct DpopKey {
 
 impl std::fmt::Debug for DpopKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DpopKey").field("jkt", &self.jkt).finish_non_exhaustive()
+        f.debug_struct("DpopKey")
+            .field("jkt", &self.jkt)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,7 +194,9 @@ impl DpopKey {
             nonce: None,
         };
         let header = serde_json::json!({ "typ": DPOP_TYP, "alg": "EdDSA", "jwk": self.jwk });
-        self.key.sign_with_header(&header, &claims).unwrap_or_default()
+        self.key
+            .sign_with_header(&header, &claims)
+            .unwrap_or_default()
     }
 }
 
@@ -175,7 +207,14 @@ mod tests {
     const URL: &str = "https://lapse.example/oauth/token";
 
     fn reqs(now: i64) -> DpopRequirements<'static> {
-        DpopRequirements { htm: "POST", htu: URL, now_secs: now, max_age_secs: 60, max_skew_secs: 5, access_token: None }
+        DpopRequirements {
+            htm: "POST",
+            htu: URL,
+            now_secs: now,
+            max_age_secs: 60,
+            max_skew_secs: 5,
+            access_token: None,
+        }
     }
 
     #[test]
@@ -185,7 +224,10 @@ mod tests {
         let proof = key.proof("POST", URL, None, 1000);
         let v = verify(&proof, &reqs(1001), &cache)?;
         assert_eq!(v.jkt, key.jkt());
-        assert_eq!(verify(&proof, &reqs(1002), &cache), Err(TokenError::DpopReplay));
+        assert_eq!(
+            verify(&proof, &reqs(1002), &cache),
+            Err(TokenError::DpopReplay)
+        );
         Ok(())
     }
 
@@ -194,7 +236,14 @@ mod tests {
         let key = DpopKey::generate();
         let cache = ReplayCache::new(1000);
         assert!(verify(&key.proof("GET", URL, None, 1000), &reqs(1000), &cache).is_err());
-        assert!(verify(&key.proof("POST", "https://other.example/oauth/token", None, 1000), &reqs(1000), &cache).is_err());
+        assert!(
+            verify(
+                &key.proof("POST", "https://other.example/oauth/token", None, 1000),
+                &reqs(1000),
+                &cache
+            )
+            .is_err()
+        );
         assert!(verify(&key.proof("POST", URL, None, 900), &reqs(1000), &cache).is_err());
         assert!(verify(&key.proof("POST", URL, None, 1100), &reqs(1000), &cache).is_err());
     }
@@ -213,7 +262,14 @@ mod tests {
         let mut r = reqs(1000);
         r.access_token = Some("the-token");
         verify(&key.proof("POST", URL, Some("the-token"), 1000), &r, &cache)?;
-        assert!(verify(&key.proof("POST", URL, Some("other-token"), 1000), &r, &cache).is_err());
+        assert!(
+            verify(
+                &key.proof("POST", URL, Some("other-token"), 1000),
+                &r,
+                &cache
+            )
+            .is_err()
+        );
         assert!(verify(&key.proof("POST", URL, None, 1000), &r, &cache).is_err());
         Ok(())
     }

@@ -64,7 +64,9 @@ impl PublicKey {
 
     pub fn from_jwk(jwk: &Jwk) -> Result<Self, TokenError> {
         if jwk.d.is_some() {
-            return Err(TokenError::InvalidKey("a private key was given where a public key belongs".into()));
+            return Err(TokenError::InvalidKey(
+                "a private key was given where a public key belongs".into(),
+            ));
         }
         let field = |v: &Option<String>, name: &str| -> Result<Vec<u8>, TokenError> {
             v.as_deref()
@@ -84,7 +86,9 @@ impl PublicKey {
                 let x = field(&jwk.x, "x")?;
                 let y = field(&jwk.y, "y")?;
                 if x.len() != 32 || y.len() != 32 {
-                    return Err(TokenError::InvalidKey("P-256 coordinates must be 32 bytes".into()));
+                    return Err(TokenError::InvalidKey(
+                        "P-256 coordinates must be 32 bytes".into(),
+                    ));
                 }
                 // SEC1 uncompressed point: 0x04 || x || y.
                 let mut sec1 = Vec::with_capacity(65);
@@ -101,7 +105,9 @@ impl PublicKey {
                 let key = rsa::RsaPublicKey::new(n, e)
                     .map_err(|e| TokenError::InvalidKey(format!("invalid RSA key: {e}")))?;
                 if rsa::traits::PublicKeyParts::size(&key) * 8 < MIN_RSA_BITS {
-                    return Err(TokenError::InvalidKey(format!("RSA keys must have at least {MIN_RSA_BITS} bits")));
+                    return Err(TokenError::InvalidKey(format!(
+                        "RSA keys must have at least {MIN_RSA_BITS} bits"
+                    )));
                 }
                 Ok(Self::Rsa(Box::new(rsa::pkcs1v15::VerifyingKey::new(key))))
             }
@@ -126,7 +132,11 @@ impl PublicKey {
                 .map(|s| k.verify(message, &s).is_ok())
                 .unwrap_or(false),
         };
-        if ok { Ok(()) } else { Err(TokenError::BadSignature) }
+        if ok {
+            Ok(())
+        } else {
+            Err(TokenError::BadSignature)
+        }
     }
 }
 
@@ -134,14 +144,29 @@ impl PublicKey {
 /// lexicographic order. The key must already have parsed as a [`PublicKey`].
 pub fn thumbprint(jwk: &Jwk) -> Result<String, TokenError> {
     let s = |v: &Option<String>| -> Result<String, TokenError> {
-        let v = v.as_deref().ok_or(TokenError::InvalidKey("missing member".into()))?;
+        let v = v
+            .as_deref()
+            .ok_or(TokenError::InvalidKey("missing member".into()))?;
         serde_json::to_string(v).map_err(|e| TokenError::InvalidKey(e.to_string()))
     };
     let canonical = match jwk.kty.as_str() {
-        "OKP" => format!(r#"{{"crv":{},"kty":"OKP","x":{}}}"#, s(&jwk.crv)?, s(&jwk.x)?),
-        "EC" => format!(r#"{{"crv":{},"kty":"EC","x":{},"y":{}}}"#, s(&jwk.crv)?, s(&jwk.x)?, s(&jwk.y)?),
+        "OKP" => format!(
+            r#"{{"crv":{},"kty":"OKP","x":{}}}"#,
+            s(&jwk.crv)?,
+            s(&jwk.x)?
+        ),
+        "EC" => format!(
+            r#"{{"crv":{},"kty":"EC","x":{},"y":{}}}"#,
+            s(&jwk.crv)?,
+            s(&jwk.x)?,
+            s(&jwk.y)?
+        ),
         "RSA" => format!(r#"{{"e":{},"kty":"RSA","n":{}}}"#, s(&jwk.e)?, s(&jwk.n)?),
-        other => return Err(TokenError::InvalidKey(format!("unsupported key type `{other}`"))),
+        other => {
+            return Err(TokenError::InvalidKey(format!(
+                "unsupported key type `{other}`"
+            )));
+        }
     };
     Ok(b64::sha256(canonical))
 }
@@ -159,7 +184,10 @@ mod tests {
             e: Some("AQAB".into()),
             crv: None, x: None, y: None, kid: Some("2011-04-29".into()), alg: Some("RS256".into()), use_: None, d: None,
         };
-        assert_eq!(thumbprint(&jwk)?, "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+        assert_eq!(
+            thumbprint(&jwk)?,
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
         assert!(PublicKey::from_jwk(&jwk).is_ok());
         Ok(())
     }
@@ -167,17 +195,45 @@ mod tests {
     #[test]
     fn private_and_small_keys_are_refused() {
         let mut jwk = Jwk {
-            kty: "OKP".into(), crv: Some("Ed25519".into()),
+            kty: "OKP".into(),
+            crv: Some("Ed25519".into()),
             x: Some("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo".into()),
-            y: None, n: None, e: None, kid: None, alg: None, use_: None,
+            y: None,
+            n: None,
+            e: None,
+            kid: None,
+            alg: None,
+            use_: None,
             d: Some("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A".into()),
         };
         assert!(PublicKey::from_jwk(&jwk).is_err());
         jwk.d = None;
         assert!(PublicKey::from_jwk(&jwk).is_ok());
-        let small = Jwk { kty: "RSA".into(), n: Some(b64::encode([0xc3u8; 128])), e: Some("AQAB".into()), crv: None, x: None, y: None, kid: None, alg: None, use_: None, d: None };
+        let small = Jwk {
+            kty: "RSA".into(),
+            n: Some(b64::encode([0xc3u8; 128])),
+            e: Some("AQAB".into()),
+            crv: None,
+            x: None,
+            y: None,
+            kid: None,
+            alg: None,
+            use_: None,
+            d: None,
+        };
         assert!(PublicKey::from_jwk(&small).is_err());
-        let oct = Jwk { kty: "oct".into(), crv: None, x: None, y: None, n: None, e: None, kid: None, alg: None, use_: None, d: None };
+        let oct = Jwk {
+            kty: "oct".into(),
+            crv: None,
+            x: None,
+            y: None,
+            n: None,
+            e: None,
+            kid: None,
+            alg: None,
+            use_: None,
+            d: None,
+        };
         assert!(PublicKey::from_jwk(&oct).is_err());
     }
 }

@@ -27,7 +27,9 @@ impl Alg {
             "EdDSA" | "Ed25519" => Ok(Self::EdDSA),
             "ES256" => Ok(Self::ES256),
             "RS256" => Ok(Self::RS256),
-            other => Err(TokenError::UnsupportedAlgorithm(other.chars().take(32).collect())),
+            other => Err(TokenError::UnsupportedAlgorithm(
+                other.chars().take(32).collect(),
+            )),
         }
     }
 }
@@ -65,22 +67,35 @@ impl<'a> Unverified<'a> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("token too long"));
         }
-        let (signing_input, sig_b64) = token.rsplit_once('.').ok_or(TokenError::Malformed("not a compact JWS"))?;
-        let (header_b64, payload_b64) =
-            signing_input.split_once('.').ok_or(TokenError::Malformed("not a compact JWS"))?;
+        let (signing_input, sig_b64) = token
+            .rsplit_once('.')
+            .ok_or(TokenError::Malformed("not a compact JWS"))?;
+        let (header_b64, payload_b64) = signing_input
+            .split_once('.')
+            .ok_or(TokenError::Malformed("not a compact JWS"))?;
         if payload_b64.contains('.') {
-            return Err(TokenError::Malformed("encrypted tokens (JWE) are not accepted"));
+            return Err(TokenError::Malformed(
+                "encrypted tokens (JWE) are not accepted",
+            ));
         }
-        let header_bytes = b64::decode(header_b64).ok_or(TokenError::Malformed("header is not base64url"))?;
-        let header: Header =
-            serde_json::from_slice(&header_bytes).map_err(|_| TokenError::Malformed("header is not a JSON object"))?;
+        let header_bytes =
+            b64::decode(header_b64).ok_or(TokenError::Malformed("header is not base64url"))?;
+        let header: Header = serde_json::from_slice(&header_bytes)
+            .map_err(|_| TokenError::Malformed("header is not a JSON object"))?;
         // RFC 7515 4.1.11: a `crit` we do not understand makes the token invalid.
         if header.crit.as_ref().is_some_and(|c| !c.is_empty()) {
             return Err(TokenError::Malformed("unsupported critical header"));
         }
         let alg = Alg::parse(&header.alg)?;
-        let signature = b64::decode(sig_b64).ok_or(TokenError::Malformed("signature is not base64url"))?;
-        Ok(Self { header, alg, signing_input, payload_b64, signature })
+        let signature =
+            b64::decode(sig_b64).ok_or(TokenError::Malformed("signature is not base64url"))?;
+        Ok(Self {
+            header,
+            alg,
+            signing_input,
+            payload_b64,
+            signature,
+        })
     }
 
     /// The payload *before* verification, only for choosing which issuer's keys to
@@ -92,7 +107,10 @@ impl<'a> Unverified<'a> {
     /// Verifies with `key`; the header's `alg` must be the key's algorithm.
     pub fn verify(self, key: &PublicKey) -> Result<Vec<u8>, TokenError> {
         if self.alg != key.alg() {
-            return Err(TokenError::AlgorithmMismatch { alg: self.header.alg, key: key.alg().as_str() });
+            return Err(TokenError::AlgorithmMismatch {
+                alg: self.header.alg,
+                key: key.alg().as_str(),
+            });
         }
         key.verify(self.signing_input.as_bytes(), &self.signature)?;
         b64::decode(self.payload_b64).ok_or(TokenError::Malformed("payload is not base64url"))
@@ -101,19 +119,25 @@ impl<'a> Unverified<'a> {
 
 /// Reads claims JSON into `T`.
 pub fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, TokenError> {
-    serde_json::from_slice(payload).map_err(|_| TokenError::Malformed("claims are not the expected JSON object"))
+    serde_json::from_slice(payload)
+        .map_err(|_| TokenError::Malformed("claims are not the expected JSON object"))
 }
 
 /// Checks `exp` and `nbf` against `now_secs` with `leeway` seconds of tolerance.
-pub fn check_times(now_secs: i64, exp: Option<i64>, nbf: Option<i64>, leeway: i64) -> Result<(), TokenError> {
+pub fn check_times(
+    now_secs: i64,
+    exp: Option<i64>,
+    nbf: Option<i64>,
+    leeway: i64,
+) -> Result<(), TokenError> {
     let exp = exp.ok_or(TokenError::MissingClaim("exp"))?;
     if now_secs >= exp.saturating_add(leeway) {
         return Err(TokenError::Expired);
     }
-    if let Some(nbf) = nbf {
-        if now_secs.saturating_add(leeway) < nbf {
-            return Err(TokenError::NotYetValid);
-        }
+    if let Some(nbf) = nbf
+        && now_secs.saturating_add(leeway) < nbf
+    {
+        return Err(TokenError::NotYetValid);
     }
     Ok(())
 }

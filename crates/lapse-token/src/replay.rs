@@ -37,15 +37,17 @@ impl ReplayCache {
         let mut h = std::hash::DefaultHasher::new();
         key.hash(&mut h);
         let idx = usize::try_from(h.finish() % SHARDS as u64).unwrap_or(0);
-        let Some(shard) = self.shards.get(idx) else { return Seen::Full };
+        let Some(shard) = self.shards.get(idx) else {
+            return Seen::Full;
+        };
         let mut map = match shard.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(&exp) = map.get(key) {
-            if exp > now_secs {
-                return Seen::Replay;
-            }
+        if let Some(&exp) = map.get(key)
+            && exp > now_secs
+        {
+            return Seen::Replay;
         }
         if map.len() >= self.max_per_shard {
             map.retain(|_, exp| *exp > now_secs);
@@ -67,7 +69,11 @@ mod tests {
         let c = ReplayCache::new(1024);
         assert_eq!(c.check_and_insert("a", 100, 10), Seen::New);
         assert_eq!(c.check_and_insert("a", 100, 50), Seen::Replay);
-        assert_eq!(c.check_and_insert("a", 200, 100), Seen::New, "expired entries may be reused");
+        assert_eq!(
+            c.check_and_insert("a", 200, 100),
+            Seen::New,
+            "expired entries may be reused"
+        );
     }
 
     #[test]

@@ -17,16 +17,24 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read signing key `{path}`: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write signing key `{path}`: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("signing key `{path}` is not an Ed25519 PKCS#8 PEM private key")]
     Format { path: String },
 }
@@ -51,8 +59,18 @@ impl SigningKey {
         };
         // The kid is the key's own RFC 7638 thumbprint: stable and collision-free.
         let kid = crate::jwk::thumbprint(&jwk_nokid).unwrap_or_default();
-        let jwk = Jwk { kid: Some(kid.clone()), alg: Some("EdDSA".into()), use_: Some("sig".into()), ..jwk_nokid };
-        Self { public: PublicKey::Ed25519(key.verifying_key()), key, kid, jwk }
+        let jwk = Jwk {
+            kid: Some(kid.clone()),
+            alg: Some("EdDSA".into()),
+            use_: Some("sig".into()),
+            ..jwk_nokid
+        };
+        Self {
+            public: PublicKey::Ed25519(key.verifying_key()),
+            key,
+            kid,
+            jwk,
+        }
     }
 
     /// Loads the key at `path`, generating and saving a new one (mode 0600) if the
@@ -76,7 +94,10 @@ impl SigningKey {
 
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
         let p = path.display().to_string();
-        let pem = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read { path: p.clone(), source })?;
+        let pem = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: p.clone(),
+            source,
+        })?;
         ed25519_dalek::SigningKey::from_pkcs8_pem(&pem)
             .map(Self::from_dalek)
             .map_err(|_| KeyFileError::Format { path: p })
@@ -89,7 +110,8 @@ impl SigningKey {
             .key
             .to_pkcs8_pem(Default::default())
             .map_err(|_| KeyFileError::Format { path: p.clone() })?;
-        write_private(path, pem.as_bytes()).map_err(|source| KeyFileError::Write { path: p, source })
+        write_private(path, pem.as_bytes())
+            .map_err(|source| KeyFileError::Write { path: p, source })
     }
 
     pub fn kid(&self) -> &str {
@@ -110,7 +132,11 @@ impl SigningKey {
     }
 
     /// Signs `claims` as a compact JWS with header `{"alg":"EdDSA","typ":typ,"kid":kid}`.
-    pub fn sign_jwt<T: serde::Serialize>(&self, typ: &str, claims: &T) -> Result<String, TokenError> {
+    pub fn sign_jwt<T: serde::Serialize>(
+        &self,
+        typ: &str,
+        claims: &T,
+    ) -> Result<String, TokenError> {
         let header = serde_json::json!({ "alg": "EdDSA", "typ": typ, "kid": self.kid });
         self.sign_with_header(&header, claims)
     }
