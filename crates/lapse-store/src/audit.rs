@@ -98,20 +98,24 @@ pub struct ChainVerifier {
     prev: String,
     entries: u64,
     first_bad: Option<(u64, String)>,
+    checkpoint: Option<Checkpoint>,
+    /// The chain's hash at the checkpoint's sequence number, once passed.
+    at_checkpoint: Option<String>,
 }
 
-impl Default for ChainVerifier {
-    fn default() -> Self {
+impl ChainVerifier {
+    /// A verifier that also checks the chain passes through `checkpoint`.
+    pub fn new(checkpoint: Option<Checkpoint>) -> Self {
         Self {
             expected_seq: 1,
             prev: GENESIS.to_owned(),
             entries: 0,
             first_bad: None,
+            checkpoint,
+            at_checkpoint: None,
         }
     }
-}
 
-impl ChainVerifier {
     /// Feeds the next entry; returns false once the chain is known bad.
     pub fn push(&mut self, e: &AuditEntry) -> bool {
         if self.first_bad.is_some() {
@@ -145,16 +149,17 @@ impl ChainVerifier {
         }
         self.expected_seq += 1;
         self.prev = e.hash.clone();
+        if self.checkpoint.as_ref().is_some_and(|cp| cp.seq == e.seq) {
+            self.at_checkpoint = Some(e.hash.clone());
+        }
         true
     }
 
     /// Checks the end of the chain against the signed checkpoint.
-    pub fn finish(
-        mut self,
-        checkpoint: Option<&Checkpoint>,
-        verify_sig: impl Fn(&str, &[u8], &[u8]) -> bool,
-    ) -> VerifyReport {
+    pub fn finish(mut self, verify_sig: impl Fn(&str, &[u8], &[u8]) -> bool) -> VerifyReport {
         let last = self.expected_seq - 1;
+        let checkpoint = self.checkpoint.take();
+        let checkpoint = checkpoint.as_ref();
         if self.first_bad.is_none() {
             match checkpoint {
                 None if last > 0 => {
@@ -174,8 +179,8 @@ impl ChainVerifier {
                                 cp.seq
                             ),
                         ));
-                    } else if cp.seq == last && cp.hash != self.prev {
-                        self.first_bad = Some((last, "the chain does not end at the signed checkpoint's hash (the chain was rewritten)".into()));
+                    } else if self.at_checkpoint.as_deref() != Some(cp.hash.as_str()) {
+                        self.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
                     }
                 }
             }
@@ -195,22 +200,11 @@ pub fn verify<'a>(
     checkpoint: Option<&Checkpoint>,
     verify_sig: impl Fn(&str, &[u8], &[u8]) -> bool,
 ) -> VerifyReport {
-    let mut v = ChainVerifier::default();
-    let mut at_checkpoint: Option<String> = None;
+    let mut v = ChainVerifier::new(checkpoint.cloned());
     for e in entries {
         if !v.push(e) {
             break;
         }
-        if checkpoint.is_some_and(|cp| cp.seq == e.seq) {
-            at_checkpoint = Some(e.hash.clone());
-        }
     }
-    let mut report = v.finish(checkpoint, &verify_sig);
-    if report.ok()
-        && let (Some(cp), Some(h)) = (checkpoint, at_checkpoint)
-        && cp.hash != h
-    {
-        report.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
-    }
-    report
+    v.finish(verify_sig)
 }
