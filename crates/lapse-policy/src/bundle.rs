@@ -108,6 +108,18 @@ impl PolicyBundle {
     /// Builds a bundle from in-memory sources: schema fragments end in `.cedarschema`,
     /// policies in `.cedar`.
     pub fn from_sources(files: &[SourceFile]) -> Result<Self, PolicyError> {
+        Self::build(files, true)
+    }
+
+    /// Like [`from_sources`](Self::from_sources) but without the action/resource
+    /// index: every decision evaluates every policy of its break-glass class. It
+    /// exists so tests can show the index never changes a decision and benchmarks
+    /// can measure what it saves; the server never uses it.
+    pub fn from_sources_unindexed(files: &[SourceFile]) -> Result<Self, PolicyError> {
+        Self::build(files, false)
+    }
+
+    fn build(files: &[SourceFile], indexed: bool) -> Result<Self, PolicyError> {
         let mut fragments = Vec::new();
         let mut schema_text = String::from(BASE_SCHEMA);
         let base = SchemaFragment::from_cedarschema_str(BASE_SCHEMA)
@@ -217,7 +229,7 @@ impl PolicyBundle {
             .map(|(p, i)| (p.clone(), i.break_glass))
             .collect();
         let index =
-            PolicyIndex::build(&with_class, &action_uids, &action_entities).map_err(|e| {
+            PolicyIndex::build(&with_class, &action_uids, &action_entities, indexed).map_err(|e| {
                 PolicyError::Schema {
                     file: "policies".into(),
                     message: e.to_string(),
@@ -329,7 +341,10 @@ impl PolicyBundle {
                 .authorizer
                 .is_authorized(&cedar_request, set, &entities);
             let diag = response.diagnostics();
-            let reasons: Vec<String> = diag.reason().map(ToString::to_string).collect();
+            // Cedar's reason set has no order; sort so a decision (and its audit
+            // record) is the same however the policies were grouped.
+            let mut reasons: Vec<String> = diag.reason().map(ToString::to_string).collect();
+            reasons.sort();
             if let Some(cedar_policy::AuthorizationError::PolicyEvaluationError(err)) =
                 diag.errors().next()
             {

@@ -26,11 +26,14 @@ pub(crate) struct PolicyIndex {
 }
 
 impl PolicyIndex {
-    /// `policies` carries each policy with its break-glass flag.
+    /// `policies` carries each policy with its break-glass flag. With `by_scope`
+    /// false every bucket holds every policy of its break-glass class: the whole
+    /// set, as plain Cedar would evaluate it.
     pub fn build(
         policies: &[(Policy, bool)],
         actions: &[EntityUid],
         action_entities: &Entities,
+        by_scope: bool,
     ) -> Result<Self, Box<cedar_policy::PolicySetError>> {
         let mut buckets = HashMap::new();
         for action in actions {
@@ -45,19 +48,19 @@ impl PolicyIndex {
                         // Forbids always apply; a permit applies only to its own class.
                         let class_ok =
                             p.effect() == cedar_policy::Effect::Forbid || *bg == break_glass;
-                        class_ok && action_may_match(p, action, &ancestors)
+                        class_ok && (!by_scope || action_may_match(p, action, &ancestors))
                     })
                     .map(|(p, _)| p)
                     .collect();
                 let mut named: BTreeSet<String> = BTreeSet::new();
-                for p in &candidates {
+                for p in candidates.iter().filter(|_| by_scope) {
                     if let ResourceConstraint::Eq(uid) = p.resource_constraint() {
                         named.insert(uid.id().unescaped().to_owned());
                     }
                 }
                 let mut bucket = ActionBucket::default();
                 for p in &candidates {
-                    if !matches!(p.resource_constraint(), ResourceConstraint::Eq(_)) {
+                    if !by_scope || !matches!(p.resource_constraint(), ResourceConstraint::Eq(_)) {
                         bucket.default.add((*p).clone()).map_err(Box::new)?;
                     }
                 }

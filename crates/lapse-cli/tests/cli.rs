@@ -1,0 +1,257 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! The `lapse` binary as a user runs it: a real `lapse serve --dev` process, real
+//! requests through `lapse request`, and the exit codes scripts depend on.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LAPSE: &str = env!("CARGO_BIN_EXE_lapse");
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+
+fn lapse(args: &[&str]) -> Output {
+    Command::new(LAPSE)
+        .args(args)
+        .env_remove("LAPSE_URL")
+        .env_remove("LAPSE_TOKEN")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run lapse: {e}"))
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `lapse serve --dev` on a free port and waits until it answers.
+fn serve(data: &Path) -> (Served, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(LAPSE)
+        .args(["serve", "--dev", "--data"])
+        .arg(data)
+        .args(["--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start lapse serve: {e}"));
+    let served = Served(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect(&listen).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lapse serve --dev did not listen on {listen} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (served, format!("http://{listen}"))
+}
+
+#[test]
+fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data_s = data.to_str().unwrap();
+    let (server, url) = serve(&data);
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let admin = admin.trim();
+
+    let t = lapse(&["dev", "token", "--workload", CI, "--data", data_s]);
+    assert_eq!(code(&t), 0, "{}", show(&t));
+    let identity = String::from_utf8(t.stdout).unwrap().trim().to_owned();
+    assert_eq!(identity.split('.').count(), 3, "a compact JWS: {identity}");
+
+    let request = |scope: &str, extra: &[&str]| {
+        let mut args = vec![
+            "request",
+            "--json",
+            "--url",
+            &url,
+            "--identity-token",
+            &identity,
+            "--audience",
+            "orders-db",
+            "--scope",
+            scope,
+            "--task",
+            "T-7",
+            "--purpose",
+            "cli test",
+        ];
+        args.extend_from_slice(extra);
+        lapse(&args)
+    };
+
+    // Allowed: exit 0, a DPoP token, capped by the policy.
+    let ok = request("read", &["--ttl", "1h"]);
+    assert_eq!(code(&ok), 0, "{}", show(&ok));
+    let v: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(v["token_type"], "DPoP");
+    assert_eq!(v["expires_in"], 900);
+    let grant = v["grant_id"].as_str().unwrap().to_owned();
+
+    // Denied (a write needs a ticket): exit 3. Pending (admin needs two approvers): exit 4.
+    let denied = request("write", &[]);
+    assert_eq!(code(&denied), 3, "{}", show(&denied));
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("access_denied"),
+        "{}",
+        show(&denied)
+    );
+    let pending = request("admin", &[]);
+    assert_eq!(code(&pending), 4, "{}", show(&pending));
+    assert!(
+        String::from_utf8_lossy(&pending.stderr).contains("request_id"),
+        "{}",
+        show(&pending)
+    );
+
+    // Usage errors are exit 2, not a request.
+    let usage = lapse(&["request", "--url", &url, "--audience", "orders-db"]);
+    assert_eq!(code(&usage), 2, "{}", show(&usage));
+
+    // The operator sees and revokes the grant.
+    let shown = lapse(&["grants", "show", &grant, "--json", "--url", &url, "--token", admin]);
+    assert_eq!(code(&shown), 0, "{}", show(&shown));
+    let g: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(g["state"], "active", "{g}");
+    let revoked = lapse(&[
+        "grants", "revoke", &grant, "--json", "--url", &url, "--token", admin, "--reason",
+        "cli test",
+    ]);
+    assert_eq!(code(&revoked), 0, "{}", show(&revoked));
+    let bad_token = lapse(&["grants", "list", "--url", &url, "--token", "lapse_op_wrong"]);
+    assert_ne!(code(&bad_token), 0, "{}", show(&bad_token));
+    drop(server);
+
+    // With the server down: the chain verifies and exports.
+    let verified = lapse(&["audit", "verify", "--json", "--data", data_s]);
+    assert_eq!(code(&verified), 0, "{}", show(&verified));
+    let r: Value = serde_json::from_slice(&verified.stdout).unwrap();
+    let entries = r["entries"].as_u64().unwrap();
+    assert!(entries >= 6, "request, decisions, issue, pending, revoke: {r}");
+    let export = tmp.path().join("audit.jsonl");
+    let exported = lapse(&[
+        "audit",
+        "export",
+        "--data",
+        data_s,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&exported), 0, "{}", show(&exported));
+    let lines: Vec<Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as u64, entries);
+    let kinds: Vec<&str> = lines.iter().filter_map(|e| e["kind"].as_str()).collect();
+    for k in ["access.decided", "grant.issued", "grant.pending", "grant.revoked"] {
+        assert!(kinds.contains(&k), "`{k}` missing from {kinds:?}");
+    }
+
+    // Someone edits one entry in the database: exit 5, naming that entry.
+    let victim = lines
+        .iter()
+        .find(|e| e["kind"] == "grant.issued")
+        .and_then(|e| e["seq"].as_i64())
+        .unwrap();
+    let db = rusqlite::Connection::open(data.join("lapse.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit SET actor = 'someone-else' WHERE seq = ?1",
+            [victim],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    let broken = lapse(&["audit", "verify", "--data", data_s]);
+    assert_eq!(code(&broken), 5, "{}", show(&broken));
+    let out = String::from_utf8_lossy(&broken.stdout);
+    assert!(
+        out.contains(&format!("BROKEN at entry {victim}")),
+        "{}",
+        show(&broken)
+    );
+}
+
+#[test]
+fn policy_commands_exit_codes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policies");
+    let root_s = root.to_str().unwrap();
+    let v = lapse(&["policy", "validate", "--policies", root_s]);
+    assert_eq!(code(&v), 0, "{}", show(&v));
+    let tests = root.join("policy-tests.toml");
+    let t = lapse(&["policy", "test", tests.to_str().unwrap(), "--policies", root_s]);
+    assert_eq!(code(&t), 0, "{}", show(&t));
+
+    // A case whose expectation is wrong fails with exit 6.
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = tmp.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        r#"
+[defaults]
+source = "10.0.0.1"
+time = "2026-11-24T10:00:00Z"
+
+[[case]]
+name = "ci reads orders"
+workload = "spiffe://dev.lapse.local/ci/deploy"
+audience = "orders-db"
+actions = ["read"]
+expect = "deny"
+"#,
+    )
+    .unwrap();
+    let f = lapse(&["policy", "test", wrong.to_str().unwrap(), "--policies", root_s]);
+    assert_eq!(code(&f), 6, "{}", show(&f));
+
+    // A broken policy folder names the file and line; exit 1.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(
+        bad.join("actions.cedarschema"),
+        std::fs::read_to_string(root.join("actions.cedarschema")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(bad.join("x.cedar"), "permit (principal, action, resource)\nwhen { nope };\n")
+        .unwrap();
+    let b = lapse(&["policy", "validate", "--policies", bad.to_str().unwrap()]);
+    assert_eq!(code(&b), 1, "{}", show(&b));
+    assert!(
+        String::from_utf8_lossy(&b.stderr).contains("x.cedar:2"),
+        "{}",
+        show(&b)
+    );
+}
