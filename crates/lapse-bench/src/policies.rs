@@ -18,7 +18,9 @@ fn service(i: usize) -> String {
 }
 
 /// The policy folder: one schema fragment and one `.cedar` file per service plus a
-/// shared guardrails file. `policy_count` of the loaded bundle is 100.
+/// shared guardrails file. `policy_count` of the loaded bundle is 100: 80 service
+/// permits, 14 service-scoped forbids, 6 organisation-wide policies (4 of them
+/// unscoped by resource, so they are evaluated for every request they could match).
 pub fn sources() -> Vec<SourceFile> {
     let mut files = vec![SourceFile {
         name: "actions.cedarschema".into(),
@@ -71,7 +73,6 @@ when {{ principal.uri like "{DOMAIN}/team-{i:02}/*" }};
             text,
         });
     }
-    // 20 organisation-wide policies.
     let mut org = String::new();
     org.push_str(
         r#"@id("private-networks-only")
@@ -111,15 +112,17 @@ permit (principal, action in [Action::"read", Action::"write", Action::"admin"],
 when { principal.uri like "spiffe://corp.example/oncall/*" };
 "#,
     );
-    // 14 more: per-region guardrails on sources, one per /16 of a 10.x estate.
+    // 14 service guardrails: no changes to a service from its build network. Teams
+    // scope these to their resource, so the index can leave them out elsewhere.
     for r in 0..14 {
         org.push_str(&format!(
             r#"
-@id("quarantined-subnet-{r}")
-forbid (principal, action in [Action::"write", Action::"admin", Action::"delete"], resource)
-when {{ context.source.isInRange(ip("10.{}.0.0/16")) && context.environment == "prod" }};
+@id("{s}-no-changes-from-build-net")
+forbid (principal, action in [Action::"write", Action::"admin", Action::"delete"], resource == Resource::"{s}")
+when {{ context.source.isInRange(ip("10.{net}.0.0/16")) && context.environment == "prod" }};
 "#,
-            200 + r
+            s = service(r),
+            net = 200 + r
         ));
     }
     files.push(SourceFile {

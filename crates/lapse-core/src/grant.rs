@@ -5,6 +5,7 @@
 //! back to `active`, and no transition can move `expires_at` past `max_expires_at`.
 
 use crate::clock::Timestamp;
+use crate::credential::{CredentialState, ProviderCredential};
 use crate::ids::GrantId;
 use crate::request::AccessRequest;
 use crate::ttl;
@@ -110,6 +111,9 @@ pub struct Grant {
     /// `jti` of the most recently issued access token.
     pub token_jti: Option<String>,
     pub renewals: u32,
+    /// Credentials providers made for this grant beside its token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<ProviderCredential>,
     /// Optimistic-concurrency version; the store refuses a write whose version moved.
     pub version: u64,
 }
@@ -158,6 +162,7 @@ impl Grant {
             jkt: new.jkt,
             token_jti: Some(jti),
             renewals: 0,
+            credentials: Vec::new(),
             version: 1,
         })
     }
@@ -183,6 +188,7 @@ impl Grant {
             jkt: new.jkt,
             token_jti: None,
             renewals: 0,
+            credentials: Vec::new(),
             version: 1,
         }
     }
@@ -201,8 +207,59 @@ impl Grant {
         self.state = state;
         self.ended_at = Some(now);
         self.end = Some(end);
+        // Ending a grant always owes the destruction of what it handed out.
+        for c in &mut self.credentials {
+            c.schedule_destroy(now);
+        }
         self.version += 1;
         self
+    }
+
+    /// Records that a provider will create `credential` for this active grant.
+    pub fn intend_credential(mut self, credential: ProviderCredential) -> Result<Self, LifecycleError> {
+        self.require_active()?;
+        self.credentials.push(credential);
+        self.version += 1;
+        Ok(self)
+    }
+
+    /// The provider created the credential named `name`.
+    pub fn credential_created(mut self, name: &str, now: Timestamp) -> Self {
+        for c in self.credentials.iter_mut().filter(|c| c.name == name) {
+            if c.state == CredentialState::Intended {
+                c.state = CredentialState::Live;
+                c.created_at = Some(now);
+            }
+        }
+        self.version += 1;
+        self
+    }
+
+    /// The provider destroyed `name` (or found it already gone).
+    pub fn credential_destroyed(mut self, name: &str, now: Timestamp) -> Self {
+        for c in self.credentials.iter_mut().filter(|c| c.name == name) {
+            c.mark_destroyed(now);
+        }
+        self.version += 1;
+        self
+    }
+
+    /// Destroying `name` failed; it is retried after a backoff.
+    pub fn credential_destroy_failed(mut self, name: &str, now: Timestamp, error: &str) -> Self {
+        for c in self.credentials.iter_mut().filter(|c| c.name == name) {
+            c.mark_failed(now, error);
+        }
+        self.version += 1;
+        self
+    }
+
+    /// When the next owed credential destruction is due: `None` when nothing is owed.
+    pub fn cleanup_due_at(&self) -> Option<Timestamp> {
+        self.credentials
+            .iter()
+            .filter(|c| c.state == CredentialState::Destroying)
+            .filter_map(|c| c.next_attempt_at)
+            .min()
     }
 
     fn require_active(&self) -> Result<(), LifecycleError> {
@@ -307,6 +364,11 @@ impl Grant {
             return Err(LifecycleError::MaximumLifetimeReached { id: self.id });
         }
         self.expires_at = new_expiry;
+        for c in &mut self.credentials {
+            if c.state == CredentialState::Live {
+                c.valid_until = new_expiry;
+            }
+        }
         self.policies = policies;
         self.ttl_cap_secs = ttl_cap_secs;
         self.token_jti = Some(jti);

@@ -5,6 +5,7 @@
 //! lifecycle transitions) can be tested exhaustively and deterministically.
 
 pub mod clock;
+pub mod credential;
 pub mod duration;
 pub mod grant;
 pub mod ids;
@@ -12,6 +13,7 @@ pub mod request;
 pub mod ttl;
 
 pub use clock::{Clock, FakeClock, SystemClock, Timestamp};
+pub use credential::{CredentialState, ProviderCredential};
 pub use duration::{DurationParseError, TtlDuration};
 pub use grant::{EndReason, Grant, GrantState, LifecycleError};
 pub use ids::{GrantId, IdParseError};

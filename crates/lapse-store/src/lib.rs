@@ -40,6 +40,7 @@ pub struct GrantFilter {
     pub state: Option<GrantState>,
     pub workload: Option<String>,
     pub task: Option<String>,
+    pub audience: Option<String>,
     pub limit: usize,
 }
 
@@ -53,6 +54,9 @@ pub trait Store: Send + Sync + 'static {
     async fn grants(&self, filter: GrantFilter) -> Result<Vec<Grant>, StoreError>;
     /// Active or pending grants whose `expires_at` is at or before `now`.
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError>;
+    /// Ended grants whose provider credentials are owed a destroy attempt at or
+    /// before `now`, most overdue first.
+    async fn cleanup_due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError>;
     /// Audit entries with `seq > after`, in order.
     async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     /// Audit entries that name `grant`, in order.

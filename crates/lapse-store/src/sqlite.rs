@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../migrations/sqlite/0002_credential_cleanup.sql")),
+];
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
 
@@ -264,8 +267,8 @@ fn apply(
                 let body =
                     serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let r = conn.execute(
-                    "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     params![
                         g.id.to_string(),
                         g.state.as_str(),
@@ -275,7 +278,8 @@ fn apply(
                         g.created_at.millis(),
                         g.expires_at.millis(),
                         i64::try_from(g.version).unwrap_or(i64::MAX),
-                        body
+                        body,
+                        g.cleanup_due_at().map(Timestamp::millis)
                     ],
                 );
                 match r {
@@ -295,14 +299,15 @@ fn apply(
                 let body =
                     serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let n = conn.execute(
-                    "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5 WHERE id = ?1 AND version = ?6",
+                    "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5, cleanup_at = ?7 WHERE id = ?1 AND version = ?6",
                     params![
                         g.id.to_string(),
                         g.state.as_str(),
                         g.expires_at.millis(),
                         i64::try_from(g.version).unwrap_or(i64::MAX),
                         body,
-                        i64::try_from(*expected_version).unwrap_or(i64::MAX)
+                        i64::try_from(*expected_version).unwrap_or(i64::MAX),
+                        g.cleanup_due_at().map(Timestamp::millis)
                     ],
                 )?;
                 if n != 1 {
@@ -378,10 +383,11 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(
                 "SELECT body FROM grants
                  WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR workload = ?2) AND (?3 IS NULL OR task_id = ?3)
+                   AND (?5 IS NULL OR audience = ?5)
                  ORDER BY created_at DESC, id DESC LIMIT ?4",
             )?;
             let rows = stmt.query_map(
-                params![filter.state.map(|s| s.as_str()), filter.workload, filter.task, limit],
+                params![filter.state.map(|s| s.as_str()), filter.workload, filter.task, limit, filter.audience],
                 |r| r.get::<_, String>(0),
             )?;
             rows.map(|b| grant_from_body(&b?)).collect()
@@ -393,6 +399,17 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT body FROM grants WHERE state IN ('active', 'pending') AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now.millis(), i64::try_from(limit).unwrap_or(100)], |r| r.get::<_, String>(0))?;
+            rows.map(|b| grant_from_body(&b?)).collect()
+        })
+        .await
+    }
+
+    async fn cleanup_due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM grants WHERE cleanup_at IS NOT NULL AND cleanup_at <= ?1 ORDER BY cleanup_at LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![now.millis(), i64::try_from(limit).unwrap_or(100)], |r| r.get::<_, String>(0))?;
             rows.map(|b| grant_from_body(&b?)).collect()

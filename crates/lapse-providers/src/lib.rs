@@ -1,0 +1,132 @@
+//! Credential providers.
+//!
+//! A provider applies what Lapse decided in one target system: it creates a
+//! credential for a grant (Lapse generates the name and the secret), extends it on
+//! renewal, destroys it when the grant ends (terminating live sessions first), and
+//! lists what it finds in the target so a reconciler can remove what slipped.
+//!
+//! Destroying something that is already gone is success: revocation is retried until
+//! it succeeds, and a retry must not fail because the first attempt got further than
+//! it knew.
+
+pub mod postgres;
+pub mod sql;
+
+use async_trait::async_trait;
+use lapse_core::{GrantId, Timestamp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The target could not be reached or refused the admin connection.
+    #[error("target `{target}` is unavailable: {message}")]
+    Unavailable { target: String, message: String },
+    /// The target answered, but a step failed.
+    #[error("target `{target}`: {step} failed: {message}")]
+    Step {
+        target: String,
+        step: &'static str,
+        message: String,
+    },
+    /// Live sessions survived termination.
+    #[error("target `{target}`: {left} session(s) of `{name}` still open after termination")]
+    SessionsLeft {
+        target: String,
+        name: String,
+        left: i64,
+    },
+    #[error("provider config: {0}")]
+    Config(String),
+}
+
+/// A secret Lapse generated. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// 32 random bytes from the thread CSPRNG, base64url: 256 bits, safe in any
+    /// connection string.
+    pub fn generate() -> Self {
+        use base64::Engine;
+        let raw: [u8; 32] = rand::random();
+        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// What the provider is asked to create.
+#[derive(Debug, Clone)]
+pub struct CredentialSpec {
+    pub grant: GrantId,
+    /// The name Lapse chose (see [`CredentialProvider::name_for`]).
+    pub name: String,
+    /// The grant's actions; each maps to privileges in the provider's config.
+    pub actions: Vec<String>,
+    /// The grant's expiry: the target must refuse the credential after it by itself.
+    pub valid_until: Timestamp,
+}
+
+/// How the requester uses the credential; returned once, never stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Handout {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub audience: String,
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub username: String,
+    pub password: String,
+    pub valid_until: String,
+}
+
+/// The outcome of a destroy, recorded in the audit entry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Destroyed {
+    /// Whether the credential still existed in the target.
+    pub existed: bool,
+    /// Sessions that were open and were terminated.
+    pub sessions_terminated: i64,
+    /// Sessions seen after termination (always 0 on success).
+    pub sessions_left: i64,
+}
+
+/// A credential found in the target.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Existing {
+    pub name: String,
+    /// The grant its marker names, when it parses.
+    pub grant: Option<GrantId>,
+    pub can_login: bool,
+    /// Unix seconds of the target's own expiry, when it has one.
+    pub valid_until: Option<i64>,
+    pub sessions: i64,
+}
+
+#[async_trait]
+pub trait CredentialProvider: Send + Sync + 'static {
+    /// `postgres`, …
+    fn kind(&self) -> &'static str;
+    /// The audience this provider serves.
+    fn target(&self) -> &str;
+    /// The credential's name for `grant`: deterministic, so a retry after a crash
+    /// finds the same thing.
+    fn name_for(&self, grant: GrantId) -> String;
+    /// Creates it; everything or nothing.
+    async fn create(&self, spec: &CredentialSpec, secret: &Secret) -> Result<Handout, ProviderError>;
+    /// Moves its expiry in the target (renewal).
+    async fn extend(&self, name: &str, valid_until: Timestamp) -> Result<(), ProviderError>;
+    /// Forbids new use, ends live sessions, checks none are left, then removes it.
+    /// Success when it is already gone.
+    async fn destroy(&self, name: &str) -> Result<Destroyed, ProviderError>;
+    /// Every credential in the target marked as made by Lapse for this target.
+    async fn list(&self) -> Result<Vec<Existing>, ProviderError>;
+}

@@ -1,0 +1,611 @@
+//! PostgreSQL: one real, short-lived login role per grant.
+//!
+//! Privileges are not granted to each generated role. At first use the provider
+//! makes one group role per configured action (`<prefix>_<audience>_<action>`,
+//! `NOLOGIN`) holding that action's privileges; a grant's role only joins the groups
+//! of its actions. Creating a credential is then one transaction of four statements
+//! in one round trip, and revoking privileges is dropping the role.
+//!
+//! The password reaches PostgreSQL only as a SCRAM-SHA-256 verifier computed here,
+//! so the server neither hashes nor logs it. `VALID UNTIL` is the grant's expiry,
+//! so PostgreSQL refuses new logins after it even if Lapse is down.
+//!
+//! Destroying is deliberately not one transaction: `NOLOGIN` commits first so no new
+//! session can start, then live sessions are terminated and counted until none is
+//! left, and only then is the role dropped.
+//!
+//! Least privilege for the admin connection (documented in README):
+//! `CREATEROLE`, membership in `pg_signal_backend`, the configured privileges on
+//! the configured schemas `WITH GRANT OPTION`, and (PostgreSQL 15+)
+//! `GRANT SET ON PARAMETER log_statement` when statement logging is on.
+
+use crate::sql::{self, QuoteError};
+use crate::{CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret};
+use async_trait::async_trait;
+use lapse_core::{GrantId, Timestamp};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OnceCell, Semaphore};
+
+/// Table privileges an action may map to. Anything else (`CREATE`, `ALL`, role
+/// attributes) is refused at config load: a grant's role never owns objects.
+pub const TABLE_PRIVILEGES: &[&str] = &[
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "TRUNCATE",
+    "REFERENCES",
+    "TRIGGER",
+];
+
+const MARKER: &str = "lapse:";
+
+/// `[[postgres]]` in `lapse.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// The audience whose grants get a database role.
+    pub audience: String,
+    /// Where the admin connection string is: `env:NAME` or `file:/path`. Never the
+    /// string itself, so config files can be shared and logged.
+    pub admin_url: String,
+    /// Generated role names start with this (`[a-z][a-z0-9_]*`, at most 16 bytes).
+    #[serde(default = "default_prefix")]
+    pub role_prefix: String,
+    /// `CONNECTION LIMIT` of each generated role.
+    #[serde(default = "default_connection_limit")]
+    pub connection_limit: i32,
+    /// An existing role every generated role also joins, so `pg_hba.conf` can
+    /// require password authentication for them (`host all +GROUP … scram-sha-256`).
+    pub login_group: Option<String>,
+    /// `log_statement` for generated roles: `all` (default), `mod`, `ddl` or `none`
+    /// (`none` leaves the server's setting alone).
+    #[serde(default = "default_log_statement")]
+    pub log_statement: String,
+    /// Host and port handed to the requester; default: those of the admin URL.
+    pub public_host: Option<String>,
+    pub public_port: Option<u16>,
+    /// Admin connections kept open.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// What each action means in this database.
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<PrivilegeConfig>,
+}
+
+/// `[[postgres.grant]]`: `action` means `privileges` on every table of `schema`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivilegeConfig {
+    pub action: String,
+    pub schema: String,
+    pub privileges: Vec<String>,
+}
+
+fn default_prefix() -> String {
+    "lapse".into()
+}
+fn default_connection_limit() -> i32 {
+    2
+}
+fn default_log_statement() -> String {
+    "all".into()
+}
+fn default_pool() -> usize {
+    8
+}
+
+impl PostgresConfig {
+    /// Checks everything that can be checked without a database.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.role_prefix;
+        let ok_prefix = !p.is_empty()
+            && p.len() <= 16
+            && p.starts_with(|c: char| c.is_ascii_lowercase())
+            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok_prefix {
+            return Err(format!(
+                "`role_prefix` `{p}` must be 1-16 of [a-z0-9_], starting with a letter"
+            ));
+        }
+        if !(1..=1000).contains(&self.connection_limit) {
+            return Err("`connection_limit` must be 1..=1000".into());
+        }
+        if !["all", "mod", "ddl", "none"].contains(&self.log_statement.as_str()) {
+            return Err(format!(
+                "`log_statement` `{}` must be all, mod, ddl or none",
+                self.log_statement
+            ));
+        }
+        if !(self.admin_url.starts_with("env:") || self.admin_url.starts_with("file:")) {
+            return Err(
+                "`admin_url` must say where the connection string is (`env:NAME` or `file:/path`), not contain it"
+                    .into(),
+            );
+        }
+        if self.pool_size == 0 || self.pool_size > 64 {
+            return Err("`pool_size` must be 1..=64".into());
+        }
+        if self.grants.is_empty() {
+            return Err(format!(
+                "audience `{}`: at least one [[postgres.grant]] is needed",
+                self.audience
+            ));
+        }
+        for g in &self.grants {
+            sql::ident(&g.schema).map_err(|e| format!("schema `{}`: {e}", g.schema))?;
+            if g.privileges.is_empty() {
+                return Err(format!("action `{}`: no privileges listed", g.action));
+            }
+            for p in &g.privileges {
+                if !TABLE_PRIVILEGES.contains(&p.to_ascii_uppercase().as_str()) {
+                    return Err(format!(
+                        "action `{}`: privilege `{p}` is not one of {}",
+                        g.action,
+                        TABLE_PRIVILEGES.join(", ")
+                    ));
+                }
+            }
+        }
+        if let Some(g) = &self.login_group {
+            sql::ident(g).map_err(|e| format!("`login_group`: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the admin connection string from where `admin_url` points.
+    fn admin_connection_string(&self) -> Result<String, ProviderError> {
+        let cfg = |m: String| ProviderError::Config(m);
+        if let Some(var) = self.admin_url.strip_prefix("env:") {
+            std::env::var(var).map_err(|_| {
+                cfg(format!(
+                    "audience `{}`: environment variable `{var}` (admin_url) is not set",
+                    self.audience
+                ))
+            })
+        } else if let Some(path) = self.admin_url.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| cfg(format!("audience `{}`: admin_url file `{path}`: {e}", self.audience)))
+        } else {
+            Err(cfg("`admin_url` must be env:NAME or file:/path".into()))
+        }
+    }
+}
+
+/// A small pool of admin connections.
+struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<tokio_postgres::Client>>,
+    permits: Arc<Semaphore>,
+    target: String,
+}
+
+struct Pooled<'a> {
+    pool: &'a Pool,
+    client: Option<tokio_postgres::Client>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        // INVARIANT: `client` is Some from construction until drop.
+        #[allow(clippy::unwrap_used)]
+        self.client.as_ref().unwrap()
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take()
+            && !c.is_closed()
+            && let Ok(mut idle) = self.pool.idle.lock()
+        {
+            idle.push(c);
+        }
+    }
+}
+
+impl Pool {
+    async fn get(&self) -> Result<Pooled<'_>, ProviderError> {
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| {
+            ProviderError::Unavailable {
+                target: self.target.clone(),
+                message: "the provider is shutting down".into(),
+            }
+        })?;
+        let reused = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut v| {
+                while let Some(c) = v.pop() {
+                    if !c.is_closed() {
+                        return Some(c);
+                    }
+                }
+                None
+            });
+        let client = match reused {
+            Some(c) => c,
+            None => {
+                let (client, conn) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    self.config.connect(tokio_postgres::NoTls),
+                )
+                .await
+                .map_err(|_| ProviderError::Unavailable {
+                    target: self.target.clone(),
+                    message: "admin connection timed out after 5 s".into(),
+                })?
+                .map_err(|e| ProviderError::Unavailable {
+                    target: self.target.clone(),
+                    message: e.to_string(),
+                })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "admin connection closed");
+                    }
+                });
+                client
+            }
+        };
+        Ok(Pooled {
+            pool: self,
+            client: Some(client),
+            _permit: permit,
+        })
+    }
+}
+
+pub struct PostgresProvider {
+    cfg: PostgresConfig,
+    pool: Pool,
+    /// action -> group role name.
+    groups: BTreeMap<String, String>,
+    prepared: OnceCell<()>,
+    host: String,
+    port: u16,
+    dbname: String,
+}
+
+fn q(e: QuoteError) -> ProviderError {
+    ProviderError::Config(e.to_string())
+}
+
+impl PostgresProvider {
+    /// Builds the provider; connects lazily (the database may come up after Lapse).
+    pub fn new(cfg: PostgresConfig) -> Result<Self, ProviderError> {
+        cfg.validate().map_err(ProviderError::Config)?;
+        let url = cfg.admin_connection_string()?;
+        // The parse error could quote the string (and its password): say where it
+        // came from instead.
+        let pg: tokio_postgres::Config = url.parse().map_err(|_| {
+            ProviderError::Config(format!(
+                "audience `{}`: the connection string in `{}` does not parse",
+                cfg.audience, cfg.admin_url
+            ))
+        })?;
+        let host = cfg.public_host.clone().unwrap_or_else(|| {
+            pg.get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                    #[allow(unreachable_patterns)]
+                    _ => "localhost".to_owned(),
+                })
+                .unwrap_or_else(|| "localhost".to_owned())
+        });
+        let port = cfg
+            .public_port
+            .unwrap_or_else(|| pg.get_ports().first().copied().unwrap_or(5432));
+        let dbname = pg.get_dbname().unwrap_or("postgres").to_owned();
+        let mut groups = BTreeMap::new();
+        let audience = sql::slug(&cfg.audience, 24);
+        for g in &cfg.grants {
+            let name = format!("{}_{}_{}", cfg.role_prefix, audience, sql::slug(&g.action, 16));
+            sql::ident(&name).map_err(q)?;
+            groups.insert(g.action.clone(), name);
+        }
+        Ok(Self {
+            pool: Pool {
+                config: pg,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(cfg.pool_size)),
+                target: cfg.audience.clone(),
+            },
+            groups,
+            prepared: OnceCell::new(),
+            host,
+            port,
+            dbname,
+            cfg,
+        })
+    }
+
+    /// The group role of each configured action.
+    pub fn groups(&self) -> &BTreeMap<String, String> {
+        &self.groups
+    }
+
+    fn step(&self, step: &'static str) -> impl Fn(tokio_postgres::Error) -> ProviderError + '_ {
+        move |e| {
+            let message = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+            if e.as_db_error().is_none() {
+                ProviderError::Unavailable {
+                    target: self.cfg.audience.clone(),
+                    message,
+                }
+            } else {
+                ProviderError::Step {
+                    target: self.cfg.audience.clone(),
+                    step,
+                    message,
+                }
+            }
+        }
+    }
+
+    fn marker(&self, grant: GrantId) -> String {
+        format!("{MARKER}target={};grant={grant}", self.cfg.audience)
+    }
+
+    /// Makes (or brings up to date) the group roles and their privileges. Runs once
+    /// per process before the first credential; idempotent.
+    pub async fn prepare(&self) -> Result<(), ProviderError> {
+        self.prepared
+            .get_or_try_init(|| async {
+                let c = self.pool.get().await?;
+                let mut by_action: BTreeMap<&str, Vec<&crate::postgres::PrivilegeConfig>> =
+                    BTreeMap::new();
+                for g in &self.cfg.grants {
+                    by_action.entry(g.action.as_str()).or_default().push(g);
+                }
+                for (action, grants) in by_action {
+                    let Some(group) = self.groups.get(action) else {
+                        continue;
+                    };
+                    let exists = c
+                        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[group])
+                        .await
+                        .map_err(self.step("look up group role"))?
+                        .is_some();
+                    let g = sql::ident(group).map_err(q)?;
+                    let mut script = String::from("BEGIN;\n");
+                    if !exists {
+                        script.push_str(&format!("CREATE ROLE {g} NOLOGIN;\n"));
+                    }
+                    script.push_str(&format!(
+                        "COMMENT ON ROLE {g} IS {};\n",
+                        sql::literal(&format!(
+                            "lapse group: audience {} action {action}",
+                            self.cfg.audience
+                        ))
+                        .map_err(q)?
+                    ));
+                    let schemas: BTreeSet<&str> = grants.iter().map(|p| p.schema.as_str()).collect();
+                    for s in schemas {
+                        script.push_str(&format!(
+                            "GRANT USAGE ON SCHEMA {} TO {g};\n",
+                            sql::ident(s).map_err(q)?
+                        ));
+                    }
+                    for p in grants {
+                        let privs: Vec<String> =
+                            p.privileges.iter().map(|x| x.to_ascii_uppercase()).collect();
+                        script.push_str(&format!(
+                            "GRANT {} ON ALL TABLES IN SCHEMA {} TO {g};\n",
+                            privs.join(", "),
+                            sql::ident(&p.schema).map_err(q)?
+                        ));
+                    }
+                    script.push_str("COMMIT;");
+                    if let Err(e) = c.batch_execute(&script).await {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        return Err(self.step("set up group role")(e));
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn sessions(&self, c: &tokio_postgres::Client, name: &str) -> Result<i64, ProviderError> {
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&name],
+            )
+            .await
+            .map_err(self.step("count sessions"))?;
+        Ok(row.get::<_, i64>(0))
+    }
+}
+
+#[async_trait]
+impl CredentialProvider for PostgresProvider {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn target(&self) -> &str {
+        &self.cfg.audience
+    }
+
+    fn name_for(&self, grant: GrantId) -> String {
+        // `GrantId` renders as `gr_` + 32 hex digits: safe and unique.
+        format!("{}_{grant}", self.cfg.role_prefix)
+    }
+
+    async fn create(&self, spec: &CredentialSpec, secret: &Secret) -> Result<Handout, ProviderError> {
+        self.prepare().await?;
+        let name = sql::ident(&spec.name).map_err(q)?;
+        let mut groups: Vec<String> = Vec::new();
+        for a in &spec.actions {
+            if let Some(g) = self.groups.get(a) {
+                groups.push(sql::ident(g).map_err(q)?);
+            }
+        }
+        if let Some(g) = &self.cfg.login_group {
+            groups.push(sql::ident(g).map_err(q)?);
+        }
+        let verifier = postgres_protocol::password::scram_sha_256(secret.expose().as_bytes());
+        let valid_until = spec.valid_until.rfc3339();
+        let mut script = format!(
+            "BEGIN;\nCREATE ROLE {name} LOGIN INHERIT PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}{};\n",
+            sql::literal(&verifier).map_err(q)?,
+            sql::literal(&valid_until).map_err(q)?,
+            self.cfg.connection_limit,
+            if groups.is_empty() {
+                String::new()
+            } else {
+                format!(" IN ROLE {}", groups.join(", "))
+            }
+        );
+        script.push_str(&format!(
+            "COMMENT ON ROLE {name} IS {};\n",
+            sql::literal(&self.marker(spec.grant)).map_err(q)?
+        ));
+        script.push_str(&format!(
+            "ALTER ROLE {name} SET application_name = {};\n",
+            sql::literal(&format!("lapse {}", spec.grant)).map_err(q)?
+        ));
+        if self.cfg.log_statement != "none" {
+            script.push_str(&format!(
+                "ALTER ROLE {name} SET log_statement = {};\n",
+                sql::literal(&self.cfg.log_statement).map_err(q)?
+            ));
+        }
+        script.push_str("COMMIT;");
+        let c = self.pool.get().await?;
+        if let Err(e) = c.batch_execute(&script).await {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(self.step("create role")(e));
+        }
+        Ok(Handout {
+            kind: "postgres",
+            audience: self.cfg.audience.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            dbname: self.dbname.clone(),
+            username: spec.name.clone(),
+            password: secret.expose().to_owned(),
+            valid_until,
+        })
+    }
+
+    async fn extend(&self, name: &str, valid_until: Timestamp) -> Result<(), ProviderError> {
+        let c = self.pool.get().await?;
+        c.batch_execute(&format!(
+            "ALTER ROLE {} VALID UNTIL {}",
+            sql::ident(name).map_err(q)?,
+            sql::literal(&valid_until.rfc3339()).map_err(q)?
+        ))
+        .await
+        .map_err(self.step("extend VALID UNTIL"))
+    }
+
+    async fn destroy(&self, name: &str) -> Result<Destroyed, ProviderError> {
+        let role = sql::ident(name).map_err(q)?;
+        let c = self.pool.get().await?;
+        // 1. No new sessions. Commits on its own, before anything else happens.
+        let existed = match c.batch_execute(&format!("ALTER ROLE {role} NOLOGIN")).await {
+            Ok(()) => true,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => false,
+            Err(e) => return Err(self.step("forbid login")(e)),
+        };
+        // 2. End the live ones, then wait until PostgreSQL shows none (termination
+        // is a signal; the backend exits a moment later).
+        let terminated: i64 = c
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                &[&name],
+            )
+            .await
+            .map_err(self.step("terminate sessions"))?
+            .iter()
+            .filter(|r| r.get::<_, Option<bool>>(0) == Some(true))
+            .count()
+            .try_into()
+            .unwrap_or(i64::MAX);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut left = self.sessions(&c, name).await?;
+        while left > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            left = self.sessions(&c, name).await?;
+        }
+        if left > 0 {
+            return Err(ProviderError::SessionsLeft {
+                target: self.cfg.audience.clone(),
+                name: name.to_owned(),
+                left,
+            });
+        }
+        // 3. Privileges go with the role (its memberships are dropped with it). A
+        // role can only own something if privileges were widened by hand; then hand
+        // it to the admin and drop it, rather than fail forever.
+        if existed {
+            match c.batch_execute(&format!("DROP ROLE IF EXISTS {role}")).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => {
+                    let script = format!(
+                        "BEGIN;\nGRANT {role} TO CURRENT_USER;\nREASSIGN OWNED BY {role} TO CURRENT_USER;\nDROP OWNED BY {role};\nDROP ROLE {role};\nCOMMIT;"
+                    );
+                    if let Err(e) = c.batch_execute(&script).await {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        return Err(self.step("drop owned objects and role")(e));
+                    }
+                }
+                Err(e) => return Err(self.step("drop role")(e)),
+            }
+        }
+        Ok(Destroyed {
+            existed,
+            sessions_terminated: terminated,
+            sessions_left: left,
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<Existing>, ProviderError> {
+        let c = self.pool.get().await?;
+        let like = format!("{MARKER}target={};grant=%", self.cfg.audience.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let rows = c
+            .query(
+                "SELECT r.rolname::text, r.rolcanlogin,
+                        extract(epoch FROM r.rolvaliduntil)::float8,
+                        shobj_description(r.oid, 'pg_authid'),
+                        (SELECT count(*) FROM pg_stat_activity a WHERE a.usename = r.rolname)
+                 FROM pg_roles r
+                 WHERE shobj_description(r.oid, 'pg_authid') LIKE $1",
+                &[&like],
+            )
+            .await
+            .map_err(self.step("list roles"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let comment: Option<String> = r.get(3);
+                Existing {
+                    name: r.get(0),
+                    grant: comment
+                        .as_deref()
+                        .and_then(|c| c.rsplit_once(";grant="))
+                        .and_then(|(_, g)| g.parse().ok()),
+                    can_login: r.get(1),
+                    valid_until: r
+                        .get::<_, Option<f64>>(2)
+                        .filter(|v| v.is_finite())
+                        .map(|v| v as i64),
+                    sessions: r.get(4),
+                }
+            })
+            .collect())
+    }
+}
