@@ -101,7 +101,8 @@ impl Conn {
         if n == 0 {
             anyhow::bail!("server closed the connection");
         }
-        self.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        self.buf
+            .extend_from_slice(chunk.get(..n).unwrap_or_default());
         Ok(())
     }
 }

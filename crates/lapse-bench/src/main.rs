@@ -106,7 +106,10 @@ fn decide(iterations: usize, runs: usize, json_out: bool) -> anyhow::Result<()> 
     let indexed = PolicyBundle::from_sources(&files)?;
     let flat = PolicyBundle::from_sources_unindexed(&files)?;
     if indexed.policy_count != 100 {
-        bail!("the synthetic set has {} policies, not 100", indexed.policy_count);
+        bail!(
+            "the synthetic set has {} policies, not 100",
+            indexed.policy_count
+        );
     }
     let requests = policies::requests(10_000, 7);
     // Same decisions both ways, or the comparison means nothing.
@@ -121,7 +124,11 @@ fn decide(iterations: usize, runs: usize, json_out: bool) -> anyhow::Result<()> 
     let mix: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     emit(
         json_out,
-        format!("decision mix over {} requests: {}", requests.len(), mix.join(", ")),
+        format!(
+            "decision mix over {} requests: {}",
+            requests.len(),
+            mix.join(", ")
+        ),
         json!({ "bench": "decide.mix", "outcomes": outcomes }),
     );
     let mut medians = (Vec::new(), Vec::new());
@@ -273,7 +280,8 @@ fn identity_tokens(dir: &std::path::Path, n: usize, now: i64) -> anyhow::Result<
                 "jti": lapse_token::b64::encode(jti),
                 "repository": "acme/shop",
             });
-            key.sign_jwt("JWT", &claims).context("signing an identity token")
+            key.sign_jwt("JWT", &claims)
+                .context("signing an identity token")
         })
         .collect()
 }
@@ -312,7 +320,9 @@ fn introspect_requests(server: &Server, tokens: &[String], n: usize) -> Vec<Vec<
     let auth = format!("Bearer {}", server.admin);
     (0..n)
         .map(|k| {
-            let token = tokens.get(k % tokens.len().max(1)).map_or("", String::as_str);
+            let token = tokens
+                .get(k % tokens.len().max(1))
+                .map_or("", String::as_str);
             post_form(
                 &host,
                 "/oauth/introspect",
@@ -363,8 +373,7 @@ fn drive(
                     let resp = conn.send(req).await?;
                     stats::record(&mut h, t.elapsed());
                     let ok = resp.status == 200
-                        && (kind == Kind::Exchange
-                            || resp.body.starts_with(b"{\"active\":true"));
+                        && (kind == Kind::Exchange || resp.body.starts_with(b"{\"active\":true"));
                     if !ok {
                         bail!(
                             "HTTP {}: {}",

@@ -137,7 +137,8 @@ when {{ context.source.isInRange(ip("10.{net}.0.0/16")) && context.environment =
 pub fn requests(n: usize, seed: u64) -> Vec<AccessRequest> {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let time = Timestamp::parse_rfc3339("2026-11-24T10:30:00Z").unwrap_or(Timestamp::from_millis(0));
+    let time =
+        Timestamp::parse_rfc3339("2026-11-24T10:30:00Z").unwrap_or(Timestamp::from_millis(0));
     (0..n)
         .map(|k| {
             let team = rng.gen_range(0..SERVICES);

@@ -140,7 +140,9 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
     assert_eq!(code(&usage), 2, "{}", show(&usage));
 
     // The operator sees and revokes the grant.
-    let shown = lapse(&["grants", "show", &grant, "--json", "--url", &url, "--token", admin]);
+    let shown = lapse(&[
+        "grants", "show", &grant, "--json", "--url", &url, "--token", admin,
+    ]);
     assert_eq!(code(&shown), 0, "{}", show(&shown));
     let g: Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(g["state"], "active", "{g}");
@@ -158,7 +160,10 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
     assert_eq!(code(&verified), 0, "{}", show(&verified));
     let r: Value = serde_json::from_slice(&verified.stdout).unwrap();
     let entries = r["entries"].as_u64().unwrap();
-    assert!(entries >= 6, "request, decisions, issue, pending, revoke: {r}");
+    assert!(
+        entries >= 6,
+        "request, decisions, issue, pending, revoke: {r}"
+    );
     let export = tmp.path().join("audit.jsonl");
     let exported = lapse(&[
         "audit",
@@ -176,7 +181,12 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
         .collect();
     assert_eq!(lines.len() as u64, entries);
     let kinds: Vec<&str> = lines.iter().filter_map(|e| e["kind"].as_str()).collect();
-    for k in ["access.decided", "grant.issued", "grant.pending", "grant.revoked"] {
+    for k in [
+        "access.decided",
+        "grant.issued",
+        "grant.pending",
+        "grant.revoked",
+    ] {
         assert!(kinds.contains(&k), "`{k}` missing from {kinds:?}");
     }
 
@@ -212,7 +222,13 @@ fn policy_commands_exit_codes() {
     let v = lapse(&["policy", "validate", "--policies", root_s]);
     assert_eq!(code(&v), 0, "{}", show(&v));
     let tests = root.join("policy-tests.toml");
-    let t = lapse(&["policy", "test", tests.to_str().unwrap(), "--policies", root_s]);
+    let t = lapse(&[
+        "policy",
+        "test",
+        tests.to_str().unwrap(),
+        "--policies",
+        root_s,
+    ]);
     assert_eq!(code(&t), 0, "{}", show(&t));
 
     // A case whose expectation is wrong fails with exit 6.
@@ -234,7 +250,13 @@ expect = "deny"
 "#,
     )
     .unwrap();
-    let f = lapse(&["policy", "test", wrong.to_str().unwrap(), "--policies", root_s]);
+    let f = lapse(&[
+        "policy",
+        "test",
+        wrong.to_str().unwrap(),
+        "--policies",
+        root_s,
+    ]);
     assert_eq!(code(&f), 6, "{}", show(&f));
 
     // A broken policy folder names the file and line; exit 1.
@@ -245,8 +267,11 @@ expect = "deny"
         std::fs::read_to_string(root.join("actions.cedarschema")).unwrap(),
     )
     .unwrap();
-    std::fs::write(bad.join("x.cedar"), "permit (principal, action, resource)\nwhen { nope };\n")
-        .unwrap();
+    std::fs::write(
+        bad.join("x.cedar"),
+        "permit (principal, action, resource)\nwhen { nope };\n",
+    )
+    .unwrap();
     let b = lapse(&["policy", "validate", "--policies", bad.to_str().unwrap()]);
     assert_eq!(code(&b), 1, "{}", show(&b));
     assert!(

@@ -216,7 +216,10 @@ impl Grant {
     }
 
     /// Records that a provider will create `credential` for this active grant.
-    pub fn intend_credential(mut self, credential: ProviderCredential) -> Result<Self, LifecycleError> {
+    pub fn intend_credential(
+        mut self,
+        credential: ProviderCredential,
+    ) -> Result<Self, LifecycleError> {
         self.require_active()?;
         self.credentials.push(credential);
         self.version += 1;

@@ -228,12 +228,10 @@ impl PolicyBundle {
             .iter()
             .map(|(p, i)| (p.clone(), i.break_glass))
             .collect();
-        let index =
-            PolicyIndex::build(&with_class, &action_uids, &action_entities, indexed).map_err(|e| {
-                PolicyError::Schema {
-                    file: "policies".into(),
-                    message: e.to_string(),
-                }
+        let index = PolicyIndex::build(&with_class, &action_uids, &action_entities, indexed)
+            .map_err(|e| PolicyError::Schema {
+                file: "policies".into(),
+                message: e.to_string(),
             })?;
         let mut actions: Vec<String> = action_uids
             .iter()

@@ -121,7 +121,11 @@ pub trait CredentialProvider: Send + Sync + 'static {
     /// finds the same thing.
     fn name_for(&self, grant: GrantId) -> String;
     /// Creates it; everything or nothing.
-    async fn create(&self, spec: &CredentialSpec, secret: &Secret) -> Result<Handout, ProviderError>;
+    async fn create(
+        &self,
+        spec: &CredentialSpec,
+        secret: &Secret,
+    ) -> Result<Handout, ProviderError>;
     /// Moves its expiry in the target (renewal).
     async fn extend(&self, name: &str, valid_until: Timestamp) -> Result<(), ProviderError>;
     /// Forbids new use, ends live sessions, checks none are left, then removes it.

@@ -20,7 +20,9 @@
 //! `GRANT SET ON PARAMETER log_statement` when statement logging is on.
 
 use crate::sql::{self, QuoteError};
-use crate::{CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret};
+use crate::{
+    CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret,
+};
 use async_trait::async_trait;
 use lapse_core::{GrantId, Timestamp};
 use serde::Deserialize;
@@ -105,7 +107,8 @@ impl PostgresConfig {
         let ok_prefix = !p.is_empty()
             && p.len() <= 16
             && p.starts_with(|c: char| c.is_ascii_lowercase())
-            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !ok_prefix {
             return Err(format!(
                 "`role_prefix` `{p}` must be 1-16 of [a-z0-9_], starting with a letter"
@@ -169,7 +172,12 @@ impl PostgresConfig {
         } else if let Some(path) = self.admin_url.strip_prefix("file:") {
             std::fs::read_to_string(path)
                 .map(|s| s.trim().to_owned())
-                .map_err(|e| cfg(format!("audience `{}`: admin_url file `{path}`: {e}", self.audience)))
+                .map_err(|e| {
+                    cfg(format!(
+                        "audience `{}`: admin_url file `{path}`: {e}",
+                        self.audience
+                    ))
+                })
         } else {
             Err(cfg("`admin_url` must be env:NAME or file:/path".into()))
         }
@@ -212,24 +220,23 @@ impl Drop for Pooled<'_> {
 
 impl Pool {
     async fn get(&self) -> Result<Pooled<'_>, ProviderError> {
-        let permit = self.permits.clone().acquire_owned().await.map_err(|_| {
-            ProviderError::Unavailable {
-                target: self.target.clone(),
-                message: "the provider is shutting down".into(),
-            }
-        })?;
-        let reused = self
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut v| {
-                while let Some(c) = v.pop() {
-                    if !c.is_closed() {
-                        return Some(c);
-                    }
+        let permit =
+            self.permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ProviderError::Unavailable {
+                    target: self.target.clone(),
+                    message: "the provider is shutting down".into(),
+                })?;
+        let reused = self.idle.lock().ok().and_then(|mut v| {
+            while let Some(c) = v.pop() {
+                if !c.is_closed() {
+                    return Some(c);
                 }
-                None
-            });
+            }
+            None
+        });
         let client = match reused {
             Some(c) => c,
             None => {
@@ -307,7 +314,12 @@ impl PostgresProvider {
         let mut groups = BTreeMap::new();
         let audience = sql::slug(&cfg.audience, 24);
         for g in &cfg.grants {
-            let name = format!("{}_{}_{}", cfg.role_prefix, audience, sql::slug(&g.action, 16));
+            let name = format!(
+                "{}_{}_{}",
+                cfg.role_prefix,
+                audience,
+                sql::slug(&g.action, 16)
+            );
             sql::ident(&name).map_err(q)?;
             groups.insert(g.action.clone(), name);
         }
@@ -352,8 +364,18 @@ impl PostgresProvider {
         }
     }
 
+    /// The comment that marks a role as this provider's. The prefix is part of it
+    /// so two Lapse installations sharing a cluster (with different prefixes)
+    /// never reconcile each other's roles.
     fn marker(&self, grant: GrantId) -> String {
-        format!("{MARKER}target={};grant={grant}", self.cfg.audience)
+        format!("{}{grant}", self.marker_base())
+    }
+
+    fn marker_base(&self) -> String {
+        format!(
+            "{MARKER}prefix={};target={};grant=",
+            self.cfg.role_prefix, self.cfg.audience
+        )
     }
 
     /// Makes (or brings up to date) the group roles and their privileges. Runs once
@@ -389,7 +411,8 @@ impl PostgresProvider {
                         ))
                         .map_err(q)?
                     ));
-                    let schemas: BTreeSet<&str> = grants.iter().map(|p| p.schema.as_str()).collect();
+                    let schemas: BTreeSet<&str> =
+                        grants.iter().map(|p| p.schema.as_str()).collect();
                     for s in schemas {
                         script.push_str(&format!(
                             "GRANT USAGE ON SCHEMA {} TO {g};\n",
@@ -397,8 +420,11 @@ impl PostgresProvider {
                         ));
                     }
                     for p in grants {
-                        let privs: Vec<String> =
-                            p.privileges.iter().map(|x| x.to_ascii_uppercase()).collect();
+                        let privs: Vec<String> = p
+                            .privileges
+                            .iter()
+                            .map(|x| x.to_ascii_uppercase())
+                            .collect();
                         script.push_str(&format!(
                             "GRANT {} ON ALL TABLES IN SCHEMA {} TO {g};\n",
                             privs.join(", "),
@@ -444,7 +470,11 @@ impl CredentialProvider for PostgresProvider {
         format!("{}_{grant}", self.cfg.role_prefix)
     }
 
-    async fn create(&self, spec: &CredentialSpec, secret: &Secret) -> Result<Handout, ProviderError> {
+    async fn create(
+        &self,
+        spec: &CredentialSpec,
+        secret: &Secret,
+    ) -> Result<Handout, ProviderError> {
         self.prepare().await?;
         let name = sql::ident(&spec.name).map_err(q)?;
         let mut groups: Vec<String> = Vec::new();
@@ -552,9 +582,17 @@ impl CredentialProvider for PostgresProvider {
         // role can only own something if privileges were widened by hand; then hand
         // it to the admin and drop it, rather than fail forever.
         if existed {
-            match c.batch_execute(&format!("DROP ROLE IF EXISTS {role}")).await {
+            match c
+                .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                .await
+            {
                 Ok(()) => {}
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => {
+                Err(e)
+                    if e.code()
+                        == Some(
+                            &tokio_postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
+                        ) =>
+                {
                     let script = format!(
                         "BEGIN;\nGRANT {role} TO CURRENT_USER;\nREASSIGN OWNED BY {role} TO CURRENT_USER;\nDROP OWNED BY {role};\nDROP ROLE {role};\nCOMMIT;"
                     );
@@ -575,7 +613,13 @@ impl CredentialProvider for PostgresProvider {
 
     async fn list(&self) -> Result<Vec<Existing>, ProviderError> {
         let c = self.pool.get().await?;
-        let like = format!("{MARKER}target={};grant=%", self.cfg.audience.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let base = self.marker_base();
+        let like = format!(
+            "{}%",
+            base.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
         let rows = c
             .query(
                 "SELECT r.rolname::text, r.rolcanlogin,

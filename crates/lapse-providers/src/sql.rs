@@ -76,7 +76,10 @@ mod tests {
         );
         assert_eq!(ident(""), Err(QuoteError::Empty));
         assert_eq!(ident("a\0b"), Err(QuoteError::Nul));
-        assert!(matches!(ident(&"a".repeat(64)), Err(QuoteError::TooLong(_))));
+        assert!(matches!(
+            ident(&"a".repeat(64)),
+            Err(QuoteError::TooLong(_))
+        ));
         assert!(ident(&"a".repeat(63)).is_ok());
     }
 

@@ -43,6 +43,32 @@ pub struct Config {
     pub audiences: Vec<AudienceEntry>,
     #[serde(default, rename = "operator")]
     pub operators: Vec<OperatorEntry>,
+    /// Dynamic PostgreSQL users, one `[[postgres]]` per audience.
+    #[serde(default, rename = "postgres")]
+    pub postgres: Vec<lapse_providers::postgres::PostgresConfig>,
+    /// How often the reconciler compares targets with the store (also at start).
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval: TtlDuration,
+    /// How often the sweeper ends grants whose time is up (default: twice a second).
+    #[serde(default)]
+    pub sweep_interval: Option<TtlDuration>,
+    /// The standing-privilege report flags a grant alive (through renewals) longer
+    /// than this, and a workload holding access for more than `standing_share` of
+    /// the report window.
+    #[serde(default = "default_standing_span")]
+    pub standing_span: TtlDuration,
+    #[serde(default = "default_standing_share")]
+    pub standing_share: f64,
+}
+
+fn default_reconcile_interval() -> TtlDuration {
+    TtlDuration::from_secs(30)
+}
+fn default_standing_span() -> TtlDuration {
+    TtlDuration::from_secs(8 * 3600)
+}
+fn default_standing_share() -> f64 {
+    0.9
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +222,26 @@ impl Config {
         }
         if let Some(u) = &self.public_url {
             url::Url::parse(u).map_err(|e| format!("`public_url` `{u}` is not a URL: {e}"))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.postgres {
+            if !self.audiences.iter().any(|a| a.id == p.audience) {
+                return Err(format!(
+                    "[[postgres]] audience `{}` is not declared in [[audience]]",
+                    p.audience
+                ));
+            }
+            if !seen.insert(p.audience.as_str()) {
+                return Err(format!(
+                    "two [[postgres]] entries for audience `{}`",
+                    p.audience
+                ));
+            }
+            p.validate()
+                .map_err(|e| format!("[[postgres]] `{}`: {e}", p.audience))?;
+        }
+        if !(0.0..=1.0).contains(&self.standing_share) {
+            return Err("`standing_share` must be between 0 and 1".into());
         }
         Ok(())
     }

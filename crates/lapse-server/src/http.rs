@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/grants/{id}/renew", post(renew))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/reports/standing", get(standing_report))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .route(
             "/healthz",
@@ -254,7 +255,7 @@ async fn token(
 }
 
 fn token_response(i: &Issued) -> Value {
-    json!({
+    let mut v = json!({
         "access_token": i.access_token,
         "issued_token_type": TT_ACCESS_TOKEN,
         "token_type": "DPoP",
@@ -262,7 +263,11 @@ fn token_response(i: &Issued) -> Value {
         "scope": i.grant.actions.join(" "),
         "grant_id": i.grant.id.to_string(),
         "task": i.grant.request.task.id,
-    })
+    });
+    if !i.credentials.is_empty() {
+        crate::set_field(&mut v, "credentials", json!(i.credentials));
+    }
+    v
 }
 
 async fn introspect(
@@ -417,6 +422,7 @@ pub fn grant_view(g: &lapse_core::Grant) -> Value {
         "end": g.end,
         "jkt": g.jkt,
         "renewals": g.renewals,
+        "credentials": g.credentials,
     })
 }
 
@@ -425,6 +431,7 @@ pub fn grant_view(g: &lapse_core::Grant) -> Value {
 struct ListQuery {
     state: Option<String>,
     workload: Option<String>,
+    audience: Option<String>,
     task: Option<String>,
     limit: Option<usize>,
 }
@@ -449,6 +456,7 @@ async fn list_grants(
             state,
             workload: q.workload,
             task: q.task,
+            audience: q.audience,
             limit: q.limit.unwrap_or(100).min(1000),
         })
         .await?;
@@ -599,6 +607,31 @@ async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Result<R
         StatusCode::CONFLICT
     };
     Ok(no_store(json!(report), status))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    /// Report window, e.g. `24h` (default).
+    window: Option<String>,
+}
+
+async fn standing_report(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    s.operator(authorization(&headers))?.require(Role::Read)?;
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let window = match q.window.as_deref() {
+        None => 24 * 3600,
+        Some(w) => w
+            .parse::<lapse_core::TtlDuration>()
+            .map_err(|e| ApiError::InvalidRequest(format!("`window`: {e}")))?
+            .secs(),
+    };
+    let report = s.standing_report(window).await?;
+    Ok(no_store(report, StatusCode::OK))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

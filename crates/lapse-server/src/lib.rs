@@ -8,11 +8,13 @@
 //!   policies.
 
 pub mod config;
+pub mod credentials;
 pub mod dev;
 pub mod error;
 pub mod http;
 pub mod metrics;
 mod openapi;
+pub mod report;
 pub mod service;
 
 use config::Config;
@@ -45,6 +47,8 @@ pub enum StartError {
     },
     #[error("dev setup: {0}")]
     Dev(String),
+    #[error(transparent)]
+    Provider(#[from] lapse_providers::ProviderError),
 }
 
 /// Signs audit checkpoints with the server key.
@@ -86,7 +90,27 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
     }
     let identity =
         lapse_identity::IdentityVerifier::new(issuers, lapse_identity::http_client()).await?;
-    let lapse = Arc::new(Lapse::new(cfg, store, Some(policy), identity, key, clock));
+    let mut providers: std::collections::HashMap<
+        String,
+        Arc<dyn lapse_providers::CredentialProvider>,
+    > = std::collections::HashMap::new();
+    for p in &cfg.postgres {
+        let provider = lapse_providers::postgres::PostgresProvider::new(p.clone())?;
+        // The database may come up after Lapse: a failure here is logged and the
+        // setup retried before the first credential.
+        if let Err(e) = provider.prepare().await {
+            tracing::error!(audience = %p.audience, error = %e, "postgres provider not ready; credentials for it fail until it is");
+        }
+        for action in policy.actions() {
+            if !provider.groups().contains_key(action) {
+                tracing::warn!(audience = %p.audience, action = %action, "no [[postgres.grant]] for this action: its database role gets no privileges for it");
+            }
+        }
+        providers.insert(p.audience.clone(), Arc::new(provider));
+    }
+    let mut lapse = Lapse::new(cfg, store, Some(policy), identity, key, clock);
+    lapse.providers = providers;
+    let lapse = Arc::new(lapse);
     if let Ok(n) = lapse.store.count_active().await {
         lapse
             .metrics
@@ -103,6 +127,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let sweeper = tokio::spawn(sweep_loop(lapse.clone()));
+    let cleaner = tokio::spawn(cleanup_loop(lapse.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(lapse.clone()));
     let watcher = tokio::spawn(policy_watch_loop(lapse.clone()));
     let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
@@ -110,11 +136,53 @@ pub async fn serve(
         .await;
     sweeper.abort();
     watcher.abort();
+    cleaner.abort();
+    reconciler.abort();
     result
 }
 
-async fn sweep_loop(lapse: Arc<Lapse>) {
+/// Retries owed credential destroys (each grant at its own backoff).
+async fn cleanup_loop(lapse: Arc<Lapse>) {
+    if lapse.providers.is_empty() {
+        return;
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = lapse.cleanup().await {
+            tracing::warn!(error = %e, "credential cleanup pass failed; will retry");
+        }
+    }
+}
+
+/// At start and then every `reconcile_interval`.
+async fn reconcile_loop(lapse: Arc<Lapse>) {
+    if lapse.providers.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(
+        lapse.cfg.reconcile_interval.secs().max(1),
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match lapse.reconcile().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(actions = n, "reconciler corrected targets"),
+            Err(e) => tracing::warn!(error = %e, "reconcile pass failed; will retry"),
+        }
+    }
+}
+
+async fn sweep_loop(lapse: Arc<Lapse>) {
+    let every = lapse
+        .cfg
+        .sweep_interval
+        .map_or(Duration::from_millis(500), |d| {
+            Duration::from_secs(d.secs().max(1))
+        });
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

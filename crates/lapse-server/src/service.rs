@@ -13,6 +13,7 @@ use lapse_core::{
 };
 use lapse_identity::IdentityVerifier;
 use lapse_policy::PolicyBundle;
+use lapse_providers::{CredentialProvider, Handout};
 use lapse_store::{AuditEvent, GrantWrite, Store, WriteBatch};
 use lapse_token::access::{self, ACCESS_TOKEN_TYP};
 use lapse_token::dpop::{self, DpopRequirements};
@@ -50,6 +51,8 @@ pub struct Lapse {
     pub replay: ReplayCache,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
+    /// Credential providers by audience.
+    pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     audiences: HashSet<String>,
     operators: HashMap<[u8; 32], (String, Vec<Role>)>,
 }
@@ -71,13 +74,15 @@ pub struct Issued {
     pub grant: Grant,
     pub access_token: String,
     pub expires_in: u64,
+    /// Provider credentials, handed out once (they hold secrets); never stored.
+    pub credentials: Vec<Handout>,
 }
 
 pub fn hash_secret(s: &str) -> [u8; 32] {
     sha2::Sha256::digest(s.as_bytes()).into()
 }
 
-fn event(
+pub(crate) fn event(
     at: Timestamp,
     kind: &str,
     grant: Option<&GrantId>,
@@ -122,6 +127,7 @@ impl Lapse {
             replay: ReplayCache::new(1_000_000),
             clock,
             metrics: Metrics::new(),
+            providers: HashMap::new(),
         }
     }
 
@@ -353,14 +359,26 @@ impl Lapse {
                     jti,
                 )
                 .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                let provider = self.provider(&grant.request.audience).cloned();
+                let grant = match &provider {
+                    Some(p) => {
+                        let intent = crate::credentials::intent(p, &grant);
+                        grant.intend_credential(intent).map_err(lifecycle)?
+                    }
+                    None => grant,
+                };
                 let token = self.mint(&grant, now)?;
-                let issued = event(
-                    now,
-                    "grant.issued",
-                    Some(&grant.id),
-                    &actor,
-                    issued_data(&grant, &decision, now),
-                );
+                let mut data = issued_data(&grant, &decision, now);
+                if let Some(c) = grant.credentials.last() {
+                    // The intent is recorded with the issue, before the provider
+                    // creates anything: a crash in between leaves a trace.
+                    crate::set_field(
+                        &mut data,
+                        "credential",
+                        json!({ "provider": c.provider, "target": c.target, "name": c.name, "state": "intended", "valid_until": c.valid_until }),
+                    );
+                }
+                let issued = event(now, "grant.issued", Some(&grant.id), &actor, data);
                 self.store
                     .commit(WriteBatch {
                         grants: vec![GrantWrite::Insert(grant.clone())],
@@ -368,10 +386,18 @@ impl Lapse {
                     })
                     .await?;
                 self.metrics.active_grants.inc();
+                let (grant, credentials) = match &provider {
+                    Some(p) => {
+                        let (g, h) = self.provision(grant, p).await?;
+                        (g, vec![h])
+                    }
+                    None => (grant, vec![]),
+                };
                 Ok(Issued {
                     expires_in: grant.remaining_secs(now),
                     grant,
                     access_token: token,
+                    credentials,
                 })
             }
         }
@@ -484,7 +510,7 @@ impl Lapse {
         Ok((claims, grant))
     }
 
-    async fn end(
+    pub(crate) async fn end(
         &self,
         grant: Grant,
         ended: Grant,
@@ -512,6 +538,9 @@ impl Lapse {
                 outcome: ended.state.as_str().into(),
             })
             .inc();
+        if ended.cleanup_due_at().is_some() {
+            return Ok(self.destroy_owed(ended).await);
+        }
         Ok(ended)
     }
 
@@ -587,6 +616,20 @@ impl Lapse {
                     .clone()
                     .renew(now, ttl, decision.policies.clone(), ttl_cap_secs, new_jti())
                     .map_err(lifecycle)?;
+                // The target's own expiry moves first: if that fails, the renewal
+                // is not recorded and the credential keeps its old end.
+                for c in renewed
+                    .credentials
+                    .iter()
+                    .filter(|c| c.state == lapse_core::CredentialState::Live)
+                {
+                    let p = self.provider(&c.target).ok_or_else(|| {
+                        ApiError::Unavailable(format!("no provider for `{}`", c.target))
+                    })?;
+                    p.extend(&c.name, renewed.expires_at)
+                        .await
+                        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+                }
                 let token = self.mint(&renewed, now)?;
                 let data = issued_data(&renewed, &decision, now);
                 self.store
@@ -605,6 +648,7 @@ impl Lapse {
                     expires_in: renewed.remaining_secs(now),
                     grant: renewed,
                     access_token: token,
+                    credentials: vec![],
                 })
             }
             other => {
@@ -617,6 +661,7 @@ impl Lapse {
                     .revoke(now, "lapse", &format!("renewal refused: {reason}"))
                     .map_err(lifecycle)?;
                 let id = ended.id;
+                let owed = ended.clone();
                 self.store
                     .commit(WriteBatch {
                         grants: vec![GrantWrite::Update {
@@ -636,6 +681,9 @@ impl Lapse {
                     })
                     .await?;
                 self.metrics.active_grants.dec();
+                if owed.cleanup_due_at().is_some() {
+                    self.destroy_owed(owed).await;
+                }
                 Err(ApiError::AccessDenied {
                     description: format!("renewal refused, grant ended: {reason}"),
                     policies: decision.policies,
@@ -654,6 +702,7 @@ impl Lapse {
             let Ok(ended) = g.clone().expire(now) else {
                 continue;
             };
+            let owed = ended.clone();
             let batch = WriteBatch {
                 events: vec![event(
                     now,
@@ -670,6 +719,9 @@ impl Lapse {
             match self.store.commit(batch).await {
                 Ok(()) => {
                     n += 1;
+                    if owed.cleanup_due_at().is_some() {
+                        self.destroy_owed(owed).await;
+                    }
                     if was_active {
                         self.metrics.active_grants.dec();
                     }

@@ -21,7 +21,10 @@ use tokio::sync::oneshot;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
-    (2, include_str!("../migrations/sqlite/0002_credential_cleanup.sql")),
+    (
+        2,
+        include_str!("../migrations/sqlite/0002_credential_cleanup.sql"),
+    ),
 ];
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;

@@ -1,0 +1,306 @@
+//! The standing-privilege report: everything that looks like access outliving its
+//! task, from the store, the audit chain and the targets themselves.
+//!
+//! It also proves, for a window, that every credential issued in it has its end
+//! recorded (or is still inside its lifetime): the audit chain is verified first,
+//! so the proof rests on a log nobody edited.
+
+use crate::error::ApiError;
+use crate::service::Lapse;
+use lapse_core::{CredentialState, GrantState, Timestamp};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    pub detail: String,
+}
+
+impl Finding {
+    fn new(kind: &'static str, detail: String) -> Self {
+        Self {
+            kind,
+            grant_id: None,
+            workload: None,
+            target: None,
+            credential: None,
+            detail,
+        }
+    }
+}
+
+/// A grant that overstays its expiry by more than this is reported (the sweeper
+/// runs every half second; this leaves room for a busy moment).
+const EXPIRY_GRACE_SECS: u64 = 5;
+
+const ENDS: &[&str] = &["grant.completed", "grant.revoked", "grant.expired"];
+
+impl Lapse {
+    /// The report over `[now - window, now]`.
+    pub async fn standing_report(&self, window_secs: u64) -> Result<Value, ApiError> {
+        let now = self.now();
+        let from =
+            Timestamp::from_millis(now.millis().saturating_sub(
+                i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            ));
+        let mut findings: Vec<Finding> = Vec::new();
+
+        // 1. The audit chain itself.
+        let audit = crate::verify_audit(self.store.as_ref(), &self.key).await?;
+        if let Some((seq, why)) = &audit.first_bad {
+            findings.push(Finding::new(
+                "audit_chain_broken",
+                format!("entry {seq}: {why}; nothing below can be proven"),
+            ));
+        }
+
+        // 2. Grants: active past expiry, kept alive too long, owed destroys.
+        let grants = self
+            .store
+            .grants(lapse_store::GrantFilter {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await?;
+        let span = self.cfg.standing_span.secs();
+        let mut by_workload: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+        for g in &grants {
+            if g.state == GrantState::Active && g.expires_at.plus_secs(EXPIRY_GRACE_SECS) < now {
+                findings.push(Finding {
+                    grant_id: Some(g.id.to_string()),
+                    workload: Some(g.request.workload.id.clone()),
+                    ..Finding::new(
+                        "active_past_expiry",
+                        format!("active although it expired at {}", g.expires_at.rfc3339()),
+                    )
+                });
+            }
+            if g.state == GrantState::Active && g.created_at.plus_secs(span) < now {
+                findings.push(Finding {
+                    grant_id: Some(g.id.to_string()),
+                    workload: Some(g.request.workload.id.clone()),
+                    ..Finding::new(
+                        "renewed_beyond_span",
+                        format!(
+                            "alive since {} through {} renewal(s), longer than {}s",
+                            g.created_at.rfc3339(),
+                            g.renewals,
+                            span
+                        ),
+                    )
+                });
+            }
+            for c in g
+                .credentials
+                .iter()
+                .filter(|c| c.state == CredentialState::Destroying)
+            {
+                findings.push(Finding {
+                    grant_id: Some(g.id.to_string()),
+                    target: Some(c.target.clone()),
+                    credential: Some(c.name.clone()),
+                    ..Finding::new(
+                        "credential_not_yet_destroyed",
+                        format!(
+                            "grant ended but the credential still exists after {} attempt(s){}",
+                            c.attempts,
+                            c.last_error
+                                .as_deref()
+                                .map(|e| format!(": {e}"))
+                                .unwrap_or_default()
+                        ),
+                    )
+                });
+            }
+            if g.state != GrantState::Pending && g.state != GrantState::Denied {
+                let start = g.created_at.millis().max(from.millis());
+                let end = g
+                    .ended_at
+                    .unwrap_or(g.expires_at)
+                    .millis()
+                    .min(now.millis());
+                if end > start {
+                    by_workload
+                        .entry(g.request.workload.id.as_str())
+                        .or_default()
+                        .push((start, end));
+                }
+            }
+        }
+        let window_ms = now.millis().saturating_sub(from.millis()).max(1);
+        for (workload, mut spans) in by_workload {
+            spans.sort_unstable();
+            let mut covered = 0i64;
+            let mut cur: Option<(i64, i64)> = None;
+            for (s, e) in spans {
+                cur = match cur {
+                    Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+                    Some((cs, ce)) => {
+                        covered += ce - cs;
+                        Some((s, e))
+                    }
+                    None => Some((s, e)),
+                };
+            }
+            if let Some((cs, ce)) = cur {
+                covered += ce - cs;
+            }
+            let share = covered as f64 / window_ms as f64;
+            if share > self.cfg.standing_share {
+                findings.push(Finding {
+                    workload: Some(workload.to_owned()),
+                    ..Finding::new(
+                        "near_continuous_access",
+                        format!("held access {:.0}% of the window", share * 100.0),
+                    )
+                });
+            }
+        }
+
+        // 3. The targets: credentials with no active grant behind them.
+        let live: HashMap<&str, GrantState> = grants
+            .iter()
+            .flat_map(|g| {
+                g.credentials
+                    .iter()
+                    .map(move |c| (c.name.as_str(), g.state))
+            })
+            .collect();
+        let mut targets = Vec::new();
+        for (target, p) in &self.providers {
+            match p.list().await {
+                Ok(existing) => {
+                    targets.push(json!({ "target": target, "credentials": existing.len() }));
+                    for ex in existing {
+                        if live.get(ex.name.as_str()) != Some(&GrantState::Active) {
+                            findings.push(Finding {
+                                grant_id: ex.grant.map(|g| g.to_string()),
+                                target: Some(target.clone()),
+                                credential: Some(ex.name.clone()),
+                                ..Finding::new(
+                                    "orphan_credential",
+                                    format!(
+                                        "exists in the target (login {}, {} session(s)) with no active grant",
+                                        if ex.can_login { "allowed" } else { "refused" },
+                                        ex.sessions
+                                    ),
+                                )
+                            });
+                        }
+                    }
+                }
+                Err(e) => findings.push(Finding {
+                    target: Some(target.clone()),
+                    ..Finding::new(
+                        "target_unreachable",
+                        format!("cannot list credentials: {e}"),
+                    )
+                }),
+            }
+        }
+
+        // 4. The proof from the log: every issue in the window has its end.
+        let mut issued: BTreeMap<String, i64> = BTreeMap::new();
+        let mut ended: BTreeMap<String, i64> = BTreeMap::new();
+        let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
+        let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.audit(after, 5000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for e in page {
+                let Some(g) = e.grant_id.clone() else {
+                    continue;
+                };
+                let name = || {
+                    serde_json::from_str::<Value>(&e.data)
+                        .ok()
+                        .and_then(|d| d.get("name").and_then(Value::as_str).map(str::to_owned))
+                };
+                match e.kind.as_str() {
+                    "grant.issued" if e.at >= from.millis() => {
+                        issued.insert(g, e.at);
+                    }
+                    k if ENDS.contains(&k) => {
+                        ended.insert(g, e.at);
+                    }
+                    "credential.created" => {
+                        if let Some(n) = name() {
+                            created.insert(n, g);
+                        }
+                    }
+                    "credential.destroyed" | "credential.orphan_removed" => {
+                        if let Some(n) = name() {
+                            destroyed.insert(n, e.at);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let state: HashMap<String, (GrantState, Timestamp)> = grants
+            .iter()
+            .map(|g| (g.id.to_string(), (g.state, g.expires_at)))
+            .collect();
+        let mut open_within_lifetime = 0;
+        let mut unended = 0;
+        for g in issued.keys() {
+            if ended.contains_key(g) {
+                continue;
+            }
+            match state.get(g) {
+                Some((GrantState::Active, exp)) if *exp >= now => open_within_lifetime += 1,
+                _ => {
+                    unended += 1;
+                    findings.push(Finding {
+                        grant_id: Some(g.clone()),
+                        ..Finding::new(
+                            "issue_without_end",
+                            "issued in the window, past its expiry, and no end is recorded".into(),
+                        )
+                    });
+                }
+            }
+        }
+        for (name, g) in &created {
+            let grant_live = matches!(state.get(g), Some((GrantState::Active, _)));
+            if !destroyed.contains_key(name) && !grant_live {
+                findings.push(Finding {
+                    grant_id: Some(g.clone()),
+                    credential: Some(name.clone()),
+                    ..Finding::new(
+                        "credential_without_destroy",
+                        "created for a grant that ended, and no destroy is recorded".into(),
+                    )
+                });
+            }
+        }
+
+        Ok(json!({
+            "generated_at": now,
+            "window": { "from": from, "to": now },
+            "ok": findings.is_empty(),
+            "findings": findings,
+            "proof": {
+                "audit_chain_verified": audit.ok(),
+                "audit_entries": audit.entries,
+                "issued_in_window": issued.len(),
+                "ended": issued.len() - open_within_lifetime - unended,
+                "still_active_within_lifetime": open_within_lifetime,
+                "unended": unended,
+            },
+            "targets": targets,
+        }))
+    }
+}

@@ -1,0 +1,771 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! Dynamic PostgreSQL users against the real PostgreSQL server on the machine
+//! (`LAPSE_TEST_PG_URL`, default the local server as `postgres`).
+//!
+//! Each test gets its own database, admin role (CREATEROLE, not superuser) and role
+//! prefix, so tests can run side by side. Generated roles join `lapse_test_login`,
+//! and the harness makes sure `pg_hba.conf` asks those roles for their password
+//! (SCRAM) — without it PostgreSQL's trust auth would let an expired role in and the
+//! expiry test could not mean anything. If the server is missing, tests fail loudly.
+
+use lapse_core::{Clock, FakeClock, SystemClock, TtlDuration};
+use lapse_providers::postgres::{PostgresConfig, PrivilegeConfig};
+use lapse_server::dev;
+use lapse_server::service::Lapse;
+use lapse_token::DpopKey;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+const LOGIN_GROUP: &str = "lapse_test_login";
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+
+fn pg_url() -> String {
+    std::env::var("LAPSE_TEST_PG_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is needed at `{url}` (set LAPSE_TEST_PG_URL; .ci/run starts the local server): {e}"
+        )
+    });
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+fn rand_suffix() -> String {
+    let b: [u8; 4] = rand::random();
+    hex::encode(b)
+}
+
+/// A database with `orders.items`, an admin role with least privilege, and the
+/// password rule in pg_hba.conf.
+struct Target {
+    su: tokio_postgres::Client,
+    db: String,
+    admin: String,
+    prefix: String,
+    admin_url: String,
+}
+
+async fn ensure_password_auth(su: &tokio_postgres::Client) {
+    let exists = su
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&LOGIN_GROUP])
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        // Another test may create it at the same moment.
+        let _ = su
+            .batch_execute(&format!("CREATE ROLE {LOGIN_GROUP} NOLOGIN"))
+            .await;
+    }
+    let rule = format!("+{LOGIN_GROUP}");
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_hba_file_rules WHERE $1 = ANY(user_name) AND auth_method = 'scram-sha-256'",
+            &[&rule],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if n > 0 {
+        return;
+    }
+    let path: String = su.query_one("SHOW hba_file", &[]).await.unwrap().get(0);
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    if !old.contains(&rule) {
+        let line = format!(
+            "# Added by Lapse's tests: roles Lapse generates in tests must log in with their password.\nhost all {rule} 127.0.0.1/32 scram-sha-256\n"
+        );
+        // Whole-file replace by rename: a reader never sees a half-written file.
+        let tmp = format!("{path}.lapse-tmp");
+        std::fs::write(&tmp, format!("{line}{old}"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .unwrap_or_else(|e| panic!("cannot add the password rule to {path}: {e}"));
+        eprintln!("note: added `host all {rule} 127.0.0.1/32 scram-sha-256` to {path}");
+    }
+    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// Setup touches cluster-wide things (pg_hba.conf, parameter ACLs): one test at a time.
+static SETUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl Target {
+    async fn new() -> Self {
+        let _one_at_a_time = SETUP.lock().await;
+        let su = connect(&pg_url()).await;
+        ensure_password_auth(&su).await;
+        let sfx = rand_suffix();
+        let db = format!("lapse_t_{sfx}");
+        let admin = format!("lapse_adm_{sfx}");
+        su.batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        su.batch_execute(&format!(
+            "CREATE ROLE {admin} LOGIN CREATEROLE; GRANT pg_signal_backend TO {admin}; GRANT SET ON PARAMETER log_statement TO {admin};"
+        ))
+        .await
+        .unwrap();
+        let base = pg_url();
+        let in_db = format!("{} dbname={db}", base.replace("dbname=postgres", ""));
+        let dbc = connect(&in_db).await;
+        dbc.batch_execute(&format!(
+            "CREATE SCHEMA orders;
+             CREATE TABLE orders.items (id int PRIMARY KEY, name text NOT NULL);
+             INSERT INTO orders.items VALUES (1, 'widget'), (2, 'gadget');
+             GRANT USAGE ON SCHEMA orders TO {admin} WITH GRANT OPTION;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA orders TO {admin} WITH GRANT OPTION;"
+        ))
+        .await
+        .unwrap();
+        let admin_url = format!("host=127.0.0.1 port=5432 user={admin} dbname={db}");
+        Self {
+            su,
+            db,
+            admin,
+            prefix: format!("lt{sfx}"),
+            admin_url,
+        }
+    }
+
+    fn provider_config(&self, dir: &std::path::Path) -> PostgresConfig {
+        let file = dir.join("orders-admin.url");
+        std::fs::write(&file, &self.admin_url).unwrap();
+        PostgresConfig {
+            audience: "orders-db".into(),
+            admin_url: format!("file:{}", file.display()),
+            role_prefix: self.prefix.clone(),
+            connection_limit: 2,
+            login_group: Some(LOGIN_GROUP.into()),
+            log_statement: "all".into(),
+            public_host: None,
+            public_port: None,
+            pool_size: 4,
+            grants: vec![
+                PrivilegeConfig {
+                    action: "read".into(),
+                    schema: "orders".into(),
+                    privileges: vec!["SELECT".into()],
+                },
+                PrivilegeConfig {
+                    action: "write".into(),
+                    schema: "orders".into(),
+                    privileges: vec![
+                        "SELECT".into(),
+                        "INSERT".into(),
+                        "UPDATE".into(),
+                        "DELETE".into(),
+                    ],
+                },
+            ],
+        }
+    }
+
+    async fn roles(&self) -> Vec<String> {
+        self.su
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1 || '\\_gr\\_%'",
+                &[&self.prefix],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    async fn cleanup(self) {
+        for r in self.roles().await {
+            let _ = self
+                .su
+                .batch_execute(&format!("DROP ROLE IF EXISTS \"{r}\""))
+                .await;
+        }
+        let _ = self
+            .su
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db))
+            .await;
+        for g in ["read", "write"] {
+            let _ = self
+                .su
+                .batch_execute(&format!(
+                    "DROP ROLE IF EXISTS {}_orders_db_{g}",
+                    self.prefix
+                ))
+                .await;
+        }
+        let _ = self
+            .su
+            .batch_execute(&format!(
+                "DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
+                self.admin
+            ))
+            .await;
+    }
+}
+
+struct Server {
+    url: String,
+    dir: PathBuf,
+    admin: String,
+    lapse: Arc<Lapse>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    http: reqwest::Client,
+}
+
+async fn start(dir: PathBuf, target: &Target, clock: Arc<dyn Clock>, quiet: bool) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    cfg.postgres = vec![target.provider_config(&dir)];
+    if quiet {
+        // Nothing runs on its own: the test drives sweeps and reconciles.
+        cfg.sweep_interval = Some(TtlDuration::from_secs(3600));
+        cfg.reconcile_interval = TtlDuration::from_secs(3600);
+    }
+    let lapse = lapse_server::build(cfg, clock)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let l2 = lapse.clone();
+    let task = tokio::spawn(async move {
+        let _ = lapse_server::serve(l2, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Server {
+        url: format!("http://{addr}"),
+        dir,
+        admin,
+        lapse,
+        stop: Some(tx),
+        task,
+        http: lapse_identity::http_client(),
+    }
+}
+
+impl Server {
+    async fn stop(mut self) -> PathBuf {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.await;
+        self.dir.clone()
+    }
+
+    async fn exchange(&self, key: &DpopKey, scope: &str, ttl: u64) -> (u16, Value) {
+        let now = self.lapse.now().unix_seconds();
+        let identity = dev::dev_token(&self.dir, CI, 600, &[], now).unwrap();
+        let url = format!("{}/oauth/token", self.url);
+        let ttl = ttl.to_string();
+        let form = [
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", scope),
+            ("task", "T-db"),
+            ("purpose", "postgres test"),
+            ("ticket", "CHG-1"),
+            ("environment", "staging"),
+            ("expires_in", ttl.as_str()),
+        ];
+        let proof = key.proof("POST", &url, None, now);
+        let r = self
+            .http
+            .post(&url)
+            .header("DPoP", proof)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(json!(null)))
+    }
+
+    async fn op(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(json!(null)))
+    }
+
+    async fn audit_kinds(&self, grant: &str) -> Vec<Value> {
+        let entries = self
+            .lapse
+            .store
+            .audit_for(grant.parse().unwrap())
+            .await
+            .unwrap();
+        entries
+            .iter()
+            .map(|e| json!({ "kind": e.kind, "data": serde_json::from_str::<Value>(&e.data).unwrap() }))
+            .collect()
+    }
+}
+
+fn login_url(c: &Value) -> String {
+    format!(
+        "host={} port={} dbname={} user={} password={}",
+        c["host"].as_str().unwrap(),
+        c["port"],
+        c["dbname"].as_str().unwrap(),
+        c["username"].as_str().unwrap(),
+        c["password"].as_str().unwrap()
+    )
+}
+
+async fn try_login(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_is_a_real_database_user_until_it_ends() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(SystemClock),
+        false,
+    )
+    .await;
+    let key = DpopKey::generate();
+
+    let (status, v) = s.exchange(&key, "read", 300).await;
+    assert_eq!(status, 200, "{v}");
+    let cred = &v["credentials"][0];
+    assert_eq!(cred["type"], "postgres");
+    let user = cred["username"].as_str().unwrap().to_owned();
+    let password = cred["password"].as_str().unwrap().to_owned();
+    assert!(user.starts_with(&target.prefix), "{user}");
+    assert!(password.len() >= 43, "256-bit password");
+    let grant = v["grant_id"].as_str().unwrap().to_owned();
+
+    // The role as PostgreSQL sees it: login, expiry = grant expiry, limit, marker, logging.
+    let row = target
+        .su
+        .query_one(
+            "SELECT rolcanlogin, rolconnlimit, extract(epoch FROM rolvaliduntil)::float8,
+                    shobj_description(oid, 'pg_authid'), rolpassword LIKE 'SCRAM-SHA-256$%'
+             FROM pg_authid WHERE rolname = $1",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i32>(1), 2);
+    let until = row.get::<_, f64>(2) as i64;
+    let (_, g) = s
+        .op(
+            reqwest::Method::GET,
+            &format!("/v1/grants/{grant}"),
+            json!(null),
+        )
+        .await;
+    let expires = g["expires_at"].as_i64().unwrap() / 1000;
+    assert!(
+        (until - expires).abs() <= 1,
+        "VALID UNTIL {until} vs grant expiry {expires}"
+    );
+    assert!(row.get::<_, String>(3).contains(&grant));
+    assert!(
+        row.get::<_, bool>(4),
+        "the password is stored as a SCRAM verifier"
+    );
+    let settings: Vec<String> = target
+        .su
+        .query_one(
+            "SELECT setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        settings.contains(&"log_statement=all".to_owned()),
+        "{settings:?}"
+    );
+    assert_eq!(g["credentials"][0]["state"], "live", "{g}");
+    assert!(
+        !g.to_string().contains(&password),
+        "the password is never shown again"
+    );
+
+    // Log in with the password and read; writing is refused.
+    let session = try_login(&login_url(cred))
+        .await
+        .unwrap_or_else(|e| panic!("login: {e}"));
+    let n: i64 = session
+        .query_one("SELECT count(*) FROM orders.items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let denied = session
+        .batch_execute("INSERT INTO orders.items VALUES (3, 'x')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    // A wrong password is refused: PostgreSQL checks it.
+    let wrong = login_url(cred).replace(&password, "not-the-password");
+    assert!(try_login(&wrong).await.is_err());
+
+    // Revoke with the session open: the session is gone within a second, and so is the role.
+    let t = Instant::now();
+    let (status, r) = s
+        .op(
+            reqwest::Method::POST,
+            &format!("/v1/grants/{grant}/revoke"),
+            json!({ "reason": "test over" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let gone = session.query_one("SELECT 1", &[]).await;
+    assert!(gone.is_err(), "the open session must have been terminated");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(try_login(&login_url(cred)).await.is_err(), "no new login");
+    assert!(target.roles().await.is_empty(), "role dropped");
+
+    let kinds = s.audit_kinds(&grant).await;
+    let destroyed = kinds
+        .iter()
+        .find(|e| e["kind"] == "credential.destroyed")
+        .unwrap_or_else(|| panic!("{kinds:?}"));
+    assert_eq!(destroyed["data"]["sessions_terminated"], 1, "{destroyed}");
+    assert_eq!(destroyed["data"]["sessions_left"], 0);
+    assert!(kinds.iter().any(|e| e["kind"] == "credential.created"));
+    assert!(
+        kinds
+            .iter()
+            .any(|e| e["kind"] == "grant.issued" && e["data"]["credential"]["state"] == "intended"),
+        "intent is recorded with the issue: {kinds:?}"
+    );
+
+    // The secret is nowhere in the store, not even in the audit log.
+    let dir = s.stop().await;
+    for f in ["lapse.db", "lapse.db-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.join(f)) {
+            assert!(
+                !bytes
+                    .windows(password.len())
+                    .any(|w| w == password.as_bytes()),
+                "password found in {f}"
+            );
+        }
+    }
+    target.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_refuses_an_expired_user_while_lapse_is_down_and_lapse_cleans_up_after() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(SystemClock),
+        false,
+    )
+    .await;
+    let key = DpopKey::generate();
+    let (status, v) = s.exchange(&key, "read", 2).await;
+    assert_eq!(status, 200, "{v}");
+    let cred = v["credentials"][0].clone();
+    let user = cred["username"].as_str().unwrap().to_owned();
+    assert!(try_login(&login_url(&cred)).await.is_ok());
+    let dir = s.stop().await;
+
+    // Lapse is down. After VALID UNTIL, PostgreSQL itself refuses the password.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let refused = try_login(&login_url(&cred))
+        .await
+        .err()
+        .expect("expired login must fail");
+    assert_eq!(
+        refused.as_db_error().map(|d| d.code().clone()),
+        Some(tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{refused}"
+    );
+    assert_eq!(
+        target.roles().await,
+        vec![user.clone()],
+        "still there until Lapse is back"
+    );
+
+    // Back up: the sweeper expires the grant and the role is dropped.
+    let s = start(dir, &target, Arc::new(SystemClock), false).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !target.roles().await.is_empty() {
+        assert!(Instant::now() < deadline, "role not dropped after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kinds = s.audit_kinds(v["grant_id"].as_str().unwrap()).await;
+    assert!(
+        kinds.iter().any(|e| e["kind"] == "grant.expired"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|e| e["kind"] == "credential.destroyed"),
+        "{kinds:?}"
+    );
+    s.stop().await;
+    target.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_and_standing_report_find_what_slipped() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = FakeClock::at(SystemClock.now());
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(clock.clone()),
+        true,
+    )
+    .await;
+    let key = DpopKey::generate();
+    let provider = s.lapse.providers.get("orders-db").unwrap().clone();
+
+    // A clean start reports nothing.
+    let (status, r) = s
+        .op(
+            reqwest::Method::GET,
+            "/v1/reports/standing?window=1h",
+            json!(null),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["ok"], true, "{r}");
+
+    // 1. An orphan: a role with Lapse's marker and no grant (say, from a crash).
+    let orphan_grant = lapse_core::GrantId::generate();
+    let orphan = provider.name_for(orphan_grant);
+    provider
+        .create(
+            &lapse_providers::CredentialSpec {
+                grant: orphan_grant,
+                name: orphan.clone(),
+                actions: vec!["read".into()],
+                valid_until: clock.now().plus_secs(600),
+            },
+            &lapse_providers::Secret::generate(),
+        )
+        .await
+        .unwrap();
+    // 2. A grant that stayed active past its expiry (the sweeper is held off).
+    let (status, v) = s.exchange(&key, "read", 60).await;
+    assert_eq!(status, 200, "{v}");
+    let stale = v["grant_id"].as_str().unwrap().to_owned();
+    clock.advance_secs(120);
+    // 3. An active grant whose role vanished behind Lapse's back.
+    let (status, v2) = s.exchange(&key, "read", 600).await;
+    assert_eq!(status, 200, "{v2}");
+    let vanished = v2["grant_id"].as_str().unwrap().to_owned();
+    let vanished_role = v2["credentials"][0]["username"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    target
+        .su
+        .batch_execute(&format!("DROP ROLE \"{vanished_role}\""))
+        .await
+        .unwrap();
+
+    let (status, r) = s
+        .op(
+            reqwest::Method::GET,
+            "/v1/reports/standing?window=1h",
+            json!(null),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["ok"], false, "{r}");
+    let findings = r["findings"].as_array().unwrap();
+    let has = |kind: &str, key: &str, val: &str| {
+        findings.iter().any(|f| f["kind"] == kind && f[key] == val)
+    };
+    assert!(has("orphan_credential", "credential", &orphan), "{r}");
+    assert!(has("active_past_expiry", "grant_id", &stale), "{r}");
+    assert_eq!(r["proof"]["audit_chain_verified"], true);
+
+    // The reconciler removes the orphan and ends the grant whose role is gone.
+    let acted = s.lapse.reconcile().await.unwrap();
+    assert!(acted >= 2, "{acted}");
+    assert!(!target.roles().await.contains(&orphan));
+    let (_, g) = s
+        .op(
+            reqwest::Method::GET,
+            &format!("/v1/grants/{vanished}"),
+            json!(null),
+        )
+        .await;
+    assert_eq!(g["state"], "revoked", "{g}");
+    assert!(
+        g["end"]["reason"].as_str().unwrap().contains("missing"),
+        "{g}"
+    );
+
+    // The sweeper ends the stale grant; then the report is clean again.
+    s.lapse.sweep().await.unwrap();
+    let (_, r) = s
+        .op(
+            reqwest::Method::GET,
+            "/v1/reports/standing?window=1h",
+            json!(null),
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["proof"]["issued_in_window"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(r["proof"]["unended"], 0, "{r}");
+    s.stop().await;
+    target.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issue_interrupted_between_intent_and_record_is_reconciled() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = FakeClock::at(SystemClock.now());
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(clock.clone()),
+        true,
+    )
+    .await;
+    let key = DpopKey::generate();
+    let (status, v) = s.exchange(&key, "read", 600).await;
+    assert_eq!(status, 200, "{v}");
+    let id: lapse_core::GrantId = v["grant_id"].as_str().unwrap().parse().unwrap();
+    let role = v["credentials"][0]["username"].as_str().unwrap().to_owned();
+
+    // Put the grant back to the moment between the role's creation and its record,
+    // as a crash there would have left it.
+    let g = s.lapse.store.grant(id).await.unwrap().unwrap();
+    let mut interrupted = g.clone();
+    for c in &mut interrupted.credentials {
+        c.state = lapse_core::CredentialState::Intended;
+        c.created_at = None;
+    }
+    interrupted.version += 1;
+    s.lapse
+        .store
+        .commit(lapse_store::WriteBatch {
+            grants: vec![lapse_store::GrantWrite::Update {
+                grant: interrupted,
+                expected_version: g.version,
+            }],
+            events: vec![],
+        })
+        .await
+        .unwrap();
+    // Within the grace period it is left alone (the issue may still be running).
+    assert_eq!(s.lapse.reconcile().await.unwrap(), 0);
+    clock.advance_secs(lapse_server::credentials::INTENT_GRACE_SECS + 1);
+    assert!(s.lapse.reconcile().await.unwrap() >= 1);
+    let g = s.lapse.store.grant(id).await.unwrap().unwrap();
+    assert_eq!(g.state, lapse_core::GrantState::Revoked);
+    assert!(g.end.unwrap().reason.contains("never completed"));
+    assert!(
+        !target.roles().await.contains(&role),
+        "its role is destroyed"
+    );
+    s.stop().await;
+    target.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_are_refused_or_neutralised() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = target.provider_config(tmp.path());
+    // A prefix that tries SQL is refused before anything connects.
+    cfg.role_prefix = "x\"; DROP ROLE postgres; --".into();
+    assert!(lapse_providers::postgres::PostgresProvider::new(cfg.clone()).is_err());
+    cfg.role_prefix = target.prefix.clone();
+    cfg.grants[0].privileges = vec!["SELECT; DROP TABLE orders.items".into()];
+    assert!(lapse_providers::postgres::PostgresProvider::new(cfg.clone()).is_err());
+
+    // A schema name that tries SQL is quoted: it names a schema that does not exist.
+    let mut evil = target.provider_config(tmp.path());
+    evil.grants[0].schema = "orders; DROP TABLE orders.items; --".into();
+    let p = lapse_providers::postgres::PostgresProvider::new(evil).unwrap();
+    let err = p.prepare().await.unwrap_err().to_string();
+    assert!(err.contains("does not exist"), "{err}");
+
+    // A role name full of quotes is created and destroyed as that literal name.
+    use lapse_providers::CredentialProvider;
+    let p = lapse_providers::postgres::PostgresProvider::new(target.provider_config(tmp.path()))
+        .unwrap();
+    let name = format!(
+        "{}_gr_x\"; DROP ROLE {}; --'\\",
+        target.prefix, target.admin
+    );
+    let h = p
+        .create(
+            &lapse_providers::CredentialSpec {
+                grant: lapse_core::GrantId::generate(),
+                name: name.clone(),
+                actions: vec!["read".into()],
+                valid_until: SystemClock.now().plus_secs(60),
+            },
+            &lapse_providers::Secret::generate(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.username, name);
+    assert!(target.roles().await.contains(&name));
+    let d = p.destroy(&name).await.unwrap();
+    assert!(d.existed);
+    assert!(!target.roles().await.contains(&name));
+    // Destroying again is success: it is already gone.
+    assert!(!p.destroy(&name).await.unwrap().existed);
+
+    // The table and the admin role survived all of it.
+    let dbc = connect(&target.admin_url).await;
+    let n: i64 = dbc
+        .query_one("SELECT count(*) FROM orders.items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    drop(dbc);
+    target.cleanup().await;
+}
