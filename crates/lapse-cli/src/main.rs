@@ -70,6 +70,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Reports.
+    Report {
+        #[command(subcommand)]
+        cmd: ReportCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// Everything that looks like standing privilege; exits 8 when it finds any.
+    Standing {
+        #[command(flatten)]
+        server: Server,
+        /// Window the proof covers, e.g. `24h`.
+        #[arg(long, default_value = "24h")]
+        window: TtlDuration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -300,6 +317,9 @@ async fn run(cli: Cli) -> Out {
         Cmd::Grants { cmd } => grants(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
+        Cmd::Report {
+            cmd: ReportCmd::Standing { server, window },
+        } => standing(server, window, json_out).await,
     }
 }
 
@@ -523,6 +543,59 @@ async fn workload_call(
             .await,
     )
     .await
+}
+
+async fn standing(server: Server, window: TtlDuration, json_out: bool) -> Out {
+    let url = format!("{}/v1/reports/standing", server.url.trim_end_matches('/'));
+    let v = answer(
+        client()
+            .get(&url)
+            .bearer_auth(operator_token(&server)?)
+            .query(&[("window", format!("{}s", window.secs()))])
+            .send()
+            .await,
+    )
+    .await?;
+    let findings = v["findings"].as_array().cloned().unwrap_or_default();
+    if json_out {
+        println!("{v}");
+    } else {
+        let p = &v["proof"];
+        println!(
+            "window {} .. {}: {} issued, {} ended, {} still within their lifetime, {} without an end; audit chain {}",
+            v["window"]["from"],
+            v["window"]["to"],
+            p["issued_in_window"],
+            p["ended"],
+            p["still_active_within_lifetime"],
+            p["unended"],
+            if p["audit_chain_verified"] == true {
+                "verified"
+            } else {
+                "BROKEN"
+            }
+        );
+        if findings.is_empty() {
+            println!("no standing privilege found");
+        }
+        for f in &findings {
+            let what = ["grant_id", "credential", "workload", "target"]
+                .iter()
+                .filter_map(|k| f[*k].as_str().map(|v| format!("{k}={v}")))
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!(
+                "{:28} {what}  {}",
+                f["kind"].as_str().unwrap_or(""),
+                f["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        Err(fail(8, format!("{} finding(s)", findings.len())))
+    }
 }
 
 async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {

@@ -151,6 +151,14 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
         "cli test",
     ]);
     assert_eq!(code(&revoked), 0, "{}", show(&revoked));
+    let report = lapse(&[
+        "report", "standing", "--json", "--url", &url, "--token", admin,
+    ]);
+    assert_eq!(code(&report), 0, "{}", show(&report));
+    let r: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["proof"]["issued_in_window"], 1, "{r}");
+    assert_eq!(r["proof"]["ended"], 1, "the revoked grant has its end: {r}");
     let bad_token = lapse(&["grants", "list", "--url", &url, "--token", "lapse_op_wrong"]);
     assert_ne!(code(&bad_token), 0, "{}", show(&bad_token));
     drop(server);

@@ -584,4 +584,65 @@ mod tests {
         assert_eq!(p.deny(t(1010), "alice", "no")?.state, GrantState::Denied);
         Ok(())
     }
+
+    #[test]
+    fn every_way_of_ending_owes_the_destruction_of_credentials() -> Result<(), LifecycleError> {
+        let g = Grant::issue(new_grant(600, None), "j".into())?;
+        let g = g
+            .intend_credential(ProviderCredential::intended(
+                "postgres",
+                "orders",
+                "r1",
+                t(1600),
+            ))?
+            .credential_created("r1", t(1001));
+        assert_eq!(g.credentials[0].state, CredentialState::Live);
+        assert_eq!(g.cleanup_due_at(), None, "nothing owed while active");
+        let renewed = g.clone().renew(t(1100), 600, vec![], None, "j2".into())?;
+        assert_eq!(renewed.credentials[0].valid_until, renewed.expires_at);
+        for ended in [
+            g.clone().complete(t(1200), "w", "done")?,
+            g.clone().revoke(t(1200), "op", "why")?,
+            g.clone().expire(t(1600))?,
+        ] {
+            assert_eq!(ended.credentials[0].state, CredentialState::Destroying);
+            assert_eq!(ended.cleanup_due_at(), ended.ended_at);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn failed_destroys_back_off_and_success_clears_the_debt() -> Result<(), LifecycleError> {
+        let g = Grant::issue(new_grant(600, None), "j".into())?
+            .intend_credential(ProviderCredential::intended(
+                "postgres",
+                "orders",
+                "r1",
+                t(1600),
+            ))?
+            .revoke(t(1100), "op", "why")?;
+        let f1 = g.credential_destroy_failed("r1", t(1100), "down");
+        assert_eq!(f1.cleanup_due_at(), Some(t(1101)));
+        let f2 = f1.credential_destroy_failed("r1", t(1101), "down");
+        assert_eq!(f2.cleanup_due_at(), Some(t(1103)));
+        let mut f = f2;
+        for _ in 0..20 {
+            f = f.credential_destroy_failed("r1", t(2000), "down");
+        }
+        assert_eq!(f.cleanup_due_at(), Some(t(2000 + 60)), "backoff is bounded");
+        assert_eq!(f.credentials[0].last_error.as_deref(), Some("down"));
+        let done = f.credential_destroyed("r1", t(2100));
+        assert_eq!(done.cleanup_due_at(), None);
+        assert_eq!(done.credentials[0].state, CredentialState::Destroyed);
+        assert!(matches!(
+            done.intend_credential(ProviderCredential::intended(
+                "postgres",
+                "orders",
+                "r2",
+                t(1600)
+            )),
+            Err(LifecycleError::Ended { .. })
+        ));
+        Ok(())
+    }
 }

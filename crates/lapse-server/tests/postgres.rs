@@ -515,8 +515,7 @@ async fn the_database_refuses_an_expired_user_while_lapse_is_down_and_lapse_clea
     tokio::time::sleep(Duration::from_millis(3200)).await;
     let refused = try_login(&login_url(&cred))
         .await
-        .err()
-        .expect("expired login must fail");
+        .expect_err("expired login must fail");
     assert_eq!(
         refused.as_db_error().map(|d| d.code().clone()),
         Some(tokio_postgres::error::SqlState::INVALID_PASSWORD),
