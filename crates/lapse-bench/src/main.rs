@@ -42,6 +42,17 @@ enum Cmd {
     Exchange(LoadArgs),
     /// RFC 7662 introspection of live tokens over loopback HTTP.
     Introspect(LoadArgs),
+    /// Dynamic PostgreSQL users: issue-to-usable latency, grants/s with the provider,
+    /// revoke-to-session-gone latency. Needs a PostgreSQL superuser URL
+    /// (LAPSE_BENCH_PG_URL, default the local server as `postgres`).
+    Postgres {
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     /// fsync latency of the disk the store lives on, for context.
     Fsync {
         #[arg(long, default_value_t = 300)]
@@ -87,6 +98,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Exchange(a) => load(Kind::Exchange, &a, cli.json),
         Cmd::Introspect(a) => load(Kind::Introspect, &a, cli.json),
         Cmd::Fsync { iterations } => fsync(iterations, cli.json),
+        Cmd::Postgres {
+            samples,
+            requests,
+            concurrency,
+        } => pg::run(samples, requests, concurrency, cli.json),
     }
 }
 
@@ -212,6 +228,8 @@ enum Kind {
     Introspect,
 }
 
+mod pg;
+
 struct Server {
     addr: SocketAddr,
     dir: PathBuf,
@@ -225,6 +243,13 @@ impl Server {
     /// The real broker in dev configuration, on its own two-worker runtime (the
     /// machine has two cores), with its store on disk.
     fn start(parent: Option<&PathBuf>) -> anyhow::Result<Self> {
+        Self::start_with(parent, |_, _| Ok(()))
+    }
+
+    fn start_with(
+        parent: Option<&PathBuf>,
+        adjust: impl FnOnce(&mut lapse_server::config::Config, &std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
         let tmp = match parent {
             Some(p) => tempfile::tempdir_in(p)?,
             None => tempfile::tempdir()?,
@@ -237,7 +262,8 @@ impl Server {
         let (addr, admin, stop) = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
-            let (cfg, _, admin) = lapse_server::dev::prepare(&dir, addr)?;
+            let (mut cfg, _, admin) = lapse_server::dev::prepare(&dir, addr)?;
+            adjust(&mut cfg, &dir)?;
             let lapse = lapse_server::build(cfg, Arc::new(SystemClock)).await?;
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             tokio::spawn(async move {
