@@ -192,21 +192,37 @@ impl Lapse {
                 .await
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?;
             let now = self.now();
-            for ex in &existing {
-                let grant = match ex.grant {
-                    Some(id) => self.store.grant(id).await?,
-                    None => None,
+            let active = self
+                .store
+                .grants(lapse_store::GrantFilter {
+                    state: Some(GrantState::Active),
+                    audience: Some(target.clone()),
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await?;
+            // Credentials of active grants, so live roles cost no store read.
+            let live: std::collections::HashSet<&str> = active
+                .iter()
+                .flat_map(|g| g.credentials.iter())
+                .filter(|c| c.state != CredentialState::Destroyed)
+                .map(|c| c.name.as_str())
+                .collect();
+            for ex in existing
+                .iter()
+                .filter(|ex| !live.contains(ex.name.as_str()))
+            {
+                // An ended grant may still owe this destroy: the cleanup loop does it.
+                let owed = match ex.grant {
+                    Some(id) => self.store.grant(id).await?.is_some_and(|g| {
+                        g.credentials
+                            .iter()
+                            .any(|c| c.name == ex.name && c.state == CredentialState::Destroying)
+                    }),
+                    None => false,
                 };
-                let owned = grant.as_ref().is_some_and(|g| {
-                    g.credentials.iter().any(|c| {
-                        c.name == ex.name
-                            && (c.state == CredentialState::Destroying
-                                || (g.state == GrantState::Active
-                                    && c.state != CredentialState::Destroyed))
-                    })
-                });
-                if owned {
-                    continue; // live, or already owed a destroy the cleanup loop will do
+                if owed {
+                    continue;
                 }
                 let d = p.destroy(&ex.name).await;
                 let data = match &d {
@@ -234,15 +250,6 @@ impl Lapse {
                     .await?;
                 actions += 1;
             }
-            let active = self
-                .store
-                .grants(lapse_store::GrantFilter {
-                    state: Some(GrantState::Active),
-                    audience: Some(target.clone()),
-                    limit: 10_000,
-                    ..Default::default()
-                })
-                .await?;
             for g in active {
                 let broken = g.credentials.iter().find_map(|c| {
                     let present = existing.iter().any(|e| e.name == c.name);

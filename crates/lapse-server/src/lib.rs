@@ -120,76 +120,78 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
     Ok(lapse)
 }
 
-/// Serves until `shutdown` resolves, running the sweeper and the policy watcher.
+/// Serves until `shutdown` resolves, running the sweeper, the policy watcher and,
+/// with providers, the credential cleanup and the reconciler.
 pub async fn serve(
     lapse: Arc<Lapse>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let sweeper = tokio::spawn(sweep_loop(lapse.clone()));
-    let cleaner = tokio::spawn(cleanup_loop(lapse.clone()));
-    let reconciler = tokio::spawn(reconcile_loop(lapse.clone()));
-    let watcher = tokio::spawn(policy_watch_loop(lapse.clone()));
-    let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    sweeper.abort();
-    watcher.abort();
-    cleaner.abort();
-    reconciler.abort();
-    result
-}
-
-/// Retries owed credential destroys (each grant at its own backoff).
-async fn cleanup_loop(lapse: Arc<Lapse>) {
-    if lapse.providers.is_empty() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = lapse.cleanup().await {
-            tracing::warn!(error = %e, "credential cleanup pass failed; will retry");
-        }
-    }
-}
-
-/// At start and then every `reconcile_interval`.
-async fn reconcile_loop(lapse: Arc<Lapse>) {
-    if lapse.providers.is_empty() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(
-        lapse.cfg.reconcile_interval.secs().max(1),
-    ));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match lapse.reconcile().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(actions = n, "reconciler corrected targets"),
-            Err(e) => tracing::warn!(error = %e, "reconcile pass failed; will retry"),
-        }
-    }
-}
-
-async fn sweep_loop(lapse: Arc<Lapse>) {
-    let every = lapse
+    let sweep_period = lapse
         .cfg
         .sweep_interval
         .map_or(Duration::from_millis(500), |d| {
             Duration::from_secs(d.secs().max(1))
         });
-    let mut tick = tokio::time::interval(every);
+    let l = lapse.clone();
+    let mut background = vec![
+        tokio::spawn(every(
+            sweep_period,
+            "sweeper ended expired grants",
+            move || {
+                let l = l.clone();
+                async move { l.sweep().await }
+            },
+        )),
+        tokio::spawn(policy_watch_loop(lapse.clone())),
+    ];
+    if !lapse.providers.is_empty() {
+        // Owed destroys, each grant at its own backoff.
+        let l = lapse.clone();
+        background.push(tokio::spawn(every(
+            Duration::from_millis(500),
+            "cleanup retried credential destroys",
+            move || {
+                let l = l.clone();
+                async move { l.cleanup().await }
+            },
+        )));
+        // At start, then every `reconcile_interval`.
+        let l = lapse.clone();
+        background.push(tokio::spawn(every(
+            Duration::from_secs(lapse.cfg.reconcile_interval.secs().max(1)),
+            "reconciler corrected targets",
+            move || {
+                let l = l.clone();
+                async move { l.reconcile().await }
+            },
+        )));
+    }
+    let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    for task in background {
+        task.abort();
+    }
+    result
+}
+
+/// Runs `pass` every `period` (the first at once), logging how many things it
+/// acted on, or why it failed (the next tick retries).
+async fn every<F, Fut>(period: Duration, what: &'static str, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<usize, error::ApiError>>,
+{
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match lapse.sweep().await {
+        match pass().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(ended = n, "sweeper ended expired grants"),
-            Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
+            Ok(n) => tracing::info!(count = n, "{what}"),
+            Err(e) => tracing::warn!(error = %e, "{what}: pass failed; will retry"),
         }
     }
 }
@@ -240,16 +242,27 @@ pub async fn verify_audit(
     store: &dyn Store,
     key: &SigningKey,
 ) -> Result<VerifyReport, lapse_store::StoreError> {
+    verify_audit_visiting(store, key, |_| {}).await
+}
+
+/// [`verify_audit`], showing every entry to `visit` on the way, so a caller that
+/// also needs the log's content reads it once. Verification stops at the first bad
+/// entry; the visit goes on to the end.
+pub async fn verify_audit_visiting(
+    store: &dyn Store,
+    key: &SigningKey,
+    mut visit: impl FnMut(&lapse_store::AuditEntry),
+) -> Result<VerifyReport, lapse_store::StoreError> {
     let mut v = lapse_store::audit::ChainVerifier::new(store.checkpoint().await?);
+    let mut intact = true;
     let mut after = 0;
-    'pages: loop {
+    loop {
         let page = store.audit(after, 5000).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for e in &page {
-            if !v.push(e) {
-                break 'pages;
-            }
+            intact = intact && v.push(e);
+            visit(e);
         }
     }
     let public = key.public().clone();

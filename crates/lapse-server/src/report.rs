@@ -55,8 +55,42 @@ impl Lapse {
             ));
         let mut findings: Vec<Finding> = Vec::new();
 
-        // 1. The audit chain itself.
-        let audit = crate::verify_audit(self.store.as_ref(), &self.key).await?;
+        // 1. The audit chain itself, and what the proof (4.) needs from it: one read
+        // of the log.
+        let mut issued: BTreeMap<String, i64> = BTreeMap::new();
+        let mut ended: BTreeMap<String, i64> = BTreeMap::new();
+        let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
+        let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
+        let audit = crate::verify_audit_visiting(self.store.as_ref(), &self.key, |e| {
+            let Some(g) = e.grant_id.clone() else {
+                return;
+            };
+            let name = || {
+                serde_json::from_str::<Value>(&e.data)
+                    .ok()
+                    .and_then(|d| d.get("name").and_then(Value::as_str).map(str::to_owned))
+            };
+            match e.kind.as_str() {
+                "grant.issued" if e.at >= from.millis() => {
+                    issued.insert(g, e.at);
+                }
+                k if ENDS.contains(&k) => {
+                    ended.insert(g, e.at);
+                }
+                "credential.created" => {
+                    if let Some(n) = name() {
+                        created.insert(n, g);
+                    }
+                }
+                "credential.destroyed" | "credential.orphan_removed" => {
+                    if let Some(n) = name() {
+                        destroyed.insert(n, e.at);
+                    }
+                }
+                _ => {}
+            }
+        })
+        .await?;
         if let Some((seq, why)) = &audit.first_bad {
             findings.push(Finding::new(
                 "audit_chain_broken",
@@ -209,46 +243,7 @@ impl Lapse {
             }
         }
 
-        // 4. The proof from the log: every issue in the window has its end.
-        let mut issued: BTreeMap<String, i64> = BTreeMap::new();
-        let mut ended: BTreeMap<String, i64> = BTreeMap::new();
-        let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
-        let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
-        let mut after = 0;
-        loop {
-            let page = self.store.audit(after, 5000).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for e in page {
-                let Some(g) = e.grant_id.clone() else {
-                    continue;
-                };
-                let name = || {
-                    serde_json::from_str::<Value>(&e.data)
-                        .ok()
-                        .and_then(|d| d.get("name").and_then(Value::as_str).map(str::to_owned))
-                };
-                match e.kind.as_str() {
-                    "grant.issued" if e.at >= from.millis() => {
-                        issued.insert(g, e.at);
-                    }
-                    k if ENDS.contains(&k) => {
-                        ended.insert(g, e.at);
-                    }
-                    "credential.created" => {
-                        if let Some(n) = name() {
-                            created.insert(n, g);
-                        }
-                    }
-                    "credential.destroyed" | "credential.orphan_removed" => {
-                        if let Some(n) = name() {
-                            destroyed.insert(n, e.at);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        // 4. The proof from the log (read in 1.): every issue in the window has its end.
         let state: HashMap<String, (GrantState, Timestamp)> = grants
             .iter()
             .map(|g| (g.id.to_string(), (g.state, g.expires_at)))

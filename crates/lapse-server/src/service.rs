@@ -538,10 +538,8 @@ impl Lapse {
                 outcome: ended.state.as_str().into(),
             })
             .inc();
-        if ended.cleanup_due_at().is_some() {
-            return Ok(self.destroy_owed(ended).await);
-        }
-        Ok(ended)
+        // A no-op unless the grant handed out provider credentials.
+        Ok(self.destroy_owed(ended).await)
     }
 
     pub async fn complete(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
@@ -681,9 +679,7 @@ impl Lapse {
                     })
                     .await?;
                 self.metrics.active_grants.dec();
-                if owed.cleanup_due_at().is_some() {
-                    self.destroy_owed(owed).await;
-                }
+                self.destroy_owed(owed).await;
                 Err(ApiError::AccessDenied {
                     description: format!("renewal refused, grant ended: {reason}"),
                     policies: decision.policies,
@@ -719,9 +715,7 @@ impl Lapse {
             match self.store.commit(batch).await {
                 Ok(()) => {
                     n += 1;
-                    if owed.cleanup_due_at().is_some() {
-                        self.destroy_owed(owed).await;
-                    }
+                    self.destroy_owed(owed).await;
                     if was_active {
                         self.metrics.active_grants.dec();
                     }
