@@ -529,12 +529,22 @@ async fn the_database_refuses_an_expired_user_while_lapse_is_down_and_lapse_clea
 
     // Back up: the sweeper expires the grant and the role is dropped.
     let s = start(dir, &target, Arc::new(SystemClock), false).await;
+    // The role is dropped in PostgreSQL a moment before `credential.destroyed` is
+    // committed: wait for both.
+    let grant = v["grant_id"].as_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !target.roles().await.is_empty() {
-        assert!(Instant::now() < deadline, "role not dropped after restart");
+    let kinds = loop {
+        let kinds = s.audit_kinds(grant).await;
+        let recorded = kinds.iter().any(|e| e["kind"] == "credential.destroyed");
+        if recorded && target.roles().await.is_empty() {
+            break kinds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "role not dropped and recorded after restart: {kinds:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let kinds = s.audit_kinds(v["grant_id"].as_str().unwrap()).await;
+    };
     assert!(
         kinds.iter().any(|e| e["kind"] == "grant.expired"),
         "{kinds:?}"
@@ -766,5 +776,123 @@ async fn hostile_names_are_refused_or_neutralised() {
         .get(0);
     assert_eq!(n, 2);
     drop(dbc);
+    target.cleanup().await;
+}
+
+impl Server {
+    /// The workload renews its own grant (token + DPoP proof), asking for `ttl`.
+    async fn renew(&self, key: &DpopKey, token: &str, grant: &str, ttl: &str) -> (u16, Value) {
+        let url = format!("{}/v1/grants/{grant}/renew", self.url);
+        let proof = key.proof("POST", &url, Some(token), self.lapse.now().unix_seconds());
+        let r = self
+            .http
+            .post(&url)
+            .header("Authorization", format!("DPoP {token}"))
+            .header("DPoP", proof)
+            .json(&json!({ "ttl": ttl }))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(json!(null)))
+    }
+}
+
+impl Target {
+    /// `VALID UNTIL` of `role` in unix seconds, `None` when the role is gone.
+    async fn valid_until(&self, role: &str) -> Option<i64> {
+        self.su
+            .query_opt(
+                "SELECT extract(epoch FROM rolvaliduntil)::float8 FROM pg_roles WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, f64>(0) as i64)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_moves_valid_until_only_within_the_maximum_lifetime() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = FakeClock::at(SystemClock.now());
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(clock.clone()),
+        true,
+    )
+    .await;
+    let key = DpopKey::generate();
+    let start_at = clock.now().unix_seconds();
+    let (status, v) = s.exchange(&key, "read", 900).await;
+    assert_eq!(status, 200, "{v}");
+    let cred = v["credentials"][0].clone();
+    let user = cred["username"].as_str().unwrap().to_owned();
+    let grant = v["grant_id"].as_str().unwrap().to_owned();
+    let mut token = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(target.valid_until(&user).await, Some(start_at + 900));
+
+    // Each renewal is a fresh decision (`@max_ttl("15m")`) and moves VALID UNTIL
+    // with the grant; the dev config's maximum lifetime is 1 h from the start.
+    let mut expected = Vec::new();
+    for _ in 0..4 {
+        clock.advance_secs(800);
+        let (st, r) = s.renew(&key, &token, &grant, "1h").await;
+        assert_eq!(st, 200, "{r}");
+        token = r["access_token"].as_str().unwrap().to_owned();
+        let until = target.valid_until(&user).await.unwrap();
+        let grant_expiry = r["grant"]["expires_at"].as_i64().unwrap() / 1000;
+        assert_eq!(until, grant_expiry, "VALID UNTIL follows the renewed grant");
+        expected.push(until - start_at);
+    }
+    // 800+900, 1600+900, 2400+900, then the 1 h cap (3200+900 > 3600).
+    assert_eq!(expected, vec![1700, 2500, 3300, 3600]);
+
+    // At the cap, a renewal is refused and VALID UNTIL stays where it was.
+    clock.advance_secs(350);
+    let (st, r) = s.renew(&key, &token, &grant, "15m").await;
+    assert_eq!(st, 409, "maximum lifetime reached: {r}");
+    assert_eq!(target.valid_until(&user).await, Some(start_at + 3600));
+    // The credential still works (real time is far from its end).
+    let session = try_login(&login_url(&cred)).await.unwrap();
+    session
+        .query_one("SELECT count(*) FROM orders.items", &[])
+        .await
+        .unwrap();
+    drop(session);
+
+    // A renewal the policy refuses ends the grant, and with it the role.
+    let (status, v) = s.exchange(&key, "read", 300).await;
+    assert_eq!(status, 200, "{v}");
+    let user2 = v["credentials"][0]["username"].as_str().unwrap().to_owned();
+    let grant2 = v["grant_id"].as_str().unwrap().to_owned();
+    let mut token2 = v["access_token"].as_str().unwrap().to_owned();
+    let policies = s.dir.join("policies");
+    std::fs::write(
+        policies.join("zz-no-renewals.cedar"),
+        "@id(\"orders-db-closed\")\nforbid (principal, action, resource == Resource::\"orders-db\");\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (st, r) = loop {
+        let (st, r) = s.renew(&key, &token2, &grant2, "5m").await;
+        if st != 200 {
+            break (st, r);
+        }
+        // Renewed before the reload: the new token replaces the old.
+        token2 = r["access_token"].as_str().unwrap().to_owned();
+        assert!(Instant::now() < deadline, "policy change never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(st, 403, "{r}");
+    assert!(r.to_string().contains("orders-db-closed"), "{r}");
+    assert_eq!(
+        target.valid_until(&user2).await,
+        None,
+        "a refused renewal drops the role"
+    );
+    s.stop().await;
     target.cleanup().await;
 }
