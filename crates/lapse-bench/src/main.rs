@@ -52,6 +52,9 @@ enum Cmd {
         requests: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// PBKDF2 iterations of the SCRAM verifiers (the provider's default if unset).
+        #[arg(long, default_value_t = lapse_providers::scram::DEFAULT_ITERATIONS)]
+        scram_iterations: u32,
     },
     /// fsync latency of the disk the store lives on, for context.
     Fsync {
@@ -102,7 +105,8 @@ fn main() -> anyhow::Result<()> {
             samples,
             requests,
             concurrency,
-        } => pg::run(samples, requests, concurrency, cli.json),
+            scram_iterations,
+        } => pg::run(samples, requests, concurrency, scram_iterations, cli.json),
     }
 }
 

@@ -41,6 +41,7 @@ pub fn run(
     samples: usize,
     requests: usize,
     concurrency: usize,
+    scram_iterations: u32,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -69,6 +70,7 @@ pub fn run(
             public_host: None,
             public_port: None,
             pool_size: 8,
+            scram_iterations,
             grants: vec![PrivilegeConfig {
                 action: "read".into(),
                 schema: "lapse_bench".into(),
@@ -89,11 +91,11 @@ pub fn run(
     emit(
         json_out,
         format!(
-            "postgres grants c={concurrency}: {:.0}/s, {}",
+            "postgres grants c={concurrency} scram_iterations={scram_iterations}: {:.0}/s, {}",
             r.throughput,
             s.line()
         ),
-        json!({ "bench": "postgres.grants", "concurrency": concurrency, "per_sec": r.throughput, "latency": s.json() }),
+        json!({ "bench": "postgres.grants", "concurrency": concurrency, "scram_iterations": scram_iterations, "per_sec": r.throughput, "latency": s.json() }),
     );
 
     // 2. Issue-to-usable and 3. revoke-to-session-gone, one grant at a time.

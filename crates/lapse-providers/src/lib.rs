@@ -10,6 +10,7 @@
 //! it knew.
 
 pub mod postgres;
+pub mod scram;
 pub mod sql;
 
 use async_trait::async_trait;

@@ -73,6 +73,11 @@ pub struct PostgresConfig {
     /// Admin connections kept open.
     #[serde(default = "default_pool")]
     pub pool_size: usize,
+    /// PBKDF2 iterations of the SCRAM-SHA-256 verifier (1..=1,000,000). See
+    /// [`crate::scram::DEFAULT_ITERATIONS`] for why the default is low for
+    /// Lapse's 256-bit generated passwords.
+    #[serde(default = "default_scram_iterations")]
+    pub scram_iterations: u32,
     /// What each action means in this database.
     #[serde(default, rename = "grant")]
     pub grants: Vec<PrivilegeConfig>,
@@ -98,6 +103,9 @@ fn default_log_statement() -> String {
 }
 fn default_pool() -> usize {
     8
+}
+fn default_scram_iterations() -> u32 {
+    crate::scram::DEFAULT_ITERATIONS
 }
 
 impl PostgresConfig {
@@ -128,6 +136,12 @@ impl PostgresConfig {
                 "`admin_url` must say where the connection string is (`env:NAME` or `file:/path`), not contain it"
                     .into(),
             );
+        }
+        if !(1..=crate::scram::MAX_ITERATIONS).contains(&self.scram_iterations) {
+            return Err(format!(
+                "`scram_iterations` must be 1..={}",
+                crate::scram::MAX_ITERATIONS
+            ));
         }
         if self.pool_size == 0 || self.pool_size > 64 {
             return Err("`pool_size` must be 1..=64".into());
@@ -486,7 +500,18 @@ impl CredentialProvider for PostgresProvider {
         if let Some(g) = &self.cfg.login_group {
             groups.push(sql::ident(g).map_err(q)?);
         }
-        let verifier = postgres_protocol::password::scram_sha_256(secret.expose().as_bytes());
+        // Key stretching is CPU-bound: keep it off the async workers.
+        let password = secret.clone();
+        let iterations = self.cfg.scram_iterations;
+        let verifier = tokio::task::spawn_blocking(move || {
+            crate::scram::verifier(password.expose(), iterations)
+        })
+        .await
+        .map_err(|e| ProviderError::Step {
+            target: self.cfg.audience.clone(),
+            step: "compute SCRAM verifier",
+            message: e.to_string(),
+        })?;
         let valid_until = spec.valid_until.rfc3339();
         let mut script = format!(
             "BEGIN;\nCREATE ROLE {name} LOGIN INHERIT PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}{};\n",

@@ -154,6 +154,7 @@ impl Target {
             public_host: None,
             public_port: None,
             pool_size: 4,
+            scram_iterations: lapse_providers::scram::DEFAULT_ITERATIONS,
             grants: vec![
                 PrivilegeConfig {
                     action: "read".into(),
@@ -894,5 +895,64 @@ async fn renewal_moves_valid_until_only_within_the_maximum_lifetime() {
         "a refused renewal drops the role"
     );
     s.stop().await;
+    target.cleanup().await;
+}
+
+/// PostgreSQL accepts verifiers with any iteration count, and checks the password
+/// against them by real SCRAM authentication (the test login group requires it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifiers_with_a_lowered_iteration_count_authenticate() {
+    use lapse_providers::CredentialProvider;
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    for iterations in [1, 64, 4096] {
+        let mut cfg = target.provider_config(tmp.path());
+        cfg.scram_iterations = iterations;
+        let p = lapse_providers::postgres::PostgresProvider::new(cfg).unwrap();
+        let grant = lapse_core::GrantId::generate();
+        let name = p.name_for(grant);
+        let secret = lapse_providers::Secret::generate();
+        let h = p
+            .create(
+                &lapse_providers::CredentialSpec {
+                    grant,
+                    name: name.clone(),
+                    actions: vec!["read".into()],
+                    valid_until: SystemClock.now().plus_secs(60),
+                },
+                &secret,
+            )
+            .await
+            .unwrap();
+        let stored: String = target
+            .su
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            stored.starts_with(&format!("SCRAM-SHA-256${iterations}:")),
+            "{stored}"
+        );
+        let v = serde_json::to_value(&h).unwrap();
+        let session = try_login(&login_url(&v)).await.unwrap();
+        session
+            .query_one("SELECT count(*) FROM orders.items", &[])
+            .await
+            .unwrap();
+        drop(session);
+        let mut wrong = v.clone();
+        wrong["password"] = json!(lapse_providers::Secret::generate().expose());
+        let err = try_login(&login_url(&wrong)).await.unwrap_err();
+        assert_eq!(
+            err.as_db_error().map(|d| d.code().clone()),
+            Some(tokio_postgres::error::SqlState::INVALID_PASSWORD),
+            "{err}"
+        );
+        p.destroy(&name).await.unwrap();
+    }
     target.cleanup().await;
 }
