@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 /// is out of reach at any count, and the other attacks on a stolen verifier
 /// (impersonating the server, logging in with a captured exchange) do not depend
 /// on it. An operator may therefore lower `scram_iterations` (e.g. to 64) to spare
-/// the target database the stretching it repeats on every role creation: about six
+/// the target database the stretching it repeats on every role creation: about five
 /// times the grants per second on the benchmark machine (BENCHMARKS.md). The
 /// default stays at 4,096 so that no audit of the target has to be argued with.
 pub const DEFAULT_ITERATIONS: u32 = 4096;

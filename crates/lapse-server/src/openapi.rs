@@ -77,6 +77,11 @@ pub fn document() -> Value {
         "/v1/audit/verify": { "get": {
           "summary": "Verify the whole audit chain and its signed checkpoint", "security": op_auth,
           "responses": { "200": { "description": "the chain verifies" }, "409": { "description": "tampering found; names the first bad entry" }, "401": e("operator token required"), "403": e("role missing") } } },
+        "/v1/reports/standing": { "get": {
+          "summary": "Standing-privilege report: everything that looks like access outliving its task, and the proof that every grant issued in the window ended", "security": op_auth,
+          "parameters": [ { "name": "window", "in": "query", "schema": { "type": "string", "examples": ["24h"] }, "description": "how far back (default 24h)" } ],
+          "responses": { "200": { "description": "the report; `ok` is false when anything was found", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StandingReport" } } } },
+            "400": e("bad window"), "401": e("operator token required"), "403": e("role missing"), "503": e("store unavailable") } } },
         "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
         "/.well-known/jwks.json": { "get": { "summary": "Keys that sign access tokens", "responses": { "200": { "description": "JWKS" } } } },
         "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
@@ -117,6 +122,15 @@ pub fn document() -> Value {
             "expires_at": { "type": "integer" }, "max_expires_at": { "type": "integer" }, "ended_at": { "type": ["integer", "null"] }, "end": { "type": ["object", "null"] },
             "jkt": { "type": "string" }, "renewals": { "type": "integer" }, "audit": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } },
           "Introspection": { "type": "object", "required": ["active"], "properties": { "active": { "type": "boolean" }, "scope": { "type": "string" }, "sub": { "type": "string" }, "aud": { "type": "string" }, "exp": { "type": "integer" }, "grant_id": { "type": "string" }, "task": { "type": "string" }, "cnf": { "type": "object" } } },
+          "StandingReport": { "type": "object", "required": ["generated_at", "window", "ok", "findings", "proof", "targets"], "properties": {
+            "generated_at": { "type": "integer" }, "window": { "type": "object", "properties": { "from": { "type": "integer" }, "to": { "type": "integer" } } },
+            "ok": { "type": "boolean" },
+            "findings": { "type": "array", "items": { "type": "object", "required": ["kind", "detail"], "properties": {
+              "kind": { "enum": ["audit_chain_broken", "active_past_expiry", "renewed_beyond_span", "credential_not_yet_destroyed", "near_continuous_access", "orphan_credential", "target_unreachable", "issue_without_end", "credential_without_destroy"] },
+              "grant_id": { "type": "string" }, "workload": { "type": "string" }, "target": { "type": "string" }, "credential": { "type": "string" }, "detail": { "type": "string" } } } },
+            "proof": { "type": "object", "properties": { "audit_chain_verified": { "type": "boolean" }, "audit_entries": { "type": "integer" }, "issued_in_window": { "type": "integer" },
+              "ended": { "type": "integer" }, "still_active_within_lifetime": { "type": "integer" }, "unended": { "type": "integer" } } },
+            "targets": { "type": "array", "items": { "type": "object" } } } },
           "AuditEntry": { "type": "object", "required": ["seq", "at", "kind", "actor", "data", "prev_hash", "hash"], "properties": {
             "seq": { "type": "integer" }, "at": { "type": "integer" }, "kind": { "type": "string" }, "grant_id": { "type": ["string", "null"] }, "actor": { "type": "string" },
             "data": { "type": "string", "description": "event JSON exactly as hashed" }, "prev_hash": { "type": "string" }, "hash": { "type": "string" } } }
