@@ -2,12 +2,16 @@
 //!
 //! Exit codes: 0 success; 1 failure (the answer says why); 2 usage; 3 denied by
 //! policy; 4 pending approval; 5 audit chain does not verify; 6 policy tests failed;
-//! 7 unavailable (fail closed).
+//! 7 unavailable (fail closed). `lapse run` passes its command's code through and
+//! adds 111 (the grant ended first), 126/127 (the command cannot run); see `run`.
 
 #![expect(
     clippy::indexing_slicing,
     reason = "the CLI reads serde_json::Value by key, which yields Null for anything missing and never panics"
 )]
+
+mod identity_source;
+mod run;
 
 use clap::{Parser, Subcommand};
 use lapse_core::{Clock, SystemClock, TtlDuration};
@@ -18,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-const DEFAULT_DEV_DIR: &str = ".lapse-dev";
+pub(crate) const DEFAULT_DEV_DIR: &str = ".lapse-dev";
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +59,9 @@ enum Cmd {
     },
     /// Exchange an identity token for a task-scoped, DPoP-bound access token.
     Request(RequestArgs),
+    /// Run a command with one grant's credentials; the grant ends when it exits,
+    /// and the command is stopped when the grant ends first.
+    Run(Box<run::RunArgs>),
     /// Inspect and end grants.
     Grants {
         #[command(subcommand)]
@@ -237,11 +244,11 @@ enum AuditCmd {
     },
 }
 
-struct Fail(u8, String);
+pub(crate) struct Fail(pub(crate) u8, pub(crate) String);
 
 type Out = Result<(), Fail>;
 
-fn fail(code: u8, msg: impl Into<String>) -> Fail {
+pub(crate) fn fail(code: u8, msg: impl Into<String>) -> Fail {
     Fail(code, msg.into())
 }
 
@@ -271,7 +278,9 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(code, msg)) => {
-            eprintln!("lapse: {msg}");
+            if !msg.is_empty() {
+                eprintln!("lapse: {msg}");
+            }
             ExitCode::from(code)
         }
     }
@@ -314,6 +323,11 @@ async fn run(cli: Cli) -> Out {
             Ok(())
         }
         Cmd::Request(args) => request(args, json_out).await,
+        // The command's own exit code passes through, without a message of ours.
+        Cmd::Run(args) => match run::run(*args).await? {
+            0 => Ok(()),
+            code => Err(Fail(code, String::new())),
+        },
         Cmd::Grants { cmd } => grants(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
@@ -399,7 +413,9 @@ fn operator_token(s: &Server) -> Result<String, Fail> {
 }
 
 /// Reads an answer; maps error codes to exit codes.
-async fn answer(resp: Result<reqwest::Response, reqwest::Error>) -> Result<Value, Fail> {
+pub(crate) async fn answer(
+    resp: Result<reqwest::Response, reqwest::Error>,
+) -> Result<Value, Fail> {
     let resp = resp.map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(json!({}));

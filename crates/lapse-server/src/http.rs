@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/grants/{id}/complete", post(complete))
         .route("/v1/grants/{id}/revoke", post(revoke_grant))
         .route("/v1/grants/{id}/renew", post(renew))
+        .route("/v1/grants/{id}/status", get(grant_status))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/reports/standing", get(standing_report))
@@ -496,6 +497,11 @@ struct ReasonBody {
     reason: Option<String>,
     #[serde(default)]
     ttl: Option<TtlDuration>,
+    /// On completion: how the task's process ended (`lapse run`), for the audit entry.
+    #[serde(default)]
+    exit_status: Option<i32>,
+    #[serde(default)]
+    signal: Option<i32>,
 }
 
 fn optional_json(headers: &HeaderMap, b: &[u8]) -> Result<ReasonBody, ApiError> {
@@ -526,8 +532,48 @@ async fn complete(
         )
         .await?;
     let reason = r.reason.unwrap_or_else(|| "task completed".into());
-    let g = s.complete(g, &claims.sub, &clip(&reason)).await?;
+    let mut data = json!({ "reason": clip(&reason) });
+    if let Some(code) = r.exit_status {
+        set_field(&mut data, "exit_status", json!(code));
+    }
+    if let Some(sig) = r.signal {
+        set_field(&mut data, "signal", json!(sig));
+    }
+    let g = s.complete(g, &claims.sub, &clip(&reason), data).await?;
     Ok(no_store(grant_view(&g), StatusCode::OK))
+}
+
+/// The workload asks whether its own grant still holds (what `lapse run` polls when
+/// it cannot follow a revocation feed). Authenticated like complete and renew.
+async fn grant_status(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = grant_id(&id)?;
+    let path = format!("/v1/grants/{id}/status");
+    let (_, g) = s
+        .workload_grant(
+            authorization(&headers),
+            &dpop_headers(&headers),
+            "GET",
+            &path,
+            id,
+        )
+        .await?;
+    let now = s.now();
+    Ok(no_store(
+        json!({
+            "id": g.id.to_string(),
+            "state": g.state,
+            "live": g.is_live(now),
+            "expires_at": g.expires_at.millis(),
+            "max_expires_at": g.max_expires_at.millis(),
+            "expires_in": g.remaining_secs(now),
+            "end": g.end,
+        }),
+        StatusCode::OK,
+    ))
 }
 
 async fn revoke_grant(

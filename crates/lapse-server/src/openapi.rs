@@ -57,7 +57,9 @@ pub fn document() -> Value {
           "responses": { "200": { "description": "the grant", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } }, "401": e("operator token required"), "403": e("role missing"), "404": e("no such grant") } } },
         "/v1/grants/{id}/complete": { "post": {
           "summary": "The workload ends its own grant (task over)", "security": wl_auth, "parameters": [gid, dpop],
-          "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Reason" } } } },
+          "requestBody": { "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "properties": {
+            "reason": { "type": "string" }, "exit_status": { "type": "integer", "description": "the task's process exit code, recorded in the audit entry" },
+            "signal": { "type": "integer", "description": "the signal that ended the task's process" } } } } } },
           "responses": { "200": { "description": "completed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } },
             "400": e("invalid DPoP proof or body"), "401": e("invalid token"), "403": e("token of another grant"), "404": e("no such grant"), "409": e("grant already ended") } } },
         "/v1/grants/{id}/revoke": { "post": {
@@ -70,6 +72,12 @@ pub fn document() -> Value {
           "requestBody": { "content": { "application/json": { "schema": { "type": "object", "properties": { "ttl": { "type": "string", "examples": ["10m"] } } } } } },
           "responses": { "200": { "description": "a new token", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Issued" } } } },
             "400": e("invalid proof"), "401": e("invalid token"), "403": e("renewal refused: the grant is ended"), "409": e("ended or at maximum lifetime") } } },
+        "/v1/grants/{id}/status": { "get": {
+          "summary": "The workload asks whether its own grant still holds (polled by `lapse run`)", "security": wl_auth, "parameters": [gid, dpop],
+          "responses": { "200": { "description": "the grant's state", "content": { "application/json": { "schema": { "type": "object", "required": ["id", "state", "live"], "properties": {
+              "id": { "type": "string" }, "state": { "type": "string" }, "live": { "type": "boolean" }, "expires_at": { "type": "integer" }, "max_expires_at": { "type": "integer" },
+              "expires_in": { "type": "integer" }, "end": { "type": ["object", "null"] } } } } } },
+            "400": e("invalid DPoP proof"), "401": e("invalid or expired token"), "403": e("token of another grant"), "404": e("no such grant") } } },
         "/v1/audit": { "get": {
           "summary": "Audit entries after a sequence number", "security": op_auth,
           "parameters": [ { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } } ],

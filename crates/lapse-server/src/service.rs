@@ -542,19 +542,20 @@ impl Lapse {
         Ok(self.destroy_owed(ended).await)
     }
 
-    pub async fn complete(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
+    /// The workload ends its own grant; `data` (at least the reason) goes into the
+    /// audit entry.
+    pub async fn complete(
+        &self,
+        grant: Grant,
+        by: &str,
+        reason: &str,
+        data: Value,
+    ) -> Result<Grant, ApiError> {
         let ended = grant
             .clone()
             .complete(self.now(), by, reason)
             .map_err(lifecycle)?;
-        self.end(
-            grant,
-            ended,
-            "grant.completed",
-            by,
-            json!({ "reason": reason }),
-        )
-        .await
+        self.end(grant, ended, "grant.completed", by, data).await
     }
 
     pub async fn revoke(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {

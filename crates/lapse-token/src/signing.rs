@@ -114,6 +114,22 @@ impl SigningKey {
             .map_err(|source| KeyFileError::Write { path: p, source })
     }
 
+    /// The private key as PKCS#8 PEM, for handing to a child process in memory (its
+    /// environment) rather than on disk. `None` only if encoding fails.
+    pub fn to_pkcs8_pem(&self) -> Option<String> {
+        self.key
+            .to_pkcs8_pem(Default::default())
+            .ok()
+            .map(|pem| pem.as_str().to_owned())
+    }
+
+    /// Parses a PKCS#8 PEM Ed25519 private key.
+    pub fn from_pkcs8_pem(pem: &str) -> Option<Self> {
+        ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
+            .ok()
+            .map(Self::from_dalek)
+    }
+
     pub fn kid(&self) -> &str {
         &self.kid
     }
