@@ -266,13 +266,19 @@ mod tests {
     fn detection_order_is_file_env_github_gitlab_dev() {
         let all = env(&[
             ("LAPSE_IDENTITY_TOKEN", "e"),
-            ("ACTIONS_ID_TOKEN_REQUEST_URL", "https://x/t?api-version=2.0"),
+            (
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                "https://x/t?api-version=2.0",
+            ),
             ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "r"),
             ("GITLAB_CI", "true"),
             ("LAPSE_ID_TOKEN", "g"),
         ]);
         let with_file = args(&["--identity-file", "/tmp/x", "--dev-workload", "w"]);
-        assert_eq!(IdentitySource::detect(&with_file, &all).unwrap().name(), "file");
+        assert_eq!(
+            IdentitySource::detect(&with_file, &all).unwrap().name(),
+            "file"
+        );
         let a = args(&["--dev-workload", "w"]);
         assert_eq!(IdentitySource::detect(&a, &all).unwrap().name(), "env");
         let no_env = env(&[
@@ -281,9 +287,15 @@ mod tests {
             ("GITLAB_CI", "true"),
             ("LAPSE_ID_TOKEN", "g"),
         ]);
-        assert_eq!(IdentitySource::detect(&a, &no_env).unwrap().name(), "github");
+        assert_eq!(
+            IdentitySource::detect(&a, &no_env).unwrap().name(),
+            "github"
+        );
         let gitlab = env(&[("GITLAB_CI", "true"), ("LAPSE_ID_TOKEN", "g")]);
-        assert_eq!(IdentitySource::detect(&a, &gitlab).unwrap().name(), "gitlab");
+        assert_eq!(
+            IdentitySource::detect(&a, &gitlab).unwrap().name(),
+            "gitlab"
+        );
         // GitLab's variable alone, outside GitLab CI, is not GitLab.
         let stray = env(&[("LAPSE_ID_TOKEN", "g")]);
         assert_eq!(IdentitySource::detect(&a, &stray).unwrap().name(), "dev");

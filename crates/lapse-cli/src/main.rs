@@ -244,6 +244,7 @@ enum AuditCmd {
     },
 }
 
+#[derive(Debug)]
 pub(crate) struct Fail(pub(crate) u8, pub(crate) String);
 
 type Out = Result<(), Fail>;
@@ -413,9 +414,7 @@ fn operator_token(s: &Server) -> Result<String, Fail> {
 }
 
 /// Reads an answer; maps error codes to exit codes.
-pub(crate) async fn answer(
-    resp: Result<reqwest::Response, reqwest::Error>,
-) -> Result<Value, Fail> {
+pub(crate) async fn answer(resp: Result<reqwest::Response, reqwest::Error>) -> Result<Value, Fail> {
     let resp = resp.map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(json!({}));

@@ -167,7 +167,10 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         ),
         _ => Fail(code, msg),
     })?;
-    let token = issued["access_token"].as_str().unwrap_or_default().to_owned();
+    let token = issued["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let id = issued["grant_id"].as_str().unwrap_or_default().to_owned();
     let expires_in = issued["expires_in"].as_u64().unwrap_or(0);
     if token.is_empty() || id.is_empty() {
@@ -200,7 +203,12 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
     let vars = match child_env(&issued, &held, &base, &renames) {
         Ok(v) => v,
         Err(e) => {
-            complete(&http, &held, json!({ "reason": format!("`lapse run`: {}", e.1) })).await;
+            complete(
+                &http,
+                &held,
+                json!({ "reason": format!("`lapse run`: {}", e.1) }),
+            )
+            .await;
             return Err(e);
         }
     };
@@ -227,7 +235,10 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
             return Err(fail(code, format!("cannot run `{program}`: {e}")));
         }
     };
-    let pid = child.id().and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(Pid::from_raw);
 
     // Signals for the command reach it through us. SIGINT and SIGQUIT from a
     // terminal already reach the whole foreground process group, the command
@@ -282,7 +293,10 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
     };
 
     // 4. The grant ended first: stop the command.
-    say(false, &format!("access ended: {ended}; stopping the command"));
+    say(
+        false,
+        &format!("access ended: {ended}; stopping the command"),
+    );
     if let Some(pid) = pid {
         let _ = kill(pid, Signal::SIGTERM);
     }
@@ -325,7 +339,8 @@ async fn check(http: &reqwest::Client, held: &mut Held, renew: bool) -> Option<S
         {
             Ok(r) if r.status().is_success() => {
                 if let Ok(v) = r.json::<Value>().await
-                    && let (Some(t), Some(exp)) = (v["access_token"].as_str(), v["expires_in"].as_u64())
+                    && let (Some(t), Some(exp)) =
+                        (v["access_token"].as_str(), v["expires_in"].as_u64())
                 {
                     held.token = t.to_owned();
                     held.expires_at = Instant::now() + Duration::from_secs(exp);

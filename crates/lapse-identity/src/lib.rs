@@ -283,16 +283,57 @@ impl IdentityVerifier {
     }
 }
 
-/// Claims as strings: strings as they are, everything else as compact JSON.
+/// Claims as strings: strings as they are, everything else as compact JSON. The
+/// members of object claims are also given by dotted path (Kubernetes puts the
+/// namespace at `kubernetes.io.namespace`), so policies and workload templates can
+/// name them; nesting deeper than [`MAX_CLAIM_DEPTH`] is left as JSON.
 fn flatten(claims: &serde_json::Map<String, Value>) -> BTreeMap<String, String> {
-    claims
-        .iter()
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (k.clone(), s)
-        })
-        .collect()
+    fn walk(prefix: &str, v: &Value, depth: usize, out: &mut BTreeMap<String, String>) {
+        let s = match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out.insert(prefix.to_owned(), s);
+        if let Value::Object(m) = v
+            && depth < MAX_CLAIM_DEPTH
+        {
+            for (k, inner) in m {
+                walk(&format!("{prefix}.{k}"), inner, depth + 1, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in claims {
+        walk(k, v, 1, &mut out);
+    }
+    out
+}
+
+/// How deep object claims are flattened into dotted names.
+pub const MAX_CLAIM_DEPTH: usize = 4;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod flatten_tests {
+    use super::*;
+
+    #[test]
+    fn nested_claims_get_dotted_names() {
+        let claims = serde_json::json!({
+            "sub": "system:serviceaccount:payments:migrator",
+            "kubernetes.io": { "namespace": "payments", "serviceaccount": { "name": "migrator", "uid": "u-1" } },
+            "n": 3,
+            "deep": { "a": { "b": { "c": { "d": "too deep" } } } }
+        });
+        let flat = flatten(claims.as_object().unwrap());
+        assert_eq!(flat["kubernetes.io.namespace"], "payments");
+        assert_eq!(flat["kubernetes.io.serviceaccount.name"], "migrator");
+        assert_eq!(flat["n"], "3");
+        assert!(
+            flat["kubernetes.io"].starts_with('{'),
+            "the whole object stays too"
+        );
+        assert_eq!(flat["deep.a.b.c"], "{\"d\":\"too deep\"}");
+        assert!(!flat.contains_key("deep.a.b.c.d"));
+    }
 }

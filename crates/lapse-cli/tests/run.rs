@@ -1,0 +1,818 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! `lapse run` as CI uses it: a real `lapse serve` process with the GitHub Actions,
+//! GitLab CI and Kubernetes issuer configs from `examples/identity` (their keys made
+//! here), real child processes, real signals, and the local PostgreSQL.
+
+use lapse_token::SigningKey;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LAPSE: &str = env!("CARGO_BIN_EXE_lapse");
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+const EXIT_GRANT_ENDED: i32 = 111;
+
+/// Identity issuers the test plays: name, the example folder, the issuer URL.
+const ISSUERS: &[(&str, &str)] = &[
+    (
+        "github-actions",
+        "https://token.actions.githubusercontent.com",
+    ),
+    ("gitlab-ci", "https://gitlab.com"),
+    ("kubernetes", "https://kubernetes.default.svc.cluster.local"),
+];
+
+struct Broker {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    url: String,
+    admin: String,
+    keys: Vec<(String, SigningKey)>,
+    child: Child,
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+impl Broker {
+    /// The dev configuration plus the three example CI issuers and their policies,
+    /// and `extra` TOML appended to the config.
+    fn start(extra: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let addr = free_addr();
+        let (_, cfg_path, admin) = lapse_server::dev::prepare(&dir, addr).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let mut toml = std::fs::read_to_string(&cfg_path).unwrap();
+        let policies = dir.join("policies");
+        let mut keys = Vec::new();
+        for (name, _) in ISSUERS {
+            let key = SigningKey::generate();
+            let jwks = dir.join(format!("{name}.jwks.json"));
+            std::fs::write(&jwks, json!({ "keys": [key.jwk()] }).to_string()).unwrap();
+            let example = Path::new(EXAMPLES).join("identity").join(name);
+            // The example issuer as published, pointed at this test's keys.
+            let issuer: String = std::fs::read_to_string(example.join("issuer.toml"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    if l.starts_with("jwks = ") {
+                        format!("jwks = \"file://{}\"", jwks.display())
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            toml.push_str(&format!("\n{issuer}\n"));
+            for f in std::fs::read_dir(&example).unwrap() {
+                let p = f.unwrap().path();
+                if p.extension().is_some_and(|e| e == "cedar") {
+                    std::fs::copy(&p, policies.join(format!("{name}.cedar"))).unwrap();
+                }
+            }
+            keys.push(((*name).to_owned(), key));
+        }
+        // The dev schema declares read/write/admin; the CI examples add `migrate`.
+        std::fs::write(
+            policies.join("migrate.cedarschema"),
+            "action \"migrate\" appliesTo { principal: Workload, resource: Resource, context: RequestContext };\n",
+        )
+        .unwrap();
+        toml.push_str(extra);
+        std::fs::write(&cfg_path, toml).unwrap();
+        let child = Command::new(LAPSE)
+            .args(["serve", "--config"])
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut b = Self {
+            _tmp: tmp,
+            dir,
+            url: format!("http://{addr}"),
+            admin,
+            keys,
+            child,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            http: lapse_identity::http_client(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = b.child.try_wait() {
+                let mut err = String::new();
+                b.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("lapse serve exited ({status}): {err}");
+            }
+            assert!(Instant::now() < deadline, "lapse serve did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Nobody reads the server's log: do not let a full pipe stall it.
+        let mut stderr = b.child.stderr.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        b
+    }
+
+    /// An identity token from one of the test's CI issuers.
+    fn identity(&self, issuer: &str, sub: &str, claims: Value) -> String {
+        let (name, iss) = ISSUERS.iter().find(|(n, _)| *n == issuer).unwrap();
+        let key = &self.keys.iter().find(|(n, _)| n == name).unwrap().1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut c = json!({ "iss": iss, "aud": "lapse", "sub": sub, "iat": now, "nbf": now, "exp": now + 600 });
+        for (k, v) in claims.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        key.sign_jwt("JWT", &c).unwrap()
+    }
+
+    fn dev_identity(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        lapse_server::dev::dev_token(&self.dir, CI, 600, &[], now as i64).unwrap()
+    }
+
+    /// `lapse run` with only what the test gives it in its environment.
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(LAPSE);
+        c.arg("run")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LAPSE_URL", &self.url)
+            .current_dir(self.dir.parent().unwrap());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.rt.block_on(async {
+            self.http
+                .get(format!("{}{path}", self.url))
+                .bearer_auth(&self.admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        self.rt.block_on(async {
+            self.http
+                .post(format!("{}{path}", self.url))
+                .bearer_auth(&self.admin)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn introspect(&self, token: &str) -> Value {
+        self.rt.block_on(async {
+            self.http
+                .post(format!("{}/oauth/introspect", self.url))
+                .bearer_auth(&self.admin)
+                .form(&[("token", token)])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn grant(&self, id: &str) -> Value {
+        self.get(&format!("/v1/grants/{id}"))
+    }
+
+    fn audit_data(&self, id: &str, kind: &str) -> Value {
+        let g = self.grant(id);
+        let e = g["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no `{kind}` in {g}"))
+            .clone();
+        serde_json::from_str(e["data"].as_str().unwrap()).unwrap()
+    }
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `KEY=value` lines a child printed with `env`.
+fn env_of(stdout: &[u8]) -> std::collections::BTreeMap<String, String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+const READ: &[&str] = &[
+    "--audience",
+    "orders-db",
+    "--scope",
+    "read",
+    "--task",
+    "T-run",
+    "--purpose",
+    "lapse run test",
+];
+
+#[test]
+fn the_command_gets_a_usable_token_and_its_exit_completes_the_grant() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    for code in [0, 7] {
+        let script =
+            format!("echo \"$LAPSE_ACCESS_TOKEN\"; echo \"$LAPSE_GRANT_ID\"; read _; exit {code}");
+        let mut child = b
+            .run(READ, &[("LAPSE_IDENTITY_TOKEN", &identity)])
+            .args(["--", "sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut token, mut grant) = (String::new(), String::new());
+        out.read_line(&mut token).unwrap();
+        out.read_line(&mut grant).unwrap();
+        let (token, grant) = (token.trim().to_owned(), grant.trim().to_owned());
+        // While the command runs, its token is live at the broker.
+        let i = b.introspect(&token);
+        assert_eq!(i["active"], true, "{i}");
+        assert_eq!(i["grant_id"], grant.as_str());
+        assert_eq!(b.grant(&grant)["state"], "active");
+        // The command ends: its exit code passes through, the grant is completed.
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code));
+        assert_eq!(b.introspect(&token)["active"], false);
+        let g = b.grant(&grant);
+        assert_eq!(g["state"], "completed", "{g}");
+        let done = b.audit_data(&grant, "grant.completed");
+        assert_eq!(done["exit_status"], code, "{done}");
+    }
+}
+
+#[test]
+fn revocation_stops_the_command_within_the_grace_period() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    // A command that ignores SIGTERM: SIGKILL after the 1 s grace must end it.
+    let mut child = b
+        .run(
+            &[READ, &["--grace", "1s", "--poll", "1s"]].concat(),
+            &[("LAPSE_IDENTITY_TOKEN", &identity)],
+        )
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo $$; echo \"$LAPSE_GRANT_ID\"; while :; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut pid, mut grant) = (String::new(), String::new());
+    out.read_line(&mut pid).unwrap();
+    out.read_line(&mut grant).unwrap();
+    let (pid, grant) = (pid.trim().to_owned(), grant.trim().to_owned());
+    let t = Instant::now();
+    let r = b.post(
+        &format!("/v1/grants/{grant}/revoke"),
+        json!({ "reason": "incident 42" }),
+    );
+    assert_eq!(r["state"], "revoked", "{r}");
+    let status = child.wait().unwrap();
+    let took = t.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(EXIT_GRANT_ENDED), "{err}");
+    assert!(err.contains("incident 42"), "says why: {err}");
+    assert!(err.contains("SIGKILL"), "{err}");
+    // poll (1 s) + grace (1 s) + slack for a loaded machine.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let alive = Command::new("kill")
+        .args(["-0", &pid])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!alive.success(), "the command's process {pid} is gone");
+}
+
+#[test]
+fn renewal_keeps_a_long_command_going_and_a_refused_one_stops_it() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let env = [("LAPSE_IDENTITY_TOKEN", identity.as_str())];
+    // 6 s grants, a 9 s command: it only finishes because it renews.
+    let o = b
+        .run(
+            &[READ, &["--ttl", "6s", "--renew", "--poll", "1s"]].concat(),
+            &env,
+        )
+        .args(["--", "sh", "-c", "echo $LAPSE_GRANT_ID; sleep 9"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let grant = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let g = b.grant(&grant);
+    assert!(g["renewals"].as_u64().unwrap() >= 1, "{g}");
+    assert_eq!(g["state"], "completed");
+
+    // Without --renew the same command loses its grant at expiry and is stopped.
+    let o = b
+        .run(
+            &[READ, &["--ttl", "6s", "--poll", "1s", "--grace", "1s"]].concat(),
+            &env,
+        )
+        .args(["--", "sh", "-c", "echo $LAPSE_GRANT_ID; sleep 9"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(EXIT_GRANT_ENDED), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("expired"),
+        "{}",
+        show(&o)
+    );
+
+    // Renewal is a fresh decision: once policy forbids it, the command is stopped.
+    let mut child = b
+        .run(
+            &[
+                READ,
+                &["--ttl", "8s", "--renew", "--poll", "1s", "--grace", "1s"],
+            ]
+            .concat(),
+            &env,
+        )
+        .args(["--", "sh", "-c", "echo $LAPSE_GRANT_ID; sleep 20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    std::fs::write(
+        b.dir.join("policies").join("zz-closed.cedar"),
+        "@id(\"orders-db-closed\")\nforbid (principal, action, resource == Resource::\"orders-db\");\n",
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(EXIT_GRANT_ENDED), "{err}");
+    assert!(err.contains("renewal refused"), "{err}");
+    assert_eq!(b.grant(line.trim())["state"], "revoked");
+}
+
+#[test]
+fn each_identity_source_gets_its_own_workload() {
+    let b = Broker::start("");
+    let migrate = [
+        "--audience",
+        "orders-db",
+        "--scope",
+        "migrate",
+        "--task",
+        "T-migrate",
+        "--purpose",
+        "schema migration",
+    ];
+    let print = ["--", "sh", "-c", "env; echo LAPSE_CMDLINE=$0"];
+
+    // Kubernetes: a projected service-account token in a file.
+    let k8s = b.identity(
+        "kubernetes",
+        "system:serviceaccount:payments:migrator",
+        json!({ "kubernetes.io": { "namespace": "payments", "serviceaccount": { "name": "migrator", "uid": "u1" }, "pod": { "name": "migrate-1", "uid": "p1" } } }),
+    );
+    let file = b.dir.join("k8s-token");
+    std::fs::write(&file, &k8s).unwrap();
+    let o = b
+        .run(&migrate, &[])
+        .args(["--identity-file", file.to_str().unwrap()])
+        .args(print)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let env = env_of(&o.stdout);
+    let g = b.grant(&env["LAPSE_GRANT_ID"]);
+    assert_eq!(g["workload"], "k8s://prod-eu/payments/migrator", "{g}");
+    assert_eq!(g["policies"], json!(["k8s-payments-migrator"]));
+
+    // A rotated file is read afresh: another service account, refused migration.
+    let api = b.identity(
+        "kubernetes",
+        "system:serviceaccount:payments:api",
+        json!({ "kubernetes.io": { "namespace": "payments", "serviceaccount": { "name": "api" }, "pod": { "name": "api-1" } } }),
+    );
+    std::fs::write(&file, &api).unwrap();
+    let o = b
+        .run(&migrate, &[("LAPSE_IDENTITY_FILE", file.to_str().unwrap())])
+        .args(print)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "denied: {}", show(&o));
+
+    // GitHub Actions: the runner's token service, played by a local stand-in.
+    let gh = b.identity(
+        "github-actions",
+        "repo:acme/orders:environment:production",
+        json!({ "repository": "acme/orders", "ref": "refs/heads/main", "environment": "production", "event_name": "push",
+                "job_workflow_ref": "acme/platform/.github/workflows/deploy.yml@refs/heads/main" }),
+    );
+    let (stand_in, seen) = github_stand_in(gh, "request-secret");
+    let o = b
+        .run(
+            &migrate,
+            &[
+                (
+                    "ACTIONS_ID_TOKEN_REQUEST_URL",
+                    &format!("{stand_in}?api-version=2.0"),
+                ),
+                ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-secret"),
+            ],
+        )
+        .args(print)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let env = env_of(&o.stdout);
+    let g = b.grant(&env["LAPSE_GRANT_ID"]);
+    assert_eq!(g["workload"], "https://github.com/acme/orders", "{g}");
+    assert_eq!(g["policies"], json!(["github-migrate-orders-from-main"]));
+    let req = seen.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert!(req.contains("audience=lapse"), "{req}");
+    assert!(req.contains("api-version=2.0"), "{req}");
+    assert!(
+        !env.contains_key("ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
+        "not inherited"
+    );
+
+    // GitLab CI: the job's id_tokens variable.
+    let gl = b.identity(
+        "gitlab-ci",
+        "project_path:acme/orders:ref_type:branch:ref:main",
+        json!({ "project_path": "acme/orders", "ref": "main", "ref_protected": "true", "environment": "production", "pipeline_source": "push" }),
+    );
+    let o = b
+        .run(&migrate, &[("GITLAB_CI", "true"), ("LAPSE_ID_TOKEN", &gl)])
+        .args(print)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let env = env_of(&o.stdout);
+    let g = b.grant(&env["LAPSE_GRANT_ID"]);
+    assert_eq!(g["workload"], "https://gitlab.com/acme/orders", "{g}");
+    assert!(!env.contains_key("LAPSE_ID_TOKEN"), "not inherited");
+
+    // An environment variable, and the dev issuer.
+    let o = b
+        .run(READ, &[("LAPSE_IDENTITY_TOKEN", &b.dev_identity())])
+        .args(print)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let env = env_of(&o.stdout);
+    assert_eq!(b.grant(&env["LAPSE_GRANT_ID"])["workload"], CI);
+    assert!(!env.contains_key("LAPSE_IDENTITY_TOKEN"), "not inherited");
+    assert_eq!(env["LAPSE_TOKEN_TYPE"], "DPoP");
+
+    // Nothing at all: a usage error naming what was tried, and no grant.
+    let o = b.run(READ, &[]).args(print).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no identity token found"));
+}
+
+/// A stand-in for GitHub Actions' token service: answers `{"value": token}` to a
+/// request bearing `secret`, and reports each request line.
+fn github_stand_in(
+    token: String,
+    secret: &'static str,
+) -> (String, std::sync::mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut l = String::new();
+                if reader.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+                    break;
+                }
+                head.push(l.trim_end().to_owned());
+            }
+            let authorized = head
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&format!("authorization: bearer {secret}")));
+            let (status, body) = if authorized {
+                ("200 OK", json!({ "value": token }).to_string())
+            } else {
+                ("401 Unauthorized", "{}".to_owned())
+            };
+            let _ = tx.send(head.first().cloned().unwrap_or_default());
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn credentials_never_appear_on_a_command_line_or_on_disk() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let mut child = b
+        .run(READ, &[("LAPSE_IDENTITY_TOKEN", &identity)])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$LAPSE_ACCESS_TOKEN\"; echo $$; read _",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut token, mut pid) = (String::new(), String::new());
+    out.read_line(&mut token).unwrap();
+    out.read_line(&mut pid).unwrap();
+    let token = token.trim().to_owned();
+    assert!(token.len() > 100);
+    let ps = Command::new("ps")
+        .args(["-eww", "-o", "args"])
+        .output()
+        .unwrap();
+    assert!(ps.status.success());
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.contains("lapse run"), "ps shows the processes: {ps}");
+    assert!(!ps.contains(&token), "the token is on a command line");
+    assert!(
+        !ps.contains(&identity),
+        "the identity token is on a command line"
+    );
+    // Not in any file the broker or `lapse run` wrote (the store keeps its jti only).
+    let root = b.dir.parent().unwrap().to_owned();
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    for f in walk(&root) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+            "the access token is in {}",
+            f.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_postgres_grant_is_usable_by_psql_and_gone_after_the_command() {
+    let pg = std::env::var("LAPSE_TEST_PG_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into());
+    let psql = |db: &str, sql: &str| -> Output {
+        Command::new("psql")
+            .arg(format!("{} dbname={db}", pg.replace("dbname=postgres", "")))
+            .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap_or_else(|e| panic!("psql is needed for this test: {e}"))
+    };
+    let sfx = format!("{:08x}", rand::random::<u32>());
+    let db = format!("lapse_run_{sfx}");
+    let prefix = format!("lr{sfx}");
+    let o = psql("postgres", &format!("CREATE DATABASE {db}"));
+    assert!(
+        o.status.success(),
+        "PostgreSQL is needed (LAPSE_TEST_PG_URL): {}",
+        show(&o)
+    );
+    let o = psql(
+        &db,
+        "CREATE SCHEMA orders; CREATE TABLE orders.items (id int); INSERT INTO orders.items VALUES (1), (2);",
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let url_file = std::env::temp_dir().join(format!("lapse-run-{sfx}.url"));
+    std::fs::write(
+        &url_file,
+        format!("{} dbname={db}", pg.replace("dbname=postgres", "")),
+    )
+    .unwrap();
+    let b = Broker::start(&format!(
+        r#"
+[[postgres]]
+audience = "orders-db"
+admin_url = "file:{}"
+role_prefix = "{prefix}"
+scram_iterations = 64
+
+[[postgres.grant]]
+action = "read"
+schema = "orders"
+privileges = ["SELECT"]
+"#,
+        url_file.display()
+    ));
+    let identity = b.dev_identity();
+    // psql reads PGHOST/PGPORT/PGDATABASE/PGUSER/PGPASSWORD from its environment.
+    let o = b
+        .run(READ, &[("LAPSE_IDENTITY_TOKEN", &identity)])
+        .args([
+            "--",
+            "psql",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-Atc",
+            "SELECT current_user || ' ' || count(*) FROM orders.items",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let line = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let (user, n) = line.split_once(' ').unwrap();
+    assert!(user.starts_with(&prefix), "{line}");
+    assert_eq!(n, "2");
+    // Writing is refused: psql's own exit code (1 for a failed statement) passes through.
+    let o = b
+        .run(READ, &[("LAPSE_IDENTITY_TOKEN", &identity)])
+        .args([
+            "--",
+            "psql",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-Atc",
+            "INSERT INTO orders.items VALUES (3)",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permission denied"));
+    // The command is over: its role is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_roles WHERE rolname LIKE '{prefix}\\_gr\\_%'"),
+        );
+        if String::from_utf8_lossy(&o.stdout).trim() == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "roles left: {}", show(&o));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(b);
+    let _ = std::fs::remove_file(&url_file);
+    let _ = psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
+    let _ = psql(
+        "postgres",
+        &format!("DROP ROLE IF EXISTS {prefix}_orders_db_read"),
+    );
+}
+
+#[test]
+fn the_ci_example_policies_pass_their_own_tests() {
+    for (name, _) in ISSUERS {
+        let dir = Path::new(EXAMPLES).join("identity").join(name);
+        let o = Command::new(LAPSE)
+            .args(["policy", "test"])
+            .arg(dir.join("policy-tests.toml"))
+            .arg("--policies")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", show(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(" 0 failed"));
+    }
+}
+
+#[test]
+fn signals_pass_through_to_the_command() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let start = |script: &str| {
+        let mut child = b
+            .run(READ, &[("LAPSE_IDENTITY_TOKEN", &identity)])
+            .args(["--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut grant = String::new();
+        out.read_line(&mut grant).unwrap();
+        (child, grant.trim().to_owned())
+    };
+    let signal = |child: &Child, sig: &str| {
+        let s = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(s.success());
+    };
+    // A signal the command handles: its exit code comes back.
+    let (mut child, grant) =
+        start("trap 'exit 42' USR1; echo \"$LAPSE_GRANT_ID\"; while :; do sleep 0.1; done");
+    signal(&child, "USR1");
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+    assert_eq!(b.audit_data(&grant, "grant.completed")["exit_status"], 42);
+
+    // SIGTERM (a cancelled CI job) ends a command that does not handle it: 128+15,
+    // and the completion records the signal.
+    let (mut child, grant) = start("echo \"$LAPSE_GRANT_ID\"; exec sleep 30");
+    signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    let done = b.audit_data(&grant, "grant.completed");
+    assert_eq!(done["signal"], 15, "{done}");
+}
