@@ -56,6 +56,12 @@ enum Cmd {
         #[arg(long, default_value_t = lapse_providers::scram::DEFAULT_ITERATIONS)]
         scram_iterations: u32,
     },
+    /// Start-up latency `lapse run` adds to a command (needs the release `lapse`
+    /// binary beside this one).
+    Run {
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
     /// fsync latency of the disk the store lives on, for context.
     Fsync {
         #[arg(long, default_value_t = 300)]
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Exchange(a) => load(Kind::Exchange, &a, cli.json),
         Cmd::Introspect(a) => load(Kind::Introspect, &a, cli.json),
         Cmd::Fsync { iterations } => fsync(iterations, cli.json),
+        Cmd::Run { samples } => runcmd::run(samples, cli.json),
         Cmd::Postgres {
             samples,
             requests,
@@ -233,6 +240,7 @@ enum Kind {
 }
 
 mod pg;
+mod runcmd;
 
 struct Server {
     addr: SocketAddr,
