@@ -421,9 +421,14 @@ pub(crate) async fn answer(resp: Result<reqwest::Response, reqwest::Error>) -> R
     if status.is_success() {
         return Ok(body);
     }
+    Err(error_fail(status.as_u16(), &body))
+}
+
+/// An error answer as an exit code and a message.
+pub(crate) fn error_fail(status: u16, body: &Value) -> Fail {
     let code = body["error"].as_str().unwrap_or("error");
     let desc = body["error_description"].as_str().unwrap_or("");
-    let exit = match (status.as_u16(), code) {
+    let exit = match (status, code) {
         (_, "access_denied") => 3,
         (_, "authorization_pending") => 4,
         (503, _) => 7,
@@ -433,7 +438,7 @@ pub(crate) async fn answer(resp: Result<reqwest::Response, reqwest::Error>) -> R
     if let Some(r) = body["request_id"].as_str() {
         msg.push_str(&format!(" (request_id {r})"));
     }
-    Err(fail(exit, msg))
+    fail(exit, msg)
 }
 
 fn load_or_create_dpop(path: Option<&Path>) -> Result<DpopKey, Fail> {

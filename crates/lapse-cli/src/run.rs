@@ -12,10 +12,10 @@
 //! when the command cannot be executed / is not found.
 
 use crate::identity_source::{IdentityArgs, IdentitySource};
-use crate::{Fail, answer, fail};
+use crate::{Fail, error_fail, fail};
 use lapse_core::{Clock, SystemClock, TtlDuration};
 use lapse_token::DpopKey;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -152,21 +152,21 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         form.push(("expires_in", t.secs().to_string()));
     }
     let proof = key.proof("POST", &url, None, SystemClock.now().unix_seconds());
-    let issued = answer(
-        http.post(&url)
-            .header("DPoP", proof)
-            .form(&form)
-            .send()
-            .await,
-    )
-    .await
-    .map_err(|Fail(code, msg)| match code {
-        4 => fail(
-            4,
-            format!("{msg}\nthe request needs approval; ask an approver, then run again"),
-        ),
-        _ => Fail(code, msg),
-    })?;
+    let resp = http
+        .post(&url)
+        .header("DPoP", proof)
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
+    let status = resp.status();
+    let issued: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        if issued["error"] == "authorization_pending" {
+            return Err(fail(4, pending_message(&issued)));
+        }
+        return Err(error_fail(status.as_u16(), &issued));
+    }
     let token = issued["access_token"]
         .as_str()
         .unwrap_or_default()
@@ -218,6 +218,15 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         cmd.env_remove(v);
     }
     cmd.envs(vars);
+    // Signals for the command reach it through us. Without a terminal (CI), the
+    // command gets a process group of its own, so that ending it ends everything
+    // it started (a shell's children too). On a terminal it stays in ours so that
+    // it can read the terminal; SIGINT and SIGQUIT from the terminal then already
+    // reach it, and forwarding them would deliver them twice.
+    let from_terminal = std::io::stdin().is_terminal();
+    if !from_terminal {
+        cmd.process_group(0);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -235,15 +244,13 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
             return Err(fail(code, format!("cannot run `{program}`: {e}")));
         }
     };
-    let pid = child
+    let target = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
-        .map(Pid::from_raw);
-
-    // Signals for the command reach it through us. SIGINT and SIGQUIT from a
-    // terminal already reach the whole foreground process group, the command
-    // included; forwarding them too would deliver them twice.
-    let from_terminal = std::io::stdin().is_terminal();
+        .map(|p| Target {
+            pid: Pid::from_raw(p),
+            group: !from_terminal,
+        });
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
     for (kind, sig) in [
         (SignalKind::terminate(), Signal::SIGTERM),
@@ -280,8 +287,8 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
             }
             Some(sig) = sig_rx.recv() => {
                 let doubled = from_terminal && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
-                if let (Some(pid), false) = (pid, doubled) {
-                    let _ = kill(pid, sig);
+                if let (Some(t), false) = (&target, doubled) {
+                    t.signal(sig);
                 }
             }
             _ = ticker.tick() => {
@@ -297,8 +304,8 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         false,
         &format!("access ended: {ended}; stopping the command"),
     );
-    if let Some(pid) = pid {
-        let _ = kill(pid, Signal::SIGTERM);
+    if let Some(t) = &target {
+        t.signal(Signal::SIGTERM);
     }
     let grace = Duration::from_secs(a.grace.secs());
     let status = match tokio::time::timeout(grace, child.wait()).await {
@@ -311,7 +318,12 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
                     grace.as_secs()
                 ),
             );
-            let _ = child.start_kill();
+            match &target {
+                Some(t) => t.signal(Signal::SIGKILL),
+                None => {
+                    let _ = child.start_kill();
+                }
+            }
             child.wait().await.ok()
         }
     };
@@ -322,6 +334,35 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         EXIT_GRANT_ENDED,
         format!("the grant ended before the command: {ended}"),
     ))
+}
+
+/// Where signals for the command go: its process group when it has its own.
+struct Target {
+    pid: Pid,
+    group: bool,
+}
+
+impl Target {
+    fn signal(&self, sig: Signal) {
+        // The process (or group) may be gone already; that is what we wanted.
+        let _ = if self.group {
+            killpg(self.pid, sig)
+        } else {
+            kill(self.pid, sig)
+        };
+    }
+}
+
+/// Who must approve, from an `authorization_pending` answer.
+fn pending_message(body: &Value) -> String {
+    let n = body["approvals_required"].as_u64().unwrap_or(1);
+    let who = body["approvers"]
+        .as_str()
+        .map_or_else(|| "an approver".to_owned(), |g| format!("the `{g}` group"));
+    format!(
+        "the request needs {n} approval(s) from {who} (request_id {}); `lapse run` does not wait for approvals yet, so nothing was run",
+        body["request_id"].as_str().unwrap_or("?")
+    )
 }
 
 /// Asks whether the grant still holds, renewing it when due. `Some(why)` when it

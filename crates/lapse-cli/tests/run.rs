@@ -311,7 +311,8 @@ fn the_command_gets_a_usable_token_and_its_exit_completes_the_grant() {
 fn revocation_stops_the_command_within_the_grace_period() {
     let b = Broker::start("");
     let identity = b.dev_identity();
-    // A command that ignores SIGTERM: SIGKILL after the 1 s grace must end it.
+    // A command that ignores SIGTERM: SIGKILL after the 1 s grace must end it, and
+    // what it started (a background `sleep`, whose pid the test watches).
     let mut child = b
         .run(
             &[READ, &["--grace", "1s", "--poll", "1s"]].concat(),
@@ -321,7 +322,7 @@ fn revocation_stops_the_command_within_the_grace_period() {
             "--",
             "sh",
             "-c",
-            "trap '' TERM; echo $$; echo \"$LAPSE_GRANT_ID\"; while :; do sleep 0.1; done",
+            "trap '' TERM; sleep 300 >/dev/null 2>&1 & echo $!; echo \"$LAPSE_GRANT_ID\"; while :; do sleep 0.1; done",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -352,12 +353,15 @@ fn revocation_stops_the_command_within_the_grace_period() {
     assert!(err.contains("SIGKILL"), "{err}");
     // poll (1 s) + grace (1 s) + slack for a loaded machine.
     assert!(took < Duration::from_secs(5), "{took:?}");
-    let alive = Command::new("kill")
-        .args(["-0", &pid])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!alive.success(), "the command's process {pid} is gone");
+    // Gone, or a zombie waiting for init to reap it (it runs no more).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let running = state
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(
+        !running,
+        "the command's child {pid} is still running: {state}"
+    );
 }
 
 #[test]
@@ -815,4 +819,54 @@ fn signals_pass_through_to_the_command() {
     assert_eq!(child.wait().unwrap().code(), Some(143));
     let done = b.audit_data(&grant, "grant.completed");
     assert_eq!(done["signal"], 15, "{done}");
+}
+
+#[test]
+fn refused_or_pending_requests_run_nothing() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let marker = b.dir.join("ran");
+    let touch = ["--", "touch", marker.to_str().unwrap()];
+    let args = |scope: &'static str| {
+        [
+            "--audience",
+            "orders-db",
+            "--scope",
+            scope,
+            "--task",
+            "T-x",
+            "--purpose",
+            "refused",
+        ]
+    };
+    // Approval required: says by whom, exits 4, runs nothing.
+    let o = b
+        .run(&args("admin"), &[("LAPSE_IDENTITY_TOKEN", &identity)])
+        .args(touch)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("2 approval(s)") && err.contains("`dba`"),
+        "{err}"
+    );
+    // Denied: exit 3 naming why.
+    let o = b
+        .run(&args("write"), &[("LAPSE_IDENTITY_TOKEN", &identity)])
+        .args(touch)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("access_denied"));
+    assert!(!marker.exists(), "the command must not have run");
+    // A command that does not exist: 127, and its grant is completed, not left open.
+    let o = b
+        .run(&args("read"), &[("LAPSE_IDENTITY_TOKEN", &identity)])
+        .args(["--", "/nonexistent/command"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(127), "{}", show(&o));
+    let active = b.get("/v1/grants?state=active");
+    assert_eq!(active["grants"], json!([]), "{active}");
 }
