@@ -134,6 +134,17 @@ struct RequestArgs {
     /// Mint the identity token from the dev issuer for this workload.
     #[arg(long)]
     dev_workload: Option<String>,
+    #[command(flatten)]
+    access: AccessArgs,
+    /// PEM file of the DPoP key: used if it exists, created (0600) if not. Without it
+    /// a fresh key lives only in memory.
+    #[arg(long)]
+    dpop_key: Option<PathBuf>,
+}
+
+/// What is asked for: the same for `lapse request` and `lapse run`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct AccessArgs {
     #[arg(long)]
     audience: String,
     /// Space-separated actions.
@@ -148,11 +159,39 @@ struct RequestArgs {
     #[arg(long)]
     environment: Option<String>,
     #[arg(long)]
-    ttl: Option<TtlDuration>,
-    /// PEM file of the DPoP key: used if it exists, created (0600) if not. Without it
-    /// a fresh key lives only in memory.
-    #[arg(long)]
-    dpop_key: Option<PathBuf>,
+    pub(crate) ttl: Option<TtlDuration>,
+}
+
+impl AccessArgs {
+    /// The RFC 8693 token-exchange form for `identity`.
+    pub(crate) fn exchange_form(&self, identity: String) -> Vec<(&'static str, String)> {
+        let mut form = vec![
+            ("grant_type", lapse_server::http::TOKEN_EXCHANGE.to_owned()),
+            ("subject_token", identity),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:jwt".to_owned(),
+            ),
+            ("audience", self.audience.clone()),
+            ("scope", self.scope.clone()),
+            ("task", self.task.clone()),
+            ("purpose", self.purpose.clone()),
+        ];
+        if let Some(t) = &self.ticket {
+            form.push(("ticket", t.clone()));
+        }
+        if let Some(e) = &self.environment {
+            form.push(("environment", e.clone()));
+        }
+        if let Some(t) = self.ttl {
+            form.push(("expires_in", t.secs().to_string()));
+        }
+        form
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        format!("`{}` [{}]", self.audience, self.scope)
+    }
 }
 
 #[derive(Subcommand)]
@@ -472,27 +511,7 @@ async fn request(a: RequestArgs, json_out: bool) -> Out {
     };
     let key = load_or_create_dpop(a.dpop_key.as_deref())?;
     let url = format!("{}/oauth/token", a.server.url.trim_end_matches('/'));
-    let mut form = vec![
-        ("grant_type", lapse_server::http::TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", identity),
-        (
-            "subject_token_type",
-            "urn:ietf:params:oauth:token-type:jwt".to_owned(),
-        ),
-        ("audience", a.audience),
-        ("scope", a.scope),
-        ("task", a.task),
-        ("purpose", a.purpose),
-    ];
-    if let Some(t) = a.ticket {
-        form.push(("ticket", t));
-    }
-    if let Some(e) = a.environment {
-        form.push(("environment", e));
-    }
-    if let Some(t) = a.ttl {
-        form.push(("expires_in", t.secs().to_string()));
-    }
+    let form = a.access.exchange_form(identity);
     let proof = key.proof("POST", &url, None, now);
     let v = answer(
         client()

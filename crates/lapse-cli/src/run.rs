@@ -12,7 +12,7 @@
 //! when the command cannot be executed / is not found.
 
 use crate::identity_source::{IdentityArgs, IdentitySource};
-use crate::{Fail, error_fail, fail};
+use crate::{AccessArgs, Fail, error_fail, fail};
 use lapse_core::{Clock, SystemClock, TtlDuration};
 use lapse_token::DpopKey;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -36,21 +36,8 @@ pub struct RunArgs {
     url: String,
     #[command(flatten)]
     identity: IdentityArgs,
-    #[arg(long)]
-    audience: String,
-    /// Space-separated actions.
-    #[arg(long)]
-    scope: String,
-    #[arg(long)]
-    task: String,
-    #[arg(long)]
-    purpose: String,
-    #[arg(long)]
-    ticket: Option<String>,
-    #[arg(long)]
-    environment: Option<String>,
-    #[arg(long)]
-    ttl: Option<TtlDuration>,
+    #[command(flatten)]
+    access: AccessArgs,
     /// Renew the grant before it expires, for as long as the command runs; each
     /// renewal is a fresh policy decision, capped by the grant's maximum lifetime.
     #[arg(long)]
@@ -130,27 +117,7 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
 
     // 1. One grant for this task.
     let url = format!("{base}/oauth/token");
-    let mut form = vec![
-        ("grant_type", lapse_server::http::TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", identity),
-        (
-            "subject_token_type",
-            "urn:ietf:params:oauth:token-type:jwt".to_owned(),
-        ),
-        ("audience", a.audience.clone()),
-        ("scope", a.scope.clone()),
-        ("task", a.task.clone()),
-        ("purpose", a.purpose.clone()),
-    ];
-    if let Some(t) = &a.ticket {
-        form.push(("ticket", t.clone()));
-    }
-    if let Some(e) = &a.environment {
-        form.push(("environment", e.clone()));
-    }
-    if let Some(t) = a.ttl {
-        form.push(("expires_in", t.secs().to_string()));
-    }
+    let form = a.access.exchange_form(identity);
     let proof = key.proof("POST", &url, None, SystemClock.now().unix_seconds());
     let resp = http
         .post(&url)
@@ -182,15 +149,14 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         token,
         key,
         expires_at: Instant::now() + Duration::from_secs(expires_in),
-        ttl_secs: a.ttl.map_or(expires_in, TtlDuration::secs).max(1),
+        ttl_secs: a.access.ttl.map_or(expires_in, TtlDuration::secs).max(1),
     };
     say(
         a.quiet,
         &format!(
-            "grant {} for `{}` [{}], expires in {expires_in}s (identity from {})",
+            "grant {} for {}, expires in {expires_in}s (identity from {})",
             held.id,
-            a.audience,
-            a.scope,
+            a.access.describe(),
             source.name()
         ),
     );

@@ -250,6 +250,18 @@ fn show(o: &Output) -> String {
     )
 }
 
+/// The first `n` lines a running child prints (it keeps running).
+fn first_lines(child: &mut Child, n: usize) -> Vec<String> {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    (0..n)
+        .map(|_| {
+            let mut l = String::new();
+            out.read_line(&mut l).unwrap();
+            l.trim().to_owned()
+        })
+        .collect()
+}
+
 /// `KEY=value` lines a child printed with `env`.
 fn env_of(stdout: &[u8]) -> std::collections::BTreeMap<String, String> {
     String::from_utf8_lossy(stdout)
@@ -285,11 +297,8 @@ fn the_command_gets_a_usable_token_and_its_exit_completes_the_grant() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (mut token, mut grant) = (String::new(), String::new());
-        out.read_line(&mut token).unwrap();
-        out.read_line(&mut grant).unwrap();
-        let (token, grant) = (token.trim().to_owned(), grant.trim().to_owned());
+        let lines = first_lines(&mut child, 2);
+        let (token, grant) = (lines[0].clone(), lines[1].clone());
         // While the command runs, its token is live at the broker.
         let i = b.introspect(&token);
         assert_eq!(i["active"], true, "{i}");
@@ -328,11 +337,8 @@ fn revocation_stops_the_command_within_the_grace_period() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut pid, mut grant) = (String::new(), String::new());
-    out.read_line(&mut pid).unwrap();
-    out.read_line(&mut grant).unwrap();
-    let (pid, grant) = (pid.trim().to_owned(), grant.trim().to_owned());
+    let lines = first_lines(&mut child, 2);
+    let (pid, grant) = (lines[0].clone(), lines[1].clone());
     let t = Instant::now();
     let r = b.post(
         &format!("/v1/grants/{grant}/revoke"),
@@ -415,10 +421,7 @@ fn renewal_keeps_a_long_command_going_and_a_refused_one_stops_it() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_lines(&mut child, 1).remove(0);
     std::fs::write(
         b.dir.join("policies").join("zz-closed.cedar"),
         "@id(\"orders-db-closed\")\nforbid (principal, action, resource == Resource::\"orders-db\");\n",
@@ -434,7 +437,7 @@ fn renewal_keeps_a_long_command_going_and_a_refused_one_stops_it() {
         .unwrap();
     assert_eq!(status.code(), Some(EXIT_GRANT_ENDED), "{err}");
     assert!(err.contains("renewal refused"), "{err}");
-    assert_eq!(b.grant(line.trim())["state"], "revoked");
+    assert_eq!(b.grant(&line)["state"], "revoked");
 }
 
 #[test]
@@ -613,11 +616,8 @@ fn credentials_never_appear_on_a_command_line_or_on_disk() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut token, mut pid) = (String::new(), String::new());
-    out.read_line(&mut token).unwrap();
-    out.read_line(&mut pid).unwrap();
-    let token = token.trim().to_owned();
+    let lines = first_lines(&mut child, 2);
+    let token = lines[0].clone();
     assert!(token.len() > 100);
     let ps = Command::new("ps")
         .args(["-eww", "-o", "args"])
@@ -793,10 +793,8 @@ fn signals_pass_through_to_the_command() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut grant = String::new();
-        out.read_line(&mut grant).unwrap();
-        (child, grant.trim().to_owned())
+        let grant = first_lines(&mut child, 1).remove(0);
+        (child, grant)
     };
     let signal = |child: &Child, sig: &str| {
         let s = Command::new("kill")
