@@ -180,11 +180,9 @@ impl Broker {
         c
     }
 
-    fn get(&self, path: &str) -> Value {
+    fn send(&self, rb: reqwest::RequestBuilder) -> Value {
         self.rt.block_on(async {
-            self.http
-                .get(format!("{}{path}", self.url))
-                .bearer_auth(&self.admin)
+            rb.bearer_auth(&self.admin)
                 .send()
                 .await
                 .unwrap()
@@ -192,36 +190,22 @@ impl Broker {
                 .await
                 .unwrap()
         })
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.send(self.http.get(format!("{}{path}", self.url)))
     }
 
     fn post(&self, path: &str, body: Value) -> Value {
-        self.rt.block_on(async {
-            self.http
-                .post(format!("{}{path}", self.url))
-                .bearer_auth(&self.admin)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
+        self.send(self.http.post(format!("{}{path}", self.url)).json(&body))
     }
 
     fn introspect(&self, token: &str) -> Value {
-        self.rt.block_on(async {
+        self.send(
             self.http
                 .post(format!("{}/oauth/introspect", self.url))
-                .bearer_auth(&self.admin)
-                .form(&[("token", token)])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
+                .form(&[("token", token)]),
+        )
     }
 
     fn grant(&self, id: &str) -> Value {
