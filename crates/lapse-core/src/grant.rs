@@ -80,6 +80,12 @@ pub enum LifecycleError {
     MaximumLifetimeReached { id: GrantId },
     #[error("a credential lifetime of zero seconds cannot be issued")]
     ZeroTtl,
+    #[error("`{by}` has already approved request `{id}`; one approver counts once")]
+    AlreadyApproved { id: GrantId, by: String },
+    #[error("an approval may only narrow request `{id}`: {what}")]
+    Widening { id: GrantId, what: String },
+    #[error("request `{id}` can no longer be approved: its approval window has passed")]
+    ApprovalWindowPassed { id: GrantId },
 }
 
 /// A grant and everything needed to decide its next transition without outside state.
@@ -114,8 +120,23 @@ pub struct Grant {
     /// Credentials providers made for this grant beside its token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<ProviderCredential>,
+    /// The group whose members may approve (`@approvers`); `None`: any approver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<String>,
+    /// Approvals given so far, each by a distinct approver.
+    /// INVARIANT: no two entries have the same `by`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<crate::approval::Approval>,
+    /// Whether the workload has received the credentials of an approved request.
+    /// Directly issued grants hand them out in the answer that creates them.
+    #[serde(default = "yes")]
+    pub delivered: bool,
     /// Optimistic-concurrency version; the store refuses a write whose version moved.
     pub version: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Parameters of a new grant that the lifecycle needs from the decision.
@@ -163,13 +184,21 @@ impl Grant {
             token_jti: Some(jti),
             renewals: 0,
             credentials: Vec::new(),
+            approvers: None,
+            approvals: Vec::new(),
+            delivered: true,
             version: 1,
         })
     }
 
     /// A request that needs approval becomes a pending grant, approvable until
     /// `now + approval_window_secs`.
-    pub fn pending(new: NewGrant, approvals: u32, approval_window_secs: u64) -> Self {
+    pub fn pending(
+        new: NewGrant,
+        approvals: u32,
+        approvers: Option<String>,
+        approval_window_secs: u64,
+    ) -> Self {
         Self {
             id: new.id,
             actions: new.request.actions.clone(),
@@ -189,6 +218,9 @@ impl Grant {
             token_jti: None,
             renewals: 0,
             credentials: Vec::new(),
+            approvers,
+            approvals: Vec::new(),
+            delivered: false,
             version: 1,
         }
     }
@@ -449,16 +481,16 @@ impl Grant {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
     use crate::request::{RequestContext, Task, WorkloadIdentity};
     use std::collections::BTreeMap;
 
-    fn t(s: i64) -> Timestamp {
+    pub(crate) fn t(s: i64) -> Timestamp {
         Timestamp::from_unix_seconds(s)
     }
 
-    fn new_grant(requested: u64, cap: Option<u64>) -> NewGrant {
+    pub(crate) fn new_grant_with(requested: u64, cap: Option<u64>, actions: &[&str]) -> NewGrant {
         NewGrant {
             id: GrantId::generate(),
             request: AccessRequest {
@@ -474,7 +506,7 @@ mod tests {
                     ticket: String::new(),
                 },
                 audience: "orders".into(),
-                actions: vec!["read".into()],
+                actions: actions.iter().map(|a| (*a).to_owned()).collect(),
                 requested_ttl_secs: requested,
                 context: RequestContext {
                     environment: "prod".into(),
@@ -492,6 +524,17 @@ mod tests {
             server_max_ttl_secs: 3600,
             max_lifetime_secs: 1800,
         }
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::{new_grant_with, t};
+    use super::*;
+
+    fn new_grant(requested: u64, cap: Option<u64>) -> NewGrant {
+        new_grant_with(requested, cap, &["read"])
     }
 
     #[test]
@@ -573,7 +616,7 @@ mod tests {
 
     #[test]
     fn pending_grants_activate_within_their_window_only() -> Result<(), LifecycleError> {
-        let p = Grant::pending(new_grant(600, Some(120)), 2, 300);
+        let p = Grant::pending(new_grant(600, Some(120)), 2, None, 300);
         assert_eq!(p.state, GrantState::Pending);
         assert!(p.clone().complete(t(1010), "w", "x").is_err());
         let a = p.clone().activate(t(1100), 3600, 1800, "j".into())?;

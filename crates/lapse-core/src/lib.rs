@@ -4,6 +4,7 @@
 //! injected through [`Clock`], so every rule here (TTL capping, renewal limits,
 //! lifecycle transitions) can be tested exhaustively and deterministically.
 
+pub mod approval;
 pub mod clock;
 pub mod credential;
 pub mod duration;
@@ -12,6 +13,7 @@ pub mod ids;
 pub mod request;
 pub mod ttl;
 
+pub use approval::{Approval, Approved, Narrowing};
 pub use clock::{Clock, FakeClock, SystemClock, Timestamp};
 pub use credential::{CredentialState, ProviderCredential};
 pub use duration::{DurationParseError, TtlDuration};

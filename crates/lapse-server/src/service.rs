@@ -327,6 +327,7 @@ impl Lapse {
                         ..new
                     },
                     approvals,
+                    approvers.clone(),
                     self.cfg.approval_window.secs(),
                 );
                 let pending = event(
