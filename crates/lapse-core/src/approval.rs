@@ -59,8 +59,18 @@ impl Grant {
     ) -> Result<Approved, LifecycleError> {
         match self.state {
             GrantState::Pending => {}
-            s if s.is_ended() => return Err(LifecycleError::Ended { id: self.id, state: s }),
-            s => return Err(LifecycleError::NotPending { id: self.id, state: s }),
+            s if s.is_ended() => {
+                return Err(LifecycleError::Ended {
+                    id: self.id,
+                    state: s,
+                });
+            }
+            s => {
+                return Err(LifecycleError::NotPending {
+                    id: self.id,
+                    state: s,
+                });
+            }
         }
         if now >= self.expires_at {
             return Err(LifecycleError::ApprovalWindowPassed { id: self.id });
@@ -158,9 +168,14 @@ mod tests {
     fn distinct_approvers_complete_the_request() {
         let g = pending(2);
         let g = waiting(g.approve(t(1010), "alice", "", &Narrowing::default(), 3600));
-        let again = g.clone().approve(t(1020), "alice", "", &Narrowing::default(), 3600);
+        let again = g
+            .clone()
+            .approve(t(1020), "alice", "", &Narrowing::default(), 3600);
         assert!(matches!(again, Err(LifecycleError::AlreadyApproved { .. })));
-        match g.approve(t(1030), "bob", "ok", &Narrowing::default(), 3600).unwrap() {
+        match g
+            .approve(t(1030), "bob", "ok", &Narrowing::default(), 3600)
+            .unwrap()
+        {
             Approved::Complete(g) => assert_eq!(g.approvals.len(), 2),
             Approved::Waiting(..) => panic!("two distinct approvals were needed"),
         }
@@ -189,7 +204,11 @@ mod tests {
             actions: Some(vec![]),
             ttl_secs: None,
         };
-        assert!(g.clone().approve(t(1010), "alice", "", &none, 3600).is_err());
+        assert!(
+            g.clone()
+                .approve(t(1010), "alice", "", &none, 3600)
+                .is_err()
+        );
         let narrower = Narrowing {
             actions: Some(vec!["read".into()]),
             ttl_secs: Some(120),
@@ -201,14 +220,19 @@ mod tests {
         assert_eq!(g.actions, vec!["read".to_owned()]);
         assert_eq!(g.effective_ttl_secs(3600), 120);
         let g = g.activate(t(1020), 3600, 3600, "j".into()).unwrap();
-        assert_eq!(g.expires_at, t(1140), "the narrowed lifetime is what is issued");
+        assert_eq!(
+            g.expires_at,
+            t(1140),
+            "the narrowed lifetime is what is issued"
+        );
     }
 
     #[test]
     fn expired_or_decided_requests_take_no_approval() {
         let g = pending(1);
         assert!(matches!(
-            g.clone().approve(t(1300), "alice", "", &Narrowing::default(), 3600),
+            g.clone()
+                .approve(t(1300), "alice", "", &Narrowing::default(), 3600),
             Err(LifecycleError::ApprovalWindowPassed { .. })
         ));
         let denied = g.deny(t(1010), "bob", "no").unwrap();

@@ -525,7 +525,6 @@ pub(crate) mod tests_support {
             max_lifetime_secs: 1800,
         }
     }
-
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ pub struct Config {
     pub audiences: Vec<AudienceEntry>,
     #[serde(default, rename = "operator")]
     pub operators: Vec<OperatorEntry>,
+    #[serde(default, rename = "owner")]
+    pub owners: Vec<OwnerEntry>,
     /// Dynamic PostgreSQL users, one `[[postgres]]` per audience.
     #[serde(default, rename = "postgres")]
     pub postgres: Vec<lapse_providers::postgres::PostgresConfig>,
@@ -100,8 +102,32 @@ pub struct OperatorEntry {
     pub name: String,
     /// Hex SHA-256 of the operator's API token (`lapse operator token` makes one).
     pub token_sha256: String,
-    /// Any of `admin`, `read`, `revoke`, `introspect`.
+    /// Any of `admin`, `read`, `revoke`, `introspect`, `approve`.
     pub roles: Vec<Role>,
+    /// Approver groups (`@approvers("GROUP")` in policy) this operator belongs to.
+    /// The `admin` role does not imply any: who may approve is named explicitly.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// `[[owner]]`: the people responsible for workloads. Separation of duties: an
+/// owner never approves a request of a workload they own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerEntry {
+    /// A workload URI, or a prefix ending in `*` (`spiffe://example.org/ci/*`).
+    pub workload: String,
+    /// Operator names.
+    pub operators: Vec<String>,
+}
+
+impl OwnerEntry {
+    pub fn covers(&self, workload: &str) -> bool {
+        match self.workload.strip_suffix('*') {
+            Some(prefix) => workload.starts_with(prefix),
+            None => workload == self.workload,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -111,6 +137,8 @@ pub enum Role {
     Read,
     Revoke,
     Introspect,
+    /// Approve or deny pending requests (within the operator's groups).
+    Approve,
 }
 
 fn default_ttl() -> TtlDuration {

@@ -16,6 +16,20 @@ pub const DEV_ISSUER: &str = "https://dev-issuer.lapse.local";
 pub const DEV_AUDIENCE: &str = "lapse";
 pub const DEV_ISSUER_KEY: &str = "dev-issuer.pem";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const APPROVER_TOKEN_FILE: &str = "approver.token";
+
+/// The operator token stored at `path`, created (0600) when missing.
+fn operator_token(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        _ => {
+            let raw: [u8; 32] = rand::random();
+            let t = format!("lapse_op_{}", lapse_token::b64::encode(raw));
+            write_private(path, t.as_bytes())?;
+            Ok(t)
+        }
+    }
+}
 
 const EXAMPLES: &[(&str, &str)] = &[
     (
@@ -58,16 +72,9 @@ pub fn prepare(
     let (issuer_key, _) = SigningKey::load_or_generate(&dir.join(DEV_ISSUER_KEY))?;
     let jwks = serde_json::json!({ "keys": [issuer_key.jwk()] });
     std::fs::write(dir.join("dev-issuer.jwks.json"), jwks.to_string()).map_err(err)?;
-    let token_path = dir.join(ADMIN_TOKEN_FILE);
-    let token = match std::fs::read_to_string(&token_path) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
-        _ => {
-            let raw: [u8; 32] = rand::random();
-            let t = format!("lapse_op_{}", lapse_token::b64::encode(raw));
-            write_private(&token_path, t.as_bytes()).map_err(err)?;
-            t
-        }
-    };
+    let token = operator_token(&dir.join(ADMIN_TOKEN_FILE)).map_err(err)?;
+    let approver = operator_token(&dir.join(APPROVER_TOKEN_FILE)).map_err(err)?;
+    let approver_hash = hex::encode(crate::service::hash_secret(&approver));
     let hash = hex::encode(crate::service::hash_secret(&token));
     let toml = format!(
         r#"# Written by `lapse serve --dev`. Serve it again with `lapse serve --config {cfg}`.
@@ -93,10 +100,19 @@ description = "the orders database"
 id = "tickets-api"
 description = "the support ticket API"
 
+# Two approvers of the `dba` group, so requests that need two approvals can be
+# tried in dev: `lapse approvals approve ID` as each (--token, or LAPSE_TOKEN).
 [[operator]]
 name = "dev-admin"
 token_sha256 = "{hash}"
-roles = ["admin"]
+roles = ["admin", "approve"]
+groups = ["dba"]
+
+[[operator]]
+name = "dev-approver"
+token_sha256 = "{approver_hash}"
+roles = ["approve", "read"]
+groups = ["dba"]
 "#,
         cfg = dir.join("lapse.toml").display(),
         db = dir.join("lapse.db").display(),

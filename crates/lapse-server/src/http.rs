@@ -45,6 +45,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/grants/{id}/revoke", post(revoke_grant))
         .route("/v1/grants/{id}/renew", post(renew))
         .route("/v1/grants/{id}/status", get(grant_status))
+        .route("/v1/approvals", get(list_approvals))
+        .route("/v1/approvals/{id}", get(show_approval))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/reports/standing", get(standing_report))
@@ -213,6 +217,15 @@ async fn token(
             )));
         }
         None => return Err(ApiError::InvalidRequest("`grant_type` is required".into())),
+    }
+    // A workload waiting for approval collects the outcome of its request.
+    if let Some(rid) = p("request_id") {
+        let id = rid.parse::<GrantId>().map_err(|_| {
+            ApiError::InvalidRequest(format!("`request_id` `{}` is not a request id", clip(rid)))
+        })?;
+        let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/oauth/token", None)?;
+        let issued = s.collect(id, &proof).await?;
+        return Ok(no_store(token_response(&issued), StatusCode::OK));
     }
     let subject_token = p("subject_token")
         .ok_or_else(|| ApiError::InvalidRequest("`subject_token` is required".into()))?;
@@ -541,6 +554,130 @@ async fn complete(
     }
     let g = s.complete(g, &claims.sub, &clip(&reason), data).await?;
     Ok(no_store(grant_view(&g), StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+struct ApprovalsQuery {
+    limit: Option<usize>,
+}
+
+async fn list_approvals(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ApprovalsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    if op.require(Role::Approve).is_err() {
+        op.require(Role::Read)?;
+    }
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let max_ttl = s.cfg.max_ttl.secs();
+    let pending: Vec<Value> = s
+        .pending_requests(limit)
+        .await?
+        .iter()
+        .map(|g| crate::approvals::request_view(g, max_ttl))
+        .collect();
+    Ok(no_store(json!({ "requests": pending }), StatusCode::OK))
+}
+
+async fn show_approval(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    if op.require(Role::Approve).is_err() {
+        op.require(Role::Read)?;
+    }
+    let id = grant_id(&id)?;
+    let g = s
+        .store
+        .grant(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no request `{id}`")))?;
+    let mut v = crate::approvals::request_view(&g, s.cfg.max_ttl.secs());
+    let audit = s.store.audit_for(id).await?;
+    set_field(&mut v, "audit", json!(audit));
+    let history: Vec<Value> = s
+        .workload_history(&g.request.workload.id, 11)
+        .await?
+        .iter()
+        .filter(|h| h.id != g.id)
+        .take(10)
+        .map(|h| json!({ "id": h.id.to_string(), "state": h.state, "audience": h.request.audience, "actions": h.actions, "task": h.request.task.id, "created_at": h.created_at.millis() }))
+        .collect();
+    set_field(&mut v, "history", json!(history));
+    Ok(no_store(v, StatusCode::OK))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    #[serde(default)]
+    reason: Option<String>,
+    /// Approve only these of the requested actions.
+    #[serde(default)]
+    actions: Option<Vec<String>>,
+    /// Approve a shorter lifetime.
+    #[serde(default)]
+    ttl: Option<TtlDuration>,
+}
+
+fn decision_body(headers: &HeaderMap, b: &[u8]) -> Result<DecisionBody, ApiError> {
+    if b.is_empty() {
+        Ok(DecisionBody::default())
+    } else {
+        json_body(headers, b)
+    }
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    let id = grant_id(&id)?;
+    let b = body(b)?;
+    let d = decision_body(&headers, &b)?;
+    let narrowing = lapse_core::Narrowing {
+        actions: d.actions.map(|a| parse_actions(&a.join(" "))),
+        ttl_secs: d.ttl.map(TtlDuration::secs),
+    };
+    let g = s
+        .approve(&op, id, &clip(d.reason.as_deref().unwrap_or("")), narrowing)
+        .await?;
+    Ok(no_store(
+        crate::approvals::request_view(&g, s.cfg.max_ttl.secs()),
+        StatusCode::OK,
+    ))
+}
+
+async fn deny(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    let id = grant_id(&id)?;
+    let b = body(b)?;
+    let d = decision_body(&headers, &b)?;
+    if d.actions.is_some() || d.ttl.is_some() {
+        return Err(ApiError::InvalidRequest(
+            "a denial takes only a `reason`".into(),
+        ));
+    }
+    let g = s
+        .deny_request(&op, id, &clip(d.reason.as_deref().unwrap_or("")))
+        .await?;
+    Ok(no_store(
+        crate::approvals::request_view(&g, s.cfg.max_ttl.secs()),
+        StatusCode::OK,
+    ))
 }
 
 /// The workload asks whether its own grant still holds (what `lapse run` polls when

@@ -7,6 +7,7 @@
 //! - [`dev`]: `lapse serve --dev`: a data folder with keys, a dev issuer and example
 //!   policies.
 
+pub mod approvals;
 pub mod config;
 pub mod credentials;
 pub mod dev;

@@ -24,9 +24,11 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+#[derive(Debug, Clone)]
 pub struct Operator {
     pub name: String,
     pub roles: Vec<Role>,
+    pub groups: Vec<String>,
 }
 
 impl Operator {
@@ -54,7 +56,7 @@ pub struct Lapse {
     /// Credential providers by audience.
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     audiences: HashSet<String>,
-    operators: HashMap<[u8; 32], (String, Vec<Role>)>,
+    operators: HashMap<[u8; 32], Operator>,
 }
 
 /// A token exchange or native access request, after parsing and before identity.
@@ -112,7 +114,14 @@ impl Lapse {
             .iter()
             .filter_map(|o| {
                 let bytes: [u8; 32] = hex::decode(&o.token_sha256).ok()?.try_into().ok()?;
-                Some((bytes, (o.name.clone(), o.roles.clone())))
+                Some((
+                    bytes,
+                    Operator {
+                        name: o.name.clone(),
+                        roles: o.roles.clone(),
+                        groups: o.groups.clone(),
+                    },
+                ))
             })
             .collect();
         Self {
@@ -144,14 +153,10 @@ impl Lapse {
                     "an operator API token is required (`Authorization: Bearer …`)".into(),
                 )
             })?;
-        let (name, roles) = self
-            .operators
+        self.operators
             .get(&hash_secret(token.trim()))
-            .ok_or_else(|| ApiError::Unauthorized("unknown operator API token".into()))?;
-        Ok(Operator {
-            name: name.clone(),
-            roles: roles.clone(),
-        })
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("unknown operator API token".into()))
     }
 
     pub fn policy(&self) -> Result<Arc<PolicyBundle>, ApiError> {
@@ -404,7 +409,7 @@ impl Lapse {
         }
     }
 
-    fn mint(&self, grant: &Grant, now: Timestamp) -> Result<String, ApiError> {
+    pub(crate) fn mint(&self, grant: &Grant, now: Timestamp) -> Result<String, ApiError> {
         let claims = AccessClaims {
             iss: self.issuer.clone(),
             sub: grant.request.workload.id.clone(),
@@ -736,7 +741,7 @@ impl Lapse {
     }
 }
 
-fn issued_data(grant: &Grant, decision: &Decision, now: Timestamp) -> Value {
+pub(crate) fn issued_data(grant: &Grant, decision: &Decision, now: Timestamp) -> Value {
     json!({
         "jti": grant.token_jti,
         "jkt": grant.jkt,
@@ -751,12 +756,12 @@ fn issued_data(grant: &Grant, decision: &Decision, now: Timestamp) -> Value {
     })
 }
 
-fn new_jti() -> String {
+pub(crate) fn new_jti() -> String {
     let b: [u8; 16] = rand::random();
     lapse_token::b64::encode(b)
 }
 
-fn lifecycle(e: lapse_core::LifecycleError) -> ApiError {
+pub(crate) fn lifecycle(e: lapse_core::LifecycleError) -> ApiError {
     ApiError::Conflict(e.to_string())
 }
 

@@ -1,0 +1,433 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! Human approval over real HTTP: the dev policies ask two people of the `dba`
+//! group to approve `admin` on `orders-db`. Approvers are operator accounts made
+//! here; the waiting workload polls the token endpoint with its `request_id`.
+
+use lapse_core::{Clock, FakeClock, SystemClock};
+use lapse_server::config::{OperatorEntry, OwnerEntry, Role};
+use lapse_server::dev;
+use lapse_token::DpopKey;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+
+struct Server {
+    url: String,
+    dir: std::path::PathBuf,
+    clock: FakeClock,
+    admin: String,
+    http: reqwest::Client,
+    _tmp: tempfile::TempDir,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// Operators: alice and bob approve for `dba`; carol approves but is in no group;
+/// dave is in `dba` but owns the CI workloads; erin only reads.
+const PEOPLE: &[(&str, &[Role], &[&str])] = &[
+    ("alice", &[Role::Approve], &["dba"]),
+    ("bob", &[Role::Approve], &["dba"]),
+    ("carol", &[Role::Approve], &[]),
+    ("dave", &[Role::Approve], &["dba"]),
+    ("erin", &[Role::Read], &["dba"]),
+];
+
+fn token_of(name: &str) -> String {
+    format!("lapse_op_test_{name}")
+}
+
+async fn start() -> Server {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tmp.path().join("data");
+    let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    for (name, roles, groups) in PEOPLE {
+        cfg.operators.push(OperatorEntry {
+            name: (*name).into(),
+            token_sha256: hex::encode(lapse_server::service::hash_secret(&token_of(name))),
+            roles: roles.to_vec(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        });
+    }
+    cfg.owners.push(OwnerEntry {
+        workload: "spiffe://dev.lapse.local/ci/*".into(),
+        operators: vec!["dave".into()],
+    });
+    let clock = FakeClock::at(SystemClock.now());
+    let lapse = lapse_server::build(cfg, Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = lapse_server::serve(lapse, listener, std::future::pending()).await;
+    });
+    Server {
+        url: format!("http://{addr}"),
+        dir: dir.canonicalize().unwrap(),
+        clock,
+        admin,
+        http: lapse_identity::http_client(),
+        _tmp: tmp,
+        _task: task,
+    }
+}
+
+impl Server {
+    fn now(&self) -> i64 {
+        self.clock.now().unix_seconds()
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> (u16, Value) {
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(json!(null)))
+    }
+
+    /// The workload asks for `scope`; answers the request id of a pending request.
+    async fn ask(&self, key: &DpopKey, scope: &str, ttl: &str) -> String {
+        let url = format!("{}/oauth/token", self.url);
+        let identity = dev::dev_token(&self.dir, CI, 3600, &[], self.now()).unwrap();
+        let form = [
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", scope),
+            ("task", "T-dba"),
+            ("purpose", "rebuild an index"),
+            ("expires_in", ttl),
+        ];
+        let proof = key.proof("POST", &url, None, self.now());
+        let (st, v) = self
+            .send(self.http.post(&url).header("DPoP", proof).form(&form))
+            .await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"], "authorization_pending", "{v}");
+        v["request_id"].as_str().unwrap().to_owned()
+    }
+
+    /// The workload polls with its request id.
+    async fn poll(&self, key: &DpopKey, request_id: &str) -> (u16, Value) {
+        let url = format!("{}/oauth/token", self.url);
+        let proof = key.proof("POST", &url, None, self.now());
+        self.send(self.http.post(&url).header("DPoP", proof).form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("request_id", request_id),
+        ]))
+        .await
+    }
+
+    async fn decide(&self, who: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
+        self.send(
+            self.http
+                .post(format!("{}/v1/approvals/{id}/{verb}", self.url))
+                .bearer_auth(token_of(who))
+                .json(&body),
+        )
+        .await
+    }
+
+    async fn audit_kinds(&self, id: &str) -> Vec<(String, String)> {
+        let (st, g) = self
+            .send(
+                self.http
+                    .get(format!("{}/v1/approvals/{id}", self.url))
+                    .bearer_auth(&self.admin),
+            )
+            .await;
+        assert_eq!(st, 200, "{g}");
+        g["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_owned(),
+                    e["actor"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_distinct_approvers_of_the_group_release_the_token_once() {
+    let s = start().await;
+    let key = DpopKey::generate();
+    let id = s.ask(&key, "admin", "3600").await;
+
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{v}"
+    );
+    assert_eq!(v["approvals_required"], 2);
+    assert_eq!(v["approvers"], "dba");
+
+    // The list shows it with what an approver needs to decide.
+    let (st, list) = s
+        .send(
+            s.http
+                .get(format!("{}/v1/approvals", s.url))
+                .bearer_auth(token_of("alice")),
+        )
+        .await;
+    assert_eq!(st, 200, "{list}");
+    let r = list["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(r["workload"], CI);
+    assert_eq!(r["actions"], json!(["admin"]));
+    assert_eq!(
+        r["ttl"], 900,
+        "the policy allows 30m; the dev max_ttl caps it at 15m"
+    );
+    assert_eq!(r["approvers"], "dba");
+    assert_eq!(r["task"]["purpose"], "rebuild an index");
+
+    let (st, v) = s
+        .decide("alice", &id, "approve", json!({ "reason": "change CHG-7" }))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["state"], "pending");
+    // One approver counts once.
+    let (st, v) = s.decide("alice", &id, "approve", json!({})).await;
+    assert_eq!(st, 409, "{v}");
+    // Outside the group: refused and audited.
+    let (st, v) = s.decide("carol", &id, "approve", json!({})).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error_description"].as_str().unwrap().contains("`dba`"),
+        "{v}"
+    );
+    // The owner of the workload: separation of duties.
+    let (st, v) = s.decide("dave", &id, "approve", json!({})).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("separation of duties")
+    );
+    // No approve role.
+    let (st, _) = s.decide("erin", &id, "approve", json!({})).await;
+    assert_eq!(st, 403);
+    // Still waiting for one more.
+    let (_, v) = s.poll(&key, &id).await;
+    assert_eq!(v["error"], "authorization_pending");
+    assert_eq!(v["approvals_required"], 1, "one approval left: {v}");
+
+    // Bob approves a shorter lifetime: the token is released with it.
+    let (st, v) = s
+        .decide("bob", &id, "approve", json!({ "ttl": "10m" }))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["state"], "active");
+    // Another key learns nothing.
+    let (st, v) = s.poll(&DpopKey::generate(), &id).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["expires_in"], 600);
+    assert_eq!(v["scope"], "admin");
+    assert_eq!(v["grant_id"], id.as_str());
+    // Once.
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
+
+    let kinds = s.audit_kinds(&id).await;
+    let has = |k: &str, who: &str| kinds.iter().any(|(a, b)| a == k && b == who);
+    assert!(
+        has("approval.granted", "alice") && has("approval.granted", "bob"),
+        "{kinds:?}"
+    );
+    assert!(
+        has("approval.refused", "carol") && has("approval.refused", "dave"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|(k, _)| k == "grant.issued"));
+    assert!(kinds.iter().any(|(k, _)| k == "grant.delivered"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvers_narrow_but_never_widen() {
+    let s = start().await;
+    let key = DpopKey::generate();
+    // read is allowed alone; with admin the whole request waits for approval.
+    let id = s.ask(&key, "admin read", "600").await;
+    for body in [
+        json!({ "actions": ["admin", "write"] }),
+        json!({ "actions": [] }),
+        json!({ "ttl": "11m" }),
+        json!({ "scope": "admin" }),
+    ] {
+        let (st, v) = s.decide("alice", &id, "approve", body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+    }
+    let (st, v) = s
+        .decide("alice", &id, "approve", json!({ "actions": ["read"] }))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .decide("bob", &id, "approve", json!({ "ttl": "2m" }))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["scope"], "read", "narrowed to read");
+    assert_eq!(v["expires_in"], 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_needs_a_reason_and_reaches_the_workload() {
+    let s = start().await;
+    let key = DpopKey::generate();
+    let id = s.ask(&key, "admin", "600").await;
+    let (st, v) = s.decide("alice", &id, "deny", json!({})).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = s
+        .decide("carol", &id, "deny", json!({ "reason": "no" }))
+        .await;
+    assert_eq!(st, 403, "outside the group cannot deny either: {v}");
+    let (st, v) = s
+        .decide(
+            "alice",
+            &id,
+            "deny",
+            json!({ "reason": "not during the sale" }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["state"], "denied");
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (403, Some("access_denied")),
+        "{v}"
+    );
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not during the sale")
+    );
+    let (st, _) = s.decide("bob", &id, "approve", json!({})).await;
+    assert_eq!(st, 409, "a decided request takes no approval");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_request_expires_and_can_no_longer_be_approved() {
+    let s = start().await;
+    let key = DpopKey::generate();
+    let id = s.ask(&key, "admin", "600").await;
+    let (st, _) = s.decide("alice", &id, "approve", json!({})).await;
+    assert_eq!(st, 200);
+    // The dev approval window is 15 minutes.
+    s.clock.advance_secs(15 * 60 + 1);
+    let (st, v) = s.decide("bob", &id, "approve", json!({})).await;
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("approval window"),
+        "{v}"
+    );
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (403, Some("access_denied")),
+        "{v}"
+    );
+    assert!(
+        v["error_description"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_decisions_get_precise_errors() {
+    let s = start().await;
+    let (st, _) = s
+        .decide(
+            "alice",
+            "gr_00000000000000000000000000000000",
+            "approve",
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let (st, _) = s.decide("alice", "not-an-id", "approve", json!({})).await;
+    assert_eq!(st, 404, "no request has that id");
+    let (st, _) = s
+        .send(
+            s.http
+                .post(format!(
+                    "{}/v1/approvals/gr_00000000000000000000000000000000/approve",
+                    s.url
+                ))
+                .bearer_auth("lapse_op_nobody")
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(st, 401);
+    let (st, v) = s.poll(&DpopKey::generate(), "garbage").await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
+    // An active grant issued directly is not a request to approve.
+    let key = DpopKey::generate();
+    let url = format!("{}/oauth/token", s.url);
+    let identity = dev::dev_token(&s.dir, CI, 600, &[], s.now()).unwrap();
+    let proof = key.proof("POST", &url, None, s.now());
+    let (st, v) = s
+        .send(s.http.post(&url).header("DPoP", proof).form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", "read"),
+            ("task", "T-1"),
+            ("purpose", "p"),
+        ]))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let gid = v["grant_id"].as_str().unwrap();
+    let (st, v) = s.decide("alice", gid, "approve", json!({})).await;
+    assert_eq!(st, 409, "{v}");
+    // And its token cannot be collected again by polling.
+    let (st, v) = s.poll(&key, gid).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{v}"
+    );
+}
