@@ -10,8 +10,10 @@
     reason = "the CLI reads serde_json::Value by key, which yields Null for anything missing and never panics"
 )]
 
+mod approvals;
 mod identity_source;
 mod run;
+mod wait;
 
 use clap::{Parser, Subcommand};
 use lapse_core::{Clock, SystemClock, TtlDuration};
@@ -62,6 +64,11 @@ enum Cmd {
     /// Run a command with one grant's credentials; the grant ends when it exits,
     /// and the command is stopped when the grant ends first.
     Run(Box<run::RunArgs>),
+    /// Decide requests that wait for approval (operators with the `approve` role).
+    Approvals {
+        #[command(subcommand)]
+        cmd: approvals::ApprovalsCmd,
+    },
     /// Inspect and end grants.
     Grants {
         #[command(subcommand)]
@@ -113,13 +120,13 @@ enum DevCmd {
 }
 
 #[derive(clap::Args)]
-struct Server {
+pub(crate) struct Server {
     /// Broker URL.
     #[arg(long, env = "LAPSE_URL", default_value = "http://127.0.0.1:7800")]
-    url: String,
+    pub(crate) url: String,
     /// Operator API token (defaults to the dev folder's admin token when present).
     #[arg(long, env = "LAPSE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +143,10 @@ struct RequestArgs {
     dev_workload: Option<String>,
     #[command(flatten)]
     access: AccessArgs,
+    /// When the request needs approval, wait up to this long for people to decide
+    /// (polling with the same DPoP key), showing who must approve.
+    #[arg(long)]
+    wait: Option<TtlDuration>,
     /// PEM file of the DPoP key: used if it exists, created (0600) if not. Without it
     /// a fresh key lives only in memory.
     #[arg(long)]
@@ -369,6 +380,7 @@ async fn run(cli: Cli) -> Out {
             code => Err(Fail(code, String::new())),
         },
         Cmd::Grants { cmd } => grants(cmd, json_out).await,
+        Cmd::Approvals { cmd } => approvals::run(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
         Cmd::Report {
@@ -439,11 +451,11 @@ async fn serve(
     .map_err(|e| fail(1, format!("server failed: {e}")))
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     lapse_identity::http_client()
 }
 
-fn operator_token(s: &Server) -> Result<String, Fail> {
+pub(crate) fn operator_token(s: &Server) -> Result<String, Fail> {
     if let Some(t) = &s.token {
         return Ok(t.clone());
     }
@@ -513,15 +525,30 @@ async fn request(a: RequestArgs, json_out: bool) -> Out {
     let url = format!("{}/oauth/token", a.server.url.trim_end_matches('/'));
     let form = a.access.exchange_form(identity);
     let proof = key.proof("POST", &url, None, now);
-    let v = answer(
-        client()
-            .post(&url)
-            .header("DPoP", proof)
-            .form(&form)
-            .send()
-            .await,
-    )
-    .await?;
+    let http = client();
+    let resp = http
+        .post(&url)
+        .header("DPoP", proof)
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(json!({}));
+    let v = match (status.is_success(), a.wait) {
+        (true, _) => body,
+        (false, Some(w)) if body["error"] == "authorization_pending" => {
+            wait::wait_for_approval(
+                &http,
+                a.server.url.trim_end_matches('/'),
+                &key,
+                &body,
+                std::time::Duration::from_secs(w.secs()),
+            )
+            .await?
+        }
+        (false, _) => return Err(error_fail(status.as_u16(), &body)),
+    };
     if json_out {
         println!("{v}");
     } else {

@@ -12,6 +12,7 @@
 //! when the command cannot be executed / is not found.
 
 use crate::identity_source::{IdentityArgs, IdentitySource};
+use crate::wait::wait_for_approval;
 use crate::{AccessArgs, Fail, error_fail, fail};
 use lapse_core::{Clock, SystemClock, TtlDuration};
 use lapse_token::DpopKey;
@@ -42,6 +43,10 @@ pub struct RunArgs {
     /// renewal is a fresh policy decision, capped by the grant's maximum lifetime.
     #[arg(long)]
     renew: bool,
+    /// When the request needs approval, wait up to this long for people to decide
+    /// (a live line on a terminal, plain lines otherwise); without it, exit 4.
+    #[arg(long)]
+    wait: Option<TtlDuration>,
     /// How long the command has between SIGTERM and SIGKILL when its grant ends.
     #[arg(long, default_value = "10s")]
     grace: TtlDuration,
@@ -127,13 +132,17 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         .await
         .map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
     let status = resp.status();
-    let issued: Value = resp.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        if issued["error"] == "authorization_pending" {
-            return Err(fail(4, pending_message(&issued)));
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let issued = match (status.is_success(), a.wait) {
+        (true, _) => body,
+        (false, Some(w)) if body["error"] == "authorization_pending" => {
+            wait_for_approval(&http, &base, &key, &body, Duration::from_secs(w.secs())).await?
         }
-        return Err(error_fail(status.as_u16(), &issued));
-    }
+        (false, None) if body["error"] == "authorization_pending" => {
+            return Err(fail(4, pending_message(&body)));
+        }
+        (false, _) => return Err(error_fail(status.as_u16(), &body)),
+    };
     let token = issued["access_token"]
         .as_str()
         .unwrap_or_default()
@@ -326,7 +335,7 @@ fn pending_message(body: &Value) -> String {
         .as_str()
         .map_or_else(|| "an approver".to_owned(), |g| format!("the `{g}` group"));
     format!(
-        "the request needs {n} approval(s) from {who} (request_id {}); `lapse run` does not wait for approvals yet, so nothing was run",
+        "the request needs {n} approval(s) from {who} (request_id {}); nothing was run (give --wait to wait for them)",
         body["request_id"].as_str().unwrap_or("?")
     )
 }

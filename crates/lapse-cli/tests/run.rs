@@ -852,3 +852,112 @@ fn refused_or_pending_requests_run_nothing() {
     let active = b.get("/v1/grants?state=active");
     assert_eq!(active["grants"], json!([]), "{active}");
 }
+
+#[test]
+fn a_command_waits_for_two_approvers_then_runs() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let admin_scope = [
+        "--audience",
+        "orders-db",
+        "--scope",
+        "admin",
+        "--task",
+        "T-admin",
+        "--purpose",
+        "rebuild an index",
+    ];
+    // Nobody decides: the wait runs out with a clear message, nothing runs.
+    let o = b
+        .run(
+            &[&admin_scope[..], &["--wait", "2s"]].concat(),
+            &[("LAPSE_IDENTITY_TOKEN", &identity)],
+        )
+        .args(["--", "sh", "-c", "echo ran"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("waiting for 2 approval(s) from `dba`"),
+        "{err}"
+    );
+    assert!(err.contains("no decision within 2s"), "{err}");
+    assert!(o.stdout.is_empty());
+    let abandoned = err
+        .split("request ")
+        .nth(1)
+        .and_then(|r| r.get(..35))
+        .unwrap()
+        .to_owned();
+
+    // Two approvers decide while it waits: the command runs with the token.
+    let child = b
+        .run(
+            &[&admin_scope[..], &["--wait", "60s"]].concat(),
+            &[("LAPSE_IDENTITY_TOKEN", &identity)],
+        )
+        .args(["--", "sh", "-c", "echo \"granted $LAPSE_GRANT_ID\""])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let approver = std::fs::read_to_string(b.dir.join(lapse_server::dev::APPROVER_TOKEN_FILE))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let lapse = |args: &[&str], token: &str| {
+        Command::new(LAPSE)
+            .args(args)
+            .env("LAPSE_URL", &b.url)
+            .env("LAPSE_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    // The request shows up in `lapse approvals list` (as the approver sees it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let o = lapse(&["approvals", "list", "--json"], &approver);
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let found = v["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["task"]["id"] == "T-admin" && r["id"] != abandoned.as_str())
+            .map(|r| r["id"].as_str().unwrap().to_owned());
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the request never showed: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let o = lapse(&["approvals", "show", &id], &approver);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ci-admin-orders-needs-approval"));
+    let o = lapse(
+        &["approvals", "approve", &id, "--reason", "CHG-9"],
+        &approver,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = lapse(&["approvals", "deny", &id, "--reason", ""], &b.admin);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a denial needs a reason: {}",
+        show(&o)
+    );
+    let o = lapse(&["approvals", "approve", &id, "--ttl", "5m"], &b.admin);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("is active"));
+
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("granted {id}")
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("approved after"));
+    let g = b.grant(&id);
+    assert_eq!(g["state"], "completed", "{g}");
+}
