@@ -956,3 +956,80 @@ async fn verifiers_with_a_lowered_iteration_count_authenticate() {
     }
     target.cleanup().await;
 }
+
+/// A request that waits for people gets its database user when it is collected,
+/// once: the password is never kept to be handed out later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_request_gets_its_database_user_when_collected() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(SystemClock),
+        false,
+    )
+    .await;
+    let key = DpopKey::generate();
+    // `admin` waits for two `dba` approvers; they narrow it to `read`.
+    let (status, v) = s.exchange(&key, "admin read", 300).await;
+    assert_eq!(status, 400, "{v}");
+    let id = v["request_id"].as_str().unwrap().to_owned();
+    assert!(
+        target.roles().await.is_empty(),
+        "nothing exists before approval"
+    );
+    let approver = std::fs::read_to_string(s.dir.join(dev::APPROVER_TOKEN_FILE)).unwrap();
+    for token in [s.admin.clone(), approver.trim().to_owned()] {
+        let r = s
+            .http
+            .post(format!("{}/v1/approvals/{id}/approve", s.url))
+            .bearer_auth(token)
+            .json(&json!({ "actions": ["read"] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    }
+    assert!(
+        target.roles().await.is_empty(),
+        "created only when collected"
+    );
+    let collect = || async {
+        let url = format!("{}/oauth/token", s.url);
+        let proof = key.proof("POST", &url, None, s.lapse.now().unix_seconds());
+        let r = s
+            .http
+            .post(&url)
+            .header("DPoP", proof)
+            .form(&[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("request_id", id.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (st, v) = collect().await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["scope"], "read");
+    let cred = v["credentials"][0].clone();
+    let session = try_login(&login_url(&cred)).await.unwrap();
+    session
+        .query_one("SELECT count(*) FROM orders.items", &[])
+        .await
+        .unwrap();
+    drop(session);
+    let (st, v) = collect().await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v.get("credentials").is_none(),
+        "the password is handed out once"
+    );
+    s.stop().await;
+    target.cleanup().await;
+}
