@@ -78,6 +78,26 @@ pub fn document() -> Value {
               "id": { "type": "string" }, "state": { "type": "string" }, "live": { "type": "boolean" }, "expires_at": { "type": "integer" }, "max_expires_at": { "type": "integer" },
               "expires_in": { "type": "integer" }, "end": { "type": ["object", "null"] } } } } } },
             "400": e("invalid DPoP proof"), "401": e("invalid or expired token"), "403": e("token of another grant"), "404": e("no such grant") } } },
+        "/v1/approvals": { "get": {
+          "summary": "Requests waiting for approval, newest first", "security": op_auth,
+          "parameters": [ { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0, "maximum": 1000 } } ],
+          "responses": { "200": { "description": "pending requests", "content": { "application/json": { "schema": { "type": "object", "properties": { "requests": { "type": "array", "items": { "$ref": "#/components/schemas/PendingRequest" } } } } } } },
+            "400": e("bad query"), "401": e("operator token required"), "403": e("role missing (approve or read)") } } },
+        "/v1/approvals/{id}": { "get": {
+          "summary": "One request with its audit entries and the workload's recent grants", "security": op_auth, "parameters": [gid],
+          "responses": { "200": { "description": "the request", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/PendingRequest" } } } },
+            "401": e("operator token required"), "403": e("role missing"), "404": e("no such request") } } },
+        "/v1/approvals/{id}/approve": { "post": {
+          "summary": "Approve (optionally narrowed: fewer actions, shorter lifetime); the last required approval activates the grant", "security": op_auth, "parameters": [gid],
+          "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ApprovalDecision" } } } },
+          "responses": { "200": { "description": "recorded", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/PendingRequest" } } } },
+            "400": e("widening, or a bad body"), "401": e("operator token required"), "403": e("no approve role, outside the approver group, or the workload's owner (audited)"),
+            "404": e("no such request"), "409": e("already approved by this approver, decided, or past its approval window") } } },
+        "/v1/approvals/{id}/deny": { "post": {
+          "summary": "Deny, with a reason the workload sees", "security": op_auth, "parameters": [gid],
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["reason"], "properties": { "reason": { "type": "string", "minLength": 1 } } } } } },
+          "responses": { "200": { "description": "denied", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/PendingRequest" } } } },
+            "400": e("reason missing"), "401": e("operator token required"), "403": e("not allowed to decide (audited)"), "404": e("no such request"), "409": e("already decided or expired") } } },
         "/v1/audit": { "get": {
           "summary": "Audit entries after a sequence number", "security": op_auth,
           "parameters": [ { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } } ],
@@ -106,13 +126,14 @@ pub fn document() -> Value {
           "Error": { "type": "object", "required": ["error", "error_description"], "properties": {
             "error": { "type": "string" }, "error_description": { "type": "string" }, "policies": { "type": "array", "items": { "type": "string" } },
             "request_id": { "type": "string" }, "approvals_required": { "type": "integer" }, "interval": { "type": "integer" } } },
-          "TokenExchange": { "type": "object", "required": ["grant_type", "subject_token", "subject_token_type", "audience", "scope", "task", "purpose"], "properties": {
+          "TokenExchange": { "type": "object", "required": ["grant_type"], "properties": {
             "grant_type": { "const": "urn:ietf:params:oauth:grant-type:token-exchange" },
             "subject_token": { "type": "string", "description": "identity token (OIDC workload JWT or SPIFFE JWT-SVID)" },
             "subject_token_type": { "enum": ["urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"] },
             "audience": { "type": "string" }, "scope": { "type": "string", "description": "space-separated actions" },
             "task": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" }, "environment": { "type": "string" },
-            "expires_in": { "type": "integer", "minimum": 1 } } },
+            "expires_in": { "type": "integer", "minimum": 1 },
+            "request_id": { "type": "string", "description": "collect the outcome of a request that waited for approval (with a proof from the same DPoP key); the other parameters are then not needed" } } },
           "TokenResponse": { "type": "object", "required": ["access_token", "token_type", "expires_in", "scope", "grant_id"], "properties": {
             "access_token": { "type": "string" }, "issued_token_type": { "type": "string" }, "token_type": { "const": "DPoP" },
             "expires_in": { "type": "integer" }, "scope": { "type": "string" }, "grant_id": { "type": "string" }, "task": { "type": "string" } } },
@@ -122,6 +143,14 @@ pub fn document() -> Value {
             "identity_token": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1 },
             "task": { "type": "object", "additionalProperties": false, "required": ["id", "purpose"], "properties": { "id": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" } } },
             "ttl": { "type": "string", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" } } },
+          "PendingRequest": { "allOf": [ { "$ref": "#/components/schemas/Grant" }, { "type": "object", "properties": {
+            "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] },
+            "approvals": { "type": "array", "items": { "type": "object", "properties": { "by": { "type": "string" }, "at": { "type": "integer" }, "reason": { "type": "string" } } } },
+            "ttl": { "type": "integer", "description": "seconds the grant gets if approved now" }, "context": { "type": "object" },
+            "approvable_until": { "type": "integer" }, "history": { "type": "array", "items": { "type": "object" } } } } ] },
+          "ApprovalDecision": { "type": "object", "additionalProperties": false, "properties": {
+            "reason": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1, "description": "keep only these of the requested actions" },
+            "ttl": { "type": "string", "examples": ["10m"], "description": "a shorter lifetime" } } },
           "Reason": { "type": "object", "additionalProperties": false, "properties": { "reason": { "type": "string" } } },
           "Grant": { "type": "object", "required": ["id", "state", "workload", "audience", "actions"], "properties": {
             "id": { "type": "string" }, "state": { "enum": ["pending", "active", "completed", "expired", "revoked", "denied"] },
