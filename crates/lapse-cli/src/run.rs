@@ -73,6 +73,11 @@ struct Held {
     expires_at: Instant,
     /// Seconds each renewal asks for.
     ttl_secs: u64,
+    /// Seconds the broker granted last time (issue or renewal): renewal is due when
+    /// a third of them is left.
+    granted_secs: u64,
+    /// Whether to renew: `--renew`, until the grant's maximum lifetime is reached.
+    renewing: bool,
 }
 
 impl Held {
@@ -159,6 +164,8 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
         key,
         expires_at: Instant::now() + Duration::from_secs(expires_in),
         ttl_secs: a.access.ttl.map_or(expires_in, TtlDuration::secs).max(1),
+        granted_secs: expires_in,
+        renewing: a.renew,
     };
     say(
         a.quiet,
@@ -267,7 +274,7 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
                 }
             }
             _ = ticker.tick() => {
-                if let Some(why) = check(&http, &mut held, a.renew).await {
+                if let Some(why) = check(&http, &mut held).await {
                     break why;
                 }
             }
@@ -342,12 +349,12 @@ fn pending_message(body: &Value) -> String {
 
 /// Asks whether the grant still holds, renewing it when due. `Some(why)` when it
 /// has ended.
-async fn check(http: &reqwest::Client, held: &mut Held, renew: bool) -> Option<String> {
+async fn check(http: &reqwest::Client, held: &mut Held) -> Option<String> {
     let now = Instant::now();
     let remaining = held.expires_at.saturating_duration_since(now);
-    // Renew once two thirds of the grant's time is used (at least 5 s before the end).
-    let due = remaining <= Duration::from_secs((held.ttl_secs / 3).max(5));
-    if renew && due && remaining > Duration::ZERO {
+    // Renew once two thirds of what was granted is used (at least 5 s before the end).
+    let due = remaining <= Duration::from_secs((held.granted_secs / 3).max(5));
+    if held.renewing && due && remaining > Duration::ZERO {
         let body = json!({ "ttl": format!("{}s", held.ttl_secs) });
         match held
             .call(http, reqwest::Method::POST, "renew", Some(body))
@@ -360,8 +367,18 @@ async fn check(http: &reqwest::Client, held: &mut Held, renew: bool) -> Option<S
                 {
                     held.token = t.to_owned();
                     held.expires_at = Instant::now() + Duration::from_secs(exp);
+                    held.granted_secs = exp;
                     eprintln!("lapse run: renewed; expires in {exp}s");
                 }
+            }
+            // At the maximum lifetime the grant cannot be renewed but still holds:
+            // the command keeps it until its expiry.
+            Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+                held.renewing = false;
+                eprintln!(
+                    "lapse run: the grant cannot be renewed further (maximum lifetime); it ends in {}s",
+                    remaining.as_secs()
+                );
             }
             Ok(r) => {
                 let status = r.status();

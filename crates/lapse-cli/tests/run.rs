@@ -58,6 +58,11 @@ impl Broker {
     /// The dev configuration plus the three example CI issuers and their policies,
     /// and `extra` TOML appended to the config.
     fn start(extra: &str) -> Self {
+        Self::start_edit(|toml| toml + extra)
+    }
+
+    /// Like `start`, with the final config text made by `edit`.
+    fn start_edit(edit: impl FnOnce(String) -> String) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let addr = free_addr();
@@ -99,8 +104,7 @@ impl Broker {
             "action \"migrate\" appliesTo { principal: Workload, resource: Resource, context: RequestContext };\n",
         )
         .unwrap();
-        toml.push_str(extra);
-        std::fs::write(&cfg_path, toml).unwrap();
+        std::fs::write(&cfg_path, edit(toml)).unwrap();
         let child = Command::new(LAPSE)
             .args(["serve", "--config"])
             .arg(&cfg_path)
@@ -960,4 +964,35 @@ fn a_command_waits_for_two_approvers_then_runs() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("approved after"));
     let g = b.grant(&id);
     assert_eq!(g["state"], "completed", "{g}");
+}
+
+#[test]
+fn renewal_stops_at_the_maximum_lifetime_and_the_command_keeps_access_until_then() {
+    let b = Broker::start_edit(|t| t.replace("max_lifetime = \"1h\"", "max_lifetime = \"8s\""));
+    let identity = b.dev_identity();
+    let t = Instant::now();
+    let o = b
+        .run(
+            &[
+                READ,
+                &["--ttl", "6s", "--renew", "--poll", "1s", "--grace", "1s"],
+            ]
+            .concat(),
+            &[("LAPSE_IDENTITY_TOKEN", &identity)],
+        )
+        .args(["--", "sleep", "30"])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(EXIT_GRANT_ENDED), "{}", show(&o));
+    assert!(err.contains("renewed"), "{err}");
+    assert!(err.contains("maximum lifetime"), "{err}");
+    assert!(
+        err.contains("expired"),
+        "ended by expiry, not by the refused renewal: {err}"
+    );
+    // Access lasted the whole 8 s lifetime, not less, and ended soon after.
+    assert!(took >= Duration::from_secs(7), "{took:?}");
+    assert!(took < Duration::from_secs(14), "{took:?}");
 }
