@@ -160,6 +160,17 @@ impl Lapse {
             .await?;
         if next.state == GrantState::Active {
             self.metrics.active_grants.inc();
+            self.notify(
+                "request.approved",
+                json!({
+                    "request_id": id.to_string(),
+                    "workload": next.request.workload.id,
+                    "audience": next.request.audience,
+                    "actions": next.actions,
+                    "approved_by": next.approvals.iter().map(|a| a.by.clone()).collect::<Vec<_>>(),
+                    "expires_at": next.expires_at.millis(),
+                }),
+            );
         }
         Ok(next)
     }
@@ -196,6 +207,16 @@ impl Lapse {
                 )],
             })
             .await?;
+        self.notify(
+            "request.denied",
+            json!({
+                "request_id": id.to_string(),
+                "workload": denied.request.workload.id,
+                "audience": denied.request.audience,
+                "by": op.name,
+                "reason": reason,
+            }),
+        );
         Ok(denied)
     }
 

@@ -61,6 +61,9 @@ pub struct Config {
     pub standing_span: TtlDuration,
     #[serde(default = "default_standing_share")]
     pub standing_share: f64,
+    /// Signed JSON events for requests that wait for people and their decisions.
+    #[serde(default)]
+    pub webhook: Option<crate::notify::WebhookConfig>,
 }
 
 fn default_reconcile_interval() -> TtlDuration {

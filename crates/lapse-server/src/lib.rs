@@ -14,6 +14,7 @@ pub mod dev;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 mod openapi;
 pub mod report;
 pub mod service;
@@ -50,6 +51,8 @@ pub enum StartError {
     Dev(String),
     #[error(transparent)]
     Provider(#[from] lapse_providers::ProviderError),
+    #[error("webhook: {0}")]
+    Webhook(String),
 }
 
 /// Signs audit checkpoints with the server key.
@@ -109,8 +112,13 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
         }
         providers.insert(p.audience.clone(), Arc::new(provider));
     }
+    let webhook = cfg.webhook.clone();
     let mut lapse = Lapse::new(cfg, store, Some(policy), identity, key, clock);
     lapse.providers = providers;
+    if let Some(w) = webhook {
+        lapse.notifier =
+            Some(notify::Notifier::start(&w, lapse.metrics.clone()).map_err(StartError::Webhook)?);
+    }
     let lapse = Arc::new(lapse);
     if let Ok(n) = lapse.store.count_active().await {
         lapse

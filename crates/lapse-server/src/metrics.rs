@@ -32,6 +32,7 @@ pub struct Metrics {
     pub grants_ended: Family<OutcomeLabels, Counter>,
     pub active_grants: Gauge<i64, AtomicI64>,
     pub policy_reload_failures: Counter,
+    pub webhook_events: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -47,6 +48,12 @@ impl Metrics {
         let grants_ended = Family::<OutcomeLabels, Counter>::default();
         let active_grants = Gauge::<i64, AtomicI64>::default();
         let policy_reload_failures = Counter::default();
+        let webhook_events = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_events",
+            "Webhook events: delivered, retried, failed, dropped",
+            webhook_events.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests by route and status",
@@ -81,6 +88,7 @@ impl Metrics {
             grants_ended,
             active_grants,
             policy_reload_failures,
+            webhook_events,
         }
     }
 

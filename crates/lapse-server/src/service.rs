@@ -52,7 +52,9 @@ pub struct Lapse {
     pub key: SigningKey,
     pub replay: ReplayCache,
     pub clock: Arc<dyn Clock>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// The notification webhook, when configured.
+    pub notifier: Option<crate::notify::Notifier>,
     /// Credential providers by audience.
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     audiences: HashSet<String>,
@@ -135,13 +137,21 @@ impl Lapse {
             key,
             replay: ReplayCache::new(1_000_000),
             clock,
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
+            notifier: None,
             providers: HashMap::new(),
         }
     }
 
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Queues a webhook event (when a webhook is configured); never waits.
+    pub fn notify(&self, kind: &str, data: Value) {
+        if let Some(n) = &self.notifier {
+            n.send(kind, self.now().millis(), data);
+        }
     }
 
     /// The operator an `Authorization: Bearer` API token belongs to.
@@ -343,12 +353,24 @@ impl Lapse {
                     json!({ "approvals_required": approvals, "approvers": approvers, "approvable_until": grant.expires_at }),
                 );
                 let request_id = grant.id.to_string();
+                let note = json!({
+                    "request_id": request_id,
+                    "workload": grant.request.workload.id,
+                    "audience": grant.request.audience,
+                    "actions": grant.actions,
+                    "task": grant.request.task,
+                    "approvals_required": approvals,
+                    "approvers": approvers,
+                    "policies": grant.policies,
+                    "approvable_until": grant.expires_at.millis(),
+                });
                 self.store
                     .commit(WriteBatch {
                         grants: vec![GrantWrite::Insert(grant)],
                         events: vec![decided, pending],
                     })
                     .await?;
+                self.notify("request.pending", note);
                 Err(ApiError::AuthorizationPending {
                     request_id,
                     approvals,
