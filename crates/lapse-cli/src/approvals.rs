@@ -195,3 +195,103 @@ pub async fn run(cmd: ApprovalsCmd, json_out: bool) -> Out {
     }
     Ok(())
 }
+
+/// `lapse reviews list|close`: the mandatory reviews of break-glass grants.
+#[derive(clap::Subcommand)]
+pub enum ReviewsCmd {
+    /// Open reviews (or all with --all).
+    List {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Close a review with a verdict: `justified` or `unjustified`.
+    Close {
+        id: String,
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        verdict: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+pub async fn reviews(cmd: ReviewsCmd, json_out: bool) -> Out {
+    let http = client();
+    match cmd {
+        ReviewsCmd::List { server, all } => {
+            let v = answer(
+                http.get(format!(
+                    "{}/v1/reviews?state={}",
+                    server.url.trim_end_matches('/'),
+                    if all { "all" } else { "open" }
+                ))
+                .bearer_auth(operator_token(&server)?)
+                .send()
+                .await,
+            )
+            .await?;
+            if json_out {
+                println!("{v}");
+                return Ok(());
+            }
+            let reviews = v["reviews"].as_array().cloned().unwrap_or_default();
+            if reviews.is_empty() {
+                println!("no break-glass reviews are open");
+            }
+            for r in reviews {
+                println!(
+                    "{}  {}  {} [{}]  {}  opened {}  {}  justification: {}",
+                    r["id"].as_str().unwrap_or(""),
+                    r["workload"].as_str().unwrap_or(""),
+                    r["audience"].as_str().unwrap_or(""),
+                    r["actions"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(" "))
+                        .unwrap_or_default(),
+                    r["state"].as_str().unwrap_or(""),
+                    r["review"]["opened_at"]
+                        .as_i64()
+                        .map(|ms| lapse_core::Timestamp::from_millis(ms).rfc3339())
+                        .unwrap_or_default(),
+                    r["review"]["verdict"].as_str().unwrap_or("open"),
+                    r["review"]["justification"].as_str().unwrap_or(""),
+                );
+            }
+        }
+        ReviewsCmd::Close {
+            id,
+            server,
+            verdict,
+            note,
+        } => {
+            let v = answer(
+                http.post(format!(
+                    "{}/v1/reviews/{id}/close",
+                    server.url.trim_end_matches('/')
+                ))
+                .bearer_auth(operator_token(&server)?)
+                .json(&json!({ "verdict": verdict, "note": note }))
+                .send()
+                .await,
+            )
+            .await?;
+            if json_out {
+                println!("{v}");
+            } else {
+                println!(
+                    "review of {} closed: {}",
+                    v["id"].as_str().unwrap_or(""),
+                    v["review"]["verdict"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}

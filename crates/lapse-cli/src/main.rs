@@ -60,7 +60,7 @@ enum Cmd {
         cmd: DevCmd,
     },
     /// Exchange an identity token for a task-scoped, DPoP-bound access token.
-    Request(RequestArgs),
+    Request(Box<RequestArgs>),
     /// Run a command with one grant's credentials; the grant ends when it exits,
     /// and the command is stopped when the grant ends first.
     Run(Box<run::RunArgs>),
@@ -68,6 +68,11 @@ enum Cmd {
     Approvals {
         #[command(subcommand)]
         cmd: approvals::ApprovalsCmd,
+    },
+    /// The mandatory reviews of break-glass grants.
+    Reviews {
+        #[command(subcommand)]
+        cmd: approvals::ReviewsCmd,
     },
     /// Inspect and end grants.
     Grants {
@@ -171,6 +176,13 @@ pub(crate) struct AccessArgs {
     environment: Option<String>,
     #[arg(long)]
     pub(crate) ttl: Option<TtlDuration>,
+    /// Break glass: decided by `@break_glass` policies only, issued at once with a
+    /// hard short lifetime, announced, and reviewed afterwards. Needs --justification.
+    #[arg(long, requires = "justification")]
+    break_glass: bool,
+    /// Why, in words a reviewer will read (break-glass only).
+    #[arg(long, requires = "break_glass")]
+    justification: Option<String>,
 }
 
 impl AccessArgs {
@@ -196,6 +208,13 @@ impl AccessArgs {
         }
         if let Some(t) = self.ttl {
             form.push(("expires_in", t.secs().to_string()));
+        }
+        if self.break_glass {
+            form.push(("break_glass", "true".to_owned()));
+            form.push((
+                "justification",
+                self.justification.clone().unwrap_or_default(),
+            ));
         }
         form
     }
@@ -373,7 +392,7 @@ async fn run(cli: Cli) -> Out {
             println!("{t}");
             Ok(())
         }
-        Cmd::Request(args) => request(args, json_out).await,
+        Cmd::Request(args) => request(*args, json_out).await,
         // The command's own exit code passes through, without a message of ours.
         Cmd::Run(args) => match run::run(*args).await? {
             0 => Ok(()),
@@ -381,6 +400,7 @@ async fn run(cli: Cli) -> Out {
         },
         Cmd::Grants { cmd } => grants(cmd, json_out).await,
         Cmd::Approvals { cmd } => approvals::run(cmd, json_out).await,
+        Cmd::Reviews { cmd } => approvals::reviews(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
         Cmd::Report {

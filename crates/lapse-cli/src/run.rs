@@ -115,6 +115,30 @@ fn say(quiet: bool, msg: &str) {
 
 /// Runs the command; returns the exit code `lapse run` must exit with.
 pub async fn run(a: RunArgs) -> Result<u8, Fail> {
+    // Our handlers go in first: a signal that arrives while the grant is being
+    // obtained or the command started is held and passed on, never lost or fatal.
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
+    for (kind, sig) in [
+        (SignalKind::terminate(), Signal::SIGTERM),
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::interrupt(), Signal::SIGINT),
+        (SignalKind::quit(), Signal::SIGQUIT),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+    ] {
+        let Ok(mut stream) = signal(kind) else {
+            continue;
+        };
+        let tx = sig_tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
     let env = |k: &str| std::env::var(k).ok();
     let source = IdentitySource::detect(&a.identity, &env)?;
     let http = lapse_identity::http_client();
@@ -233,28 +257,6 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
             pid: Pid::from_raw(p),
             group: !from_terminal,
         });
-    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
-    for (kind, sig) in [
-        (SignalKind::terminate(), Signal::SIGTERM),
-        (SignalKind::hangup(), Signal::SIGHUP),
-        (SignalKind::interrupt(), Signal::SIGINT),
-        (SignalKind::quit(), Signal::SIGQUIT),
-        (SignalKind::user_defined1(), Signal::SIGUSR1),
-        (SignalKind::user_defined2(), Signal::SIGUSR2),
-    ] {
-        let Ok(mut stream) = signal(kind) else {
-            continue;
-        };
-        let tx = sig_tx.clone();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if tx.send(sig).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
     // 3. Watch both: the command ending, and the grant ending.
     let poll = Duration::from_secs(a.poll.secs().max(1));
     let mut ticker = tokio::time::interval(poll);

@@ -86,6 +86,10 @@ pub enum LifecycleError {
     Widening { id: GrantId, what: String },
     #[error("request `{id}` can no longer be approved: its approval window has passed")]
     ApprovalWindowPassed { id: GrantId },
+    #[error("grant `{id}` has no break-glass review")]
+    NoReview { id: GrantId },
+    #[error("the review of grant `{id}` is already closed")]
+    ReviewClosed { id: GrantId },
 }
 
 /// A grant and everything needed to decide its next transition without outside state.
@@ -131,6 +135,9 @@ pub struct Grant {
     /// Directly issued grants hand them out in the answer that creates them.
     #[serde(default = "yes")]
     pub delivered: bool,
+    /// A break-glass grant's mandatory review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<crate::review::Review>,
     /// Optimistic-concurrency version; the store refuses a write whose version moved.
     pub version: u64,
 }
@@ -187,6 +194,7 @@ impl Grant {
             approvers: None,
             approvals: Vec::new(),
             delivered: true,
+            review: None,
             version: 1,
         })
     }
@@ -221,6 +229,7 @@ impl Grant {
             approvers,
             approvals: Vec::new(),
             delivered: false,
+            review: None,
             version: 1,
         }
     }

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod grant;
 pub mod ids;
 pub mod request;
+pub mod review;
 pub mod ttl;
 
 pub use approval::{Approval, Approved, Narrowing};
@@ -22,3 +23,4 @@ pub use ids::{GrantId, IdParseError};
 pub use request::{
     AccessRequest, Decision, DecisionOutcome, RequestContext, Task, WorkloadIdentity,
 };
+pub use review::{Review, Verdict};

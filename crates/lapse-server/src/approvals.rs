@@ -71,18 +71,17 @@ impl Lapse {
             None
         };
         let Some(why) = why else { return Ok(()) };
-        self.store
-            .commit(WriteBatch {
-                grants: vec![],
-                events: vec![event(
-                    self.now(),
-                    "approval.refused",
-                    Some(&grant.id),
-                    &op.name,
-                    json!({ "reason": why }),
-                )],
-            })
-            .await?;
+        self.commit(WriteBatch {
+            grants: vec![],
+            events: vec![event(
+                self.now(),
+                "approval.refused",
+                Some(&grant.id),
+                &op.name,
+                json!({ "reason": why }),
+            )],
+        })
+        .await?;
         Err(ApiError::Forbidden(why))
     }
 
@@ -149,15 +148,14 @@ impl Lapse {
                 )
             }
         };
-        self.store
-            .commit(WriteBatch {
-                grants: vec![GrantWrite::Update {
-                    grant: next.clone(),
-                    expected_version: grant.version,
-                }],
-                events,
-            })
-            .await?;
+        self.commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: next.clone(),
+                expected_version: grant.version,
+            }],
+            events,
+        })
+        .await?;
         if next.state == GrantState::Active {
             self.metrics.active_grants.inc();
             self.notify(
@@ -192,21 +190,20 @@ impl Lapse {
             .clone()
             .deny(now, &op.name, reason)
             .map_err(approval_error)?;
-        self.store
-            .commit(WriteBatch {
-                grants: vec![GrantWrite::Update {
-                    grant: denied.clone(),
-                    expected_version: grant.version,
-                }],
-                events: vec![event(
-                    now,
-                    "grant.denied",
-                    Some(&id),
-                    &op.name,
-                    json!({ "reason": reason }),
-                )],
-            })
-            .await?;
+        self.commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: denied.clone(),
+                expected_version: grant.version,
+            }],
+            events: vec![event(
+                now,
+                "grant.denied",
+                Some(&id),
+                &op.name,
+                json!({ "reason": reason }),
+            )],
+        })
+        .await?;
         self.notify(
             "request.denied",
             json!({
@@ -271,21 +268,20 @@ impl Lapse {
         let actor = grant.request.workload.id.clone();
         // Recorded before anything is handed out; a concurrent second poll loses on
         // the version and gets nothing.
-        self.store
-            .commit(WriteBatch {
-                grants: vec![GrantWrite::Update {
-                    grant: delivered.clone(),
-                    expected_version: grant.version,
-                }],
-                events: vec![event(
-                    now,
-                    "grant.delivered",
-                    Some(&grant.id),
-                    &actor,
-                    json!({ "jti": delivered.token_jti }),
-                )],
-            })
-            .await?;
+        self.commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: delivered.clone(),
+                expected_version: grant.version,
+            }],
+            events: vec![event(
+                now,
+                "grant.delivered",
+                Some(&grant.id),
+                &actor,
+                json!({ "jti": delivered.token_jti }),
+            )],
+        })
+        .await?;
         let token = self.mint(&delivered, now)?;
         let provider = self.provider(&delivered.request.audience).cloned();
         let (delivered, credentials) = match provider {
@@ -306,6 +302,59 @@ impl Lapse {
             access_token: token,
             credentials,
         })
+    }
+}
+
+impl Lapse {
+    /// Break-glass grants (their reviews), newest first, among the newest 10,000
+    /// grants; `open_only` keeps the ones nobody has closed.
+    pub async fn reviews(&self, open_only: bool) -> Result<Vec<Grant>, ApiError> {
+        Ok(self
+            .store
+            .grants(GrantFilter {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await?
+            .into_iter()
+            .filter(|g| g.review.as_ref().is_some_and(|r| !open_only || r.is_open()))
+            .collect())
+    }
+
+    /// `op` closes the review of break-glass grant `id` with a verdict.
+    pub async fn close_review(
+        &self,
+        op: &Operator,
+        id: GrantId,
+        verdict: lapse_core::Verdict,
+        note: &str,
+    ) -> Result<Grant, ApiError> {
+        let grant = self.pending_grant(id).await?;
+        self.may_decide(op, &grant).await?;
+        let now = self.now();
+        let closed = grant
+            .clone()
+            .close_review(now, &op.name, verdict, note)
+            .map_err(lifecycle)?;
+        self.commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: closed.clone(),
+                expected_version: grant.version,
+            }],
+            events: vec![event(
+                now,
+                "review.closed",
+                Some(&id),
+                &op.name,
+                json!({ "verdict": verdict, "note": note }),
+            )],
+        })
+        .await?;
+        self.notify(
+            "break_glass.reviewed",
+            json!({ "grant_id": id.to_string(), "by": op.name, "verdict": verdict, "note": note }),
+        );
+        Ok(closed)
     }
 }
 

@@ -26,6 +26,9 @@ pub struct Config {
     /// Ceiling on a grant's lifetime across renewals.
     #[serde(default = "default_max_lifetime")]
     pub max_lifetime: TtlDuration,
+    /// Hard ceiling on a break-glass grant's lifetime, whatever its policy allows.
+    #[serde(default = "default_break_glass_max_ttl")]
+    pub break_glass_max_ttl: TtlDuration,
     /// How long a request that needs approval stays approvable.
     #[serde(default = "default_approval_window")]
     pub approval_window: TtlDuration,
@@ -66,6 +69,9 @@ pub struct Config {
     pub webhook: Option<crate::notify::WebhookConfig>,
 }
 
+fn default_break_glass_max_ttl() -> TtlDuration {
+    TtlDuration::from_secs(15 * 60)
+}
 fn default_reconcile_interval() -> TtlDuration {
     TtlDuration::from_secs(30)
 }

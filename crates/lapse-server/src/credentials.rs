@@ -64,9 +64,7 @@ impl Lapse {
         };
         let created = grant.clone().credential_created(&cred.name, now);
         let actor = grant.request.workload.id.clone();
-        let commit = self
-            .store
-            .commit(WriteBatch {
+        let commit = self.commit(WriteBatch {
                 grants: vec![GrantWrite::Update {
                     grant: created.clone(),
                     expected_version: grant.version,
@@ -149,7 +147,6 @@ impl Lapse {
                 },
             };
             match self
-                .store
                 .commit(WriteBatch {
                     grants: vec![GrantWrite::Update {
                         grant: next.clone(),
@@ -236,18 +233,17 @@ impl Lapse {
                 } else {
                     "credential.orphan_remove_failed"
                 };
-                self.store
-                    .commit(WriteBatch {
-                        grants: vec![],
-                        events: vec![event(
-                            now,
-                            kind,
-                            ex.grant.as_ref(),
-                            "lapse-reconciler",
-                            data,
-                        )],
-                    })
-                    .await?;
+                self.commit(WriteBatch {
+                    grants: vec![],
+                    events: vec![event(
+                        now,
+                        kind,
+                        ex.grant.as_ref(),
+                        "lapse-reconciler",
+                        data,
+                    )],
+                })
+                .await?;
                 actions += 1;
             }
             for g in active {

@@ -49,6 +49,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/approvals/{id}", get(show_approval))
         .route("/v1/approvals/{id}/approve", post(approve))
         .route("/v1/approvals/{id}/deny", post(deny))
+        .route("/v1/reviews", get(list_reviews))
+        .route("/v1/reviews/{id}/close", post(close_review))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/reports/standing", get(standing_report))
@@ -261,7 +263,17 @@ async fn token(
         },
         ttl_secs,
         environment: p("environment").unwrap_or("").to_owned(),
-        break_glass: false,
+        break_glass: match p("break_glass") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "`break_glass` must be `true` or `false`, not `{}`",
+                    clip(other)
+                )));
+            }
+        },
+        justification: p("justification").unwrap_or("").to_owned(),
         source: peer.ip(),
     };
     let issued = s.exchange(input, &proof).await?;
@@ -354,6 +366,8 @@ struct AccessRequestBody {
     environment: String,
     #[serde(default)]
     break_glass: bool,
+    #[serde(default)]
+    justification: String,
 }
 
 #[derive(Deserialize)]
@@ -373,11 +387,6 @@ async fn access_request(
 ) -> Result<Response, ApiError> {
     let b = body(b)?;
     let r: AccessRequestBody = json_body(&headers, &b)?;
-    if r.break_glass {
-        return Err(ApiError::InvalidRequest(
-            "break-glass requests are not enabled on this server".into(),
-        ));
-    }
     let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/v1/access-requests", None)?;
     let mut actions = r.actions;
     actions.sort();
@@ -393,7 +402,8 @@ async fn access_request(
         },
         ttl_secs: r.ttl.map(TtlDuration::secs),
         environment: r.environment,
-        break_glass: false,
+        break_glass: r.break_glass,
+        justification: r.justification,
         source: peer.ip(),
     };
     match s.exchange(input, &proof).await {
@@ -678,6 +688,75 @@ async fn deny(
         crate::approvals::request_view(&g, s.cfg.max_ttl.secs()),
         StatusCode::OK,
     ))
+}
+
+#[derive(Deserialize)]
+struct ReviewsQuery {
+    /// `open` (default) or `all`.
+    state: Option<String>,
+}
+
+fn review_view(g: &lapse_core::Grant) -> Value {
+    let mut v = grant_view(g);
+    set_field(&mut v, "review", json!(g.review));
+    v
+}
+
+async fn list_reviews(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ReviewsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    if op.require(Role::Approve).is_err() {
+        op.require(Role::Read)?;
+    }
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let open_only = match q.state.as_deref() {
+        None | Some("open") => true,
+        Some("all") => false,
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "`state` must be `open` or `all`, not `{}`",
+                clip(other)
+            )));
+        }
+    };
+    let reviews: Vec<Value> = s
+        .reviews(open_only)
+        .await?
+        .iter()
+        .map(review_view)
+        .collect();
+    Ok(no_store(json!({ "reviews": reviews }), StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseReviewBody {
+    verdict: String,
+    #[serde(default)]
+    note: String,
+}
+
+async fn close_review(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    let id = grant_id(&id)?;
+    let b = body(b)?;
+    let r: CloseReviewBody = json_body(&headers, &b)?;
+    let verdict = lapse_core::Verdict::parse(&r.verdict).ok_or_else(|| {
+        ApiError::InvalidRequest(format!(
+            "`verdict` must be `justified` or `unjustified`, not `{}`",
+            clip(&r.verdict)
+        ))
+    })?;
+    let g = s.close_review(&op, id, verdict, &clip(&r.note)).await?;
+    Ok(no_store(review_view(&g), StatusCode::OK))
 }
 
 /// The workload asks whether its own grant still holds (what `lapse run` polls when

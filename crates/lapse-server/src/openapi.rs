@@ -98,6 +98,17 @@ pub fn document() -> Value {
           "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["reason"], "properties": { "reason": { "type": "string", "minLength": 1 } } } } } },
           "responses": { "200": { "description": "denied", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/PendingRequest" } } } },
             "400": e("reason missing"), "401": e("operator token required"), "403": e("not allowed to decide (audited)"), "404": e("no such request"), "409": e("already decided or expired") } } },
+        "/v1/reviews": { "get": {
+          "summary": "Break-glass grants and their mandatory reviews (open ones by default)", "security": op_auth,
+          "parameters": [ { "name": "state", "in": "query", "schema": { "enum": ["open", "all"] } } ],
+          "responses": { "200": { "description": "reviews", "content": { "application/json": { "schema": { "type": "object", "properties": { "reviews": { "type": "array", "items": { "$ref": "#/components/schemas/Grant" } } } } } } },
+            "400": e("bad state"), "401": e("operator token required"), "403": e("role missing") } } },
+        "/v1/reviews/{id}/close": { "post": {
+          "summary": "Close a break-glass review with a verdict", "security": op_auth, "parameters": [gid],
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["verdict"], "properties": {
+            "verdict": { "enum": ["justified", "unjustified"] }, "note": { "type": "string" } } } } } },
+          "responses": { "200": { "description": "closed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } },
+            "400": e("bad verdict"), "401": e("operator token required"), "403": e("no approve role, or the workload's owner (audited)"), "404": e("no such grant"), "409": e("no review, or already closed") } } },
         "/v1/audit": { "get": {
           "summary": "Audit entries after a sequence number", "security": op_auth,
           "parameters": [ { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } } ],
@@ -133,6 +144,8 @@ pub fn document() -> Value {
             "audience": { "type": "string" }, "scope": { "type": "string", "description": "space-separated actions" },
             "task": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" }, "environment": { "type": "string" },
             "expires_in": { "type": "integer", "minimum": 1 },
+            "break_glass": { "enum": ["true", "false"], "description": "decided by @break_glass policies only; issued at once with a hard short lifetime and a mandatory review" },
+            "justification": { "type": "string", "minLength": 10, "description": "required with break_glass" },
             "request_id": { "type": "string", "description": "collect the outcome of a request that waited for approval (with a proof from the same DPoP key); the other parameters are then not needed" } } },
           "TokenResponse": { "type": "object", "required": ["access_token", "token_type", "expires_in", "scope", "grant_id"], "properties": {
             "access_token": { "type": "string" }, "issued_token_type": { "type": "string" }, "token_type": { "const": "DPoP" },
@@ -142,7 +155,7 @@ pub fn document() -> Value {
           "AccessRequest": { "type": "object", "additionalProperties": false, "required": ["identity_token", "audience", "actions", "task"], "properties": {
             "identity_token": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1 },
             "task": { "type": "object", "additionalProperties": false, "required": ["id", "purpose"], "properties": { "id": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" } } },
-            "ttl": { "type": "string", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" } } },
+            "ttl": { "type": "string", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" }, "justification": { "type": "string" } } },
           "PendingRequest": { "allOf": [ { "$ref": "#/components/schemas/Grant" }, { "type": "object", "properties": {
             "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] },
             "approvals": { "type": "array", "items": { "type": "object", "properties": { "by": { "type": "string" }, "at": { "type": "integer" }, "reason": { "type": "string" } } } },
@@ -163,7 +176,7 @@ pub fn document() -> Value {
             "generated_at": { "type": "integer" }, "window": { "type": "object", "properties": { "from": { "type": "integer" }, "to": { "type": "integer" } } },
             "ok": { "type": "boolean" },
             "findings": { "type": "array", "items": { "type": "object", "required": ["kind", "detail"], "properties": {
-              "kind": { "enum": ["audit_chain_broken", "active_past_expiry", "renewed_beyond_span", "credential_not_yet_destroyed", "near_continuous_access", "orphan_credential", "target_unreachable", "issue_without_end", "credential_without_destroy"] },
+              "kind": { "enum": ["break_glass_review_open", "audit_chain_broken", "active_past_expiry", "renewed_beyond_span", "credential_not_yet_destroyed", "near_continuous_access", "orphan_credential", "target_unreachable", "issue_without_end", "credential_without_destroy"] },
               "grant_id": { "type": "string" }, "workload": { "type": "string" }, "target": { "type": "string" }, "credential": { "type": "string" }, "detail": { "type": "string" } } } },
             "proof": { "type": "object", "properties": { "audit_chain_verified": { "type": "boolean" }, "audit_entries": { "type": "integer" }, "issued_in_window": { "type": "integer" },
               "ended": { "type": "integer" }, "still_active_within_lifetime": { "type": "integer" }, "unended": { "type": "integer" } } },

@@ -134,6 +134,21 @@ impl Lapse {
                     )
                 });
             }
+            if let Some(r) = g.review.as_ref().filter(|r| r.is_open()) {
+                findings.push(Finding {
+                    grant_id: Some(g.id.to_string()),
+                    workload: Some(g.request.workload.id.clone()),
+                    ..Finding::new(
+                        "break_glass_review_open",
+                        format!(
+                            "break-glass {} since {}, not yet reviewed; justification: {}",
+                            g.state,
+                            r.opened_at.rfc3339(),
+                            r.justification
+                        ),
+                    )
+                });
+            }
             for c in g
                 .credentials
                 .iter()

@@ -70,6 +70,8 @@ pub struct ExchangeInput {
     pub ttl_secs: Option<u64>,
     pub environment: String,
     pub break_glass: bool,
+    /// Why the requester breaks glass (required with `break_glass`).
+    pub justification: String,
     pub source: IpAddr,
 }
 
@@ -145,6 +147,32 @@ impl Lapse {
 
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Commits through the store, marking every audit entry of a break-glass grant
+    /// as such (`"break_glass": true` in its data).
+    pub(crate) async fn commit(
+        &self,
+        mut batch: WriteBatch,
+    ) -> Result<(), lapse_store::StoreError> {
+        let marked: std::collections::HashSet<String> = batch
+            .grants
+            .iter()
+            .filter_map(|w| match w {
+                GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. }
+                    if g.request.context.break_glass =>
+                {
+                    Some(g.id.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        for e in &mut batch.events {
+            if e.grant_id.as_ref().is_some_and(|id| marked.contains(id)) {
+                crate::set_field(&mut e.data, "break_glass", json!(true));
+            }
+        }
+        self.store.commit(batch).await
     }
 
     /// Queues a webhook event (when a webhook is configured); never waits.
@@ -272,6 +300,18 @@ impl Lapse {
         if input.task.purpose.trim().is_empty() {
             return Err(ApiError::InvalidRequest("`purpose` is required".into()));
         }
+        let justification = input.justification.trim().to_owned();
+        if input.break_glass && justification.chars().count() < 10 {
+            return Err(ApiError::InvalidRequest(
+                "a break-glass request needs a written `justification` (at least 10 characters)"
+                    .into(),
+            ));
+        }
+        if !input.break_glass && !justification.is_empty() {
+            return Err(ApiError::InvalidRequest(
+                "`justification` goes with `break_glass` only".into(),
+            ));
+        }
         let requested = input.ttl_secs.unwrap_or(self.cfg.default_ttl.secs());
         if requested == 0 {
             return Err(ApiError::InvalidRequest(
@@ -320,12 +360,11 @@ impl Lapse {
         match decision.outcome.clone() {
             DecisionOutcome::Deny { reasons } => {
                 // A denial is recorded like everything else, but no grant row exists.
-                self.store
-                    .commit(WriteBatch {
-                        grants: vec![],
-                        events: vec![decided],
-                    })
-                    .await?;
+                self.commit(WriteBatch {
+                    grants: vec![],
+                    events: vec![decided],
+                })
+                .await?;
                 Err(ApiError::AccessDenied {
                     description: reasons.join("; "),
                     policies: decision.policies,
@@ -364,12 +403,11 @@ impl Lapse {
                     "policies": grant.policies,
                     "approvable_until": grant.expires_at.millis(),
                 });
-                self.store
-                    .commit(WriteBatch {
-                        grants: vec![GrantWrite::Insert(grant)],
-                        events: vec![decided, pending],
-                    })
-                    .await?;
+                self.commit(WriteBatch {
+                    grants: vec![GrantWrite::Insert(grant)],
+                    events: vec![decided, pending],
+                })
+                .await?;
                 self.notify("request.pending", note);
                 Err(ApiError::AuthorizationPending {
                     request_id,
@@ -379,7 +417,15 @@ impl Lapse {
             }
             DecisionOutcome::Allow { ttl_cap_secs } => {
                 let jti = new_jti();
-                let grant = Grant::issue(
+                let break_glass = new.request.context.break_glass;
+                // Break-glass access is short whatever the policy says.
+                let ttl_cap_secs = if break_glass {
+                    let hard = self.cfg.break_glass_max_ttl.secs();
+                    Some(ttl_cap_secs.map_or(hard, |c| c.min(hard)))
+                } else {
+                    ttl_cap_secs
+                };
+                let mut grant = Grant::issue(
                     NewGrant {
                         ttl_cap_secs,
                         ..new
@@ -387,6 +433,9 @@ impl Lapse {
                     jti,
                 )
                 .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                if break_glass {
+                    grant.review = Some(lapse_core::Review::open(&justification, now));
+                }
                 let provider = self.provider(&grant.request.audience).cloned();
                 let grant = match &provider {
                     Some(p) => {
@@ -406,14 +455,31 @@ impl Lapse {
                         json!({ "provider": c.provider, "target": c.target, "name": c.name, "state": "intended", "valid_until": c.valid_until }),
                     );
                 }
+                if break_glass {
+                    crate::set_field(&mut data, "justification", json!(justification));
+                }
                 let issued = event(now, "grant.issued", Some(&grant.id), &actor, data);
-                self.store
-                    .commit(WriteBatch {
-                        grants: vec![GrantWrite::Insert(grant.clone())],
-                        events: vec![decided, issued],
-                    })
-                    .await?;
+                self.commit(WriteBatch {
+                    grants: vec![GrantWrite::Insert(grant.clone())],
+                    events: vec![decided, issued],
+                })
+                .await?;
                 self.metrics.active_grants.inc();
+                if break_glass {
+                    self.notify(
+                        "break_glass.used",
+                        json!({
+                            "grant_id": grant.id.to_string(),
+                            "workload": grant.request.workload.id,
+                            "audience": grant.request.audience,
+                            "actions": grant.actions,
+                            "task": grant.request.task,
+                            "justification": justification,
+                            "policies": grant.policies,
+                            "expires_at": grant.expires_at.millis(),
+                        }),
+                    );
+                }
                 let (grant, credentials) = match &provider {
                     Some(p) => {
                         let (g, h) = self.provision(grant, p).await?;
@@ -548,15 +614,14 @@ impl Lapse {
     ) -> Result<Grant, ApiError> {
         let now = self.now();
         let was_active = grant.state == GrantState::Active;
-        self.store
-            .commit(WriteBatch {
-                events: vec![event(now, kind, Some(&ended.id), actor, data)],
-                grants: vec![GrantWrite::Update {
-                    expected_version: grant.version,
-                    grant: ended.clone(),
-                }],
-            })
-            .await?;
+        self.commit(WriteBatch {
+            events: vec![event(now, kind, Some(&ended.id), actor, data)],
+            grants: vec![GrantWrite::Update {
+                expected_version: grant.version,
+                grant: ended.clone(),
+            }],
+        })
+        .await?;
         if was_active {
             self.metrics.active_grants.dec();
         }
@@ -659,18 +724,17 @@ impl Lapse {
                 }
                 let token = self.mint(&renewed, now)?;
                 let data = issued_data(&renewed, &decision, now);
-                self.store
-                    .commit(WriteBatch {
-                        grants: vec![GrantWrite::Update {
-                            grant: renewed.clone(),
-                            expected_version: grant.version,
-                        }],
-                        events: vec![
-                            decided,
-                            event(now, "grant.renewed", Some(&renewed.id), &actor, data),
-                        ],
-                    })
-                    .await?;
+                self.commit(WriteBatch {
+                    grants: vec![GrantWrite::Update {
+                        grant: renewed.clone(),
+                        expected_version: grant.version,
+                    }],
+                    events: vec![
+                        decided,
+                        event(now, "grant.renewed", Some(&renewed.id), &actor, data),
+                    ],
+                })
+                .await?;
                 Ok(Issued {
                     expires_in: renewed.remaining_secs(now),
                     grant: renewed,
@@ -689,24 +753,23 @@ impl Lapse {
                     .map_err(lifecycle)?;
                 let id = ended.id;
                 let owed = ended.clone();
-                self.store
-                    .commit(WriteBatch {
-                        grants: vec![GrantWrite::Update {
-                            grant: ended,
-                            expected_version: grant.version,
-                        }],
-                        events: vec![
-                            decided,
-                            event(
-                                now,
-                                "grant.revoked",
-                                Some(&id),
-                                "lapse",
-                                json!({ "reason": format!("renewal refused: {reason}") }),
-                            ),
-                        ],
-                    })
-                    .await?;
+                self.commit(WriteBatch {
+                    grants: vec![GrantWrite::Update {
+                        grant: ended,
+                        expected_version: grant.version,
+                    }],
+                    events: vec![
+                        decided,
+                        event(
+                            now,
+                            "grant.revoked",
+                            Some(&id),
+                            "lapse",
+                            json!({ "reason": format!("renewal refused: {reason}") }),
+                        ),
+                    ],
+                })
+                .await?;
                 self.metrics.active_grants.dec();
                 self.destroy_owed(owed).await;
                 Err(ApiError::AccessDenied {
@@ -741,7 +804,7 @@ impl Lapse {
                     grant: ended,
                 }],
             };
-            match self.store.commit(batch).await {
+            match self.commit(batch).await {
                 Ok(()) => {
                     n += 1;
                     self.destroy_owed(owed).await;

@@ -59,6 +59,11 @@ async fn start() -> Server {
         workload: "spiffe://dev.lapse.local/ci/*".into(),
         operators: vec!["dave".into()],
     });
+    cfg.owners.push(OwnerEntry {
+        workload: "spiffe://dev.lapse.local/oncall/*".into(),
+        operators: vec!["bob".into()],
+    });
+    cfg.break_glass_max_ttl = lapse_core::TtlDuration::from_secs(300);
     let clock = FakeClock::at(SystemClock.now());
     let lapse = lapse_server::build(cfg, Arc::new(clock.clone()))
         .await
@@ -429,5 +434,159 @@ async fn bad_decisions_get_precise_errors() {
         (st, v["error"].as_str()),
         (400, Some("invalid_grant")),
         "{v}"
+    );
+}
+
+const ONCALL: &str = "spiffe://dev.lapse.local/oncall/alice-laptop";
+
+impl Server {
+    async fn break_glass(&self, workload: &str, justification: Option<&str>) -> (u16, Value) {
+        let key = DpopKey::generate();
+        let url = format!("{}/oauth/token", self.url);
+        let identity = dev::dev_token(&self.dir, workload, 600, &[], self.now()).unwrap();
+        let mut form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", "admin"),
+            ("task", "INC-77"),
+            ("purpose", "restore orders"),
+            ("expires_in", "3600"),
+            ("break_glass", "true"),
+        ];
+        if let Some(j) = justification {
+            form.push(("justification", j));
+        }
+        let proof = key.proof("POST", &url, None, self.now());
+        self.send(self.http.post(&url).header("DPoP", proof).form(&form))
+            .await
+    }
+
+    async fn admin_get(&self, path: &str) -> Value {
+        let (st, v) = self
+            .send(
+                self.http
+                    .get(format!("{}{path}", self.url))
+                    .bearer_auth(&self.admin),
+            )
+            .await;
+        assert_eq!(st, 200, "{path}: {v}");
+        v
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_is_issued_at_once_short_marked_and_reviewed() {
+    let s = start().await;
+    let (st, v) = s.break_glass(ONCALL, None).await;
+    assert_eq!(st, 400, "a justification is required: {v}");
+    let (st, v) = s.break_glass(ONCALL, Some("short")).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = s.break_glass(CI, Some("the CI job wants in")).await;
+    assert_eq!(st, 403, "only break-glass policies decide: {v}");
+
+    let (st, v) = s
+        .break_glass(ONCALL, Some("orders API down, INC-77, restoring the index"))
+        .await;
+    assert_eq!(st, 200, "issued at once, no approval: {v}");
+    assert_eq!(
+        v["expires_in"], 300,
+        "the hard break-glass ceiling (policy says 10m)"
+    );
+    let id = v["grant_id"].as_str().unwrap().to_owned();
+    // Marked in the token…
+    let token = v["access_token"].as_str().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value =
+        serde_json::from_slice(&lapse_token::b64::decode(payload).unwrap()).unwrap();
+    assert_eq!(claims["break_glass"], true, "{claims}");
+    // …in the grant and every audit entry.
+    let g = s.admin_get(&format!("/v1/grants/{id}")).await;
+    assert_eq!(g["break_glass"], true);
+    let audit = g["audit"].as_array().unwrap();
+    assert!(audit.len() >= 2);
+    for e in audit {
+        let data: Value = serde_json::from_str(e["data"].as_str().unwrap()).unwrap();
+        let marked =
+            data["break_glass"] == true || data["request"]["context"]["break_glass"] == true;
+        assert!(marked, "unmarked audit entry: {e}");
+    }
+    // A review is open, and the standing report says so.
+    let r = s.admin_get("/v1/reviews").await;
+    let open: Vec<&Value> = r["reviews"].as_array().unwrap().iter().collect();
+    assert_eq!(open.len(), 1, "{r}");
+    assert_eq!(
+        open[0]["review"]["justification"],
+        "orders API down, INC-77, restoring the index"
+    );
+    let report = s.admin_get("/v1/reports/standing").await;
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "break_glass_review_open" && f["grant_id"] == id.as_str()),
+        "{report}"
+    );
+
+    // Closing: an approver who does not own the workload, once, with a verdict.
+    let close = |who: &'static str, body: Value| {
+        let s = &s;
+        let id = id.clone();
+        async move {
+            s.send(
+                s.http
+                    .post(format!("{}/v1/reviews/{id}/close", s.url))
+                    .bearer_auth(token_of(who))
+                    .json(&body),
+            )
+            .await
+        }
+    };
+    let (st, _) = close("alice", json!({ "verdict": "maybe" })).await;
+    assert_eq!(st, 400);
+    let (st, v) = close("bob", json!({ "verdict": "justified" })).await;
+    assert_eq!(st, 403, "bob owns the on-call workloads: {v}");
+    let (st, _) = close("erin", json!({ "verdict": "justified" })).await;
+    assert_eq!(st, 403, "no approve role");
+    let (st, v) = close(
+        "alice",
+        json!({ "verdict": "justified", "note": "INC-77 confirmed" }),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["review"]["verdict"], "justified");
+    assert_eq!(v["review"]["closed_by"], "alice");
+    let (st, _) = close("carol", json!({ "verdict": "unjustified" })).await;
+    assert_eq!(st, 409, "closed once");
+    let r = s.admin_get("/v1/reviews").await;
+    assert_eq!(r["reviews"], json!([]));
+    let all = s.admin_get("/v1/reviews?state=all").await;
+    assert_eq!(all["reviews"].as_array().unwrap().len(), 1);
+    let report = s.admin_get("/v1/reports/standing").await;
+    assert!(
+        !report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "break_glass_review_open"),
+        "{report}"
+    );
+    let kinds = s.audit_kinds(&id).await;
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, who)| k == "review.closed" && who == "alice"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, who)| k == "approval.refused" && who == "bob"),
+        "{kinds:?}"
     );
 }

@@ -208,6 +208,50 @@ async fn signed_events_for_a_pending_request_and_its_denial_survive_a_failing_re
         !got.iter().any(|(_, b)| b.contains("lapse_op_")),
         "no secrets"
     );
+
+    // Break-glass use announces itself.
+    let key = DpopKey::generate();
+    let now = SystemClock.now().unix_seconds();
+    let url = format!("{}/oauth/token", s.url);
+    let identity = dev::dev_token(
+        &s.dir,
+        "spiffe://dev.lapse.local/oncall/alice-laptop",
+        600,
+        &[],
+        now,
+    )
+    .unwrap();
+    let resp = s
+        .http
+        .post(&url)
+        .header("DPoP", key.proof("POST", &url, None, now))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", "admin"),
+            ("task", "INC-9"),
+            ("purpose", "restore"),
+            ("break_glass", "true"),
+            ("justification", "orders down, INC-9 on the pager"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let got = wait_for(&r, 5, Duration::from_secs(10)).await;
+    let last: Value = serde_json::from_str(&got[4].1).unwrap();
+    assert_eq!(last["type"], "break_glass.used");
+    assert_eq!(
+        last["data"]["justification"],
+        "orders down, INC-9 on the pager"
+    );
+    assert!(verify(&got[4].0, &got[4].1));
+    assert!(!got[4].1.contains("eyJ"), "no token in the event");
     // The outcomes are counted.
     let m = s
         .http
