@@ -495,6 +495,41 @@ pub(crate) async fn answer(resp: Result<reqwest::Response, reqwest::Error>) -> R
     Err(error_fail(status.as_u16(), &body))
 }
 
+/// The token exchange, waiting for approval when `wait` is given. An error comes
+/// with the answer's body, so callers can say more about a pending request.
+pub(crate) async fn exchange(
+    http: &reqwest::Client,
+    base: &str,
+    key: &DpopKey,
+    form: &[(&'static str, String)],
+    wait: Option<TtlDuration>,
+) -> Result<Value, (Fail, Value)> {
+    let url = format!("{base}/oauth/token");
+    let proof = key.proof("POST", &url, None, SystemClock.now().unix_seconds());
+    let resp = http
+        .post(&url)
+        .header("DPoP", proof)
+        .form(form)
+        .send()
+        .await
+        .map_err(|e| (fail(7, format!("cannot reach Lapse: {e}")), Value::Null))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(json!({}));
+    match (status.is_success(), wait) {
+        (true, _) => Ok(body),
+        (false, Some(w)) if body["error"] == "authorization_pending" => wait::wait_for_approval(
+            http,
+            base,
+            key,
+            &body,
+            std::time::Duration::from_secs(w.secs()),
+        )
+        .await
+        .map_err(|f| (f, Value::Null)),
+        (false, _) => Err((error_fail(status.as_u16(), &body), body)),
+    }
+}
+
 /// An error answer as an exit code and a message.
 pub(crate) fn error_fail(status: u16, body: &Value) -> Fail {
     let code = body["error"].as_str().unwrap_or("error");
@@ -542,33 +577,16 @@ async fn request(a: RequestArgs, json_out: bool) -> Out {
         }
     };
     let key = load_or_create_dpop(a.dpop_key.as_deref())?;
-    let url = format!("{}/oauth/token", a.server.url.trim_end_matches('/'));
-    let form = a.access.exchange_form(identity);
-    let proof = key.proof("POST", &url, None, now);
     let http = client();
-    let resp = http
-        .post(&url)
-        .header("DPoP", proof)
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or(json!({}));
-    let v = match (status.is_success(), a.wait) {
-        (true, _) => body,
-        (false, Some(w)) if body["error"] == "authorization_pending" => {
-            wait::wait_for_approval(
-                &http,
-                a.server.url.trim_end_matches('/'),
-                &key,
-                &body,
-                std::time::Duration::from_secs(w.secs()),
-            )
-            .await?
-        }
-        (false, _) => return Err(error_fail(status.as_u16(), &body)),
-    };
+    let v = exchange(
+        &http,
+        a.server.url.trim_end_matches('/'),
+        &key,
+        &a.access.exchange_form(identity),
+        a.wait,
+    )
+    .await
+    .map_err(|(f, _)| f)?;
     if json_out {
         println!("{v}");
     } else {

@@ -12,8 +12,7 @@
 //! when the command cannot be executed / is not found.
 
 use crate::identity_source::{IdentityArgs, IdentitySource};
-use crate::wait::wait_for_approval;
-use crate::{AccessArgs, Fail, error_fail, fail};
+use crate::{AccessArgs, Fail, fail};
 use lapse_core::{Clock, SystemClock, TtlDuration};
 use lapse_token::DpopKey;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -150,28 +149,21 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
     let key = DpopKey::generate();
 
     // 1. One grant for this task.
-    let url = format!("{base}/oauth/token");
-    let form = a.access.exchange_form(identity);
-    let proof = key.proof("POST", &url, None, SystemClock.now().unix_seconds());
-    let resp = http
-        .post(&url)
-        .header("DPoP", proof)
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| fail(7, format!("cannot reach Lapse: {e}")))?;
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    let issued = match (status.is_success(), a.wait) {
-        (true, _) => body,
-        (false, Some(w)) if body["error"] == "authorization_pending" => {
-            wait_for_approval(&http, &base, &key, &body, Duration::from_secs(w.secs())).await?
+    let issued = crate::exchange(
+        &http,
+        &base,
+        &key,
+        &a.access.exchange_form(identity),
+        a.wait,
+    )
+    .await
+    .map_err(|(f, body)| {
+        if body["error"] == "authorization_pending" {
+            fail(4, pending_message(&body))
+        } else {
+            f
         }
-        (false, None) if body["error"] == "authorization_pending" => {
-            return Err(fail(4, pending_message(&body)));
-        }
-        (false, _) => return Err(error_fail(status.as_u16(), &body)),
-    };
+    })?;
     let token = issued["access_token"]
         .as_str()
         .unwrap_or_default()

@@ -527,9 +527,13 @@ struct ReasonBody {
     signal: Option<i32>,
 }
 
-fn optional_json(headers: &HeaderMap, b: &[u8]) -> Result<ReasonBody, ApiError> {
+/// A JSON body that may be left out (then every field takes its default).
+fn optional_json<T: Default + serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    b: &[u8],
+) -> Result<T, ApiError> {
     if b.is_empty() {
-        Ok(ReasonBody::default())
+        Ok(T::default())
     } else {
         json_body(headers, b)
     }
@@ -543,7 +547,7 @@ async fn complete(
 ) -> Result<Response, ApiError> {
     let id = grant_id(&id)?;
     let b = body(b)?;
-    let r = optional_json(&headers, &b)?;
+    let r: ReasonBody = optional_json(&headers, &b)?;
     let path = format!("/v1/grants/{id}/complete");
     let (claims, g) = s
         .workload_grant(
@@ -635,14 +639,6 @@ struct DecisionBody {
     ttl: Option<TtlDuration>,
 }
 
-fn decision_body(headers: &HeaderMap, b: &[u8]) -> Result<DecisionBody, ApiError> {
-    if b.is_empty() {
-        Ok(DecisionBody::default())
-    } else {
-        json_body(headers, b)
-    }
-}
-
 async fn approve(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -652,7 +648,7 @@ async fn approve(
     let op = s.operator(authorization(&headers))?;
     let id = grant_id(&id)?;
     let b = body(b)?;
-    let d = decision_body(&headers, &b)?;
+    let d: DecisionBody = optional_json(&headers, &b)?;
     let narrowing = lapse_core::Narrowing {
         actions: d.actions.map(|a| parse_actions(&a.join(" "))),
         ttl_secs: d.ttl.map(TtlDuration::secs),
@@ -675,7 +671,7 @@ async fn deny(
     let op = s.operator(authorization(&headers))?;
     let id = grant_id(&id)?;
     let b = body(b)?;
-    let d = decision_body(&headers, &b)?;
+    let d: DecisionBody = optional_json(&headers, &b)?;
     if d.actions.is_some() || d.ttl.is_some() {
         return Err(ApiError::InvalidRequest(
             "a denial takes only a `reason`".into(),
@@ -802,7 +798,7 @@ async fn revoke_grant(
     op.require(Role::Revoke)?;
     let id = grant_id(&id)?;
     let b = body(b)?;
-    let r = optional_json(&headers, &b)?;
+    let r: ReasonBody = optional_json(&headers, &b)?;
     let g = s
         .store
         .grant(id)
@@ -822,7 +818,7 @@ async fn renew(
 ) -> Result<Response, ApiError> {
     let id = grant_id(&id)?;
     let b = body(b)?;
-    let r = optional_json(&headers, &b)?;
+    let r: ReasonBody = optional_json(&headers, &b)?;
     let path = format!("/v1/grants/{id}/renew");
     let (_, g) = s
         .workload_grant(
