@@ -129,7 +129,7 @@ impl Grant {
     }
 
     /// Hands the credentials of an approved request to the workload, once.
-    pub fn deliver(mut self) -> Result<Self, LifecycleError> {
+    pub fn deliver(mut self, now: Timestamp) -> Result<Self, LifecycleError> {
         if self.state != GrantState::Active {
             return Err(LifecycleError::NotActive {
                 id: self.id,
@@ -137,6 +137,7 @@ impl Grant {
             });
         }
         self.delivered = true;
+        self.delivered_at = Some(now);
         self.version += 1;
         Ok(self)
     }

@@ -135,6 +135,10 @@ pub struct Grant {
     /// Directly issued grants hand them out in the answer that creates them.
     #[serde(default = "yes")]
     pub delivered: bool,
+    /// When an approved request's credentials were handed over (its provider
+    /// credentials are created then, not at approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<Timestamp>,
     /// A break-glass grant's mandatory review.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<crate::review::Review>,
@@ -194,6 +198,7 @@ impl Grant {
             approvers: None,
             approvals: Vec::new(),
             delivered: true,
+            delivered_at: None,
             review: None,
             version: 1,
         })
@@ -229,6 +234,7 @@ impl Grant {
             approvers,
             approvals: Vec::new(),
             delivered: false,
+            delivered_at: None,
             review: None,
             version: 1,
         }

@@ -264,7 +264,7 @@ impl Lapse {
 
     async fn deliver(&self, grant: Grant) -> Result<Issued, ApiError> {
         let now = self.now();
-        let delivered = grant.clone().deliver().map_err(lifecycle)?;
+        let delivered = grant.clone().deliver(now).map_err(lifecycle)?;
         let actor = grant.request.workload.id.clone();
         // Recorded before anything is handed out; a concurrent second poll loses on
         // the version and gets nothing.

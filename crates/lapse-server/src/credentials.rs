@@ -246,21 +246,42 @@ impl Lapse {
                 .await?;
                 actions += 1;
             }
+            // A credential may have been created after the listing and recorded as
+            // live before the store read: list again before calling it missing
+            // (creation precedes the `live` record, so a second listing sees it).
+            let mut relisted: Option<Vec<lapse_providers::Existing>> = None;
             for g in active {
-                let broken = g.credentials.iter().find_map(|c| {
+                // An approved request's credential is created when the workload
+                // collects it: the grace runs from then.
+                let since = g.delivered_at.unwrap_or(g.created_at);
+                let mut broken = None;
+                for c in &g.credentials {
                     let present = existing.iter().any(|e| e.name == c.name);
-                    match c.state {
+                    broken = match c.state {
                         CredentialState::Live if !present => {
-                            Some("its credential is missing in the target")
+                            if relisted.is_none() {
+                                relisted = Some(
+                                    p.list()
+                                        .await
+                                        .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+                                );
+                            }
+                            let now_present = relisted
+                                .as_ref()
+                                .is_some_and(|l| l.iter().any(|e| e.name == c.name));
+                            (!now_present).then_some("its credential is missing in the target")
                         }
                         CredentialState::Intended
-                            if g.created_at.plus_secs(INTENT_GRACE_SECS) <= now =>
+                            if g.delivered && since.plus_secs(INTENT_GRACE_SECS) <= now =>
                         {
                             Some("its credential's issue never completed")
                         }
                         _ => None,
+                    };
+                    if broken.is_some() {
+                        break;
                     }
-                });
+                }
                 let Some(why) = broken else { continue };
                 let reason = format!("reconciler: {why}");
                 let Ok(ended) = g.clone().revoke(now, "lapse-reconciler", &reason) else {

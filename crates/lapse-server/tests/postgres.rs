@@ -963,11 +963,12 @@ async fn verifiers_with_a_lowered_iteration_count_authenticate() {
 async fn an_approved_request_gets_its_database_user_when_collected() {
     let target = Target::new().await;
     let tmp = tempfile::tempdir().unwrap();
+    let clock = FakeClock::at(SystemClock.now());
     let s = start(
         tmp.path().join("data"),
         &target,
-        Arc::new(SystemClock),
-        false,
+        Arc::new(clock.clone()),
+        true,
     )
     .await;
     let key = DpopKey::generate();
@@ -995,6 +996,10 @@ async fn an_approved_request_gets_its_database_user_when_collected() {
         target.roles().await.is_empty(),
         "created only when collected"
     );
+    // The workload takes its time: the reconciler must not mistake an approved,
+    // uncollected request for an interrupted issue.
+    clock.advance_secs(60);
+    s.lapse.reconcile().await.unwrap();
     let collect = || async {
         let url = format!("{}/oauth/token", s.url);
         let proof = key.proof("POST", &url, None, s.lapse.now().unix_seconds());
