@@ -307,6 +307,11 @@ impl Lapse {
                     .into(),
             ));
         }
+        if justification.chars().count() > 2000 {
+            return Err(ApiError::InvalidRequest(
+                "`justification` is longer than 2000 characters".into(),
+            ));
+        }
         if !input.break_glass && !justification.is_empty() {
             return Err(ApiError::InvalidRequest(
                 "`justification` goes with `break_glass` only".into(),
