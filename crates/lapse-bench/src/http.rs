@@ -14,7 +14,32 @@ pub struct Conn {
 
 pub struct Response {
     pub status: u16,
+    /// Header lines as sent (names as the server wrote them).
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl Response {
+    /// Values of every header named `name` (case-insensitive).
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Builds a GET with extra headers.
+pub fn get(host: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut r = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for (k, v) in headers {
+        r.push_str(k);
+        r.push_str(": ");
+        r.push_str(v);
+        r.push_str("\r\n");
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
 }
 
 /// Builds a POST with a form body and extra headers.
@@ -76,11 +101,13 @@ impl Conn {
                     .and_then(|s| s.parse().ok())
                     .ok_or_else(|| anyhow::anyhow!("bad status line `{status_line}`"))?;
                 let mut len = 0usize;
+                let mut headers = Vec::new();
                 for l in lines {
-                    if let Some((k, v)) = l.split_once(':')
-                        && k.eq_ignore_ascii_case("content-length")
-                    {
-                        len = v.trim().parse()?;
+                    if let Some((k, v)) = l.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse()?;
+                        }
+                        headers.push((k.to_owned(), v.trim().to_owned()));
                     }
                 }
                 let total = end + 4 + len;
@@ -89,7 +116,11 @@ impl Conn {
                 }
                 let body = self.buf.get(end + 4..total).unwrap_or_default().to_vec();
                 self.buf.drain(..total);
-                return Ok(Response { status, body });
+                return Ok(Response {
+                    status,
+                    headers,
+                    body,
+                });
             }
             self.fill().await?;
         }

@@ -62,6 +62,20 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         samples: usize,
     },
+    /// The approver console with many requests waiting: server time to render the
+    /// pending list (first and a deep page), and how soon an approval reaches a
+    /// workload polling the way `lapse request --wait` does.
+    Console {
+        /// Pending requests in the store.
+        #[arg(long, default_value_t = 10_000)]
+        pending: usize,
+        /// Page loads measured per page.
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+        /// Approvals timed from the final approval to the workload holding its token.
+        #[arg(long, default_value_t = 60)]
+        approvals: usize,
+    },
     /// fsync latency of the disk the store lives on, for context.
     Fsync {
         #[arg(long, default_value_t = 300)]
@@ -108,6 +122,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Introspect(a) => load(Kind::Introspect, &a, cli.json),
         Cmd::Fsync { iterations } => fsync(iterations, cli.json),
         Cmd::Run { samples } => runcmd::run(samples, cli.json),
+        Cmd::Console {
+            pending,
+            samples,
+            approvals,
+        } => console::run(pending, samples, approvals, cli.json),
         Cmd::Postgres {
             samples,
             requests,
@@ -239,6 +258,7 @@ enum Kind {
     Introspect,
 }
 
+mod console;
 mod pg;
 mod runcmd;
 
@@ -333,6 +353,18 @@ fn exchange_requests(
     n: usize,
     now: i64,
 ) -> Vec<Vec<u8>> {
+    exchange_requests_for(server, keys, identities, n, now, "read")
+}
+
+/// As [`exchange_requests`], asking for `scope` on `orders-db`.
+fn exchange_requests_for(
+    server: &Server,
+    keys: &[DpopKey],
+    identities: &[String],
+    n: usize,
+    now: i64,
+    scope: &str,
+) -> Vec<Vec<u8>> {
     let host = server.addr.to_string();
     let htu = format!("http://{host}/oauth/token");
     (0..n)
@@ -343,7 +375,7 @@ fn exchange_requests(
                 .map_or("", String::as_str);
             let proof = key.map_or_else(String::new, |key| key.proof("POST", &htu, None, now));
             let body = format!(
-                "grant_type={}&subject_token={}&subject_token_type={}&audience=orders-db&scope=read&task=T-{k}&purpose=benchmark",
+                "grant_type={}&subject_token={}&subject_token_type={}&audience=orders-db&scope={scope}&task=T-{k}&purpose=benchmark",
                 form_value("urn:ietf:params:oauth:grant-type:token-exchange"),
                 form_value(identity),
                 form_value("urn:ietf:params:oauth:token-type:jwt"),

@@ -12,6 +12,7 @@
 
 mod approvals;
 mod identity_source;
+mod operator;
 mod run;
 mod wait;
 
@@ -88,6 +89,11 @@ enum Cmd {
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
+    },
+    /// Credentials for operator accounts (API tokens, console passwords).
+    Operator {
+        #[command(subcommand)]
+        cmd: operator::OperatorCmd,
     },
     /// Reports.
     Report {
@@ -403,6 +409,7 @@ async fn run(cli: Cli) -> Out {
         Cmd::Reviews { cmd } => approvals::reviews(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
+        Cmd::Operator { cmd } => operator::run(cmd),
         Cmd::Report {
             cmd: ReportCmd::Standing { server, window },
         } => standing(server, window, json_out).await,

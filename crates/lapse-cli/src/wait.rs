@@ -14,6 +14,9 @@ use tokio::time::Instant;
 const SPINNER: &[char] = &['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 /// Without a terminal, one line this often.
 const PLAIN_EVERY: Duration = Duration::from_secs(15);
+/// How often the outcome is asked for: an approval reaches the waiting command
+/// within this (plus one round trip), well inside a second.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
 fn waiting_for(body: &Value) -> String {
     let n = body["approvals_required"].as_u64().unwrap_or(1);
@@ -43,7 +46,7 @@ pub async fn wait_for_approval(
     let mut last = pending.clone();
     let mut next_plain = start;
     let mut tick = 0usize;
-    let mut next_poll = start + Duration::from_secs(1);
+    let mut next_poll = start + POLL_EVERY;
     loop {
         let now = Instant::now();
         let waited = now.duration_since(start).as_secs();
@@ -77,7 +80,7 @@ pub async fn wait_for_approval(
             ));
         }
         if now >= next_poll {
-            next_poll = now + Duration::from_secs(1);
+            next_poll = now + POLL_EVERY;
             let proof = key.proof("POST", &url, None, SystemClock.now().unix_seconds());
             let resp = http
                 .post(&url)
@@ -112,6 +115,6 @@ pub async fn wait_for_approval(
             }
         }
         tick += 1;
-        tokio::time::sleep(Duration::from_millis(if tty { 120 } else { 250 })).await;
+        tokio::time::sleep(Duration::from_millis(if tty { 120 } else { 100 })).await;
     }
 }

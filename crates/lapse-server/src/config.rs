@@ -67,6 +67,14 @@ pub struct Config {
     /// Signed JSON events for requests that wait for people and their decisions.
     #[serde(default)]
     pub webhook: Option<crate::notify::WebhookConfig>,
+    /// How long a console sign-in lasts. Sessions are signed cookies: rotating an
+    /// operator's token or password, or removing the operator, ends theirs at once.
+    #[serde(default = "default_console_session")]
+    pub console_session: TtlDuration,
+}
+
+fn default_console_session() -> TtlDuration {
+    TtlDuration::from_secs(8 * 3600)
 }
 
 fn default_break_glass_max_ttl() -> TtlDuration {
@@ -110,7 +118,12 @@ pub struct AudienceEntry {
 pub struct OperatorEntry {
     pub name: String,
     /// Hex SHA-256 of the operator's API token (`lapse operator token` makes one).
-    pub token_sha256: String,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Argon2id PHC string of a password for the console (`lapse operator password`
+    /// makes one). People sign in with it; automation uses the API token.
+    #[serde(default)]
+    pub password_argon2: Option<String>,
     /// Any of `admin`, `read`, `revoke`, `introspect`, `approve`.
     pub roles: Vec<Role>,
     /// Approver groups (`@approvers("GROUP")` in policy) this operator belongs to.
@@ -240,14 +253,28 @@ impl Config {
                 "at least one `[[issuer]]` is required: workloads must prove who they are".into(),
             );
         }
+        let mut names = std::collections::HashSet::new();
         for op in &self.operators {
-            if op.token_sha256.len() != 64
-                || !op.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            if !names.insert(op.name.as_str()) {
+                return Err(format!("operator `{}` is defined twice", op.name));
+            }
+            if op.token_sha256.is_none() && op.password_argon2.is_none() {
+                return Err(format!(
+                    "operator `{}`: give it a `token_sha256`, a `password_argon2`, or both",
+                    op.name
+                ));
+            }
+            if let Some(t) = &op.token_sha256
+                && (t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()))
             {
                 return Err(format!(
                     "operator `{}`: `token_sha256` must be 64 hex digits",
                     op.name
                 ));
+            }
+            if let Some(p) = &op.password_argon2 {
+                crate::console::session::check_password_hash(p)
+                    .map_err(|e| format!("operator `{}`: `password_argon2`: {e}", op.name))?;
             }
         }
         for i in &self.issuers {

@@ -117,7 +117,8 @@ impl IntoResponse for ApiError {
                 set_field(&mut body, "request_id", json!(request_id));
                 set_field(&mut body, "approvals_required", json!(approvals));
                 set_field(&mut body, "approvers", json!(approvers));
-                set_field(&mut body, "interval", json!(5));
+                // RFC 8628's `interval`: poll once a second (`lapse` itself polls twice).
+                set_field(&mut body, "interval", json!(1));
             }
             _ => {}
         }

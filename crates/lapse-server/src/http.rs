@@ -32,7 +32,7 @@ const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 type AppState = Arc<Lapse>;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    crate::console::routes(Router::new())
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/oauth/token", post(token))
@@ -481,6 +481,7 @@ async fn list_grants(
             workload: q.workload,
             task: q.task,
             audience: q.audience,
+            before: None,
             limit: q.limit.unwrap_or(100).min(1000),
         })
         .await?;

@@ -9,6 +9,7 @@
 
 pub mod approvals;
 pub mod config;
+pub mod console;
 pub mod credentials;
 pub mod dev;
 pub mod error;
@@ -120,7 +121,7 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
             Some(notify::Notifier::start(&w, lapse.metrics.clone()).map_err(StartError::Webhook)?);
     }
     let lapse = Arc::new(lapse);
-    if let Ok(n) = lapse.store.count_active().await {
+    if let Ok(n) = lapse.store.count(lapse_core::GrantState::Active).await {
         lapse
             .metrics
             .active_grants

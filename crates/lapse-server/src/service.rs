@@ -117,7 +117,10 @@ impl Lapse {
             .operators
             .iter()
             .filter_map(|o| {
-                let bytes: [u8; 32] = hex::decode(&o.token_sha256).ok()?.try_into().ok()?;
+                let bytes: [u8; 32] = hex::decode(o.token_sha256.as_deref()?)
+                    .ok()?
+                    .try_into()
+                    .ok()?;
                 Some((
                     bytes,
                     Operator {

@@ -41,7 +41,26 @@ pub struct GrantFilter {
     pub workload: Option<String>,
     pub task: Option<String>,
     pub audience: Option<String>,
+    /// Only grants older than this one, in the list's newest-first order (keyset
+    /// paging: stable while new grants arrive).
+    pub before: Option<GrantCursor>,
     pub limit: usize,
+}
+
+/// A position in the newest-first order of grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantCursor {
+    pub created_at: Timestamp,
+    pub id: GrantId,
+}
+
+impl GrantCursor {
+    pub fn of(g: &Grant) -> Self {
+        Self {
+            created_at: g.created_at,
+            id: g.id,
+        }
+    }
 }
 
 #[async_trait]
@@ -62,7 +81,8 @@ pub trait Store: Send + Sync + 'static {
     /// Audit entries that name `grant`, in order.
     async fn audit_for(&self, grant: GrantId) -> Result<Vec<AuditEntry>, StoreError>;
     /// Number of active grants.
-    async fn count_active(&self) -> Result<u64, StoreError>;
+    /// How many grants are in `state`.
+    async fn count(&self, state: GrantState) -> Result<u64, StoreError>;
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Proves the store can take a write now.
     async fn ping(&self) -> Result<(), StoreError>;

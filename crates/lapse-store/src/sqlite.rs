@@ -12,7 +12,7 @@ use crate::audit::{
 };
 use crate::{GrantFilter, GrantWrite, Store, StoreError, WriteBatch};
 use async_trait::async_trait;
-use lapse_core::{Grant, GrantId, Timestamp};
+use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -24,6 +24,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         2,
         include_str!("../migrations/sqlite/0002_credential_cleanup.sql"),
+    ),
+    (
+        3,
+        include_str!("../migrations/sqlite/0003_grants_by_state.sql"),
     ),
 ];
 const MAX_GROUP: usize = 512;
@@ -382,17 +386,52 @@ impl Store for SqliteStore {
 
     async fn grants(&self, filter: GrantFilter) -> Result<Vec<Grant>, StoreError> {
         self.read(move |c| {
-            let limit = i64::try_from(if filter.limit == 0 { 100 } else { filter.limit.min(10_000) }).unwrap_or(100);
-            let mut stmt = c.prepare_cached(
-                "SELECT body FROM grants
-                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR workload = ?2) AND (?3 IS NULL OR task_id = ?3)
-                   AND (?5 IS NULL OR audience = ?5)
-                 ORDER BY created_at DESC, id DESC LIMIT ?4",
-            )?;
-            let rows = stmt.query_map(
-                params![filter.state.map(|s| s.as_str()), filter.workload, filter.task, limit, filter.audience],
-                |r| r.get::<_, String>(0),
-            )?;
+            let limit = if filter.limit == 0 {
+                100
+            } else {
+                filter.limit.min(10_000)
+            };
+            // Only the conditions that apply, so SQLite can pick the index for them
+            // (`?1 IS NULL OR state = ?1` defeats every index).
+            let mut sql = String::from("SELECT body FROM grants WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut cond = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+                args.push(v);
+                sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+            };
+            if let Some(st) = filter.state {
+                cond(&mut sql, " AND state = ?", st.as_str().to_owned().into());
+            }
+            if let Some(w) = filter.workload {
+                cond(&mut sql, " AND workload = ?", w.into());
+            }
+            if let Some(t) = filter.task {
+                cond(&mut sql, " AND task_id = ?", t.into());
+            }
+            if let Some(a) = filter.audience {
+                cond(&mut sql, " AND audience = ?", a.into());
+            }
+            if let Some(b) = filter.before {
+                cond(
+                    &mut sql,
+                    " AND (created_at < ?",
+                    b.created_at.millis().into(),
+                );
+                cond(
+                    &mut sql,
+                    " OR (created_at = ?",
+                    b.created_at.millis().into(),
+                );
+                cond(&mut sql, " AND id < ?))", b.id.to_string().into());
+            }
+            cond(
+                &mut sql,
+                " ORDER BY created_at DESC, id DESC LIMIT ?",
+                i64::try_from(limit).unwrap_or(100).into(),
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?;
             rows.map(|b| grant_from_body(&b?)).collect()
         })
         .await
@@ -445,11 +484,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn count_active(&self) -> Result<u64, StoreError> {
-        self.read(|c| {
+    async fn count(&self, state: GrantState) -> Result<u64, StoreError> {
+        self.read(move |c| {
             let n: i64 = c.query_row(
-                "SELECT COUNT(*) FROM grants WHERE state = 'active'",
-                [],
+                "SELECT COUNT(*) FROM grants WHERE state = ?1",
+                [state.as_str()],
                 |r| r.get(0),
             )?;
             Ok(u64::try_from(n).unwrap_or(0))

@@ -1,0 +1,232 @@
+//! Console sign-in and sessions.
+//!
+//! A person signs in with their operator name and either their console password
+//! (Argon2id, `password_argon2`) or their API token. The session is a cookie
+//! holding a JWS signed by the broker's own key (so any replica holding the key
+//! accepts it, and nothing lives in one process's memory). It carries:
+//! - `cred`, a fingerprint of the operator's configured secrets: rotating the
+//!   token or password, or removing the operator, ends every session at once;
+//! - `csrf`, a random value every console form must echo back. A cross-site form
+//!   cannot read it, and the cookie is `SameSite=Strict` besides.
+//!
+//! The `typ` (`lapse-console+jwt`) and `aud` keep a session from ever passing as an
+//! access token (which must be `at+jwt`) and an access token from passing as a
+//! session. A later OIDC login for people would end in the same session cookie.
+
+use crate::config::OperatorEntry;
+use crate::error::ApiError;
+use crate::service::{Lapse, Operator, hash_secret};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use lapse_token::jws::{self, Unverified};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use subtle::ConstantTimeEq;
+
+pub const SESSION_TYP: &str = "lapse-console+jwt";
+const SESSION_AUD: &str = "lapse-console";
+
+#[derive(Serialize, Deserialize)]
+struct SessionClaims {
+    iss: String,
+    aud: String,
+    sub: String,
+    iat: i64,
+    exp: i64,
+    csrf: String,
+    cred: String,
+}
+
+/// A signed-in operator, as read from a valid session cookie.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub operator: Operator,
+    /// What every form of this session must send back as `csrf`.
+    pub csrf: String,
+}
+
+impl Session {
+    /// Whether `sent` is this session's CSRF value (constant time).
+    pub fn csrf_matches(&self, sent: &str) -> bool {
+        self.csrf.len() == sent.len() && bool::from(self.csrf.as_bytes().ct_eq(sent.as_bytes()))
+    }
+}
+
+/// How the operator proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInMethod {
+    Password,
+    ApiToken,
+}
+
+impl SignInMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Password => "password",
+            Self::ApiToken => "api_token",
+        }
+    }
+}
+
+/// Checks that `phc` is an Argon2id PHC string (`$argon2id$v=19$m=…,t=…,p=…$salt$hash`).
+pub fn check_password_hash(phc: &str) -> Result<(), String> {
+    let h = PasswordHash::new(phc).map_err(|e| format!("not a PHC string: {e}"))?;
+    if h.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "algorithm `{}` is not accepted; use argon2id",
+            h.algorithm
+        ));
+    }
+    if h.hash.is_none() {
+        return Err("the PHC string has no hash".into());
+    }
+    Ok(())
+}
+
+/// Hashes a console password with Argon2id and a random salt (OWASP parameters).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("cannot hash the password: {e}"))
+}
+
+/// Fingerprint of an operator's configured secrets; changes when either changes.
+fn fingerprint(entry: &OperatorEntry) -> String {
+    let mut h = sha2::Sha256::new();
+    h.update(entry.token_sha256.as_deref().unwrap_or("").as_bytes());
+    h.update([0]);
+    h.update(entry.password_argon2.as_deref().unwrap_or("").as_bytes());
+    hex::encode(h.finalize().get(..12).unwrap_or_default())
+}
+
+fn operator_of(entry: &OperatorEntry) -> Operator {
+    Operator {
+        name: entry.name.clone(),
+        roles: entry.roles.clone(),
+        groups: entry.groups.clone(),
+    }
+}
+
+const BAD_SIGN_IN: &str = "unknown operator or wrong password or token";
+
+impl Lapse {
+    fn operator_entry(&self, name: &str) -> Option<&OperatorEntry> {
+        self.cfg.operators.iter().find(|o| o.name == name)
+    }
+
+    /// Checks `secret` (the console password or the API token) of operator `name`.
+    /// Every failure reads the same, so the form does not tell which names exist.
+    pub async fn sign_in(
+        &self,
+        name: &str,
+        secret: &str,
+    ) -> Result<(Operator, SignInMethod), ApiError> {
+        let bad = || ApiError::Unauthorized(BAD_SIGN_IN.into());
+        let entry = self.operator_entry(name).ok_or_else(bad)?;
+        if let Some(expected) = entry
+            .token_sha256
+            .as_deref()
+            .and_then(|t| hex::decode(t).ok())
+            && bool::from(hash_secret(secret).as_slice().ct_eq(&expected))
+        {
+            return Ok((operator_of(entry), SignInMethod::ApiToken));
+        }
+        let Some(phc) = entry.password_argon2.clone() else {
+            return Err(bad());
+        };
+        let secret = secret.to_owned();
+        // Argon2 is deliberately slow (tens of milliseconds): off the async workers.
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&phc).is_ok_and(|h| {
+                argon2::Argon2::default()
+                    .verify_password(secret.as_bytes(), &h)
+                    .is_ok()
+            })
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            Ok((operator_of(entry), SignInMethod::Password))
+        } else {
+            Err(bad())
+        }
+    }
+
+    /// A session cookie value for operator `name`, valid for `console_session`.
+    pub fn new_session(&self, name: &str) -> Result<String, ApiError> {
+        let entry = self
+            .operator_entry(name)
+            .ok_or_else(|| ApiError::Unauthorized(BAD_SIGN_IN.into()))?;
+        let now = self.now().unix_seconds();
+        let ttl = i64::try_from(self.cfg.console_session.secs()).unwrap_or(8 * 3600);
+        let csrf: [u8; 24] = rand::random();
+        let claims = SessionClaims {
+            iss: self.issuer.clone(),
+            aud: SESSION_AUD.into(),
+            sub: entry.name.clone(),
+            iat: now,
+            exp: now.saturating_add(ttl),
+            csrf: lapse_token::b64::encode(csrf),
+            cred: fingerprint(entry),
+        };
+        self.key
+            .sign_jwt(SESSION_TYP, &claims)
+            .map_err(|e| ApiError::Unavailable(format!("cannot sign the session: {e}")))
+    }
+
+    /// The session a cookie value stands for, if it is valid now.
+    pub fn session(&self, cookie: &str) -> Result<Session, ApiError> {
+        let invalid = |why: &str| ApiError::Unauthorized(format!("no valid session: {why}"));
+        let u = Unverified::parse(cookie).map_err(|_| invalid("malformed"))?;
+        if u.header.typ.as_deref() != Some(SESSION_TYP) {
+            return Err(invalid("not a console session"));
+        }
+        let payload = u
+            .verify(self.key.public())
+            .map_err(|_| invalid("bad signature"))?;
+        let c: SessionClaims = jws::claims(&payload).map_err(|_| invalid("malformed"))?;
+        if c.aud != SESSION_AUD || c.iss != self.issuer {
+            return Err(invalid("not a console session of this broker"));
+        }
+        if self.now().unix_seconds() >= c.exp {
+            return Err(invalid("expired; sign in again"));
+        }
+        let entry = self
+            .operator_entry(&c.sub)
+            .ok_or_else(|| invalid("the operator no longer exists"))?;
+        if fingerprint(entry) != c.cred {
+            return Err(invalid("the operator's credentials changed; sign in again"));
+        }
+        Ok(Session {
+            operator: operator_of(entry),
+            csrf: c.csrf,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn password_hashes_are_argon2id_and_verify() {
+        let phc = hash_password("correct horse").unwrap();
+        check_password_hash(&phc).unwrap();
+        let h = PasswordHash::new(&phc).unwrap();
+        let a = argon2::Argon2::default();
+        assert!(a.verify_password(b"correct horse", &h).is_ok());
+        assert!(a.verify_password(b"wrong horse", &h).is_err());
+    }
+
+    #[test]
+    fn other_hash_formats_are_refused() {
+        assert!(check_password_hash("plaintext").is_err());
+        assert!(
+            check_password_hash("$argon2i$v=19$m=16,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo")
+                .unwrap_err()
+                .contains("argon2id")
+        );
+    }
+}
