@@ -288,3 +288,52 @@ expect = "deny"
         show(&b)
     );
 }
+
+#[test]
+fn operator_credentials_are_shown_once_and_configured_as_hashes() {
+    let o = lapse(&["operator", "token", "alice"]);
+    assert_eq!(code(&o), 0, "{}", show(&o));
+    let token = String::from_utf8(o.stdout.clone()).unwrap().trim().to_owned();
+    assert!(token.starts_with("lapse_op_"), "{token}");
+    let snippet = String::from_utf8(o.stderr.clone()).unwrap();
+    let hash = hex::encode(lapse_server::service::hash_secret(&token));
+    assert!(snippet.contains(&format!("token_sha256 = \"{hash}\"")), "{snippet}");
+    assert!(!snippet.contains(&token), "the token is printed once, on stdout only");
+
+    let mut child = std::process::Command::new(LAPSE)
+        .args(["operator", "password", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        b"a long enough console password\n",
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "{}", show(&o));
+    let out = String::from_utf8(o.stdout.clone()).unwrap();
+    assert!(out.contains("password_argon2 = \"$argon2id$"), "{out}");
+    assert!(!out.contains("a long enough console password"));
+    // What it prints is a config the broker accepts.
+    let phc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password_argon2 = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    lapse_server::console::session::check_password_hash(&phc).unwrap();
+
+    let mut child = std::process::Command::new(LAPSE)
+        .args(["operator", "password", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"short\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 2, "a short password is refused: {}", show(&o));
+}
