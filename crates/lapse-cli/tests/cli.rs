@@ -293,12 +293,21 @@ expect = "deny"
 fn operator_credentials_are_shown_once_and_configured_as_hashes() {
     let o = lapse(&["operator", "token", "alice"]);
     assert_eq!(code(&o), 0, "{}", show(&o));
-    let token = String::from_utf8(o.stdout.clone()).unwrap().trim().to_owned();
+    let token = String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_owned();
     assert!(token.starts_with("lapse_op_"), "{token}");
     let snippet = String::from_utf8(o.stderr.clone()).unwrap();
     let hash = hex::encode(lapse_server::service::hash_secret(&token));
-    assert!(snippet.contains(&format!("token_sha256 = \"{hash}\"")), "{snippet}");
-    assert!(!snippet.contains(&token), "the token is printed once, on stdout only");
+    assert!(
+        snippet.contains(&format!("token_sha256 = \"{hash}\"")),
+        "{snippet}"
+    );
+    assert!(
+        !snippet.contains(&token),
+        "the token is printed once, on stdout only"
+    );
 
     let mut child = std::process::Command::new(LAPSE)
         .args(["operator", "password", "alice"])
