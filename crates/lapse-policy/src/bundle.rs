@@ -14,7 +14,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 /// One file of a policy folder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceFile {
     pub name: String,
     pub text: String,
@@ -49,6 +49,8 @@ pub struct PolicyBundle {
     action_type: EntityTypeName,
     /// Number of policies, for logs and metrics.
     pub policy_count: usize,
+    /// The files it was built from, so gates can build the same bundle.
+    sources: Vec<SourceFile>,
 }
 
 impl std::fmt::Debug for PolicyBundle {
@@ -258,10 +260,16 @@ impl PolicyBundle {
             action_entities,
             actions,
             authorizer: Authorizer::new(),
+            sources: files.to_vec(),
         })
     }
 
     /// Actions declared by the schema, sorted.
+    /// The files this bundle was built from, in name order.
+    pub fn sources(&self) -> &[SourceFile] {
+        &self.sources
+    }
+
     pub fn actions(&self) -> &[String] {
         &self.actions
     }

@@ -124,7 +124,7 @@ pub struct OperatorEntry {
     /// makes one). People sign in with it; automation uses the API token.
     #[serde(default)]
     pub password_argon2: Option<String>,
-    /// Any of `admin`, `read`, `revoke`, `introspect`, `approve`.
+    /// Any of `admin`, `read`, `revoke`, `introspect`, `approve`, `gate`.
     pub roles: Vec<Role>,
     /// Approver groups (`@approvers("GROUP")` in policy) this operator belongs to.
     /// The `admin` role does not imply any: who may approve is named explicitly.
@@ -161,6 +161,8 @@ pub enum Role {
     Introspect,
     /// Approve or deny pending requests (within the operator's groups).
     Approve,
+    /// A gate: follow the revocation feed, fetch the policy bundle, report use.
+    Gate,
 }
 
 fn default_ttl() -> TtlDuration {

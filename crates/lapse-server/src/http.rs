@@ -18,6 +18,7 @@ use lapse_core::{GrantId, GrantState, Task, TtlDuration};
 use lapse_store::GrantFilter;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/approvals/{id}/deny", post(deny))
         .route("/v1/reviews", get(list_reviews))
         .route("/v1/reviews/{id}/close", post(close_review))
+        .route("/v1/feed", get(crate::feed::feed))
+        .route("/v1/policies", get(policies))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/reports/standing", get(standing_report))
@@ -153,7 +156,7 @@ fn dpop_headers(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -891,6 +894,24 @@ async fn standing_report(
     };
     let report = s.standing_report(window).await?;
     Ok(no_store(report, StatusCode::OK))
+}
+
+/// The loaded policy files, for gates to build the same bundle; `digest` changes
+/// exactly when the files do.
+async fn policies(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    if op.require(Role::Gate).is_err() {
+        op.require(Role::Read)?;
+    }
+    let bundle = s.policy()?;
+    let files = bundle.sources();
+    let digest = hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(files).unwrap_or_default(),
+    ));
+    Ok(no_store(
+        json!({ "digest": digest, "files": files }),
+        StatusCode::OK,
+    ))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -13,6 +13,7 @@ pub mod console;
 pub mod credentials;
 pub mod dev;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod metrics;
 pub mod notify;

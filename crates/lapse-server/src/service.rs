@@ -57,6 +57,8 @@ pub struct Lapse {
     pub notifier: Option<crate::notify::Notifier>,
     /// Credential providers by audience.
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
+    /// Bumped after every commit that ends a grant: wakes the revocation-feed streams.
+    pub feed_bumps: tokio::sync::watch::Sender<u64>,
     audiences: HashSet<String>,
     operators: HashMap<[u8; 32], Operator>,
 }
@@ -145,6 +147,7 @@ impl Lapse {
             metrics: Arc::new(Metrics::new()),
             notifier: None,
             providers: HashMap::new(),
+            feed_bumps: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -175,7 +178,15 @@ impl Lapse {
                 crate::set_field(&mut e.data, "break_glass", json!(true));
             }
         }
-        self.store.commit(batch).await
+        let ends = batch
+            .grants
+            .iter()
+            .any(|w| matches!(w, GrantWrite::Update { grant, .. } if grant.state.is_ended()));
+        self.store.commit(batch).await?;
+        if ends {
+            self.feed_bumps.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
     }
 
     /// Queues a webhook event (when a webhook is configured); never waits.

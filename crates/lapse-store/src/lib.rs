@@ -47,6 +47,25 @@ pub struct GrantFilter {
     pub limit: usize,
 }
 
+/// One grant ending on the revocation feed: a grant that was active and is now
+/// completed, revoked or expired. Gates keep it until `exp` (the latest expiry of any
+/// token of the grant), after which the tokens are dead on their own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeedEntry {
+    /// Gap-free, in commit order.
+    pub seq: u64,
+    /// When the grant ended (ms).
+    pub at: i64,
+    pub grant_id: String,
+    pub state: String,
+    pub audience: String,
+    /// The most recent token's `jti`.
+    pub jti: Option<String>,
+    /// Expiry of the grant's newest token (ms).
+    pub exp: i64,
+    pub reason: String,
+}
+
 /// A position in the newest-first order of grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantCursor {
@@ -80,7 +99,10 @@ pub trait Store: Send + Sync + 'static {
     async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     /// Audit entries that name `grant`, in order.
     async fn audit_for(&self, grant: GrantId) -> Result<Vec<AuditEntry>, StoreError>;
-    /// Number of active grants.
+    /// Revocation-feed entries with `seq > after`, in order.
+    async fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError>;
+    /// The newest feed sequence number (0 when empty).
+    async fn feed_head(&self) -> Result<u64, StoreError>;
     /// How many grants are in `state`.
     async fn count(&self, state: GrantState) -> Result<u64, StoreError>;
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;

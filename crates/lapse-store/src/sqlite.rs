@@ -10,7 +10,7 @@
 use crate::audit::{
     AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
 };
-use crate::{GrantFilter, GrantWrite, Store, StoreError, WriteBatch};
+use crate::{FeedEntry, GrantFilter, GrantWrite, Store, StoreError, WriteBatch};
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../migrations/sqlite/0003_grants_by_state.sql"),
     ),
+    (4, include_str!("../migrations/sqlite/0004_feed.sql")),
 ];
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
@@ -305,6 +306,14 @@ fn apply(
             } => {
                 let body =
                     serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                // An active grant that ends goes on the revocation feed, in this
+                // same transaction.
+                let ends = g.state.is_ended()
+                    && conn
+                        .prepare_cached("SELECT state FROM grants WHERE id = ?1")?
+                        .query_row([g.id.to_string()], |r| r.get::<_, String>(0))
+                        .optional()?
+                        .is_some_and(|old| old == "active");
                 let n = conn.execute(
                     "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5, cleanup_at = ?7 WHERE id = ?1 AND version = ?6",
                     params![
@@ -319,6 +328,20 @@ fn apply(
                 )?;
                 if n != 1 {
                     return Err(StoreError::Conflict(g.id.to_string()));
+                }
+                if ends {
+                    conn.prepare_cached(
+                        "INSERT INTO feed (at, grant_id, state, audience, jti, exp, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        g.ended_at.unwrap_or(g.expires_at).millis(),
+                        g.id.to_string(),
+                        g.state.as_str(),
+                        g.request.audience,
+                        g.token_jti,
+                        g.expires_at.millis(),
+                        g.end.as_ref().map_or("", |e| e.reason.as_str()),
+                    ])?;
                 }
             }
         }
@@ -480,6 +503,42 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt.query_map(params![grant.to_string()], entry_from_row)?;
             rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, at, grant_id, state, audience, jti, exp, reason FROM feed WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    i64::try_from(after).unwrap_or(i64::MAX),
+                    i64::try_from(limit.min(10_000)).unwrap_or(1000)
+                ],
+                |r| {
+                    Ok(FeedEntry {
+                        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        at: r.get(1)?,
+                        grant_id: r.get(2)?,
+                        state: r.get(3)?,
+                        audience: r.get(4)?,
+                        jti: r.get(5)?,
+                        exp: r.get(6)?,
+                        reason: r.get(7)?,
+                    })
+                },
+            )?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn feed_head(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let n: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM feed", [], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
         })
         .await
     }

@@ -382,3 +382,87 @@ async fn a_locked_database_fails_closed() {
     assert!(f.store.ping().await.is_ok());
     assert!(verify(&f).await.ok());
 }
+
+#[tokio::test]
+async fn an_active_grant_that_ends_goes_on_the_feed_once_with_its_commit() -> Result<(), StoreError>
+{
+    let f = fixture().await;
+    let (a, b) = (grant(1000), grant(1000));
+    f.store
+        .commit(WriteBatch {
+            grants: vec![GrantWrite::Insert(a.clone()), GrantWrite::Insert(b.clone())],
+            events: vec![event("grant.issued", &a), event("grant.issued", &b)],
+        })
+        .await?;
+    assert_eq!(f.store.feed_head().await?, 0);
+    let revoked = a
+        .clone()
+        .revoke(Timestamp::from_unix_seconds(1010), "op", "gone")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A conflicting commit writes no feed entry.
+    let stale = f
+        .store
+        .commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: revoked.clone(),
+                expected_version: 99,
+            }],
+            events: vec![],
+        })
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))));
+    assert_eq!(f.store.feed_head().await?, 0);
+    f.store
+        .commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: revoked.clone(),
+                expected_version: a.version,
+            }],
+            events: vec![event("grant.revoked", &a)],
+        })
+        .await?;
+    // Writing the ended grant again (a credential destroyed later) adds nothing.
+    f.store
+        .commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: revoked.clone(),
+                expected_version: revoked.version,
+            }],
+            events: vec![],
+        })
+        .await?;
+    let completed = b
+        .clone()
+        .complete(Timestamp::from_unix_seconds(1020), "w", "done")
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.store
+        .commit(WriteBatch {
+            grants: vec![GrantWrite::Update {
+                grant: completed,
+                expected_version: b.version,
+            }],
+            events: vec![event("grant.completed", &b)],
+        })
+        .await?;
+    let feed = f.store.feed(0, 100).await?;
+    let got: Vec<(u64, String, String, String)> = feed
+        .iter()
+        .map(|e| (e.seq, e.grant_id.clone(), e.state.clone(), e.reason.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, a.id.to_string(), "revoked".into(), "gone".into()),
+            (2, b.id.to_string(), "completed".into(), "done".into()),
+        ]
+    );
+    assert_eq!(feed[0].jti.as_deref(), Some("jti"));
+    assert_eq!(feed[0].exp, a.expires_at.millis());
+    assert_eq!(
+        f.store.feed(1, 100).await?.len(),
+        1,
+        "resume after a sequence number"
+    );
+    assert_eq!(f.store.feed_head().await?, 2);
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! RFC 9449 DPoP: verifying proofs (server and gates) and making them (clients).
 
+use crate::DpopFault;
 use crate::jwk::{Jwk, PublicKey, thumbprint};
 use crate::jws::{self, Unverified};
 use crate::replay::{ReplayCache, Seen};
@@ -48,7 +49,14 @@ struct ProofClaims {
 const MAX_JTI_LEN: usize = 256;
 
 fn bad(msg: &str) -> TokenError {
-    TokenError::Dpop(msg.to_owned())
+    bad_as(DpopFault::Malformed, msg)
+}
+
+fn bad_as(fault: DpopFault, msg: &str) -> TokenError {
+    TokenError::Dpop {
+        fault,
+        detail: msg.to_owned(),
+    }
 }
 
 /// Verifies a DPoP proof per RFC 9449 section 4.3 and records its `jti`.
@@ -75,7 +83,7 @@ pub fn verify(
     let key = PublicKey::from_jwk(&jwk).map_err(|e| bad(&format!("key is unusable: {e}")))?;
     let payload = unverified
         .verify(&key)
-        .map_err(|e| bad(&format!("does not verify: {e}")))?;
+        .map_err(|e| bad_as(DpopFault::Signature, &format!("does not verify: {e}")))?;
     let claims: ProofClaims =
         jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
     let jti = claims.jti.ok_or_else(|| bad("has no `jti`"))?;
@@ -84,34 +92,48 @@ pub fn verify(
     }
     let htm = claims.htm.ok_or_else(|| bad("has no `htm`"))?;
     if htm != req.htm {
-        return Err(bad(&format!(
-            "`htm` `{}` does not match the request method `{}`",
-            clip(&htm),
-            req.htm
-        )));
+        return Err(bad_as(
+            DpopFault::Method,
+            &format!(
+                "`htm` `{}` does not match the request method `{}`",
+                clip(&htm),
+                req.htm
+            ),
+        ));
     }
     let htu = claims.htu.ok_or_else(|| bad("has no `htu`"))?;
     if !same_htu(&htu, req.htu) {
-        return Err(bad(&format!(
-            "`htu` `{}` does not match the request URL `{}`",
-            clip(&htu),
-            req.htu
-        )));
+        return Err(bad_as(
+            DpopFault::Url,
+            &format!(
+                "`htu` `{}` does not match the request URL `{}`",
+                clip(&htu),
+                req.htu
+            ),
+        ));
     }
     let iat = claims.iat.ok_or_else(|| bad("has no `iat`"))?;
     if iat < req.now_secs.saturating_sub(req.max_age_secs) {
-        return Err(bad("is too old (`iat`)"));
+        return Err(bad_as(DpopFault::Stale, "is too old (`iat`)"));
     }
     if iat > req.now_secs.saturating_add(req.max_skew_secs) {
-        return Err(bad("is from the future (`iat`)"));
+        return Err(bad_as(DpopFault::Future, "is from the future (`iat`)"));
     }
     match (req.access_token, claims.ath.as_deref()) {
         (Some(token), Some(ath)) => {
             if b64::sha256(token) != ath {
-                return Err(bad("`ath` does not match the access token"));
+                return Err(bad_as(
+                    DpopFault::AccessTokenHash,
+                    "`ath` does not match the access token",
+                ));
             }
         }
-        (Some(_), None) => return Err(bad("has no `ath` for the access token")),
+        (Some(_), None) => {
+            return Err(bad_as(
+                DpopFault::AccessTokenHash,
+                "has no `ath` for the access token",
+            ));
+        }
         (None, _) => {}
     }
     let jkt = thumbprint(&jwk)?;

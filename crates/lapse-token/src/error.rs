@@ -28,10 +28,29 @@ pub enum TokenError {
     MissingClaim(&'static str),
     #[error("invalid key: {0}")]
     InvalidKey(String),
-    #[error("DPoP proof {0}")]
-    Dpop(String),
+    #[error("DPoP proof {detail}")]
+    Dpop { fault: DpopFault, detail: String },
     #[error("DPoP proof `jti` was already used")]
     DpopReplay,
     #[error("DPoP replay cache is full: failing closed")]
     ReplayCacheFull,
+}
+
+/// Which check a DPoP proof failed, for callers that answer differently per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpopFault {
+    /// Not a well-formed `dpop+jwt` with the claims RFC 9449 requires.
+    Malformed,
+    /// The signature does not verify with the key in its header.
+    Signature,
+    /// `htm` is not the request's method.
+    Method,
+    /// `htu` is not the request's URL.
+    Url,
+    /// `iat` is older than the allowed age.
+    Stale,
+    /// `iat` is in the future beyond the allowed skew.
+    Future,
+    /// `ath` is missing or is not the hash of the access token presented.
+    AccessTokenHash,
 }

@@ -17,7 +17,7 @@ pub mod signing;
 
 pub use access::{AccessClaims, Confirmation};
 pub use dpop::{DpopKey, DpopProof, DpopRequirements};
-pub use error::TokenError;
+pub use error::{DpopFault, TokenError};
 pub use jwk::{Jwk, PublicKey};
 pub use replay::ReplayCache;
 pub use signing::SigningKey;

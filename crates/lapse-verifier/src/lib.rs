@@ -1,0 +1,446 @@
+//! Verifying Lapse access tokens where they are used.
+//!
+//! One call, [`Verifier::verify`], answers allow (with the token's claims) or a
+//! typed [`Denial`]: the token's signature against the broker's JWKS (fetched,
+//! cached, refetched on an unknown `kid` so key rotation needs no restart), issuer,
+//! lifetime, audience, the action needed, the DPoP proof of this very request
+//! (`htm`, `htu`, `iat` window, `ath`, `jti` replay, key = `cnf.jkt`), and the
+//! grant's revocation state as learnt from the broker's revocation feed
+//! ([`Verifier::follow`]). If the feed has been silent for longer than the
+//! staleness bound, the verifier fails closed, or asks the broker's introspection
+//! endpoint, as configured.
+
+mod feed;
+
+pub use feed::FeedEntry;
+
+use arc_swap::ArcSwap;
+use lapse_token::access::{self, AccessClaims};
+use lapse_token::dpop::{self, DpopRequirements};
+use lapse_token::{DpopFault, PublicKey, ReplayCache, TokenError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// What to do when the feed has been silent longer than the staleness bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStale {
+    /// Refuse every request until the feed is heard again (the default).
+    Deny,
+    /// Ask the broker's RFC 7662 introspection endpoint for each request.
+    Introspect,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// The broker's base URL (its JWKS, feed and introspection live under it).
+    pub broker: String,
+    /// The `iss` Lapse tokens carry: the broker's public URL.
+    pub issuer: String,
+    /// The audience this gate protects.
+    pub audience: String,
+    /// The gate's operator API token (role `gate`, and `introspect` for the fallback).
+    pub token: String,
+    /// How long the feed may be silent before the gate stops trusting its view.
+    pub staleness: Duration,
+    pub on_stale: OnStale,
+    /// How old a DPoP proof may be.
+    pub dpop_max_age_secs: i64,
+}
+
+/// Why a request is refused. Each maps to an HTTP status and an RFC 6750/9449
+/// error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("no access token (`Authorization: DPoP …`)")]
+    MissingToken,
+    #[error("the access token must be sent with the `DPoP` scheme")]
+    NotDpopScheme,
+    #[error("the access token is malformed: {0}")]
+    MalformedToken(String),
+    #[error("the access token is signed by an unknown key")]
+    UnknownKey,
+    #[error("the access token's signature does not verify")]
+    BadSignature,
+    #[error("the access token is from another issuer")]
+    WrongIssuer,
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token is not valid yet")]
+    NotYetValid,
+    #[error("the access token is for `{got}`, not `{expected}`")]
+    WrongAudience { expected: String, got: String },
+    #[error("the token does not grant `{0}`")]
+    ActionNotGranted(String),
+    #[error("no rule maps this request to an action")]
+    NoRule,
+    #[error("a `DPoP` proof is required")]
+    MissingProof,
+    #[error("exactly one `DPoP` header is allowed")]
+    MultipleProofs,
+    #[error("{detail}")]
+    InvalidProof { fault: DpopFault, detail: String },
+    #[error("the DPoP proof was already used")]
+    ProofReplayed,
+    #[error("the DPoP proof is signed by another key than the token is bound to")]
+    ProofKeyMismatch,
+    #[error("the grant has ended ({0})")]
+    GrantEnded(String),
+    #[error("the revocation feed has been silent for {0} s; failing closed")]
+    FeedStale(u64),
+    #[error("policy refuses: {0}")]
+    PolicyDenied(String),
+    #[error("cannot decide now: {0}")]
+    Unavailable(String),
+}
+
+impl Denial {
+    /// 401 for a missing or unusable credential, 403 for a valid one that does not
+    /// cover the request, 503 when the gate cannot decide.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::ActionNotGranted(_)
+            | Self::WrongAudience { .. }
+            | Self::NoRule
+            | Self::PolicyDenied(_) => 403,
+            Self::FeedStale(_) | Self::Unavailable(_) => 503,
+            _ => 401,
+        }
+    }
+
+    /// The RFC 6750 / RFC 9449 `error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingToken => "invalid_request",
+            Self::MissingProof
+            | Self::MultipleProofs
+            | Self::InvalidProof { .. }
+            | Self::ProofReplayed
+            | Self::ProofKeyMismatch => "invalid_dpop_proof",
+            Self::ActionNotGranted(_)
+            | Self::WrongAudience { .. }
+            | Self::NoRule
+            | Self::PolicyDenied(_) => "insufficient_scope",
+            Self::FeedStale(_) | Self::Unavailable(_) => "temporarily_unavailable",
+            _ => "invalid_token",
+        }
+    }
+
+    /// A `WWW-Authenticate` value for a 401 or 403.
+    pub fn www_authenticate(&self) -> String {
+        let desc: String = self
+            .to_string()
+            .chars()
+            .filter(|c| *c != '"' && *c != '\\')
+            .collect();
+        format!(
+            "DPoP error=\"{}\", error_description=\"{desc}\", algs=\"EdDSA ES256 RS256\"",
+            self.code()
+        )
+    }
+}
+
+/// One request as the gate saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The original request's method.
+    pub method: &'a str,
+    /// The original request's URL without query, as the client addressed it (DPoP `htu`).
+    pub url: &'a str,
+    /// The `Authorization` header.
+    pub authorization: Option<&'a str>,
+    /// Every `DPoP` header.
+    pub dpop: &'a [&'a str],
+    /// The action the request needs.
+    pub action: &'a str,
+    /// Unix seconds.
+    pub now_secs: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    pub claims: AccessClaims,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifierError {
+    #[error("cannot fetch the broker's keys from `{url}`: {detail}")]
+    Keys { url: String, detail: String },
+}
+
+/// Ended grants the gate knows of, with the time after which their tokens are dead
+/// anyway and the entry can go.
+#[derive(Default)]
+struct Ended {
+    by_grant: HashMap<String, (String, i64)>,
+}
+
+pub struct Verifier {
+    cfg: VerifierConfig,
+    http: reqwest::Client,
+    keys: ArcSwap<HashMap<String, PublicKey>>,
+    last_key_fetch: Mutex<Option<Instant>>,
+    replay: ReplayCache,
+    ended: RwLock<Ended>,
+    /// Sequence number of the newest feed entry applied.
+    seq: AtomicU64,
+    /// When the feed was last heard from (unix ms); 0: never.
+    heard_ms: AtomicI64,
+}
+
+/// Unknown `kid`s trigger at most one key fetch per this interval.
+const KEY_REFETCH: Duration = Duration::from_secs(5);
+
+impl Verifier {
+    /// A verifier with the broker's current keys.
+    pub async fn new(cfg: VerifierConfig) -> Result<Self, VerifierError> {
+        let v = Self::offline(cfg, HashMap::new());
+        v.refresh_keys().await?;
+        Ok(v)
+    }
+
+    /// A verifier with the given keys and no network fetch yet (tests, benchmarks).
+    pub fn offline(cfg: VerifierConfig, keys: HashMap<String, PublicKey>) -> Self {
+        Self {
+            cfg,
+            http: lapse_identity::http_client(),
+            keys: ArcSwap::from_pointee(keys),
+            last_key_fetch: Mutex::new(None),
+            replay: ReplayCache::new(1_000_000),
+            ended: RwLock::new(Ended::default()),
+            seq: AtomicU64::new(0),
+            heard_ms: AtomicI64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &VerifierConfig {
+        &self.cfg
+    }
+
+    /// Fetches the broker's JWKS and replaces the cached keys.
+    pub async fn refresh_keys(&self) -> Result<(), VerifierError> {
+        let url = format!(
+            "{}/.well-known/jwks.json",
+            self.cfg.broker.trim_end_matches('/')
+        );
+        let err = |detail: String| VerifierError::Keys {
+            url: url.clone(),
+            detail,
+        };
+        if let Ok(mut t) = self.last_key_fetch.lock() {
+            *t = Some(Instant::now());
+        }
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(err(format!("HTTP {}", resp.status())));
+        }
+        let set: serde_json::Value = resp.json().await.map_err(|e| err(e.to_string()))?;
+        let mut keys = HashMap::new();
+        for k in set
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let Ok(jwk) = serde_json::from_value::<lapse_token::Jwk>(k.clone()) else {
+                continue;
+            };
+            if let (Some(kid), Ok(pk)) = (jwk.kid.clone(), PublicKey::from_jwk(&jwk)) {
+                keys.insert(kid, pk);
+            }
+        }
+        if keys.is_empty() {
+            return Err(err("no usable key".into()));
+        }
+        self.keys.store(Arc::new(keys));
+        Ok(())
+    }
+
+    fn may_refetch(&self) -> bool {
+        self.last_key_fetch
+            .lock()
+            .map(|t| t.is_none_or(|t| t.elapsed() >= KEY_REFETCH))
+            .unwrap_or(false)
+    }
+
+    /// Verifies `req`; an unknown signing key makes it fetch the broker's keys once
+    /// (rate-limited) and try again, so rotations need no restart. With
+    /// `on_stale = introspect`, a stale feed defers to the broker's introspection.
+    pub async fn verify(&self, req: &Request<'_>) -> Result<Allowed, Denial> {
+        let mut r = self.check(req);
+        // An unknown key fails before the proof is looked at, so the retry may
+        // verify the same proof.
+        if matches!(r, Err(Denial::UnknownKey)) && self.may_refetch() {
+            if let Err(e) = self.refresh_keys().await {
+                tracing::warn!(error = %e, "refetching the broker's keys failed");
+            }
+            r = self.check(req);
+        }
+        match r {
+            Err(Denial::FeedStale(_)) if self.cfg.on_stale == OnStale::Introspect => {
+                self.introspected(req).await
+            }
+            other => other,
+        }
+    }
+
+    /// Everything but the grant's state passed; the broker says whether it holds.
+    async fn introspected(&self, req: &Request<'_>) -> Result<Allowed, Denial> {
+        let token = req
+            .authorization
+            .and_then(|h| h.split_once(' '))
+            .map_or("", |(_, t)| t.trim());
+        let keys = self.keys.load();
+        let claims = access::verify(token, |kid| keys.get(kid), &self.cfg.issuer, req.now_secs)
+            .map_err(token_denial)?;
+        if self.introspect(token).await? {
+            Ok(Allowed { claims })
+        } else {
+            Err(Denial::GrantEnded("inactive at the broker".into()))
+        }
+    }
+
+    /// Everything but network fallbacks: the in-memory decision.
+    pub fn check(&self, req: &Request<'_>) -> Result<Allowed, Denial> {
+        let token = match req.authorization {
+            None => return Err(Denial::MissingToken),
+            Some(h) => match h.split_once(' ') {
+                Some((scheme, t)) if scheme.eq_ignore_ascii_case("DPoP") => t.trim(),
+                Some((scheme, _)) if scheme.eq_ignore_ascii_case("Bearer") => {
+                    return Err(Denial::NotDpopScheme);
+                }
+                _ => return Err(Denial::MalformedToken("bad `Authorization` header".into())),
+            },
+        };
+        let keys = self.keys.load();
+        let claims = access::verify(token, |kid| keys.get(kid), &self.cfg.issuer, req.now_secs)
+            .map_err(token_denial)?;
+        if claims.aud != self.cfg.audience {
+            return Err(Denial::WrongAudience {
+                expected: self.cfg.audience.clone(),
+                got: claims.aud.chars().take(128).collect(),
+            });
+        }
+        let proof = match req.dpop {
+            [one] => *one,
+            [] => return Err(Denial::MissingProof),
+            _ => return Err(Denial::MultipleProofs),
+        };
+        let proof = dpop::verify(
+            proof,
+            &DpopRequirements {
+                htm: req.method,
+                htu: req.url,
+                now_secs: req.now_secs,
+                max_age_secs: self.cfg.dpop_max_age_secs,
+                max_skew_secs: 5,
+                access_token: Some(token),
+            },
+            &self.replay,
+        )
+        .map_err(|e| match e {
+            TokenError::Dpop { fault, detail } => Denial::InvalidProof {
+                fault,
+                detail: format!("DPoP proof {detail}"),
+            },
+            TokenError::DpopReplay => Denial::ProofReplayed,
+            TokenError::ReplayCacheFull => Denial::Unavailable("replay cache is full".into()),
+            other => Denial::InvalidProof {
+                fault: DpopFault::Malformed,
+                detail: format!("DPoP proof: {other}"),
+            },
+        })?;
+        if proof.jkt != claims.cnf.jkt {
+            return Err(Denial::ProofKeyMismatch);
+        }
+        if !claims.actions().any(|a| a == req.action) {
+            return Err(Denial::ActionNotGranted(req.action.to_owned()));
+        }
+        if let Some(state) = self.ended_state(&claims.grant_id) {
+            return Err(Denial::GrantEnded(state));
+        }
+        let now_ms = req.now_secs.saturating_mul(1000);
+        if let Some(silent) = self.silent_for(now_ms) {
+            return Err(Denial::FeedStale(silent));
+        }
+        Ok(Allowed { claims })
+    }
+
+    /// How long the feed has been silent, if longer than the staleness bound.
+    fn silent_for(&self, now_ms: i64) -> Option<u64> {
+        let heard = self.heard_ms.load(Ordering::Acquire);
+        let silent_ms = now_ms.saturating_sub(heard).max(0);
+        let bound = i64::try_from(self.cfg.staleness.as_millis()).unwrap_or(i64::MAX);
+        (silent_ms > bound).then(|| u64::try_from(silent_ms / 1000).unwrap_or(u64::MAX))
+    }
+
+    fn ended_state(&self, grant_id: &str) -> Option<String> {
+        self.ended
+            .read()
+            .ok()
+            .and_then(|e| e.by_grant.get(grant_id).map(|(s, _)| s.clone()))
+    }
+
+    /// Records a feed entry (a grant that ended) and that the feed was heard.
+    pub fn apply(&self, e: &FeedEntry, now_ms: i64) {
+        if let Ok(mut ended) = self.ended.write() {
+            ended
+                .by_grant
+                .insert(e.grant_id.clone(), (e.state.clone(), e.exp));
+            // Entries whose tokens have expired on their own can go.
+            if ended.by_grant.len() % 1024 == 0 {
+                ended.by_grant.retain(|_, (_, exp)| *exp > now_ms);
+            }
+        }
+        self.seq.fetch_max(e.seq, Ordering::AcqRel);
+        self.heard(now_ms);
+    }
+
+    /// Notes that the feed was heard from at `now_ms` (an entry or a heartbeat).
+    pub fn heard(&self, now_ms: i64) {
+        self.heard_ms.fetch_max(now_ms, Ordering::AcqRel);
+    }
+
+    /// The newest feed sequence number applied: where to resume.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Asks the broker's introspection endpoint whether `token` is active.
+    async fn introspect(&self, token: &str) -> Result<bool, Denial> {
+        let url = format!("{}/oauth/introspect", self.cfg.broker.trim_end_matches('/'));
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.cfg.token)
+            .form(&[("token", token)])
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| Denial::Unavailable(format!("introspection: {e}")))?;
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| Denial::Unavailable(format!("introspection: {e}")))?;
+        Ok(v.get("active").and_then(serde_json::Value::as_bool) == Some(true))
+    }
+}
+
+fn token_denial(e: TokenError) -> Denial {
+    match e {
+        TokenError::UnknownKey(_) | TokenError::AmbiguousKey => Denial::UnknownKey,
+        TokenError::BadSignature | TokenError::AlgorithmMismatch { .. } => Denial::BadSignature,
+        TokenError::WrongIssuer(_) => Denial::WrongIssuer,
+        TokenError::Expired => Denial::Expired,
+        TokenError::NotYetValid => Denial::NotYetValid,
+        other => Denial::MalformedToken(other.to_string()),
+    }
+}

@@ -1,0 +1,355 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! Every reason the verifier refuses a request, each shown with real signatures:
+//! tokens signed with an Ed25519 broker key made here, proofs from real DPoP keys.
+
+use lapse_token::{AccessClaims, Confirmation, DpopFault, DpopKey, SigningKey};
+use lapse_verifier::{Denial, FeedEntry, OnStale, Request, Verifier, VerifierConfig};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const ISS: &str = "http://broker.test";
+const AUD: &str = "orders-api";
+const URL: &str = "https://orders.example/orders/7";
+const NOW: i64 = 1_900_000_000;
+
+struct World {
+    broker: SigningKey,
+    key: DpopKey,
+    v: Verifier,
+}
+
+fn world() -> World {
+    let broker = SigningKey::generate();
+    let mut keys = HashMap::new();
+    keys.insert(broker.kid().to_owned(), broker.public().clone());
+    let v = Verifier::offline(
+        VerifierConfig {
+            broker: ISS.into(),
+            issuer: ISS.into(),
+            audience: AUD.into(),
+            token: "gate-token".into(),
+            staleness: Duration::from_secs(5),
+            on_stale: OnStale::Deny,
+            dpop_max_age_secs: 60,
+        },
+        keys,
+    );
+    v.heard(NOW * 1000);
+    World {
+        broker,
+        key: DpopKey::generate(),
+        v,
+    }
+}
+
+fn claims(w: &World) -> AccessClaims {
+    AccessClaims {
+        iss: ISS.into(),
+        sub: "spiffe://t/ci/deploy".into(),
+        aud: AUD.into(),
+        exp: NOW + 300,
+        iat: NOW,
+        nbf: NOW,
+        jti: "j1".into(),
+        client_id: "spiffe://t/ci/deploy".into(),
+        scope: "read write".into(),
+        cnf: Confirmation {
+            jkt: w.key.jkt().to_owned(),
+        },
+        task: "T-1".into(),
+        grant_id: "gr_1".into(),
+        break_glass: false,
+    }
+}
+
+fn token(w: &World, c: &AccessClaims) -> String {
+    w.broker.sign_jwt("at+jwt", c).unwrap()
+}
+
+/// Checks a GET of URL needing `read`, with `auth` and `proofs`, at NOW.
+fn check(w: &World, auth: Option<&str>, proofs: &[&str], action: &str) -> Result<(), Denial> {
+    w.v.check(&Request {
+        method: "GET",
+        url: URL,
+        authorization: auth,
+        dpop: proofs,
+        action,
+        now_secs: NOW,
+    })
+    .map(|a| assert_eq!(a.claims.grant_id, "gr_1"))
+}
+
+fn good(w: &World) -> (String, String) {
+    let t = token(w, &claims(w));
+    let p = w.key.proof("GET", URL, Some(&t), NOW);
+    (format!("DPoP {t}"), p)
+}
+
+#[test]
+fn a_bound_token_with_its_proof_for_a_granted_action_passes() {
+    let w = world();
+    let (auth, proof) = good(&w);
+    assert_eq!(check(&w, Some(&auth), &[&proof], "read"), Ok(()));
+}
+
+#[test]
+fn missing_or_misused_tokens() {
+    let w = world();
+    let (auth, proof) = good(&w);
+    assert_eq!(
+        check(&w, None, &[&proof], "read"),
+        Err(Denial::MissingToken)
+    );
+    let bearer = auth.replacen("DPoP", "Bearer", 1);
+    assert_eq!(
+        check(&w, Some(&bearer), &[&proof], "read"),
+        Err(Denial::NotDpopScheme)
+    );
+    assert!(matches!(
+        check(&w, Some("DPoP not-a-jwt"), &[&proof], "read"),
+        Err(Denial::MalformedToken(_))
+    ));
+    assert!(matches!(
+        check(&w, Some("garbage"), &[&proof], "read"),
+        Err(Denial::MalformedToken(_))
+    ));
+}
+
+#[test]
+fn tokens_the_broker_did_not_sign_or_not_for_now_or_here() {
+    let w = world();
+    let c = claims(&w);
+    let other = SigningKey::generate();
+    let forged = other.sign_jwt("at+jwt", &c).unwrap();
+    let d = check(
+        &w,
+        Some(&format!("DPoP {forged}")),
+        &[&w.key.proof("GET", URL, Some(&forged), NOW)],
+        "read",
+    );
+    assert_eq!(
+        d,
+        Err(Denial::UnknownKey),
+        "a key the broker does not publish"
+    );
+
+    // Same kid, another key: the signature does not verify.
+    let t = token(&w, &c);
+    let (head, rest) = t.split_once('.').unwrap();
+    let (payload, _) = rest.split_once('.').unwrap();
+    let sig = lapse_token::b64::encode(other.sign(format!("{head}.{payload}").as_bytes()));
+    let tampered = format!("{head}.{payload}.{sig}");
+    let d = check(
+        &w,
+        Some(&format!("DPoP {tampered}")),
+        &[&w.key.proof("GET", URL, Some(&tampered), NOW)],
+        "read",
+    );
+    assert_eq!(d, Err(Denial::BadSignature));
+
+    let cases: Vec<(AccessClaims, Denial)> = vec![
+        (
+            AccessClaims {
+                iss: "http://evil.test".into(),
+                ..c.clone()
+            },
+            Denial::WrongIssuer,
+        ),
+        (
+            AccessClaims {
+                exp: NOW - 1,
+                ..c.clone()
+            },
+            Denial::Expired,
+        ),
+        (
+            AccessClaims {
+                nbf: NOW + 60,
+                ..c.clone()
+            },
+            Denial::NotYetValid,
+        ),
+        (
+            AccessClaims {
+                aud: "payments-api".into(),
+                ..c.clone()
+            },
+            Denial::WrongAudience {
+                expected: AUD.into(),
+                got: "payments-api".into(),
+            },
+        ),
+    ];
+    for (c, want) in cases {
+        let t = token(&w, &c);
+        let p = w.key.proof("GET", URL, Some(&t), NOW);
+        assert_eq!(
+            check(&w, Some(&format!("DPoP {t}")), &[&p], "read"),
+            Err(want)
+        );
+    }
+}
+
+#[test]
+fn an_action_the_token_does_not_carry() {
+    let w = world();
+    let (auth, proof) = good(&w);
+    assert_eq!(
+        check(&w, Some(&auth), &[&proof], "admin"),
+        Err(Denial::ActionNotGranted("admin".into()))
+    );
+}
+
+#[test]
+fn every_kind_of_bad_proof() {
+    let w = world();
+    let t = token(&w, &claims(&w));
+    let auth = format!("DPoP {t}");
+    assert_eq!(
+        check(&w, Some(&auth), &[], "read"),
+        Err(Denial::MissingProof)
+    );
+    let p1 = w.key.proof("GET", URL, Some(&t), NOW);
+    let p2 = w.key.proof("GET", URL, Some(&t), NOW);
+    assert_eq!(
+        check(&w, Some(&auth), &[&p1, &p2], "read"),
+        Err(Denial::MultipleProofs)
+    );
+
+    let fault = |proof: &str| match check(&w, Some(&auth), &[proof], "read") {
+        Err(Denial::InvalidProof { fault, .. }) => fault,
+        other => panic!("expected an invalid proof, got {other:?}"),
+    };
+    assert_eq!(
+        fault(&w.key.proof("POST", URL, Some(&t), NOW)),
+        DpopFault::Method
+    );
+    assert_eq!(
+        fault(
+            &w.key
+                .proof("GET", "https://orders.example/other", Some(&t), NOW)
+        ),
+        DpopFault::Url
+    );
+    assert_eq!(
+        fault(&w.key.proof("GET", URL, Some(&t), NOW - 120)),
+        DpopFault::Stale
+    );
+    assert_eq!(
+        fault(&w.key.proof("GET", URL, Some(&t), NOW + 120)),
+        DpopFault::Future
+    );
+    assert_eq!(
+        fault(&w.key.proof("GET", URL, None, NOW)),
+        DpopFault::AccessTokenHash
+    );
+    assert_eq!(
+        fault(&w.key.proof("GET", URL, Some("another token"), NOW)),
+        DpopFault::AccessTokenHash
+    );
+    assert_eq!(fault("not.a.proof"), DpopFault::Malformed);
+    let good = w.key.proof("GET", URL, Some(&t), NOW);
+    let (rest, _) = good.rsplit_once('.').unwrap();
+    let resigned = format!(
+        "{rest}.{}",
+        lapse_token::b64::encode(SigningKey::generate().sign(rest.as_bytes()))
+    );
+    assert_eq!(fault(&resigned), DpopFault::Signature);
+
+    // A proof from another key than the token is bound to.
+    let thief = DpopKey::generate();
+    assert_eq!(
+        check(
+            &w,
+            Some(&auth),
+            &[&thief.proof("GET", URL, Some(&t), NOW)],
+            "read"
+        ),
+        Err(Denial::ProofKeyMismatch)
+    );
+    // A proof used twice.
+    let once = w.key.proof("GET", URL, Some(&t), NOW);
+    assert_eq!(check(&w, Some(&auth), &[&once], "read"), Ok(()));
+    assert_eq!(
+        check(&w, Some(&auth), &[&once], "read"),
+        Err(Denial::ProofReplayed)
+    );
+}
+
+#[test]
+fn an_ended_grant_and_a_silent_feed() {
+    let w = world();
+    let (auth, proof) = good(&w);
+    assert_eq!(check(&w, Some(&auth), &[&proof], "read"), Ok(()));
+    w.v.apply(
+        &FeedEntry {
+            seq: 1,
+            at: NOW * 1000,
+            grant_id: "gr_1".into(),
+            state: "revoked".into(),
+            audience: AUD.into(),
+            jti: Some("j1".into()),
+            exp: (NOW + 300) * 1000,
+            reason: "gone".into(),
+        },
+        NOW * 1000,
+    );
+    assert_eq!(w.v.seq(), 1);
+    let (auth, proof) = good(&w);
+    assert_eq!(
+        check(&w, Some(&auth), &[&proof], "read"),
+        Err(Denial::GrantEnded("revoked".into()))
+    );
+
+    // Another grant, but the feed was last heard 6 s ago (bound 5 s).
+    let w = world();
+    let late = Request {
+        method: "GET",
+        url: URL,
+        authorization: None,
+        dpop: &[],
+        action: "read",
+        now_secs: NOW + 6,
+    };
+    let t = token(
+        &w,
+        &AccessClaims {
+            exp: NOW + 600,
+            ..claims(&w)
+        },
+    );
+    let p = w.key.proof("GET", URL, Some(&t), NOW + 6);
+    let auth = format!("DPoP {t}");
+    let proofs = [p.as_str()];
+    let r = w.v.check(&Request {
+        authorization: Some(&auth),
+        dpop: &proofs,
+        ..late
+    });
+    assert_eq!(r.map(|_| ()), Err(Denial::FeedStale(6)));
+}
+
+#[test]
+fn denials_map_to_statuses_and_error_codes() {
+    assert_eq!(Denial::MissingToken.status(), 401);
+    assert_eq!(Denial::ProofReplayed.code(), "invalid_dpop_proof");
+    assert_eq!(Denial::ActionNotGranted("x".into()).status(), 403);
+    assert_eq!(
+        Denial::ActionNotGranted("x".into()).code(),
+        "insufficient_scope"
+    );
+    assert_eq!(Denial::FeedStale(9).status(), 503);
+    assert_eq!(Denial::GrantEnded("revoked".into()).code(), "invalid_token");
+    let h = Denial::WrongAudience {
+        expected: "a\"b".into(),
+        got: "c".into(),
+    }
+    .www_authenticate();
+    assert!(h.starts_with("DPoP error=\"insufficient_scope\""), "{h}");
+    assert_eq!(h.matches('"').count(), 6, "quotes inside are dropped: {h}");
+}
