@@ -90,6 +90,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Forward-auth for nginx `auth_request`, Envoy `ext_authz` and Traefik
+    /// `forwardAuth`: verifies Lapse tokens and DPoP proofs in front of a service,
+    /// follows the revocation feed, evaluates the broker's policies per request.
+    Gate {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Credentials for operator accounts (API tokens, console passwords).
     Operator {
         #[command(subcommand)]
@@ -331,11 +338,13 @@ pub(crate) fn fail(code: u8, msg: impl Into<String>) -> Fail {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAPSE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Serve { .. }) {
-            "info"
-        } else {
-            "warn"
-        })
+        tracing_subscriber::EnvFilter::new(
+            if matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Gate { .. }) {
+                "info"
+            } else {
+                "warn"
+            },
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -410,10 +419,28 @@ async fn run(cli: Cli) -> Out {
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
         Cmd::Operator { cmd } => operator::run(cmd),
+        Cmd::Gate { config } => gate(&config).await,
         Cmd::Report {
             cmd: ReportCmd::Standing { server, window },
         } => standing(server, window, json_out).await,
     }
+}
+
+async fn gate(config: &Path) -> Out {
+    let cfg = lapse_gate::config::GateConfig::load(config).map_err(|e| fail(1, e.to_string()))?;
+    let listen = cfg.listen;
+    let gate = lapse_gate::Gate::new(cfg)
+        .await
+        .map_err(|e| fail(7, e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| fail(1, format!("cannot listen on {listen}: {e}")))?;
+    tracing::info!(%listen, "lapse gate listening");
+    lapse_gate::serve(gate, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .map_err(|e| fail(1, e.to_string()))
 }
 
 async fn serve(

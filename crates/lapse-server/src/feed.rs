@@ -96,7 +96,11 @@ pub async fn feed(
 /// until the client goes away.
 async fn pump(s: Arc<Lapse>, mut after: u64, tx: tokio::sync::mpsc::Sender<Event>) {
     let mut woken = s.feed_bumps.subscribe();
+    let mut closing = s.closing.subscribe();
     loop {
+        if *closing.borrow_and_update() {
+            return;
+        }
         // Mark what has been seen before reading, so a commit during the read
         // wakes the next wait instead of being missed.
         woken.borrow_and_update();
@@ -134,6 +138,7 @@ async fn pump(s: Arc<Lapse>, mut after: u64, tx: tokio::sync::mpsc::Sender<Event
             _ = woken.changed() => {}
             () = tokio::time::sleep(HEARTBEAT) => {}
             () = tx.closed() => return,
+            _ = closing.changed() => return,
         }
     }
 }

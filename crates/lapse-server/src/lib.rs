@@ -178,9 +178,15 @@ pub async fn serve(
             },
         )));
     }
+    let closing = lapse.closing.clone();
     let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Feed streams never end by themselves; they must, for the graceful
+            // shutdown to finish (gates reconnect to another replica, or resume).
+            closing.send_replace(true);
+        })
         .await;
     for task in background {
         task.abort();

@@ -59,6 +59,8 @@ pub struct Lapse {
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     /// Bumped after every commit that ends a grant: wakes the revocation-feed streams.
     pub feed_bumps: tokio::sync::watch::Sender<u64>,
+    /// Set when the server is shutting down: ends the feed streams.
+    pub closing: tokio::sync::watch::Sender<bool>,
     audiences: HashSet<String>,
     operators: HashMap<[u8; 32], Operator>,
 }
@@ -148,6 +150,7 @@ impl Lapse {
             notifier: None,
             providers: HashMap::new(),
             feed_bumps: tokio::sync::watch::channel(0).0,
+            closing: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -533,6 +536,14 @@ impl Lapse {
             task: grant.request.task.id.clone(),
             grant_id: grant.id.to_string(),
             break_glass: grant.request.context.break_glass,
+            ctx: Some(lapse_token::DecisionContext {
+                wl_iss: grant.request.workload.issuer.clone(),
+                wl_sub: grant.request.workload.subject.clone(),
+                claims: grant.request.workload.claims.clone(),
+                purpose: grant.request.task.purpose.clone(),
+                ticket: grant.request.task.ticket.clone(),
+                environment: grant.request.context.environment.clone(),
+            }),
         };
         self.key
             .sign_jwt(ACCESS_TOKEN_TYP, &claims)

@@ -30,6 +30,28 @@ pub struct AccessClaims {
     pub grant_id: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub break_glass: bool,
+    /// What the grant was decided on beyond the standard claims, so a gate can
+    /// evaluate the current policies for each request exactly as the broker did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<DecisionContext>,
+}
+
+/// The inputs of the grant's decision a gate needs to decide again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DecisionContext {
+    /// The identity token's issuer.
+    pub wl_iss: String,
+    /// The identity token's `sub`.
+    pub wl_sub: String,
+    /// The identity claims policies see as the workload's tags.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub claims: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub purpose: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ticket: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub environment: String,
 }
 
 /// RFC 9449 confirmation: the SHA-256 thumbprint of the DPoP key.

@@ -15,7 +15,7 @@ pub mod jws;
 pub mod replay;
 pub mod signing;
 
-pub use access::{AccessClaims, Confirmation};
+pub use access::{AccessClaims, Confirmation, DecisionContext};
 pub use dpop::{DpopKey, DpopProof, DpopRequirements};
 pub use error::{DpopFault, TokenError};
 pub use jwk::{Jwk, PublicKey};

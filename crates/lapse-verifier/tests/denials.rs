@@ -64,6 +64,7 @@ fn claims(w: &World) -> AccessClaims {
         task: "T-1".into(),
         grant_id: "gr_1".into(),
         break_glass: false,
+        ctx: None,
     }
 }
 

@@ -1,0 +1,340 @@
+//! `lapse gate`: the place a Lapse token is accepted or refused in front of a
+//! service.
+//!
+//! It speaks forward-auth: nginx `auth_request`, Envoy `ext_authz` (HTTP mode,
+//! `path_prefix: /check`) and Traefik `forwardAuth`. For each request it reads the
+//! original method and URI (`X-Original-Method`/`X-Original-URI`, or
+//! `X-Forwarded-Method`/`X-Forwarded-Uri`, or the request itself under `/check`),
+//! maps them to an action with the configured rules (first match; no match is a
+//! refusal), verifies the token, its DPoP proof for the *original* URL, audience,
+//! action and grant state ([`lapse_verifier`]), then evaluates the broker's current
+//! Cedar policies for this request (pulled and swapped in as they change). It
+//! answers 200 with `X-Lapse-Workload`, `X-Lapse-Task`, `X-Lapse-Grant` and
+//! `X-Lapse-Action` for the upstream, or 401/403 with a `WWW-Authenticate`, or 503
+//! when it cannot decide (no policy yet, feed stale): never allow by default.
+
+pub mod config;
+
+use arc_swap::ArcSwapOption;
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use config::GateConfig;
+use lapse_core::{
+    AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
+};
+use lapse_policy::PolicyBundle;
+use lapse_verifier::{Denial, Request as Check, Verifier, VerifierConfig};
+use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Gate {
+    cfg: GateConfig,
+    pub verifier: Arc<Verifier>,
+    policy: ArcSwapOption<PolicyBundle>,
+    policy_digest: std::sync::Mutex<String>,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Verifier(#[from] lapse_verifier::VerifierError),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl Gate {
+    /// Connects to the broker (keys, then policies) and is ready to decide.
+    pub async fn new(cfg: GateConfig) -> Result<Arc<Self>, GateError> {
+        let token = cfg.token()?;
+        let verifier = Verifier::new(VerifierConfig {
+            broker: cfg.broker.clone(),
+            issuer: cfg.issuer.clone().unwrap_or_else(|| cfg.broker.clone()),
+            audience: cfg.audience.clone(),
+            token,
+            staleness: Duration::from_secs(cfg.staleness.secs().max(1)),
+            on_stale: cfg.on_stale,
+            dpop_max_age_secs: 60,
+        })
+        .await?;
+        let gate = Arc::new(Self {
+            cfg,
+            verifier: Arc::new(verifier),
+            policy: ArcSwapOption::empty(),
+            policy_digest: std::sync::Mutex::new(String::new()),
+            http: lapse_identity::http_client(),
+        });
+        if let Err(e) = gate.refresh_policy().await {
+            tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
+        }
+        Ok(gate)
+    }
+
+    /// Pulls the broker's policy files and swaps in a new bundle when they changed.
+    /// A bundle that does not build keeps the last good one.
+    pub async fn refresh_policy(&self) -> Result<bool, String> {
+        let url = format!("{}/v1/policies", self.cfg.broker.trim_end_matches('/'));
+        let v: serde_json::Value = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.verifier.config().token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .error_for_status()
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let digest = v
+            .get("digest")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if self
+            .policy_digest
+            .lock()
+            .map(|d| *d == digest)
+            .unwrap_or(false)
+        {
+            return Ok(false);
+        }
+        let files: Vec<lapse_policy::SourceFile> =
+            serde_json::from_value(v.get("files").cloned().unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+        let bundle = PolicyBundle::from_sources(&files).map_err(|e| e.to_string())?;
+        tracing::info!(policies = bundle.policy_count, %digest, "gate policy updated");
+        self.policy.store(Some(Arc::new(bundle)));
+        if let Ok(mut d) = self.policy_digest.lock() {
+            *d = digest;
+        }
+        Ok(true)
+    }
+
+    /// The action `method path` needs, by the first matching rule.
+    pub fn action_for(&self, method: &str, path: &str) -> Option<&str> {
+        self.cfg
+            .rules
+            .iter()
+            .find(|r| r.matches(method, path))
+            .map(|r| r.action.as_str())
+    }
+
+    /// Decides one forwarded request.
+    pub async fn decide(
+        &self,
+        headers: &HeaderMap,
+        method: &str,
+        uri: &str,
+        peer: IpAddr,
+    ) -> Result<Allowed, Denial> {
+        let path = uri.split(['?', '#']).next().unwrap_or_default();
+        if !config::plain_path(path) {
+            return Err(Denial::NoRule);
+        }
+        let action = self.action_for(method, path).ok_or(Denial::NoRule)?;
+        let url = format!("{}{path}", self.external_base(headers));
+        let dpop: Vec<&str> = headers
+            .get_all("dpop")
+            .iter()
+            .map(|v| v.to_str().unwrap_or(""))
+            .collect();
+        let now = now_secs();
+        let allowed = self
+            .verifier
+            .verify(&Check {
+                method,
+                url: &url,
+                authorization: headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok()),
+                dpop: &dpop,
+                action,
+                now_secs: now,
+            })
+            .await?;
+        let c = allowed.claims;
+        let bundle = self
+            .policy
+            .load_full()
+            .ok_or_else(|| Denial::Unavailable("no policy from the broker yet".into()))?;
+        let ctx = c.ctx.clone().unwrap_or_default();
+        let source = client_ip(headers).unwrap_or(peer);
+        let request = AccessRequest {
+            workload: WorkloadIdentity {
+                id: c.sub.clone(),
+                issuer: ctx.wl_iss,
+                subject: ctx.wl_sub,
+                claims: ctx.claims,
+            },
+            task: Task {
+                id: c.task.clone(),
+                purpose: ctx.purpose,
+                ticket: ctx.ticket,
+            },
+            audience: c.aud.clone(),
+            actions: vec![action.to_owned()],
+            requested_ttl_secs: u64::try_from(c.exp.saturating_sub(now)).unwrap_or(0),
+            context: RequestContext {
+                environment: ctx.environment,
+                source,
+                time: Timestamp::from_unix_seconds(now),
+                break_glass: c.break_glass,
+            },
+        };
+        // Approval was given when the token was issued; what matters now is that
+        // the current policies still permit the request.
+        match bundle.decide(&request).outcome {
+            DecisionOutcome::Allow { .. } | DecisionOutcome::ApprovalRequired { .. } => {
+                Ok(Allowed {
+                    workload: c.sub,
+                    task: c.task,
+                    grant: c.grant_id,
+                    action: action.to_owned(),
+                })
+            }
+            DecisionOutcome::Deny { reasons } => Err(Denial::PolicyDenied(reasons.join("; "))),
+        }
+    }
+
+    /// The scheme and host clients use for the protected service (DPoP `htu`).
+    fn external_base(&self, headers: &HeaderMap) -> String {
+        if let Some(u) = &self.cfg.external_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let proto = h("x-forwarded-proto").unwrap_or("http");
+        let host = h("x-forwarded-host")
+            .or_else(|| h("host"))
+            .unwrap_or("localhost");
+        format!("{proto}://{host}")
+    }
+}
+
+/// What the upstream learns about an allowed request.
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    pub workload: String,
+    pub task: String,
+    pub grant: String,
+    pub action: String,
+}
+
+fn client_ip(headers: &HeaderMap) -> Option<IpAddr> {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    h("x-real-ip")
+        .or_else(|| h("x-forwarded-for").and_then(|v| v.split(',').next()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The original method and URI of a forwarded request.
+fn original(headers: &HeaderMap, req: &Request) -> (String, String) {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let method = h("x-original-method")
+        .or_else(|| h("x-forwarded-method"))
+        .map_or_else(|| req.method().as_str().to_owned(), str::to_owned);
+    let uri = h("x-original-uri")
+        .or_else(|| h("x-forwarded-uri"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            // Envoy ext_authz sends the original path under the configured prefix.
+            let p = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            match p.strip_prefix("/check") {
+                Some(rest) if rest.starts_with('/') => rest.to_owned(),
+                Some(_) => "/".to_owned(),
+                None => p,
+            }
+        });
+    (method.to_ascii_uppercase(), uri)
+}
+
+async fn check(
+    State(g): State<Arc<Gate>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let headers = req.headers().clone();
+    let (method, uri) = original(&headers, &req);
+    match g.decide(&headers, &method, &uri, peer.ip()).await {
+        Ok(a) => {
+            let mut r = StatusCode::OK.into_response();
+            let h = r.headers_mut();
+            for (k, v) in [
+                ("x-lapse-workload", &a.workload),
+                ("x-lapse-task", &a.task),
+                ("x-lapse-grant", &a.grant),
+                ("x-lapse-action", &a.action),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    h.insert(k, v);
+                }
+            }
+            r
+        }
+        Err(d) => {
+            tracing::info!(%method, uri = %uri.chars().take(200).collect::<String>(), denial = %d, "gate refused");
+            let status = StatusCode::from_u16(d.status()).unwrap_or(StatusCode::FORBIDDEN);
+            let mut r = (
+                status,
+                axum::Json(json!({ "error": d.code(), "error_description": d.to_string() })),
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&d.www_authenticate()) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            r
+        }
+    }
+}
+
+pub fn router(g: Arc<Gate>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { axum::Json(json!({ "status": "ok" })) }),
+        )
+        .fallback(check)
+        .with_state(g)
+}
+
+/// Serves until `shutdown`, following the feed and the policies meanwhile.
+pub async fn serve(
+    gate: Arc<Gate>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let follow = tokio::spawn(gate.verifier.clone().follow());
+    let g = gate.clone();
+    let every = Duration::from_secs(gate.cfg.policy_refresh.secs().max(1));
+    let policies = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = g.refresh_policy().await {
+                tracing::warn!(error = %e, "gate could not refresh its policies; keeping the last good set");
+            }
+        }
+    });
+    let app = router(gate).into_make_service_with_connect_info::<SocketAddr>();
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    follow.abort();
+    policies.abort();
+    r
+}

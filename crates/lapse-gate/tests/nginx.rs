@@ -1,0 +1,389 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! A real nginx (Debian's package; `.ci/run` installs it) in front of a small
+//! upstream, asking `lapse gate` with `auth_request`, against a real broker.
+//! A missing nginx fails the test; it is never skipped.
+
+use lapse_core::{Clock, SystemClock};
+use lapse_gate::config::GateConfig;
+use lapse_server::dev;
+use lapse_token::DpopKey;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+
+struct Broker {
+    url: String,
+    dir: PathBuf,
+    admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn broker(tmp: &Path) -> Broker {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tmp.join("broker");
+    let (cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = lapse_server::serve(lapse, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Broker {
+        url: format!("http://{addr}"),
+        dir: dir.canonicalize().unwrap(),
+        admin,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// The protected service: says who the gate let through.
+async fn upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let h = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        axum::Json(json!({
+            "workload": h("x-lapse-workload"),
+            "task": h("x-lapse-task"),
+            "authorization": h("authorization"),
+        }))
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nginx(dir: &Path, port: u16, gate: u16, upstream: u16) -> Nginx {
+    let bin = std::env::var("LAPSE_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    let template = include_str!("../../../examples/gate/nginx.conf");
+    let conf = template
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
+        .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate}"))
+        .replace("127.0.0.1:9000", &format!("127.0.0.1:{upstream}"));
+    let d = dir.display();
+    let conf = format!(
+        "{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{conf}\n}}\n",
+        user = if root { "user root;\n" } else { "" },
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new(&bin)
+        .args(["-p", &d.to_string(), "-c", &path.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start `{bin}` ({e}); the gate tests need a real nginx: `apt-get install nginx`")
+        });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not listen: {}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Nginx(child)
+}
+
+fn now() -> i64 {
+    SystemClock.now().unix_seconds()
+}
+
+/// A DPoP-bound token for `scope` on `audience` from the broker.
+async fn token(b: &Broker, key: &DpopKey, audience: &str, scope: &str) -> (String, String) {
+    let http = reqwest::Client::new();
+    let url = format!("{}/oauth/token", b.url);
+    let identity = dev::dev_token(&b.dir, CI, 600, &[], now()).unwrap();
+    let r: Value = http
+        .post(&url)
+        .header("DPoP", key.proof("POST", &url, None, now()))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", &identity),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", audience),
+            ("scope", scope),
+            ("task", "T-gate"),
+            ("purpose", "read orders through the gate"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        r["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"))
+            .to_owned(),
+        r["grant_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+struct Call {
+    status: u16,
+    www: String,
+    body: Value,
+}
+
+/// `method url` through nginx with the token and a proof (or the proof given).
+async fn call(method: &str, url: &str, token: &str, proof: Option<&str>) -> Call {
+    let http = reqwest::Client::new();
+    let mut rb = http
+        .request(method.parse().unwrap(), url)
+        .header("Authorization", format!("DPoP {token}"));
+    if let Some(p) = proof {
+        rb = rb.header("DPoP", p);
+    }
+    let r = rb.send().await.unwrap();
+    Call {
+        status: r.status().as_u16(),
+        www: r
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default(),
+        body: r.json().await.unwrap_or(Value::Null),
+    }
+}
+
+fn proof(key: &DpopKey, method: &str, url: &str, token: &str) -> String {
+    key.proof(method, url, Some(token), now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_auth_request_through_lapse_gate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut b = broker(tmp.path()).await;
+    let up = upstream().await;
+    let (gate_port, web) = (free_port(), free_port());
+    std::fs::write(tmp.path().join("gate.token"), &b.admin).unwrap();
+    let cfg = GateConfig::parse(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/gate/gate.toml"
+        ))
+        .unwrap()
+        .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate_port}"))
+        .replace("http://127.0.0.1:7800", &b.url)
+        .replace("http://127.0.0.1:8080", &format!("http://127.0.0.1:{web}"))
+        .replace(
+            "file:/etc/lapse/gate.token",
+            &format!("file:{}", tmp.path().join("gate.token").display()),
+        )
+        .replace("staleness = \"5s\"", "staleness = \"2s\""),
+    )
+    .unwrap();
+    let gate = lapse_gate::Gate::new(cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", gate_port))
+        .await
+        .unwrap();
+    tokio::spawn(lapse_gate::serve(gate, listener, std::future::pending()));
+    let _nginx = nginx(&tmp.path().join("nginx"), web, gate_port, up);
+    let url = format!("http://127.0.0.1:{web}/orders/7");
+
+    // A valid DPoP-bound token for `read` on orders-db passes, and the upstream
+    // learns who came (but never sees the token).
+    let key = DpopKey::generate();
+    let (t, gid) = token(&b, &key, "orders-db", "read").await;
+    let ok = call("GET", &url, &t, Some(&proof(&key, "GET", &url, &t))).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert_eq!(ok.body["workload"], CI);
+    assert_eq!(ok.body["task"], "T-gate");
+    assert_eq!(ok.body["authorization"], "", "no token passthrough");
+
+    // Without its proof; with a replayed proof; with a proof for another URL.
+    let c = call("GET", &url, &t, None).await;
+    assert_eq!(c.status, 401);
+    assert!(c.www.contains("invalid_dpop_proof"), "{}", c.www);
+    let p = proof(&key, "GET", &url, &t);
+    assert_eq!(call("GET", &url, &t, Some(&p)).await.status, 200);
+    let c = call("GET", &url, &t, Some(&p)).await;
+    assert_eq!(c.status, 401, "a replayed proof");
+    assert!(c.www.contains("already used"), "{}", c.www);
+    let other = format!("http://127.0.0.1:{web}/orders/8");
+    assert_eq!(
+        call("GET", &url, &t, Some(&proof(&key, "GET", &other, &t)))
+            .await
+            .status,
+        401
+    );
+    // A stolen token with the thief's own key.
+    let thief = DpopKey::generate();
+    assert_eq!(
+        call("GET", &url, &t, Some(&proof(&thief, "GET", &url, &t)))
+            .await
+            .status,
+        401
+    );
+    // An action the token does not carry (POST needs `write`).
+    let c = call("POST", &url, &t, Some(&proof(&key, "POST", &url, &t))).await;
+    assert_eq!(c.status, 403);
+    assert!(c.www.contains("insufficient_scope"), "{}", c.www);
+    // A path no rule maps.
+    let admin = format!("http://127.0.0.1:{web}/admin");
+    assert_eq!(
+        call("GET", &admin, &t, Some(&proof(&key, "GET", &admin, &t)))
+            .await
+            .status,
+        403
+    );
+    // A token for another audience.
+    let agent_key = DpopKey::generate();
+    let identity = dev::dev_token(
+        &b.dir,
+        "spiffe://dev.lapse.local/agent/support-bot",
+        600,
+        &[],
+        now(),
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let turl = format!("{}/oauth/token", b.url);
+    let r: Value = http
+        .post(&turl)
+        .header("DPoP", agent_key.proof("POST", &turl, None, now()))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "tickets-api"),
+            ("scope", "read"),
+            ("task", "T-9"),
+            ("purpose", "triage"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let other_aud = r["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_owned();
+    let c = call(
+        "GET",
+        &url,
+        &other_aud,
+        Some(&proof(&agent_key, "GET", &url, &other_aud)),
+    )
+    .await;
+    assert_eq!(c.status, 403, "another audience");
+
+    // Revoked at the broker: refused on the next request, well within the bound.
+    let revoked_at = Instant::now();
+    let st = http
+        .post(format!("{}/v1/grants/{gid}/revoke", b.url))
+        .bearer_auth(&b.admin)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 200);
+    loop {
+        let c = call("GET", &url, &t, Some(&proof(&key, "GET", &url, &t))).await;
+        if c.status == 401 {
+            assert!(c.www.contains("grant has ended"), "{}", c.www);
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(2),
+            "still honoured after revoke"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("revoke → refused at the gate in {:?}", revoked_at.elapsed());
+
+    // The feed is cut (the broker goes away): fail closed after the staleness bound.
+    let key2 = DpopKey::generate();
+    let (t2, _) = token(&b, &key2, "orders-db", "read").await;
+    assert_eq!(
+        call("GET", &url, &t2, Some(&proof(&key2, "GET", &url, &t2)))
+            .await
+            .status,
+        200
+    );
+    let _ = b.stop.take().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(5), &mut b.task)
+        .await
+        .expect("the broker shuts down with feed streams open")
+        .unwrap();
+    let cut = Instant::now();
+    loop {
+        let c = call("GET", &url, &t2, Some(&proof(&key2, "GET", &url, &t2))).await;
+        if c.status != 200 {
+            // nginx turns the gate's 503 into a 500: either way, refused.
+            assert_eq!(c.status, 500, "{:?}", c.body);
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(4),
+            "still allowed with the feed cut"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cut.elapsed() >= Duration::from_millis(1500),
+        "not before the bound: {:?}",
+        cut.elapsed()
+    );
+}
