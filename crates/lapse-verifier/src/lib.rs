@@ -382,6 +382,11 @@ impl Verifier {
         (silent_ms > bound).then(|| u64::try_from(silent_ms / 1000).unwrap_or(u64::MAX))
     }
 
+    /// How grant `grant_id` ended, if the feed said so.
+    pub fn ended(&self, grant_id: &str) -> Option<String> {
+        self.ended_state(grant_id)
+    }
+
     fn ended_state(&self, grant_id: &str) -> Option<String> {
         self.ended
             .read()
