@@ -76,10 +76,41 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         approvals: usize,
     },
+    /// The gate: in-process decisions per core, revocation propagation to 10 gates,
+    /// latency added through a real nginx at a fixed rate.
+    Gate {
+        #[command(subcommand)]
+        cmd: GateCmd,
+    },
     /// fsync latency of the disk the store lives on, for context.
     Fsync {
         #[arg(long, default_value_t = 300)]
         iterations: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum GateCmd {
+    /// `Gate::decide` on one thread.
+    Decide {
+        #[arg(long, default_value_t = 100_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Revoke sent → every following gate refuses.
+    Propagation {
+        #[arg(long, default_value_t = 10)]
+        gates: usize,
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+    },
+    /// p99 through nginx with and without the gate at a fixed rate.
+    Nginx {
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
     },
 }
 
@@ -122,6 +153,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Introspect(a) => load(Kind::Introspect, &a, cli.json),
         Cmd::Fsync { iterations } => fsync(iterations, cli.json),
         Cmd::Run { samples } => runcmd::run(samples, cli.json),
+        Cmd::Gate { cmd } => match cmd {
+            GateCmd::Decide { requests, runs } => gate::decide(requests, runs, cli.json),
+            GateCmd::Propagation { gates, samples } => gate::propagation(gates, samples, cli.json),
+            GateCmd::Nginx { rate, seconds } => gate::through_nginx(rate, seconds, cli.json),
+        },
         Cmd::Console {
             pending,
             samples,
@@ -259,6 +295,7 @@ enum Kind {
 }
 
 mod console;
+mod gate;
 mod pg;
 mod runcmd;
 

@@ -15,6 +15,9 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+const OTHER: &str = "spiffe://dev.lapse.local/ci/backup";
+
 struct Broker {
     url: String,
     dir: std::path::PathBuf,
@@ -28,7 +31,21 @@ async fn broker() -> Broker {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dir = tmp.path().join("broker");
-    let (cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    for (name, role) in [
+        ("ci-system", lapse_server::config::Role::Signal),
+        ("auditor", lapse_server::config::Role::Read),
+    ] {
+        cfg.operators.push(lapse_server::config::OperatorEntry {
+            name: name.into(),
+            token_sha256: Some(hex::encode(lapse_server::service::hash_secret(&format!(
+                "token-of-{name}"
+            )))),
+            password_argon2: None,
+            roles: vec![role],
+            groups: vec![],
+        });
+    }
     let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
         .await
         .unwrap();
@@ -45,17 +62,25 @@ async fn broker() -> Broker {
 impl Broker {
     /// Issues a grant and revokes it; answers its id.
     async fn issue_and_revoke(&self, n: usize) -> String {
+        let id = self.issue(CI, &format!("T-{n}"), "read").await;
+        let st = self
+            .http
+            .post(format!("{}/v1/grants/{id}/revoke", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, 200);
+        id
+    }
+
+    /// A grant (or a pending request) of `workload` for `task`; answers its id.
+    async fn issue(&self, workload: &str, task: &str, scope: &str) -> String {
         let key = DpopKey::generate();
         let now = SystemClock.now().unix_seconds();
         let url = format!("{}/oauth/token", self.url);
-        let identity = dev::dev_token(
-            &self.dir,
-            "spiffe://dev.lapse.local/ci/deploy",
-            600,
-            &[],
-            now,
-        )
-        .unwrap();
+        let identity = dev::dev_token(&self.dir, workload, 600, &[], now).unwrap();
         let v: Value = self
             .http
             .post(&url)
@@ -68,8 +93,8 @@ impl Broker {
                 ("subject_token", identity.as_str()),
                 ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
                 ("audience", "orders-db"),
-                ("scope", "read"),
-                ("task", &format!("T-{n}")),
+                ("scope", scope),
+                ("task", task),
                 ("purpose", "feed test"),
             ])
             .send()
@@ -78,20 +103,37 @@ impl Broker {
             .json()
             .await
             .unwrap();
-        let id = v["grant_id"]
+        v["grant_id"]
             .as_str()
+            .or_else(|| v["request_id"].as_str())
             .unwrap_or_else(|| panic!("{v}"))
-            .to_owned();
-        let st = self
+            .to_owned()
+    }
+
+    async fn signal(&self, sender: &str, body: Value) -> (u16, Value) {
+        let r = self
             .http
-            .post(format!("{}/v1/grants/{id}/revoke", self.url))
+            .post(format!("{}/v1/signals", self.url))
+            .bearer_auth(format!("token-of-{sender}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn state(&self, id: &str) -> String {
+        let v: Value = self
+            .http
+            .get(format!("{}/v1/grants/{id}", self.url))
             .bearer_auth(&self.admin)
             .send()
             .await
             .unwrap()
-            .status();
-        assert_eq!(st, 200);
-        id
+            .json()
+            .await
+            .unwrap();
+        v["state"].as_str().unwrap().to_owned()
     }
 
     async fn verifier(&self) -> Arc<Verifier> {
@@ -209,4 +251,133 @@ async fn a_gate_that_stops_resumes_without_missing_an_ending_and_in_order() {
         .unwrap()
         .status();
     assert_eq!(st, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_end_the_grants_they_name_and_reach_gates_through_the_feed() {
+    let b = broker().await;
+    let v = b.verifier().await;
+    let follow = tokio::spawn(v.clone().follow());
+    let a1 = b.issue(CI, "T-a", "read").await;
+    let a2 = b.issue(CI, "T-a", "read").await;
+    let other_task = b.issue(CI, "T-b", "read").await;
+    let other_workload = b.issue(OTHER, "T-a", "read").await;
+
+    // Refused: no token, the wrong role, an unknown type, an empty subject.
+    let r = b
+        .http
+        .post(format!("{}/v1/signals", b.url))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let task_ended = serde_json::json!({ "type": "task-ended", "subject": { "workload": CI, "task": "T-a" }, "reason": "CI job 4411 finished" });
+    assert_eq!(b.signal("auditor", task_ended.clone()).await.0, 403);
+    let (st, e) = b
+        .signal(
+            "ci-system",
+            serde_json::json!({ "type": "made-up", "subject": { "task": "T-a" } }),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(
+        b.signal(
+            "ci-system",
+            serde_json::json!({ "type": "task-ended", "subject": {} })
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(b.state(&a1).await, "active");
+
+    // "Task T-a of this workload is over": exactly its two grants end.
+    let started = Instant::now();
+    let (st, out) = b.signal("ci-system", task_ended).await;
+    assert_eq!(st, 200, "{out}");
+    let mut ended: Vec<String> = out["ended"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_owned())
+        .collect();
+    ended.sort();
+    let mut want = vec![a1.clone(), a2.clone()];
+    want.sort();
+    assert_eq!(ended, want);
+    while v.ended(&a1).is_none() || v.ended(&a2).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the gate did not hear of it"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(b.state(&other_task).await, "active");
+    assert_eq!(b.state(&other_workload).await, "active");
+
+    // A CAEP session-revoked for the workload ends all of its grants, and a
+    // request of it that waits for approval is denied.
+    let pending = b.issue(CI, "T-c", "admin").await;
+    assert_eq!(b.state(&pending).await, "pending");
+    let (st, out) = b
+        .signal(
+            "ci-system",
+            serde_json::json!({
+                "type": "https://schemas.openid.net/secevent/caep/event-type/session-revoked",
+                "subject": { "workload": CI },
+                "reason": "node compromised",
+                "event_timestamp": 1_900_000_000
+            }),
+        )
+        .await;
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(out["type"], "session-revoked");
+    assert_eq!(out["ended"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(b.state(&other_task).await, "revoked");
+    assert_eq!(b.state(&pending).await, "denied");
+    assert_eq!(b.state(&other_workload).await, "active");
+
+    // On the record: who sent what, and why each grant ended.
+    let audit: Value = b
+        .http
+        .get(format!("{}/v1/grants/{other_task}", b.url))
+        .bearer_auth(&b.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let revoked = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "grant.revoked")
+        .unwrap();
+    assert_eq!(revoked["actor"], "ci-system");
+    assert!(
+        revoked["data"]
+            .as_str()
+            .unwrap()
+            .contains("signal `session-revoked` from `ci-system`: node compromised")
+    );
+    let log: Value = b
+        .http
+        .get(format!("{}/v1/audit?limit=10000", b.url))
+        .bearer_auth(&b.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let signals = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "signal.received")
+        .count();
+    assert_eq!(signals, 2, "refused signals leave no signal.received");
+    follow.abort();
 }

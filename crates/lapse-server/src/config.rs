@@ -124,7 +124,7 @@ pub struct OperatorEntry {
     /// makes one). People sign in with it; automation uses the API token.
     #[serde(default)]
     pub password_argon2: Option<String>,
-    /// Any of `admin`, `read`, `revoke`, `introspect`, `approve`, `gate`.
+    /// Any of `admin`, `read`, `revoke`, `introspect`, `approve`, `gate`, `signal`.
     pub roles: Vec<Role>,
     /// Approver groups (`@approvers("GROUP")` in policy) this operator belongs to.
     /// The `admin` role does not imply any: who may approve is named explicitly.
@@ -163,6 +163,8 @@ pub enum Role {
     Approve,
     /// A gate: follow the revocation feed, fetch the policy bundle, report use.
     Gate,
+    /// Send signals (`POST /v1/signals`) that end matching grants.
+    Signal,
 }
 
 fn default_ttl() -> TtlDuration {

@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reviews", get(list_reviews))
         .route("/v1/reviews/{id}/close", post(close_review))
         .route("/v1/feed", get(crate::feed::feed))
+        .route("/v1/signals", post(signal))
         .route("/v1/policies", get(policies))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
@@ -894,6 +895,22 @@ async fn standing_report(
     };
     let report = s.standing_report(window).await?;
     Ok(no_store(report, StatusCode::OK))
+}
+
+async fn signal(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    let b = body(b)?;
+    let sig: crate::signals::Signal = json_body(&headers, &b)?;
+    let kind = sig.kind.clone();
+    let ended = s.signal(&op, sig).await?;
+    Ok(no_store(
+        crate::signals::answer(&kind, &ended),
+        StatusCode::OK,
+    ))
 }
 
 /// The loaded policy files, for gates to build the same bundle; `digest` changes

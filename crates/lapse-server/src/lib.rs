@@ -20,6 +20,7 @@ pub mod notify;
 mod openapi;
 pub mod report;
 pub mod service;
+pub mod signals;
 
 use config::Config;
 use lapse_core::Clock;

@@ -1,0 +1,370 @@
+//! `lapse-bench gate`: the gate's numbers.
+//!
+//! - `decide`: `Gate::decide` in-process on one thread (token signature, DPoP proof
+//!   with replay cache, audience, action, feed state, Cedar on the broker's current
+//!   policies), warm caches, one token and a fresh proof per request (proofs are
+//!   made before the clock starts).
+//! - `propagation`: 10 verifiers follow the broker's feed; from sending a revoke to
+//!   every one of them refusing the grant.
+//! - `nginx`: a real nginx at a fixed 2,000 requests/s, once through `auth_request`
+//!   to `lapse gate` and once straight to the same upstream; the difference of the
+//!   p99s is what the gate adds.
+
+use crate::{Server, emit, exchange_requests_for, identity_tokens};
+use anyhow::{Context, bail};
+use lapse_bench::http::{Conn, get};
+use lapse_bench::stats;
+use lapse_core::{Clock, SystemClock};
+use lapse_token::DpopKey;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn gate_config(
+    server: &Server,
+    dir: &std::path::Path,
+    listen: u16,
+    web: u16,
+) -> anyhow::Result<lapse_gate::config::GateConfig> {
+    std::fs::write(dir.join("gate.token"), &server.admin)?;
+    let text = include_str!("../../../examples/gate/gate.toml")
+        .replace("127.0.0.1:7900", &format!("127.0.0.1:{listen}"))
+        .replace("http://127.0.0.1:7800", &format!("http://{}", server.addr))
+        .replace("http://127.0.0.1:8080", &format!("http://127.0.0.1:{web}"))
+        .replace(
+            "file:/etc/lapse/gate.token",
+            &format!("file:{}", dir.join("gate.token").display()),
+        );
+    lapse_gate::config::GateConfig::parse(&text).map_err(anyhow::Error::msg)
+}
+
+/// One `read` token on `orders-db` and the key it is bound to.
+async fn token(server: &Server) -> anyhow::Result<(DpopKey, String, String)> {
+    let key = DpopKey::generate();
+    let now = SystemClock.now().unix_seconds();
+    let ids = identity_tokens(&server.dir, 1, now)?;
+    let req = exchange_requests_for(server, std::slice::from_ref(&key), &ids, 1, now, "read");
+    let mut conn = Conn::connect(server.addr).await?;
+    let resp = conn.send(req.first().context("no request")?).await?;
+    let v: Value = serde_json::from_slice(&resp.body)?;
+    let t = v
+        .get("access_token")
+        .and_then(Value::as_str)
+        .with_context(|| format!("no token: {v}"))?;
+    let g = v
+        .get("grant_id")
+        .and_then(Value::as_str)
+        .context("no grant id")?;
+    Ok((key, t.to_owned(), g.to_owned()))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn decide(requests: usize, runs: usize, json_out: bool) -> anyhow::Result<()> {
+    let server = Server::start(None)?;
+    let tmp = tempfile::tempdir()?;
+    // The gate's background work (feed, policy refresh) on its own thread, so the
+    // measured thread does only decisions.
+    let bg = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let web = 8080;
+    let cfg = gate_config(&server, tmp.path(), 0, web)?;
+    let (gate, key, token) = bg.block_on(async {
+        let gate = lapse_gate::Gate::new(cfg).await?;
+        tokio::spawn(gate.verifier.clone().follow());
+        let (key, token, _) = token(&server).await?;
+        anyhow::Ok((gate, key, token))
+    })?;
+    // Wait for the feed to be heard once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let url = format!("http://127.0.0.1:{web}/orders/7");
+    let one = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut rates = Vec::new();
+    let mut p99s = Vec::new();
+    for run in 0..runs {
+        let now = SystemClock.now().unix_seconds();
+        let headers: Vec<axum::http::HeaderMap> = (0..requests)
+            .map(|_| {
+                let mut h = axum::http::HeaderMap::new();
+                if let (Ok(a), Ok(p)) = (
+                    format!("DPoP {token}").parse(),
+                    key.proof("GET", &url, Some(&token), now).parse(),
+                ) {
+                    h.insert("authorization", a);
+                    h.insert("dpop", p);
+                }
+                h
+            })
+            .collect();
+        let ip: std::net::IpAddr = [127, 0, 0, 1].into();
+        let (elapsed, h) = one.block_on(async {
+            let mut h = stats::histogram()?;
+            let start = Instant::now();
+            for hm in &headers {
+                let t = Instant::now();
+                let r = gate.decide(hm, "GET", "/orders/7", ip).await;
+                stats::record(&mut h, t.elapsed());
+                if let Err(d) = r {
+                    bail!("refused: {d}");
+                }
+            }
+            anyhow::Ok((start.elapsed(), h))
+        })?;
+        let rate = requests as f64 / elapsed.as_secs_f64();
+        let s = stats::summary(&h);
+        emit(
+            json_out,
+            format!(
+                "gate decide (one thread) run {run}: {rate:.0}/s, {}",
+                s.line()
+            ),
+            json!({ "bench": "gate.decide", "run": run, "per_sec": rate, "latency": s.json() }),
+        );
+        rates.push(rate);
+        p99s.push(s.p99_ns as f64);
+    }
+    let r = stats::median_f64(rates);
+    let p = stats::median_f64(p99s);
+    emit(
+        json_out,
+        format!(
+            "gate decide, median of {runs} runs: {r:.0}/s per core, p99 {}",
+            stats::fmt_ns(p as u64)
+        ),
+        json!({ "bench": "gate.decide.summary", "per_sec": r, "p99_ns": p }),
+    );
+    drop(bg);
+    server.stop();
+    Ok(())
+}
+
+pub fn propagation(gates: usize, samples: usize, json_out: bool) -> anyhow::Result<()> {
+    let server = Server::start(None)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let h = rt.block_on(async {
+        let mut verifiers = Vec::new();
+        for _ in 0..gates {
+            let v = Arc::new(
+                lapse_verifier::Verifier::new(lapse_verifier::VerifierConfig {
+                    broker: format!("http://{}", server.addr),
+                    issuer: format!("http://{}", server.addr),
+                    audience: "orders-db".into(),
+                    token: server.admin.clone(),
+                    staleness: Duration::from_secs(5),
+                    on_stale: lapse_verifier::OnStale::Deny,
+                    dpop_max_age_secs: 60,
+                })
+                .await?,
+            );
+            tokio::spawn(v.clone().follow());
+            verifiers.push(v);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut h = stats::histogram()?;
+        let mut conn = Conn::connect(server.addr).await?;
+        let host = server.addr.to_string();
+        let auth = format!("Bearer {}", server.admin);
+        for i in 0..samples + 10 {
+            let (_, _, grant) = token(&server).await?;
+            let revoke = lapse_bench::http::post_form(
+                &host,
+                &format!("/v1/grants/{grant}/revoke"),
+                &[("Authorization", &auth)],
+                "",
+            );
+            let t = Instant::now();
+            let r = conn.send(&revoke).await?;
+            if r.status != 200 {
+                bail!("revoke: HTTP {}", r.status);
+            }
+            while !verifiers.iter().all(|v| v.ended(&grant).is_some()) {
+                if t.elapsed() > Duration::from_secs(5) {
+                    bail!("a gate never heard of the revoke");
+                }
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+            if i >= 10 {
+                stats::record(&mut h, t.elapsed());
+            }
+        }
+        anyhow::Ok(h)
+    })?;
+    let s = stats::summary(&h);
+    emit(
+        json_out,
+        format!(
+            "revocation propagation to {gates} gates (revoke sent → every gate refuses): {}",
+            s.line()
+        ),
+        json!({ "bench": "gate.propagation", "gates": gates, "latency": s.json() }),
+    );
+    server.stop();
+    Ok(())
+}
+
+/// A real nginx with two servers: `gated` asks the gate, `plain` does not.
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nginx(
+    dir: &std::path::Path,
+    gated: u16,
+    plain: u16,
+    gate: u16,
+    upstream: u16,
+) -> anyhow::Result<Nginx> {
+    let conf = include_str!("../../../examples/gate/nginx.conf")
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{gated}"))
+        .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate}"))
+        .replace("127.0.0.1:9000", &format!("127.0.0.1:{upstream}"));
+    let d = dir.display();
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    let text = format!(
+        "{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+         upstream plain_up {{ server 127.0.0.1:{upstream}; keepalive 32; }}\n\
+         server {{ listen 127.0.0.1:{plain}; location / {{ proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://plain_up; }} }}\n{conf}\n}}\n",
+        user = if root { "user root;\n" } else { "" },
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, text)?;
+    let child = std::process::Command::new("/usr/sbin/nginx")
+        .args(["-p", &d.to_string(), "-c", &path.display().to_string()])
+        .spawn()
+        .context("starting /usr/sbin/nginx (apt-get install nginx)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", gated)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nginx did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Nginx(child))
+}
+
+/// Sends `n` requests at `rate`/s over `conns` connections; latency is measured
+/// from each request's scheduled time (no coordinated omission).
+async fn fixed_rate(
+    port: u16,
+    requests: Vec<Vec<u8>>,
+    rate: f64,
+    conns: usize,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    let requests = Arc::new(requests);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let requests = requests.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(([127, 0, 0, 1], port).into()).await?;
+            let mut h = stats::histogram()?;
+            for (i, r) in requests.iter().enumerate().skip(c).step_by(conns) {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due).await;
+                let resp = conn.send(r).await?;
+                if resp.status != 200 {
+                    bail!(
+                        "HTTP {}: {}",
+                        resp.status,
+                        String::from_utf8_lossy(&resp.body)
+                    );
+                }
+                stats::record(&mut h, due.elapsed());
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let mut h = stats::histogram()?;
+    for t in tasks {
+        h.add(t.await??)?;
+    }
+    Ok(h)
+}
+
+pub fn through_nginx(rate: f64, seconds: u64, json_out: bool) -> anyhow::Result<()> {
+    let server = Server::start(None)?;
+    let tmp = tempfile::tempdir()?;
+    let (gate_port, gated, plain) = (free_port()?, free_port()?, free_port()?);
+    let cfg = gate_config(&server, tmp.path(), gate_port, gated)?;
+    // Gate and upstream on their own runtime (one worker each side of the load).
+    let svc = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (upstream, key, token) = svc.block_on(async {
+        let gate = lapse_gate::Gate::new(cfg).await?;
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", gate_port)).await?;
+        tokio::spawn(lapse_gate::serve(gate, l, std::future::pending()));
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = up.local_addr()?.port();
+        let app = axum::Router::new().fallback(|| async { "ok" });
+        tokio::spawn(async move { axum::serve(up, app).await });
+        let (key, token, _) = token(&server).await?;
+        anyhow::Ok((port, key, token))
+    })?;
+    let _nginx = nginx(tmp.path(), gated, plain, gate_port, upstream)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let n = (rate * seconds as f64) as usize;
+    let path = "/orders/7";
+    let load = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut results = Vec::new();
+    for (name, port) in [("plain", plain), ("gated", gated)] {
+        let host = format!("127.0.0.1:{port}");
+        let url = format!("http://{host}{path}");
+        let now = SystemClock.now().unix_seconds();
+        let auth = format!("DPoP {token}");
+        let reqs: Vec<Vec<u8>> = (0..n)
+            .map(|_| {
+                let proof = key.proof("GET", &url, Some(&token), now);
+                get(&host, path, &[("Authorization", &auth), ("DPoP", &proof)])
+            })
+            .collect();
+        let h = load.block_on(fixed_rate(port, reqs, rate, 16))?;
+        let s = stats::summary(&h);
+        emit(
+            json_out,
+            format!("nginx {name} at {rate:.0}/s for {seconds}s: {}", s.line()),
+            json!({ "bench": format!("gate.nginx.{name}"), "rate": rate, "latency": s.json() }),
+        );
+        results.push(s);
+    }
+    if let [plain, gated] = results.as_slice() {
+        let added = gated.p99_ns.saturating_sub(plain.p99_ns);
+        let added_median = gated.median_ns.saturating_sub(plain.median_ns);
+        emit(
+            json_out,
+            format!(
+                "gate adds at {rate:.0}/s through nginx: median {}, p99 {}",
+                stats::fmt_ns(added_median),
+                stats::fmt_ns(added)
+            ),
+            json!({ "bench": "gate.nginx.added", "median_ns": added_median, "p99_ns": added }),
+        );
+    }
+    drop(svc);
+    server.stop();
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! `POST /v1/signals`: outside systems say a workload can no longer be trusted, or
+//! that a task is over, and the matching grants end at once (through the feed,
+//! so gates stop honouring them within milliseconds).
+//!
+//! Event types follow OpenID CAEP (the full URI or its last segment) plus Lapse's
+//! own for task endings and quarantine. Senders are operators with the `signal`
+//! role, each with its own token, so every signal is attributed in the audit log.
+
+use crate::config::Role;
+use crate::error::ApiError;
+use crate::service::{Lapse, Operator, event};
+use lapse_core::{Grant, GrantId, GrantState};
+use lapse_store::{GrantFilter, WriteBatch};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const CAEP: &str = "https://schemas.openid.net/secevent/caep/event-type/";
+
+/// Signal types Lapse acts on; each ends every grant its subject matches.
+const TYPES: &[&str] = &[
+    // OpenID CAEP
+    "session-revoked",
+    "credential-change",
+    "assurance-level-change",
+    "device-compliance-change",
+    "token-claims-change",
+    // Lapse
+    "task-ended",
+    "workload-quarantined",
+    "risk-raised",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signal {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub subject: Subject,
+    #[serde(default)]
+    pub reason: String,
+    /// When the sender saw it happen (unix seconds), for the record.
+    #[serde(default)]
+    pub event_timestamp: Option<i64>,
+}
+
+/// What the signal is about; at least one field. Several narrow it (a task of
+/// one workload).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Subject {
+    #[serde(default)]
+    pub workload: Option<String>,
+    #[serde(default)]
+    pub task: Option<String>,
+    #[serde(default)]
+    pub grant: Option<String>,
+}
+
+fn short_type(kind: &str) -> Option<&'static str> {
+    let k = kind.strip_prefix(CAEP).unwrap_or(kind);
+    TYPES.iter().copied().find(|t| *t == k)
+}
+
+impl Lapse {
+    /// Ends every pending or active grant `signal` matches; answers their ids.
+    pub async fn signal(&self, op: &Operator, signal: Signal) -> Result<Vec<GrantId>, ApiError> {
+        op.require(Role::Signal)?;
+        let kind = short_type(&signal.kind).ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "unknown signal type `{}`; known: {}",
+                crate::service::clip(&signal.kind),
+                TYPES.join(", ")
+            ))
+        })?;
+        let s = &signal.subject;
+        if s.workload.is_none() && s.task.is_none() && s.grant.is_none() {
+            return Err(ApiError::InvalidRequest(
+                "`subject` needs a `workload`, a `task` or a `grant`".into(),
+            ));
+        }
+        let mut matched: Vec<Grant> = Vec::new();
+        if let Some(id) = &s.grant {
+            let id: GrantId = id
+                .parse()
+                .map_err(|e: lapse_core::IdParseError| ApiError::InvalidRequest(e.to_string()))?;
+            matched.extend(self.store.grant(id).await?);
+        } else {
+            for state in [GrantState::Active, GrantState::Pending] {
+                matched.extend(
+                    self.store
+                        .grants(GrantFilter {
+                            state: Some(state),
+                            workload: s.workload.clone(),
+                            task: s.task.clone(),
+                            limit: 10_000,
+                            ..Default::default()
+                        })
+                        .await?,
+                );
+            }
+        }
+        matched.retain(|g| {
+            !g.state.is_ended()
+                && s.workload
+                    .as_ref()
+                    .is_none_or(|w| *w == g.request.workload.id)
+                && s.task.as_ref().is_none_or(|t| *t == g.request.task.id)
+        });
+        let why = format!(
+            "signal `{kind}` from `{}`{}",
+            op.name,
+            if signal.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", crate::service::clip(&signal.reason))
+            }
+        );
+        // The signal itself is on the record before anything it causes.
+        self.commit(WriteBatch {
+            grants: vec![],
+            events: vec![event(
+                self.now(),
+                "signal.received",
+                None,
+                &op.name,
+                json!({
+                    "type": kind,
+                    "subject": { "workload": s.workload, "task": s.task, "grant": s.grant },
+                    "reason": crate::service::clip(&signal.reason),
+                    "event_timestamp": signal.event_timestamp,
+                    "matched": matched.len(),
+                }),
+            )],
+        })
+        .await?;
+        let mut ended = Vec::new();
+        for g in matched {
+            let id = g.id;
+            let r = if g.state == GrantState::Pending {
+                self.deny_request_as(g, &op.name, &why).await
+            } else {
+                self.revoke(g, &op.name, &why).await.map(|_| ())
+            };
+            match r {
+                Ok(()) => ended.push(id),
+                // Ended meanwhile by something else: nothing left to do.
+                Err(ApiError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn deny_request_as(&self, g: Grant, by: &str, why: &str) -> Result<(), ApiError> {
+        let denied = g
+            .clone()
+            .deny(self.now(), by, why)
+            .map_err(crate::service::lifecycle)?;
+        self.commit(WriteBatch {
+            grants: vec![lapse_store::GrantWrite::Update {
+                grant: denied,
+                expected_version: g.version,
+            }],
+            events: vec![event(
+                self.now(),
+                "grant.denied",
+                Some(&g.id),
+                by,
+                json!({ "reason": why }),
+            )],
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+pub fn answer(kind: &str, ended: &[GrantId]) -> Value {
+    json!({
+        "type": short_type(kind).unwrap_or(kind),
+        "ended": ended.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_type;
+
+    #[test]
+    fn caep_uris_and_short_names() {
+        assert_eq!(
+            short_type("https://schemas.openid.net/secevent/caep/event-type/session-revoked"),
+            Some("session-revoked")
+        );
+        assert_eq!(short_type("task-ended"), Some("task-ended"));
+        assert_eq!(short_type("https://evil/session-revoked"), None);
+        assert_eq!(short_type("made-up"), None);
+    }
+}
