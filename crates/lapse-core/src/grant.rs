@@ -142,6 +142,12 @@ pub struct Grant {
     /// A break-glass grant's mandatory review.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<crate::review::Review>,
+    /// `@idle`: revoked when no use is reported for this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_secs: Option<u64>,
+    /// The latest use a gate reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Timestamp>,
     /// Optimistic-concurrency version; the store refuses a write whose version moved.
     pub version: u64,
 }
@@ -200,6 +206,8 @@ impl Grant {
             delivered: true,
             delivered_at: None,
             review: None,
+            idle_secs: None,
+            last_used_at: None,
             version: 1,
         })
     }
@@ -236,6 +244,8 @@ impl Grant {
             delivered: false,
             delivered_at: None,
             review: None,
+            idle_secs: None,
+            last_used_at: None,
             version: 1,
         }
     }
@@ -246,6 +256,30 @@ impl Grant {
     }
 
     /// Whether a credential of this grant may be honoured at `now`.
+    /// When an active grant with an idle window is due to be revoked for lack of
+    /// use: its idle window after its latest reported use (or its start).
+    pub fn idle_deadline(&self) -> Option<Timestamp> {
+        if self.state != GrantState::Active {
+            return None;
+        }
+        let since = self
+            .last_used_at
+            .unwrap_or(self.delivered_at.unwrap_or(self.created_at))
+            .max(self.delivered_at.unwrap_or(self.created_at));
+        self.idle_secs.map(|s| since.plus_secs(s))
+    }
+
+    /// Records a use reported at `at`; false when it adds nothing (older, or the
+    /// grant is not active).
+    pub fn used(&mut self, at: Timestamp) -> bool {
+        if self.state != GrantState::Active || self.last_used_at.is_some_and(|t| t >= at) {
+            return false;
+        }
+        self.last_used_at = Some(at);
+        self.version += 1;
+        true
+    }
+
     pub fn is_live(&self, now: Timestamp) -> bool {
         self.state == GrantState::Active && now < self.expires_at
     }

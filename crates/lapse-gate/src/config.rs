@@ -35,6 +35,9 @@ pub struct GateConfig {
     /// How often the broker's policies are checked for changes.
     #[serde(default = "default_policy_refresh")]
     pub policy_refresh: TtlDuration,
+    /// How often uses are reported to the broker (for `@idle` windows).
+    #[serde(default = "default_use_report")]
+    pub use_report: TtlDuration,
     /// Method and path to action, first match wins; no match is refused.
     #[serde(rename = "rule")]
     pub rules: Vec<Rule>,
@@ -45,6 +48,9 @@ fn default_staleness() -> TtlDuration {
 }
 fn default_on_stale() -> OnStale {
     OnStale::Deny
+}
+fn default_use_report() -> TtlDuration {
+    TtlDuration::from_secs(1)
 }
 fn default_policy_refresh() -> TtlDuration {
     TtlDuration::from_secs(2)

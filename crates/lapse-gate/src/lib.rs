@@ -37,6 +37,8 @@ pub struct Gate {
     policy: ArcSwapOption<PolicyBundle>,
     policy_digest: std::sync::Mutex<String>,
     http: reqwest::Client,
+    /// Grants used since the last report, with the latest use (unix ms).
+    uses: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,7 @@ impl Gate {
             policy: ArcSwapOption::empty(),
             policy_digest: std::sync::Mutex::new(String::new()),
             http: lapse_identity::http_client(),
+            uses: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         if let Err(e) = gate.refresh_policy().await {
             tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
@@ -120,6 +123,41 @@ impl Gate {
             *d = digest;
         }
         Ok(true)
+    }
+
+    /// Sends the uses seen since the last report to the broker (for `@idle`). A
+    /// failed report is merged back and sent next time.
+    pub async fn report_uses(&self) -> Result<usize, String> {
+        let batch: Vec<(String, i64)> = match self.uses.lock() {
+            Ok(mut u) => u.drain().collect(),
+            Err(_) => return Ok(0),
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let body = json!({ "uses": batch.iter().map(|(g, at)| json!({ "grant": g, "at": at })).collect::<Vec<_>>() });
+        let url = format!("{}/v1/usage", self.cfg.broker.trim_end_matches('/'));
+        let r = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.verifier.config().token)
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status);
+        match r {
+            Ok(_) => Ok(batch.len()),
+            Err(e) => {
+                if let Ok(mut u) = self.uses.lock() {
+                    for (g, at) in batch {
+                        let e = u.entry(g).or_insert(at);
+                        *e = (*e).max(at);
+                    }
+                }
+                Err(e.to_string())
+            }
+        }
     }
 
     /// The action `method path` needs, by the first matching rule.
@@ -197,6 +235,9 @@ impl Gate {
         // the current policies still permit the request.
         match bundle.decide(&request).outcome {
             DecisionOutcome::Allow { .. } | DecisionOutcome::ApprovalRequired { .. } => {
+                if let Ok(mut u) = self.uses.lock() {
+                    u.insert(c.grant_id.clone(), now.saturating_mul(1000));
+                }
                 Ok(Allowed {
                     workload: c.sub,
                     task: c.task,
@@ -330,11 +371,25 @@ pub async fn serve(
             }
         }
     });
+    let g = gate.clone();
+    let every = Duration::from_secs(gate.cfg.use_report.secs().max(1));
+    let uses = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = g.report_uses().await {
+                tracing::warn!(error = %e, "gate could not report uses; retrying with the next report");
+            }
+        }
+    });
+    let last = gate.clone();
     let app = router(gate).into_make_service_with_connect_info::<SocketAddr>();
     let r = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     follow.abort();
     policies.abort();
+    uses.abort();
+    let _ = last.report_uses().await;
     r
 }

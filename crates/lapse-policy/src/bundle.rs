@@ -28,6 +28,8 @@ pub struct PolicyInfo {
     pub effect: &'static str,
     /// `@max_ttl`, in seconds.
     pub max_ttl_secs: Option<u64>,
+    /// `@idle`: a grant unused (per gates' use reports) this long is revoked.
+    pub idle_secs: Option<u64>,
     /// `@approval`: how many distinct people must approve.
     pub approvals: u32,
     /// `@approvers`: the group allowed to approve.
@@ -65,6 +67,7 @@ impl std::fmt::Debug for PolicyBundle {
 const KNOWN_ANNOTATIONS: &[&str] = &[
     "id",
     "max_ttl",
+    "idle",
     "approval",
     "approvers",
     "break_glass",
@@ -265,6 +268,14 @@ impl PolicyBundle {
     }
 
     /// Actions declared by the schema, sorted.
+    /// The tightest `@idle` among `policies` (the permits that decided a grant).
+    pub fn idle_secs(&self, policies: &[String]) -> Option<u64> {
+        policies
+            .iter()
+            .filter_map(|id| self.info.get(id).and_then(|i| i.idle_secs))
+            .min()
+    }
+
     /// The files this bundle was built from, in name order.
     pub fn sources(&self) -> &[SourceFile] {
         &self.sources
@@ -514,6 +525,7 @@ fn annotations(policy: &Policy, id: &str, file: &SourceFile) -> Result<PolicyInf
             Effect::Forbid => "forbid",
         },
         max_ttl_secs: None,
+        idle_secs: None,
         approvals: 0,
         approvers: None,
         break_glass: false,
@@ -555,6 +567,16 @@ fn annotations(policy: &Policy, id: &str, file: &SourceFile) -> Result<PolicyInf
             ));
         }
         info.max_ttl_secs = Some(d.secs());
+    }
+    if let Some(v) = all.get("idle") {
+        permit_only("idle", v)?;
+        let d: TtlDuration = v
+            .parse()
+            .map_err(|e: lapse_core::DurationParseError| bad("idle", v, e.to_string()))?;
+        if d.secs() == 0 {
+            return Err(bad("idle", v, "`@idle` must be longer than zero".into()));
+        }
+        info.idle_secs = Some(d.secs());
     }
     if let Some(v) = all.get("approval") {
         permit_only("approval", v)?;

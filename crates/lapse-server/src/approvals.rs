@@ -124,6 +124,8 @@ impl Lapse {
                         new_jti(),
                     )
                     .map_err(approval_error)?;
+                let mut active = active;
+                active.idle_secs = self.idle_of(&active.policies);
                 let active = match self.provider(&active.request.audience) {
                     Some(p) => {
                         let intent = crate::credentials::intent(p, &active);

@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reviews/{id}/close", post(close_review))
         .route("/v1/feed", get(crate::feed::feed))
         .route("/v1/signals", post(signal))
+        .route("/v1/usage", post(usage))
         .route("/v1/policies", get(policies))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
@@ -895,6 +896,47 @@ async fn standing_report(
     };
     let report = s.standing_report(window).await?;
     Ok(no_store(report, StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageBody {
+    uses: Vec<UseBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UseBody {
+    grant: String,
+    /// Unix ms of the latest use the gate saw.
+    at: i64,
+}
+
+/// Gates report which grants were used (for `@idle`), in batches.
+async fn usage(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    op.require(Role::Gate)?;
+    let b = body(b)?;
+    let u: UsageBody = json_body(&headers, &b)?;
+    if u.uses.len() > 10_000 {
+        return Err(ApiError::InvalidRequest(
+            "at most 10,000 uses per report".into(),
+        ));
+    }
+    let mut uses = Vec::with_capacity(u.uses.len());
+    for x in u.uses {
+        let id: GrantId = x
+            .grant
+            .parse()
+            .map_err(|e: lapse_core::IdParseError| ApiError::InvalidRequest(e.to_string()))?;
+        uses.push((id, x.at));
+    }
+    let recorded = s.record_uses(&op.name, &uses).await?;
+    Ok(no_store(json!({ "recorded": recorded }), StatusCode::OK))
 }
 
 async fn signal(

@@ -455,6 +455,7 @@ impl Lapse {
                     jti,
                 )
                 .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                grant.idle_secs = self.idle_of(&grant.policies);
                 if break_glass {
                     grant.review = Some(lapse_core::Review::open(&justification, now));
                 }
@@ -811,7 +812,85 @@ impl Lapse {
     }
 
     /// Ends every grant whose time is up. Returns how many it ended.
+    /// The tightest `@idle` among `policies` in the loaded policy set.
+    pub(crate) fn idle_of(&self, policies: &[String]) -> Option<u64> {
+        self.policy
+            .load()
+            .as_ref()
+            .and_then(|p| p.idle_secs(policies))
+    }
+
+    /// Records uses gates report (`grant id`, unix ms), each at most once per
+    /// `granularity` so busy grants do not turn every request into a write.
+    /// Answers how many grants it recorded a use for.
+    pub async fn record_uses(
+        &self,
+        gate: &str,
+        uses: &[(GrantId, i64)],
+    ) -> Result<usize, ApiError> {
+        let now = self.now();
+        let mut n = 0;
+        for (id, at) in uses {
+            let at = Timestamp::from_millis((*at).min(now.millis()));
+            let Some(g) = self.store.grant(*id).await? else {
+                continue;
+            };
+            let step = g.idle_secs.map_or(60, |i| (i / 10).clamp(1, 60));
+            if g.last_used_at.is_some_and(|t| t.plus_secs(step) > at) {
+                continue;
+            }
+            let mut used = g.clone();
+            if !used.used(at) {
+                continue;
+            }
+            let r = self
+                .commit(WriteBatch {
+                    grants: vec![GrantWrite::Update {
+                        grant: used,
+                        expected_version: g.version,
+                    }],
+                    events: vec![event(
+                        now,
+                        "grant.used",
+                        Some(id),
+                        gate,
+                        json!({ "at": at.millis() }),
+                    )],
+                })
+                .await;
+            match r {
+                Ok(()) => n += 1,
+                Err(lapse_store::StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Revokes active grants whose `@idle` window passed without a reported use.
+    pub async fn sweep_idle(&self) -> Result<usize, ApiError> {
+        let now = self.now();
+        let mut n = 0;
+        for g in self.store.idle_due(now, 500).await? {
+            let idle = g.idle_secs.unwrap_or(0);
+            match self
+                .revoke(
+                    g,
+                    "lapse",
+                    &format!("idle: no use reported for {idle} s (`@idle`)"),
+                )
+                .await
+            {
+                Ok(_) => n += 1,
+                Err(ApiError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
     pub async fn sweep(&self) -> Result<usize, ApiError> {
+        let idle = self.sweep_idle().await?;
         let now = self.now();
         let due = self.store.due(now, 500).await?;
         let mut n = 0;
@@ -852,7 +931,7 @@ impl Lapse {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(n)
+        Ok(n + idle)
     }
 }
 

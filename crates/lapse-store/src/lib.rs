@@ -99,6 +99,8 @@ pub trait Store: Send + Sync + 'static {
     async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     /// Audit entries that name `grant`, in order.
     async fn audit_for(&self, grant: GrantId) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Active grants whose `@idle` window passed without a reported use.
+    async fn idle_due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError>;
     /// Revocation-feed entries with `seq > after`, in order.
     async fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError>;
     /// The newest feed sequence number (0 when empty).

@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0003_grants_by_state.sql"),
     ),
     (4, include_str!("../migrations/sqlite/0004_feed.sql")),
+    (5, include_str!("../migrations/sqlite/0005_idle.sql")),
 ];
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
@@ -275,8 +276,8 @@ fn apply(
                 let body =
                     serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let r = conn.execute(
-                    "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     params![
                         g.id.to_string(),
                         g.state.as_str(),
@@ -287,7 +288,8 @@ fn apply(
                         g.expires_at.millis(),
                         i64::try_from(g.version).unwrap_or(i64::MAX),
                         body,
-                        g.cleanup_due_at().map(Timestamp::millis)
+                        g.cleanup_due_at().map(Timestamp::millis),
+                        g.idle_deadline().map(Timestamp::millis)
                     ],
                 );
                 match r {
@@ -315,7 +317,7 @@ fn apply(
                         .optional()?
                         .is_some_and(|old| old == "active");
                 let n = conn.execute(
-                    "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5, cleanup_at = ?7 WHERE id = ?1 AND version = ?6",
+                    "UPDATE grants SET state = ?2, expires_at = ?3, version = ?4, body = ?5, cleanup_at = ?7, idle_at = ?8 WHERE id = ?1 AND version = ?6",
                     params![
                         g.id.to_string(),
                         g.state.as_str(),
@@ -323,7 +325,8 @@ fn apply(
                         i64::try_from(g.version).unwrap_or(i64::MAX),
                         body,
                         i64::try_from(*expected_version).unwrap_or(i64::MAX),
-                        g.cleanup_due_at().map(Timestamp::millis)
+                        g.cleanup_due_at().map(Timestamp::millis),
+                        g.idle_deadline().map(Timestamp::millis)
                     ],
                 )?;
                 if n != 1 {
@@ -503,6 +506,17 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt.query_map(params![grant.to_string()], entry_from_row)?;
             rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn idle_due(&self, now: Timestamp, limit: usize) -> Result<Vec<Grant>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM grants WHERE idle_at IS NOT NULL AND idle_at <= ?1 AND state = 'active' ORDER BY idle_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now.millis(), i64::try_from(limit).unwrap_or(100)], |r| r.get::<_, String>(0))?;
+            rows.map(|b| grant_from_body(&b?)).collect()
         })
         .await
     }
