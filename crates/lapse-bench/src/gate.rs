@@ -216,7 +216,18 @@ pub fn propagation(gates: usize, samples: usize, json_out: bool) -> anyhow::Resu
 struct Nginx(std::process::Child);
 
 impl Drop for Nginx {
+    /// SIGTERM to the master, which takes its workers down with it (SIGKILL would
+    /// leave them running); SIGKILL only if it does not go.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -241,7 +252,7 @@ fn nginx(
         .unwrap_or(false);
     let text = format!(
         "{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         events {{ worker_connections 1024; }}\nhttp {{\n access_log off;\n keepalive_requests 1000000;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
          upstream plain_up {{ server 127.0.0.1:{upstream}; keepalive 32; }}\n\
          server {{ listen 127.0.0.1:{plain}; location / {{ proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://plain_up; }} }}\n{conf}\n}}\n",

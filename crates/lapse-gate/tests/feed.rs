@@ -381,3 +381,90 @@ async fn signals_end_the_grants_they_name_and_reach_gates_through_the_feed() {
     assert_eq!(signals, 2, "refused signals leave no signal.received");
     follow.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_stale_feed_a_gate_fails_closed_or_asks_introspection_as_configured() {
+    let b = broker().await;
+    let key = DpopKey::generate();
+    let now = SystemClock.now().unix_seconds();
+    let turl = format!("{}/oauth/token", b.url);
+    let identity = dev::dev_token(&b.dir, CI, 600, &[], now).unwrap();
+    let v: Value = b
+        .http
+        .post(&turl)
+        .header("DPoP", key.proof("POST", &turl, None, now))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", "read"),
+            ("task", "T-stale"),
+            ("purpose", "stale feed"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["access_token"].as_str().unwrap().to_owned();
+    let grant = v["grant_id"].as_str().unwrap().to_owned();
+    let auth = format!("DPoP {token}");
+    let url = "http://orders.test/orders/1";
+    let ask = |v: Arc<Verifier>, auth: String, proof: String| async move {
+        let proofs = [proof.as_str()];
+        v.verify(&lapse_verifier::Request {
+            method: "GET",
+            url,
+            authorization: Some(&auth),
+            dpop: &proofs,
+            action: "read",
+            now_secs: SystemClock.now().unix_seconds(),
+        })
+        .await
+        .map(|_| ())
+    };
+    let proof = || key.proof("GET", url, Some(&token), SystemClock.now().unix_seconds());
+
+    // Never heard from the feed: the default refuses.
+    let deny = b.verifier().await;
+    assert!(matches!(
+        ask(deny, auth.clone(), proof()).await,
+        Err(lapse_verifier::Denial::FeedStale(_))
+    ));
+
+    // `on_stale = introspect` asks the broker instead, per request.
+    let asks = Arc::new(
+        Verifier::new(VerifierConfig {
+            broker: b.url.clone(),
+            issuer: b.url.clone(),
+            audience: "orders-db".into(),
+            token: b.admin.clone(),
+            staleness: Duration::from_secs(5),
+            on_stale: OnStale::Introspect,
+            dpop_max_age_secs: 60,
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(ask(asks.clone(), auth.clone(), proof()).await, Ok(()));
+    let st = b
+        .http
+        .post(format!("{}/v1/grants/{grant}/revoke", b.url))
+        .bearer_auth(&b.admin)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 200);
+    assert_eq!(
+        ask(asks, auth, proof()).await,
+        Err(lapse_verifier::Denial::GrantEnded(
+            "inactive at the broker".into()
+        ))
+    );
+}

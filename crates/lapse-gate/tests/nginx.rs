@@ -87,7 +87,18 @@ fn free_port() -> u16 {
 struct Nginx(Child);
 
 impl Drop for Nginx {
+    /// SIGTERM to the master, which takes its workers down with it (SIGKILL would
+    /// leave them running); SIGKILL only if it does not go.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

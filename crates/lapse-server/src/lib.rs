@@ -7,6 +7,9 @@
 //! - [`dev`]: `lapse serve --dev`: a data folder with keys, a dev issuer and example
 //!   policies.
 
+// The OpenAPI document is one `json!` literal, deeper than the default limit.
+#![recursion_limit = "256"]
+
 pub mod approvals;
 pub mod config;
 pub mod console;

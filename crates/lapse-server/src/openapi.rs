@@ -121,6 +121,32 @@ pub fn document() -> Value {
           "parameters": [ { "name": "window", "in": "query", "schema": { "type": "string", "examples": ["24h"] }, "description": "how far back (default 24h)" } ],
           "responses": { "200": { "description": "the report; `ok` is false when anything was found", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StandingReport" } } } },
             "400": e("bad window"), "401": e("operator token required"), "403": e("role missing"), "503": e("store unavailable") } } },
+        "/v1/feed": { "get": {
+          "summary": "The revocation feed: every grant that ended while active, gap-free and in commit order. Server-sent events (`grant.ended` with `id` = sequence; `head` heartbeat every second), resumable with `Last-Event-ID`; with `Accept: application/json`, one page", "security": op_auth,
+          "parameters": [ { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } },
+            { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "resume after this sequence number" } ],
+          "responses": { "200": { "description": "the stream, or a page", "content": {
+              "text/event-stream": { "schema": { "type": "string" } },
+              "application/json": { "schema": { "type": "object", "properties": { "head": { "type": "integer" }, "entries": { "type": "array", "items": { "$ref": "#/components/schemas/FeedEntry" } } } } } } },
+            "400": e("bad Last-Event-ID or query"), "401": e("operator token required"), "403": e("gate or read role missing"), "503": e("store unavailable") } } },
+        "/v1/policies": { "get": {
+          "summary": "The loaded policy files (for gates); `digest` changes exactly when they do", "security": op_auth,
+          "responses": { "200": { "description": "files", "content": { "application/json": { "schema": { "type": "object", "properties": { "digest": { "type": "string" }, "files": { "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "text": { "type": "string" } } } } } } } } },
+            "401": e("operator token required"), "403": e("gate or read role missing"), "503": e("no policy loaded") } } },
+        "/v1/signals": { "post": {
+          "summary": "A context change or task ending from an outside system (OpenID CAEP types, or task-ended, workload-quarantined, risk-raised): ends every matching pending or active grant at once", "security": op_auth,
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["type", "subject"], "properties": {
+            "type": { "type": "string", "examples": ["task-ended", "https://schemas.openid.net/secevent/caep/event-type/session-revoked"] },
+            "subject": { "type": "object", "additionalProperties": false, "properties": { "workload": { "type": "string" }, "task": { "type": "string" }, "grant": { "type": "string" } } },
+            "reason": { "type": "string" }, "event_timestamp": { "type": "integer" } } } } } },
+          "responses": { "200": { "description": "the grants it ended", "content": { "application/json": { "schema": { "type": "object", "properties": { "type": { "type": "string" }, "ended": { "type": "array", "items": { "type": "string" } } } } } } },
+            "400": e("unknown type or empty subject"), "401": e("operator token required"), "403": e("signal role missing"), "415": e("wrong content type"), "503": e("store unavailable") } } },
+        "/v1/usage": { "post": {
+          "summary": "Gates report which grants they saw used (for `@idle` windows)", "security": op_auth,
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["uses"], "properties": {
+            "uses": { "type": "array", "maxItems": 10000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at"], "properties": { "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" } } } } } } } } },
+          "responses": { "200": { "description": "how many grants got a new last use", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
+            "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing"), "503": e("store unavailable") } } },
         "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
         "/.well-known/jwks.json": { "get": { "summary": "Keys that sign access tokens", "responses": { "200": { "description": "JWKS" } } } },
         "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
@@ -181,6 +207,10 @@ pub fn document() -> Value {
             "proof": { "type": "object", "properties": { "audit_chain_verified": { "type": "boolean" }, "audit_entries": { "type": "integer" }, "issued_in_window": { "type": "integer" },
               "ended": { "type": "integer" }, "still_active_within_lifetime": { "type": "integer" }, "unended": { "type": "integer" } } },
             "targets": { "type": "array", "items": { "type": "object" } } } },
+          "FeedEntry": { "type": "object", "required": ["seq", "at", "grant_id", "state", "audience", "exp", "reason"], "properties": {
+            "seq": { "type": "integer" }, "at": { "type": "integer", "description": "unix ms the grant ended" }, "grant_id": { "type": "string" },
+            "state": { "type": "string", "enum": ["completed", "expired", "revoked"] }, "audience": { "type": "string" }, "jti": { "type": ["string", "null"] },
+            "exp": { "type": "integer", "description": "unix ms the grant's newest token expires; keep the entry until then" }, "reason": { "type": "string" } } },
           "AuditEntry": { "type": "object", "required": ["seq", "at", "kind", "actor", "data", "prev_hash", "hash"], "properties": {
             "seq": { "type": "integer" }, "at": { "type": "integer" }, "kind": { "type": "string" }, "grant_id": { "type": ["string", "null"] }, "actor": { "type": "string" },
             "data": { "type": "string", "description": "event JSON exactly as hashed" }, "prev_hash": { "type": "string" }, "hash": { "type": "string" } } }

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use lapse_token::access::{self, AccessClaims};
 use lapse_token::dpop::{self, DpopRequirements};
 use lapse_token::{DpopFault, PublicKey, ReplayCache, TokenError};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -188,7 +189,12 @@ pub struct Verifier {
     seq: AtomicU64,
     /// When the feed was last heard from (unix ms); 0: never.
     heard_ms: AtomicI64,
+    /// Claims of tokens whose signature verified, by the token's SHA-256.
+    verified: RwLock<HashMap<[u8; 32], AccessClaims>>,
 }
+
+/// Verified tokens kept at most; beyond it the expired go, then all.
+const VERIFIED_CAP: usize = 100_000;
 
 /// Unknown `kid`s trigger at most one key fetch per this interval.
 const KEY_REFETCH: Duration = Duration::from_secs(5);
@@ -212,6 +218,7 @@ impl Verifier {
             ended: RwLock::new(Ended::default()),
             seq: AtomicU64::new(0),
             heard_ms: AtomicI64::new(0),
+            verified: RwLock::new(HashMap::new()),
         }
     }
 
@@ -320,9 +327,7 @@ impl Verifier {
                 _ => return Err(Denial::MalformedToken("bad `Authorization` header".into())),
             },
         };
-        let keys = self.keys.load();
-        let claims = access::verify(token, |kid| keys.get(kid), &self.cfg.issuer, req.now_secs)
-            .map_err(token_denial)?;
+        let claims = self.token_claims(token, req.now_secs)?;
         if claims.aud != self.cfg.audience {
             return Err(Denial::WrongAudience {
                 expected: self.cfg.audience.clone(),
@@ -372,6 +377,40 @@ impl Verifier {
             return Err(Denial::FeedStale(silent));
         }
         Ok(Allowed { claims })
+    }
+
+    /// The verified claims of `token`. A token's signature is checked once and its
+    /// claims kept (keyed by the token's SHA-256) until it expires; its lifetime is
+    /// checked on every use. The DPoP proof, new with every request, never is cached.
+    fn token_claims(&self, token: &str, now_secs: i64) -> Result<AccessClaims, Denial> {
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(c) = self
+            .verified
+            .read()
+            .ok()
+            .and_then(|m| m.get(&digest).cloned())
+        {
+            if now_secs >= c.exp {
+                return Err(Denial::Expired);
+            }
+            if now_secs < c.nbf {
+                return Err(Denial::NotYetValid);
+            }
+            return Ok(c);
+        }
+        let keys = self.keys.load();
+        let claims = access::verify(token, |kid| keys.get(kid), &self.cfg.issuer, now_secs)
+            .map_err(token_denial)?;
+        if let Ok(mut m) = self.verified.write() {
+            if m.len() >= VERIFIED_CAP {
+                m.retain(|_, c| c.exp > now_secs);
+                if m.len() >= VERIFIED_CAP {
+                    m.clear();
+                }
+            }
+            m.insert(digest, claims.clone());
+        }
+        Ok(claims)
     }
 
     /// How long the feed has been silent, if longer than the staleness bound.

@@ -354,3 +354,35 @@ fn denials_map_to_statuses_and_error_codes() {
     assert!(h.starts_with("DPoP error=\"insufficient_scope\""), "{h}");
     assert_eq!(h.matches('"').count(), 6, "quotes inside are dropped: {h}");
 }
+
+#[test]
+fn a_token_verified_once_still_expires_on_time() {
+    let w = world();
+    let t = token(&w, &claims(&w));
+    let auth = format!("DPoP {t}");
+    assert_eq!(
+        check(
+            &w,
+            Some(&auth),
+            &[&w.key.proof("GET", URL, Some(&t), NOW)],
+            "read"
+        ),
+        Ok(())
+    );
+    let later = NOW + 301;
+    w.v.heard(later * 1000);
+    let proof = w.key.proof("GET", URL, Some(&t), later);
+    let r = w.v.check(&Request {
+        method: "GET",
+        url: URL,
+        authorization: Some(&auth),
+        dpop: &[&proof],
+        action: "read",
+        now_secs: later,
+    });
+    assert_eq!(
+        r.map(|_| ()),
+        Err(Denial::Expired),
+        "the cached claims are checked against the clock"
+    );
+}
