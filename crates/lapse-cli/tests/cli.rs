@@ -346,3 +346,97 @@ fn operator_credentials_are_shown_once_and_configured_as_hashes() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(code(&o), 2, "a short password is refused: {}", show(&o));
 }
+
+/// One HTTP/1.1 GET over a fresh connection; answers the status and the raw head.
+fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+#[test]
+fn lapse_gate_runs_from_its_config_file_and_refuses_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let (_broker, url) = serve(&data);
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let token_file = tmp.path().join("gate.token");
+    std::fs::write(&token_file, admin.trim()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = include_str!("../../../examples/gate/gate.toml")
+        .replace("127.0.0.1:7900", &format!("127.0.0.1:{port}"))
+        .replace("http://127.0.0.1:7800", &url)
+        .replace(
+            "file:/etc/lapse/gate.token",
+            &format!("file:{}", token_file.display()),
+        );
+    let path = tmp.path().join("gate.toml");
+    std::fs::write(&path, &cfg).unwrap();
+
+    // A config that would refuse everything, or holds the token itself, is refused.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        cfg.replace(&format!("file:{}", token_file.display()), "lapse_op_secret"),
+    )
+    .unwrap();
+    let o = lapse(&["gate", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", show(&o));
+    assert!(show(&o).contains("never the token itself"), "{}", show(&o));
+
+    let child = Command::new(LAPSE)
+        .args(["gate", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _gate = Served(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "lapse gate did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_get(port, "/healthz", &[]).0, 200);
+    // nginx's auth_request without a token: 401 with a DPoP challenge.
+    let (st, head) = http_get(
+        port,
+        "/check",
+        &[
+            ("X-Original-Method", "GET"),
+            ("X-Original-URI", "/orders/1"),
+        ],
+    );
+    assert_eq!(st, 401, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: dpop error=\"invalid_request\""),
+        "{head}"
+    );
+    // A path no rule maps is refused before anything else, as is a `..` path.
+    for uri in ["/admin", "/orders/../admin"] {
+        let (st, head) = http_get(
+            port,
+            "/check",
+            &[("X-Original-Method", "GET"), ("X-Original-URI", uri)],
+        );
+        assert_eq!(st, 403, "{uri}: {head}");
+    }
+}
