@@ -257,15 +257,15 @@ impl Grant {
 
     /// Whether a credential of this grant may be honoured at `now`.
     /// When an active grant with an idle window is due to be revoked for lack of
-    /// use: its idle window after its latest reported use (or its start).
+    /// use: its idle window after its latest reported use, or after the workload
+    /// received it. An approved request not yet collected has no deadline: slow
+    /// approvers must not make it idle before it was ever held.
     pub fn idle_deadline(&self) -> Option<Timestamp> {
-        if self.state != GrantState::Active {
+        if self.state != GrantState::Active || !self.delivered {
             return None;
         }
-        let since = self
-            .last_used_at
-            .unwrap_or(self.delivered_at.unwrap_or(self.created_at))
-            .max(self.delivered_at.unwrap_or(self.created_at));
+        let start = self.delivered_at.unwrap_or(self.created_at);
+        let since = self.last_used_at.map_or(start, |u| u.max(start));
         self.idle_secs.map(|s| since.plus_secs(s))
     }
 
@@ -623,6 +623,35 @@ mod tests {
             assert!(g.clone().activate(t(1200), 600, 600, "j2".into()).is_err());
             assert!(!g.is_live(t(1200)));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn idle_deadlines_follow_use_and_never_precede_delivery() -> Result<(), LifecycleError> {
+        let mut g = Grant::issue(new_grant(600, None), "j".into())?;
+        assert_eq!(g.idle_deadline(), None, "no @idle, no deadline");
+        g.idle_secs = Some(60);
+        assert_eq!(g.idle_deadline(), Some(t(1060)), "from issue");
+        let v = g.version;
+        assert!(g.used(t(1030)));
+        assert_eq!(g.version, v + 1);
+        assert_eq!(g.idle_deadline(), Some(t(1090)), "from the latest use");
+        assert!(!g.used(t(1020)), "an older use adds nothing");
+        assert_eq!(g.idle_deadline(), Some(t(1090)));
+        // Not yet collected: no deadline; then it runs from delivery.
+        g.delivered = false;
+        assert_eq!(g.idle_deadline(), None);
+        g.delivered = true;
+        g.delivered_at = Some(t(1200));
+        assert_eq!(
+            g.idle_deadline(),
+            Some(t(1260)),
+            "delivery after the last use"
+        );
+        let ended = g.clone().revoke(t(1300), "op", "x")?;
+        assert_eq!(ended.idle_deadline(), None);
+        let mut ended = ended;
+        assert!(!ended.used(t(1400)), "an ended grant records no use");
         Ok(())
     }
 
