@@ -270,6 +270,8 @@ async fn approvers_sign_in_see_the_request_and_approve_and_the_workload_gets_its
 
     // The second approver is bob, signing in with his API token.
     click(&c, "form.signout button").await;
+    // A click returns before the navigation it starts; wait for the sign-in form.
+    text(&c, "form[action='/ui/login']").await;
     assert!(path(&c).await.starts_with("/ui/login"));
     sign_in(&c, &s, "bob", &token_of("bob")).await;
     c.goto(&format!("{}/ui/requests/{id}", s.url))
