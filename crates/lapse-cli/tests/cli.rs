@@ -46,34 +46,47 @@ impl Drop for Served {
     }
 }
 
-/// Starts `lapse serve --dev` on a free port and waits until it answers.
+/// Starts `lapse serve --dev` on a free port and waits until it answers. A port
+/// another test took between choosing and binding makes the child exit; then it
+/// tries another.
 fn serve(data: &Path) -> (Served, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(LAPSE)
-        .args(["serve", "--dev", "--data"])
-        .arg(data)
-        .args(["--listen", &listen])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start lapse serve: {e}"));
-    let served = Served(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if std::net::TcpStream::connect(&listen).is_ok() {
-            break;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(LAPSE)
+            .args(["serve", "--dev", "--data"])
+            .arg(data)
+            .args(["--listen", &listen])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start lapse serve: {e}"));
+        let mut served = Served(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let up = loop {
+            if !matches!(served.0.try_wait(), Ok(None)) {
+                break false;
+            }
+            // The dev folder is written before the server listens.
+            if data.join("admin.token").exists() && std::net::TcpStream::connect(&listen).is_ok() {
+                // Still alive a moment later: the listener is ours.
+                std::thread::sleep(Duration::from_millis(100));
+                break matches!(served.0.try_wait(), Ok(None));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lapse serve --dev did not listen on {listen} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if up {
+            return (served, format!("http://{listen}"));
         }
-        assert!(
-            Instant::now() < deadline,
-            "lapse serve --dev did not listen on {listen} within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
-    (served, format!("http://{listen}"))
+    panic!("lapse serve --dev could not start on any of 5 ports");
 }
 
 #[test]
