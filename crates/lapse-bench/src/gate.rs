@@ -131,6 +131,29 @@ pub fn decide(requests: usize, runs: usize, json_out: bool) -> anyhow::Result<()
         rates.push(rate);
         p99s.push(s.p99_ns as f64);
     }
+    // For scale: one Ed25519 verification alone, which every request's DPoP proof needs.
+    let k = lapse_token::SigningKey::generate();
+    let msg = b"eyJhbGciOiJFZERTQSJ9.eyJqdGkiOiJ4In0";
+    let sig = k.sign(msg);
+    let mut hv = stats::histogram()?;
+    let t0 = Instant::now();
+    for _ in 0..20_000 {
+        let t = Instant::now();
+        if k.public().verify(msg, &sig).is_err() {
+            bail!("the signature does not verify");
+        }
+        stats::record(&mut hv, t.elapsed());
+    }
+    let per_sec = 20_000.0 / t0.elapsed().as_secs_f64();
+    let sv = stats::summary(&hv);
+    emit(
+        json_out,
+        format!(
+            "one Ed25519 verification (ed25519-dalek), one thread: {per_sec:.0}/s, {}",
+            sv.line()
+        ),
+        json!({ "bench": "gate.ed25519_verify", "per_sec": per_sec, "latency": sv.json() }),
+    );
     let r = stats::median_f64(rates);
     let p = stats::median_f64(p99s);
     emit(
