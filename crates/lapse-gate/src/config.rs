@@ -21,10 +21,17 @@ pub struct GateConfig {
     /// `on_stale = "introspect"`): `env:NAME` or `file:PATH`.
     pub token: String,
     /// The scheme and host clients address the protected service with, for DPoP
-    /// `htu` (e.g. `https://orders.example.com`). Unset: from `X-Forwarded-Proto`
-    /// and `X-Forwarded-Host` (or `Host`), which the proxy in front must set.
+    /// `htu` (e.g. `https://orders.example.com`). Required: taking it from request
+    /// headers would let the client choose the URL its proof is checked against.
+    pub external_url: String,
+    /// Which proxy asks: `nginx` (default; reads `X-Original-Method`,
+    /// `X-Original-URI`, `X-Real-IP`, which the nginx config sets), `traefik`
+    /// (`X-Forwarded-Method`, `X-Forwarded-Uri`, the last `X-Forwarded-For` hop) or
+    /// `envoy` (the method and path of the check request under `/check`, the last
+    /// `X-Forwarded-For` hop). Only that proxy's headers are read: a header a
+    /// client sent and the proxy passed along must never choose the action.
     #[serde(default)]
-    pub external_url: Option<String>,
+    pub proxy: Proxy,
     /// How long the revocation feed may be silent before the gate stops trusting
     /// its view of which grants ended.
     #[serde(default = "default_staleness")]
@@ -54,6 +61,15 @@ fn default_use_report() -> TtlDuration {
 }
 fn default_policy_refresh() -> TtlDuration {
     TtlDuration::from_secs(2)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Proxy {
+    #[default]
+    Nginx,
+    Traefik,
+    Envoy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,16 +105,16 @@ impl Rule {
     }
 }
 
-/// A path the rules can be trusted on: absolute, and without the segments and
-/// encodings that make a proxy and an upstream disagree on what is addressed.
+/// A path the rules can be trusted on: absolute, and without anything that makes
+/// a proxy and an upstream disagree on what is addressed — dot segments, empty
+/// segments, backslashes, any percent-encoding (`/orders/%61dmin` is
+/// `/orders/admin` upstream) and matrix parameters (`;`).
 pub fn plain_path(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
     path.starts_with('/')
         && !path.contains("//")
         && !path.split('/').any(|s| s == "." || s == "..")
-        && !["%2e", "%2f", "%5c", "\\", "%00"]
-            .iter()
-            .any(|bad| lower.contains(bad))
+        && !path.contains(['%', ';', '\\'])
+        && path.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl GateConfig {
@@ -119,6 +135,14 @@ impl GateConfig {
             if !r.path.starts_with('/') {
                 return Err(format!("rule path `{}` must start with `/`", r.path));
             }
+        }
+        if cfg.staleness.secs() < 2 {
+            return Err(
+                "`staleness` must be at least 2s: the feed's heartbeat comes every second".into(),
+            );
+        }
+        if !cfg.external_url.starts_with("https://") && !cfg.external_url.starts_with("http://") {
+            return Err("`external_url` must be an http(s) URL".into());
         }
         if !cfg.token.starts_with("env:") && !cfg.token.starts_with("file:") {
             return Err("`token` must be `env:NAME` or `file:PATH`, never the token itself".into());
@@ -177,7 +201,10 @@ mod tests {
             "//evil",
             "/orders/%2e%2e/admin",
             "/orders%2Fadmin",
+            "/orders/%61dmin/drop",
+            "/orders/admin;x/drop",
             "/a\\b",
+            "/a b",
         ] {
             assert!(!plain_path(p), "{p}");
         }

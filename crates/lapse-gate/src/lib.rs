@@ -20,7 +20,7 @@ use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use config::GateConfig;
+use config::{GateConfig, Proxy};
 use lapse_core::{
     AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
 };
@@ -182,7 +182,7 @@ impl Gate {
             return Err(Denial::NoRule);
         }
         let action = self.action_for(method, path).ok_or(Denial::NoRule)?;
-        let url = format!("{}{path}", self.external_base(headers));
+        let url = format!("{}{path}", self.external_base());
         let dpop: Vec<&str> = headers
             .get_all("dpop")
             .iter()
@@ -208,7 +208,7 @@ impl Gate {
             .load_full()
             .ok_or_else(|| Denial::Unavailable("no policy from the broker yet".into()))?;
         let ctx = c.ctx.clone().unwrap_or_default();
-        let source = client_ip(headers).unwrap_or(peer);
+        let source = client_ip(self.cfg.proxy, headers).unwrap_or(peer);
         let request = AccessRequest {
             workload: WorkloadIdentity {
                 id: c.sub.clone(),
@@ -250,16 +250,8 @@ impl Gate {
     }
 
     /// The scheme and host clients use for the protected service (DPoP `htu`).
-    fn external_base(&self, headers: &HeaderMap) -> String {
-        if let Some(u) = &self.cfg.external_url {
-            return u.trim_end_matches('/').to_owned();
-        }
-        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-        let proto = h("x-forwarded-proto").unwrap_or("http");
-        let host = h("x-forwarded-host")
-            .or_else(|| h("host"))
-            .unwrap_or("localhost");
-        format!("{proto}://{host}")
+    fn external_base(&self) -> &str {
+        self.cfg.external_url.trim_end_matches('/')
     }
 }
 
@@ -272,36 +264,41 @@ pub struct Allowed {
     pub action: String,
 }
 
-fn client_ip(headers: &HeaderMap) -> Option<IpAddr> {
+/// The client's address as the configured proxy reports it.
+fn client_ip(proxy: Proxy, headers: &HeaderMap) -> Option<IpAddr> {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    h("x-real-ip")
-        .or_else(|| h("x-forwarded-for").and_then(|v| v.split(',').next()))
-        .and_then(|v| v.trim().parse().ok())
+    match proxy {
+        // Set by the nginx config (`proxy_set_header X-Real-IP $remote_addr`),
+        // replacing anything the client sent.
+        Proxy::Nginx => h("x-real-ip"),
+        // Both append the address they saw: the last hop is theirs.
+        Proxy::Traefik | Proxy::Envoy => h("x-forwarded-for").and_then(|v| v.rsplit(',').next()),
+    }
+    .and_then(|v| v.trim().parse().ok())
 }
 
-/// The original method and URI of a forwarded request.
-fn original(headers: &HeaderMap, req: &Request) -> (String, String) {
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let method = h("x-original-method")
-        .or_else(|| h("x-forwarded-method"))
-        .map_or_else(|| req.method().as_str().to_owned(), str::to_owned);
-    let uri = h("x-original-uri")
-        .or_else(|| h("x-forwarded-uri"))
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            // Envoy ext_authz sends the original path under the configured prefix.
-            let p = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            match p.strip_prefix("/check") {
-                Some(rest) if rest.starts_with('/') => rest.to_owned(),
-                Some(_) => "/".to_owned(),
-                None => p,
-            }
-        });
-    (method.to_ascii_uppercase(), uri)
+/// The original method and URI of a forwarded request, from the configured
+/// proxy's headers only.
+fn original(proxy: Proxy, headers: &HeaderMap, req: &Request) -> Option<(String, String)> {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (method, uri) = match proxy {
+        Proxy::Nginx => (h("x-original-method")?, h("x-original-uri")?),
+        Proxy::Traefik => (h("x-forwarded-method")?, h("x-forwarded-uri")?),
+        Proxy::Envoy => {
+            // ext_authz (HTTP) sends the original method, and the original path
+            // under the configured prefix.
+            let p = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let rest = p.strip_prefix("/check")?;
+            let rest = if rest.is_empty() { "/" } else { rest };
+            (req.method().as_str().to_owned(), rest.to_owned())
+        }
+    };
+    Some((method.to_ascii_uppercase(), uri))
 }
 
 async fn check(
@@ -310,7 +307,15 @@ async fn check(
     req: Request,
 ) -> Response {
     let headers = req.headers().clone();
-    let (method, uri) = original(&headers, &req);
+    let Some((method, uri)) = original(g.cfg.proxy, &headers, &req) else {
+        // Not a forwarded request this gate understands: never allow.
+        let d = Denial::NoRule;
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({ "error": d.code(), "error_description": "the request does not carry the original method and URI the configured proxy sends" })),
+        )
+            .into_response();
+    };
     match g.decide(&headers, &method, &uri, peer.ip()).await {
         Ok(a) => {
             let mut r = StatusCode::OK.into_response();
@@ -343,6 +348,9 @@ async fn check(
     }
 }
 
+/// How often the broker's keys are refetched even without an unknown `kid`.
+const KEY_REFRESH: Duration = Duration::from_secs(60);
+
 pub fn router(g: Arc<Gate>) -> Router {
     Router::new()
         .route(
@@ -364,10 +372,19 @@ pub async fn serve(
     let every = Duration::from_secs(gate.cfg.policy_refresh.secs().max(1));
     let policies = tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
+        let mut last_keys = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             if let Err(e) = g.refresh_policy().await {
                 tracing::warn!(error = %e, "gate could not refresh its policies; keeping the last good set");
+            }
+            // Keys are also refetched on an unknown kid; this catches a key the
+            // broker withdrew.
+            if last_keys.elapsed() >= KEY_REFRESH {
+                last_keys = tokio::time::Instant::now();
+                if let Err(e) = g.verifier.refresh_keys().await {
+                    tracing::warn!(error = %e, "gate could not refresh the broker's keys");
+                }
             }
         }
     });
@@ -392,4 +409,64 @@ pub async fn serve(
     uses.abort();
     let _ = last.report_uses().await;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_the_configured_proxys_headers_say_what_was_asked() {
+        let spoofed = [
+            ("x-original-method", "GET"),
+            ("x-original-uri", "/orders/1"),
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/orders/2"),
+            ("x-real-ip", "10.9.9.9"),
+            ("x-forwarded-for", "10.9.9.9, 192.0.2.7"),
+        ];
+        let r = req("GET", "/check/orders/3", &spoofed);
+        let h = r.headers().clone();
+        assert_eq!(
+            original(Proxy::Nginx, &h, &r),
+            Some(("GET".into(), "/orders/1".into()))
+        );
+        assert_eq!(
+            original(Proxy::Traefik, &h, &r),
+            Some(("POST".into(), "/orders/2".into())),
+            "traefik's own headers, never x-original-* a client sent through it"
+        );
+        assert_eq!(
+            original(Proxy::Envoy, &h, &r),
+            Some(("GET".into(), "/orders/3".into())),
+            "envoy: the check request itself"
+        );
+        assert_eq!(client_ip(Proxy::Nginx, &h), Some([10, 9, 9, 9].into()));
+        assert_eq!(
+            client_ip(Proxy::Traefik, &h),
+            Some([192, 0, 2, 7].into()),
+            "the hop the proxy appended, not the first a client wrote"
+        );
+        // Missing headers: nothing to decide on.
+        let bare = req("GET", "/check", &[]);
+        let bh = bare.headers().clone();
+        assert_eq!(original(Proxy::Nginx, &bh, &bare), None);
+        assert_eq!(original(Proxy::Traefik, &bh, &bare), None);
+        assert_eq!(
+            original(Proxy::Envoy, &bh, &bare),
+            Some(("GET".into(), "/".into()))
+        );
+        let elsewhere = req("GET", "/other", &[]);
+        let eh = elsewhere.headers().clone();
+        assert_eq!(original(Proxy::Envoy, &eh, &elsewhere), None);
+    }
 }

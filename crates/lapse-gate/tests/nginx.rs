@@ -67,6 +67,7 @@ async fn upstream() -> u16 {
         axum::Json(json!({
             "workload": h("x-lapse-workload"),
             "task": h("x-lapse-task"),
+            "action": h("x-lapse-action"),
             "authorization": h("authorization"),
         }))
     });
@@ -257,6 +258,45 @@ async fn nginx_auth_request_through_lapse_gate() {
     assert_eq!(ok.body["workload"], CI);
     assert_eq!(ok.body["task"], "T-gate");
     assert_eq!(ok.body["authorization"], "", "no token passthrough");
+    assert_eq!(ok.body["action"], "read");
+
+    // Headers a client sends cannot choose the action or speak for the gate.
+    let http = reqwest::Client::new();
+    let spoof = http
+        .get(&url)
+        .header("Authorization", format!("DPoP {t}"))
+        .header("DPoP", proof(&key, "GET", &url, &t))
+        .header("X-Lapse-Action", "write")
+        .header("X-Lapse-Workload", "spiffe://evil")
+        .send()
+        .await
+        .unwrap();
+    let body: Value = spoof.json().await.unwrap();
+    assert_eq!(
+        (body["action"].as_str(), body["workload"].as_str()),
+        (Some("read"), Some(CI))
+    );
+    let post = http
+        .post(&url)
+        .header("Authorization", format!("DPoP {t}"))
+        .header("DPoP", proof(&key, "POST", &url, &t))
+        .header("X-Original-Method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        post.status(),
+        403,
+        "a POST posing as a GET is still a POST (needs write)"
+    );
+    // A percent-encoded path the upstream would decode to another one.
+    let encoded = format!("http://127.0.0.1:{web}/orders/%61dmin");
+    assert_eq!(
+        call("GET", &encoded, &t, Some(&proof(&key, "GET", &encoded, &t)))
+            .await
+            .status,
+        403
+    );
 
     // Without its proof; with a replayed proof; with a proof for another URL.
     let c = call("GET", &url, &t, None).await;
@@ -304,7 +344,6 @@ async fn nginx_auth_request_through_lapse_gate() {
         now(),
     )
     .unwrap();
-    let http = reqwest::Client::new();
     let turl = format!("{}/oauth/token", b.url);
     let r: Value = http
         .post(&turl)

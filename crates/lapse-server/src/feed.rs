@@ -126,9 +126,12 @@ async fn pump(s: Arc<Lapse>, mut after: u64, tx: tokio::sync::mpsc::Sender<Event
         if full {
             continue;
         }
+        // `seq`: what this stream has sent; `store`: how far the store goes (a
+        // gate ahead of it is following a store that went back, e.g. a restore).
+        let store = s.store.feed_head().await.unwrap_or(after);
         let head = Event::default()
             .event("head")
-            .json_data(json!({ "seq": after, "at": s.now().millis() }));
+            .json_data(json!({ "seq": after, "store": store, "at": s.now().millis() }));
         if let Ok(h) = head
             && tx.send(h).await.is_err()
         {

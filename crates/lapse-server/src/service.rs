@@ -51,6 +51,8 @@ pub struct Lapse {
     pub identity: IdentityVerifier,
     pub key: SigningKey,
     pub replay: ReplayCache,
+    /// DPoP proof keys already parsed.
+    pub proof_keys: dpop::KeyCache,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     /// The notification webhook, when configured.
@@ -145,6 +147,7 @@ impl Lapse {
             identity,
             key,
             replay: ReplayCache::new(1_000_000),
+            proof_keys: dpop::KeyCache::new(),
             clock,
             metrics: Arc::new(Metrics::new()),
             notifier: None,
@@ -243,6 +246,7 @@ impl Lapse {
         };
         let htu = format!("{}{}", self.issuer, path);
         let req = DpopRequirements {
+            keys: Some(&self.proof_keys),
             htm,
             htu: &htu,
             now_secs: self.now().unix_seconds(),

@@ -134,18 +134,29 @@ impl Lapse {
         })
         .await?;
         let mut ended = Vec::new();
-        for g in matched {
+        for mut g in matched {
             let id = g.id;
-            let r = if g.state == GrantState::Pending {
-                self.deny_request_as(g, &op.name, &why).await
-            } else {
-                self.revoke(g, &op.name, &why).await.map(|_| ())
-            };
-            match r {
-                Ok(()) => ended.push(id),
-                // Ended meanwhile by something else: nothing left to do.
-                Err(ApiError::Conflict(_)) => {}
-                Err(e) => return Err(e),
+            // A grant that changed meanwhile (a use report, a renewal) is read
+            // again and ended still; only one that ended by itself is skipped.
+            for attempt in 0..5 {
+                let r = if g.state == GrantState::Pending {
+                    self.deny_request_as(g.clone(), &op.name, &why).await
+                } else {
+                    self.revoke(g.clone(), &op.name, &why).await.map(|_| ())
+                };
+                match r {
+                    Ok(()) => {
+                        ended.push(id);
+                        break;
+                    }
+                    Err(ApiError::Conflict(_)) if attempt < 4 => {
+                        match self.store.grant(id).await? {
+                            Some(fresh) if !fresh.state.is_ended() => g = fresh,
+                            _ => break,
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(ended)

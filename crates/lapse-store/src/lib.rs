@@ -48,8 +48,8 @@ pub struct GrantFilter {
 }
 
 /// One grant ending on the revocation feed: a grant that was active and is now
-/// completed, revoked or expired. Gates keep it until `exp` (the latest expiry of any
-/// token of the grant), after which the tokens are dead on their own.
+/// completed, revoked or expired. Gates keep it until `exp` (the grant's maximum
+/// lifetime, which caps every token it ever had), after which the tokens are dead.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FeedEntry {
     /// Gap-free, in commit order.
@@ -61,7 +61,7 @@ pub struct FeedEntry {
     pub audience: String,
     /// The most recent token's `jti`.
     pub jti: Option<String>,
-    /// Expiry of the grant's newest token (ms).
+    /// The grant's maximum lifetime (ms): no token of it is valid after.
     pub exp: i64,
     pub reason: String,
 }

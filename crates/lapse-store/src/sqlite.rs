@@ -342,7 +342,9 @@ fn apply(
                         g.state.as_str(),
                         g.request.audience,
                         g.token_jti,
-                        g.expires_at.millis(),
+                        // No token of the grant outlives its maximum lifetime; its
+                        // current expiry may be earlier than an older token's.
+                        g.max_expires_at.millis(),
                         g.end.as_ref().map_or("", |e| e.reason.as_str()),
                     ])?;
                 }

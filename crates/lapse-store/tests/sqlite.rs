@@ -457,7 +457,7 @@ async fn an_active_grant_that_ends_goes_on_the_feed_once_with_its_commit() -> Re
         ]
     );
     assert_eq!(feed[0].jti.as_deref(), Some("jti"));
-    assert_eq!(feed[0].exp, a.expires_at.millis());
+    assert_eq!(feed[0].exp, a.max_expires_at.millis());
     assert_eq!(
         f.store.feed(1, 100).await?.len(),
         1,

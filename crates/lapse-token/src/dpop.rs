@@ -23,6 +23,56 @@ pub struct DpopRequirements<'a> {
     pub max_skew_secs: i64,
     /// The access token presented with the proof, whose hash must be in `ath`.
     pub access_token: Option<&'a str>,
+    /// Parsed proof keys, so a workload's key is decoded once, not per request.
+    pub keys: Option<&'a KeyCache>,
+}
+
+/// Proof keys already parsed (an Ed25519 point decompressed, a P-256 point
+/// checked), by their JWK members. Bounded: when full it starts over.
+#[derive(Default)]
+pub struct KeyCache {
+    keys: std::sync::RwLock<std::collections::HashMap<String, PublicKey>>,
+}
+
+const KEY_CACHE_CAP: usize = 50_000;
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.keys.read().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("KeyCache").field("keys", &n).finish()
+    }
+}
+
+impl KeyCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get_or_parse(&self, jwk: &Jwk) -> Result<PublicKey, TokenError> {
+        // Everything that determines the key; `kid` and other members do not.
+        let id = format!(
+            "{}|{}|{}|{}|{}|{}",
+            jwk.kty,
+            jwk.crv.as_deref().unwrap_or(""),
+            jwk.x.as_deref().unwrap_or(""),
+            jwk.y.as_deref().unwrap_or(""),
+            jwk.n.as_deref().unwrap_or(""),
+            jwk.e.as_deref().unwrap_or("")
+        );
+        if jwk.d.is_none()
+            && let Some(k) = self.keys.read().ok().and_then(|m| m.get(&id).cloned())
+        {
+            return Ok(k);
+        }
+        let k = PublicKey::from_jwk(jwk)?;
+        if let Ok(mut m) = self.keys.write() {
+            if m.len() >= KEY_CACHE_CAP {
+                m.clear();
+            }
+            m.insert(id, k.clone());
+        }
+        Ok(k)
+    }
 }
 
 /// A verified proof.
@@ -80,7 +130,11 @@ pub fn verify(
         .jwk
         .clone()
         .ok_or_else(|| bad("has no `jwk` header"))?;
-    let key = PublicKey::from_jwk(&jwk).map_err(|e| bad(&format!("key is unusable: {e}")))?;
+    let key = match req.keys {
+        Some(cache) => cache.get_or_parse(&jwk),
+        None => PublicKey::from_jwk(&jwk),
+    }
+    .map_err(|e| bad(&format!("key is unusable: {e}")))?;
     let payload = unverified
         .verify(&key)
         .map_err(|e| bad_as(DpopFault::Signature, &format!("does not verify: {e}")))?;
@@ -230,6 +284,7 @@ mod tests {
 
     fn reqs(now: i64) -> DpopRequirements<'static> {
         DpopRequirements {
+            keys: None,
             htm: "POST",
             htu: URL,
             now_secs: now,
@@ -237,6 +292,52 @@ mod tests {
             max_skew_secs: 5,
             access_token: None,
         }
+    }
+
+    #[test]
+    fn cached_keys_give_the_same_answers() -> Result<(), TokenError> {
+        let keys = KeyCache::new();
+        let replay = ReplayCache::new(1000);
+        let with_cache = |now| DpopRequirements {
+            keys: Some(&keys),
+            ..reqs(now)
+        };
+        let (a, b) = (DpopKey::generate(), DpopKey::generate());
+        for _ in 0..2 {
+            let p = verify(
+                &a.proof("POST", URL, None, 1000),
+                &with_cache(1000),
+                &replay,
+            )?;
+            assert_eq!(p.jkt, a.jkt());
+        }
+        let p = verify(
+            &b.proof("POST", URL, None, 1000),
+            &with_cache(1000),
+            &replay,
+        )?;
+        assert_eq!(
+            p.jkt,
+            b.jkt(),
+            "another key is not mistaken for a cached one"
+        );
+        // A proof signed by another key under a's public key fails, cache or not.
+        let forged = {
+            let good = a.proof("POST", URL, None, 1000);
+            let (rest, _) = good.rsplit_once('.').unwrap_or_default();
+            format!(
+                "{rest}.{}",
+                b64::encode(b.signing_key().sign(rest.as_bytes()))
+            )
+        };
+        assert!(matches!(
+            verify(&forged, &with_cache(1000), &replay),
+            Err(TokenError::Dpop {
+                fault: DpopFault::Signature,
+                ..
+            })
+        ));
+        Ok(())
     }
 
     #[test]

@@ -184,6 +184,7 @@ pub struct Verifier {
     keys: ArcSwap<HashMap<String, PublicKey>>,
     last_key_fetch: Mutex<Option<Instant>>,
     replay: ReplayCache,
+    proof_keys: dpop::KeyCache,
     ended: RwLock<Ended>,
     /// Sequence number of the newest feed entry applied.
     seq: AtomicU64,
@@ -215,6 +216,7 @@ impl Verifier {
             keys: ArcSwap::from_pointee(keys),
             last_key_fetch: Mutex::new(None),
             replay: ReplayCache::new(1_000_000),
+            proof_keys: dpop::KeyCache::new(),
             ended: RwLock::new(Ended::default()),
             seq: AtomicU64::new(0),
             heard_ms: AtomicI64::new(0),
@@ -267,7 +269,15 @@ impl Verifier {
         if keys.is_empty() {
             return Err(err("no usable key".into()));
         }
+        let changed = {
+            let old = self.keys.load();
+            old.len() != keys.len() || keys.keys().any(|k| !old.contains_key(k))
+        };
         self.keys.store(Arc::new(keys));
+        // A key taken out of the set must stop vouching for tokens verified with it.
+        if changed && let Ok(mut m) = self.verified.write() {
+            m.clear();
+        }
         Ok(())
     }
 
@@ -342,6 +352,7 @@ impl Verifier {
         let proof = dpop::verify(
             proof,
             &DpopRequirements {
+                keys: Some(&self.proof_keys),
                 htm: req.method,
                 htu: req.url,
                 now_secs: req.now_secs,
@@ -433,7 +444,8 @@ impl Verifier {
             .and_then(|e| e.by_grant.get(grant_id).map(|(s, _)| s.clone()))
     }
 
-    /// Records a feed entry (a grant that ended) and that the feed was heard.
+    /// Records a feed entry (a grant that ended). Only a `head` marks the feed as
+    /// heard: a gate replaying old entries has not caught up yet.
     pub fn apply(&self, e: &FeedEntry, now_ms: i64) {
         if let Ok(mut ended) = self.ended.write() {
             ended
@@ -445,12 +457,16 @@ impl Verifier {
             }
         }
         self.seq.fetch_max(e.seq, Ordering::AcqRel);
-        self.heard(now_ms);
     }
 
     /// Notes that the feed was heard from at `now_ms` (an entry or a heartbeat).
     pub fn heard(&self, now_ms: i64) {
         self.heard_ms.fetch_max(now_ms, Ordering::AcqRel);
+    }
+
+    /// Starts over from the beginning of the feed (the broker's store went back).
+    pub fn reset_seq(&self) {
+        self.seq.store(0, Ordering::Release);
     }
 
     /// The newest feed sequence number applied: where to resume.
