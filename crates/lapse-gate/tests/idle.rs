@@ -149,6 +149,7 @@ async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
 
     // One grant is used every 500 ms for 3.5 s, with reports; the others never.
     let started = Instant::now();
+    let started_ms = SystemClock.now().millis();
     while started.elapsed() < Duration::from_millis(3500) {
         let r = gate
             .decide(&use_it(t_used.clone(), &k_used), "GET", "/orders/1", ip)

@@ -452,6 +452,8 @@ pub fn grant_view(g: &lapse_core::Grant) -> Value {
         "jkt": g.jkt,
         "renewals": g.renewals,
         "credentials": g.credentials,
+        "idle_secs": g.idle_secs,
+        "last_used_at": g.last_used_at,
     })
 }
 

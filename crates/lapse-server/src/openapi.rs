@@ -196,7 +196,7 @@ pub fn document() -> Value {
             "workload": { "type": "string" }, "issuer": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" } },
             "task": { "type": "object" }, "policies": { "type": "array", "items": { "type": "string" } }, "created_at": { "type": "integer", "description": "ms since epoch" },
             "expires_at": { "type": "integer" }, "max_expires_at": { "type": "integer" }, "ended_at": { "type": ["integer", "null"] }, "end": { "type": ["object", "null"] },
-            "jkt": { "type": "string" }, "renewals": { "type": "integer" }, "audit": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } },
+            "jkt": { "type": "string" }, "renewals": { "type": "integer" }, "idle_secs": { "type": ["integer", "null"] }, "last_used_at": { "type": ["integer", "null"], "description": "unix ms of the latest use a gate reported" }, "audit": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } },
           "Introspection": { "type": "object", "required": ["active"], "properties": { "active": { "type": "boolean" }, "scope": { "type": "string" }, "sub": { "type": "string" }, "aud": { "type": "string" }, "exp": { "type": "integer" }, "grant_id": { "type": "string" }, "task": { "type": "string" }, "cnf": { "type": "object" } } },
           "StandingReport": { "type": "object", "required": ["generated_at", "window", "ok", "findings", "proof", "targets"], "properties": {
             "generated_at": { "type": "integer" }, "window": { "type": "object", "properties": { "from": { "type": "integer" }, "to": { "type": "integer" } } },
