@@ -189,10 +189,32 @@ async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Never before its window after the last use the broker recorded (uses are
+    // recorded at most once a second per grant, so that can be a bit before the
+    // last request).
+    let v: Value = reqwest::Client::new()
+        .get(format!("{url}/v1/grants/{g_used}"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["idle_secs"], 2);
+    let (last, ended) = (
+        v["last_used_at"].as_i64().unwrap(),
+        v["ended_at"].as_i64().unwrap(),
+    );
     assert!(
-        stop.elapsed() >= Duration::from_millis(1000),
-        "revoked before its window: {:?}",
-        stop.elapsed()
+        ended >= last + 2000,
+        "revoked {} ms after its last recorded use",
+        ended - last
+    );
+    assert!(
+        last >= started_ms + 1900,
+        "uses late in the loop were recorded: {}",
+        last - started_ms
     );
     follow.abort();
 }
