@@ -44,6 +44,7 @@ async fn broker() -> Broker {
             password_argon2: None,
             roles: vec![role],
             groups: vec![],
+            audiences: vec![],
         });
     }
     let lapse = lapse_server::build(cfg, Arc::new(SystemClock))

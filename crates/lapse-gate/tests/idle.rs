@@ -72,7 +72,18 @@ async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dir = tmp.path().join("broker");
-    let (cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
+    // A gate that guards another audience: its use reports do not count here.
+    cfg.operators.push(lapse_server::config::OperatorEntry {
+        name: "tickets-gate".into(),
+        token_sha256: Some(hex::encode(lapse_server::service::hash_secret(
+            "tickets-gate-token",
+        ))),
+        password_argon2: None,
+        roles: vec![lapse_server::config::Role::Gate],
+        groups: vec![],
+        audiences: vec!["tickets-api".into()],
+    });
     std::fs::write(dir.join("policies").join("idle.cedar"), IDLE_POLICY).unwrap();
     let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
         .await
@@ -146,6 +157,21 @@ async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
     .await;
     let (_t_plain, g_plain) =
         exchange(&url, &dir, "spiffe://dev.lapse.local/ci/deploy", &k_plain).await;
+
+    // Another audience's gate cannot keep an orders-db grant alive.
+    let r: Value = reqwest::Client::new()
+        .post(format!("{url}/v1/usage"))
+        .bearer_auth("tickets-gate-token")
+        .json(
+            &serde_json::json!({ "uses": [{ "grant": g_idle, "at": SystemClock.now().millis() }] }),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["recorded"], 0, "{r}");
 
     // One grant is used every 500 ms for 3.5 s, with reports; the others never.
     let started = Instant::now();

@@ -130,6 +130,10 @@ pub struct OperatorEntry {
     /// The `admin` role does not imply any: who may approve is named explicitly.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// For a `gate`: the audiences it guards; its use reports count only for
+    /// grants of these (empty: any).
+    #[serde(default)]
+    pub audiences: Vec<String>,
 }
 
 /// `[[owner]]`: the people responsible for workloads. Separation of duties: an

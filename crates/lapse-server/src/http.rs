@@ -937,7 +937,7 @@ async fn usage(
             .map_err(|e: lapse_core::IdParseError| ApiError::InvalidRequest(e.to_string()))?;
         uses.push((id, x.at));
     }
-    let recorded = s.record_uses(&op.name, &uses).await?;
+    let recorded = s.record_uses(&op, &uses).await?;
     Ok(no_store(json!({ "recorded": recorded }), StatusCode::OK))
 }
 

@@ -29,6 +29,15 @@ pub struct Operator {
     pub name: String,
     pub roles: Vec<Role>,
     pub groups: Vec<String>,
+    /// For a gate: the audiences it guards (empty: any).
+    pub audiences: Vec<String>,
+}
+
+impl Operator {
+    /// Whether this operator speaks for `audience` (a gate bound to others does not).
+    pub fn covers_audience(&self, audience: &str) -> bool {
+        self.audiences.is_empty() || self.audiences.iter().any(|a| a == audience)
+    }
 }
 
 impl Operator {
@@ -133,6 +142,7 @@ impl Lapse {
                         name: o.name.clone(),
                         roles: o.roles.clone(),
                         groups: o.groups.clone(),
+                        audiences: o.audiences.clone(),
                     },
                 ))
             })
@@ -829,9 +839,10 @@ impl Lapse {
     /// Answers how many grants it recorded a use for.
     pub async fn record_uses(
         &self,
-        gate: &str,
+        op: &Operator,
         uses: &[(GrantId, i64)],
     ) -> Result<usize, ApiError> {
+        let gate = op.name.as_str();
         let now = self.now();
         let mut n = 0;
         for (id, at) in uses {
@@ -839,6 +850,10 @@ impl Lapse {
             let Some(g) = self.store.grant(*id).await? else {
                 continue;
             };
+            // A gate vouches only for uses of the audiences it guards.
+            if !op.covers_audience(&g.request.audience) {
+                continue;
+            }
             let step = g.idle_secs.map_or(60, |i| (i / 10).clamp(1, 60));
             if g.last_used_at.is_some_and(|t| t.plus_secs(step) > at) {
                 continue;

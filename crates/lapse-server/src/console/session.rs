@@ -105,6 +105,7 @@ fn operator_of(entry: &OperatorEntry) -> Operator {
         name: entry.name.clone(),
         roles: entry.roles.clone(),
         groups: entry.groups.clone(),
+        audiences: entry.audiences.clone(),
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn start() -> Server {
             )))),
             roles: roles.to_vec(),
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            audiences: vec![],
             password_argon2: (*name == "alice")
                 .then(|| lapse_server::console::session::hash_password(ALICE_PASSWORD).unwrap()),
         });
