@@ -8,102 +8,44 @@
 //! misses no ending, a gate that restarts from nothing catches up, and order holds.
 
 use lapse_core::{Clock, SystemClock};
-use lapse_server::dev;
 use lapse_token::DpopKey;
 use lapse_verifier::{OnStale, Verifier, VerifierConfig};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+mod common;
+
+use common::{Broker, CI, broker, operator};
+
 const OTHER: &str = "spiffe://dev.lapse.local/ci/backup";
 
-struct Broker {
-    url: String,
-    dir: std::path::PathBuf,
-    admin: String,
-    http: reqwest::Client,
-    _tmp: tempfile::TempDir,
-}
-
-async fn broker() -> Broker {
-    let tmp = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dir = tmp.path().join("broker");
-    let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
-    for (name, role) in [
-        ("ci-system", lapse_server::config::Role::Signal),
-        ("auditor", lapse_server::config::Role::Read),
-    ] {
-        cfg.operators.push(lapse_server::config::OperatorEntry {
-            name: name.into(),
-            token_sha256: Some(hex::encode(lapse_server::service::hash_secret(&format!(
-                "token-of-{name}"
-            )))),
-            password_argon2: None,
-            roles: vec![role],
-            groups: vec![],
-            audiences: vec![],
-        });
-    }
-    let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
-        .await
-        .unwrap();
-    tokio::spawn(lapse_server::serve(lapse, listener, std::future::pending()));
-    Broker {
-        url: format!("http://{addr}"),
-        dir: dir.canonicalize().unwrap(),
-        admin,
-        http: reqwest::Client::new(),
-        _tmp: tmp,
-    }
+async fn feed_broker() -> Broker {
+    broker(|cfg, _| {
+        cfg.operators.push(operator(
+            "ci-system",
+            lapse_server::config::Role::Signal,
+            &[],
+        ));
+        cfg.operators
+            .push(operator("auditor", lapse_server::config::Role::Read, &[]));
+    })
+    .await
 }
 
 impl Broker {
     /// Issues a grant and revokes it; answers its id.
     async fn issue_and_revoke(&self, n: usize) -> String {
         let id = self.issue(CI, &format!("T-{n}"), "read").await;
-        let st = self
-            .http
-            .post(format!("{}/v1/grants/{id}/revoke", self.url))
-            .bearer_auth(&self.admin)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(st, 200);
+        self.revoke(&id).await;
         id
     }
 
     /// A grant (or a pending request) of `workload` for `task`; answers its id.
     async fn issue(&self, workload: &str, task: &str, scope: &str) -> String {
-        let key = DpopKey::generate();
-        let now = SystemClock.now().unix_seconds();
-        let url = format!("{}/oauth/token", self.url);
-        let identity = dev::dev_token(&self.dir, workload, 600, &[], now).unwrap();
-        let v: Value = self
-            .http
-            .post(&url)
-            .header("DPoP", key.proof("POST", &url, None, now))
-            .form(&[
-                (
-                    "grant_type",
-                    "urn:ietf:params:oauth:grant-type:token-exchange",
-                ),
-                ("subject_token", identity.as_str()),
-                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                ("audience", "orders-db"),
-                ("scope", scope),
-                ("task", task),
-                ("purpose", "feed test"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = self
+            .exchange(&DpopKey::generate(), workload, "orders-db", scope, task)
+            .await;
         v["grant_id"]
             .as_str()
             .or_else(|| v["request_id"].as_str())
@@ -164,7 +106,7 @@ async fn until_seq(v: &Verifier, seq: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gate_that_stops_resumes_without_missing_an_ending_and_in_order() {
-    let b = broker().await;
+    let b = feed_broker().await;
     let mut ids = vec![b.issue_and_revoke(1).await, b.issue_and_revoke(2).await];
     let v = b.verifier().await;
     let follow = tokio::spawn(v.clone().follow());
@@ -256,7 +198,7 @@ async fn a_gate_that_stops_resumes_without_missing_an_ending_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_end_the_grants_they_name_and_reach_gates_through_the_feed() {
-    let b = broker().await;
+    let b = feed_broker().await;
     let v = b.verifier().await;
     let follow = tokio::spawn(v.clone().follow());
     let a1 = b.issue(CI, "T-a", "read").await;
@@ -385,35 +327,9 @@ async fn signals_end_the_grants_they_name_and_reach_gates_through_the_feed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_stale_feed_a_gate_fails_closed_or_asks_introspection_as_configured() {
-    let b = broker().await;
+    let b = feed_broker().await;
     let key = DpopKey::generate();
-    let now = SystemClock.now().unix_seconds();
-    let turl = format!("{}/oauth/token", b.url);
-    let identity = dev::dev_token(&b.dir, CI, 600, &[], now).unwrap();
-    let v: Value = b
-        .http
-        .post(&turl)
-        .header("DPoP", key.proof("POST", &turl, None, now))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", identity.as_str()),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("audience", "orders-db"),
-            ("scope", "read"),
-            ("task", "T-stale"),
-            ("purpose", "stale feed"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = v["access_token"].as_str().unwrap().to_owned();
-    let grant = v["grant_id"].as_str().unwrap().to_owned();
+    let (token, grant) = b.token(&key, CI, "orders-db", "read", "T-stale").await;
     let auth = format!("DPoP {token}");
     let url = "http://orders.test/orders/1";
     let ask = |v: Arc<Verifier>, auth: String, proof: String| async move {
@@ -453,15 +369,7 @@ async fn with_a_stale_feed_a_gate_fails_closed_or_asks_introspection_as_configur
         .unwrap(),
     );
     assert_eq!(ask(asks.clone(), auth.clone(), proof()).await, Ok(()));
-    let st = b
-        .http
-        .post(format!("{}/v1/grants/{grant}/revoke", b.url))
-        .bearer_auth(&b.admin)
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(st, 200);
+    b.revoke(&grant).await;
     assert_eq!(
         ask(asks, auth, proof()).await,
         Err(lapse_verifier::Denial::GrantEnded(

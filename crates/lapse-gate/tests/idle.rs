@@ -8,11 +8,12 @@
 //! a used one is not, and a grant without the annotation is left alone.
 
 use lapse_core::{Clock, SystemClock};
+mod common;
+
+use common::{broker, operator};
 use lapse_gate::config::GateConfig;
-use lapse_server::dev;
 use lapse_token::DpopKey;
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const IDLE_POLICY: &str = r#"
@@ -27,71 +28,20 @@ permit (
 when { principal.uri like "spiffe://dev.lapse.local/reports/*" };
 "#;
 
-async fn exchange(
-    url: &str,
-    dir: &std::path::Path,
-    workload: &str,
-    key: &DpopKey,
-) -> (String, String) {
-    let now = SystemClock.now().unix_seconds();
-    let turl = format!("{url}/oauth/token");
-    let identity = dev::dev_token(dir, workload, 600, &[], now).unwrap();
-    let v: Value = reqwest::Client::new()
-        .post(&turl)
-        .header("DPoP", key.proof("POST", &turl, None, now))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", identity.as_str()),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("audience", "orders-db"),
-            ("scope", "read"),
-            ("task", "T-idle"),
-            ("purpose", "idle test"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        v["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{v}"))
-            .to_owned(),
-        v["grant_id"].as_str().unwrap().to_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
+    let b = broker(|cfg, dir| {
+        std::fs::write(dir.join("policies").join("idle.cedar"), IDLE_POLICY).unwrap();
+        // A gate that guards another audience: its use reports do not count here.
+        cfg.operators.push(operator(
+            "tickets-gate",
+            lapse_server::config::Role::Gate,
+            &["tickets-api"],
+        ));
+    })
+    .await;
+    let (url, admin) = (b.url.clone(), b.admin.clone());
     let tmp = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dir = tmp.path().join("broker");
-    let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
-    // A gate that guards another audience: its use reports do not count here.
-    cfg.operators.push(lapse_server::config::OperatorEntry {
-        name: "tickets-gate".into(),
-        token_sha256: Some(hex::encode(lapse_server::service::hash_secret(
-            "tickets-gate-token",
-        ))),
-        password_argon2: None,
-        roles: vec![lapse_server::config::Role::Gate],
-        groups: vec![],
-        audiences: vec!["tickets-api".into()],
-    });
-    std::fs::write(dir.join("policies").join("idle.cedar"), IDLE_POLICY).unwrap();
-    let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
-        .await
-        .unwrap();
-    tokio::spawn(lapse_server::serve(lapse, listener, std::future::pending()));
-    let url = format!("http://{addr}");
-    let dir = dir.canonicalize().unwrap();
-
     std::fs::write(tmp.path().join("gate.token"), &admin).unwrap();
     let cfg = GateConfig::parse(&format!(
         "listen = \"127.0.0.1:0\"\nbroker = \"{url}\"\naudience = \"orders-db\"\n\
@@ -141,27 +91,38 @@ async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
         DpopKey::generate(),
         DpopKey::generate(),
     );
-    let (t_used, g_used) = exchange(
-        &url,
-        &dir,
-        "spiffe://dev.lapse.local/reports/daily",
-        &k_used,
-    )
-    .await;
-    let (_t_idle, g_idle) = exchange(
-        &url,
-        &dir,
-        "spiffe://dev.lapse.local/reports/weekly",
-        &k_idle,
-    )
-    .await;
-    let (_t_plain, g_plain) =
-        exchange(&url, &dir, "spiffe://dev.lapse.local/ci/deploy", &k_plain).await;
+    let (t_used, g_used) = b
+        .token(
+            &k_used,
+            "spiffe://dev.lapse.local/reports/daily",
+            "orders-db",
+            "read",
+            "T-idle",
+        )
+        .await;
+    let (_t_idle, g_idle) = b
+        .token(
+            &k_idle,
+            "spiffe://dev.lapse.local/reports/weekly",
+            "orders-db",
+            "read",
+            "T-idle",
+        )
+        .await;
+    let (_t_plain, g_plain) = b
+        .token(
+            &k_plain,
+            "spiffe://dev.lapse.local/ci/deploy",
+            "orders-db",
+            "read",
+            "T-idle",
+        )
+        .await;
 
     // Another audience's gate cannot keep an orders-db grant alive.
     let r: Value = reqwest::Client::new()
         .post(format!("{url}/v1/usage"))
-        .bearer_auth("tickets-gate-token")
+        .bearer_auth("token-of-tickets-gate")
         .json(
             &serde_json::json!({ "uses": [{ "grant": g_idle, "at": SystemClock.now().millis() }] }),
         )

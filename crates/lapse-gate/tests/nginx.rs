@@ -10,47 +10,15 @@
 
 use lapse_core::{Clock, SystemClock};
 use lapse_gate::config::GateConfig;
-use lapse_server::dev;
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+mod common;
 
-struct Broker {
-    url: String,
-    dir: PathBuf,
-    admin: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn broker(tmp: &Path) -> Broker {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dir = tmp.join("broker");
-    let (cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
-    let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = lapse_server::serve(lapse, listener, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Broker {
-        url: format!("http://{addr}"),
-        dir: dir.canonicalize().unwrap(),
-        admin,
-        stop: Some(tx),
-        task,
-    }
-}
+use common::{CI, broker};
 
 /// The protected service: says who the gate let through.
 async fn upstream() -> u16 {
@@ -152,41 +120,6 @@ fn now() -> i64 {
     SystemClock.now().unix_seconds()
 }
 
-/// A DPoP-bound token for `scope` on `audience` from the broker.
-async fn token(b: &Broker, key: &DpopKey, audience: &str, scope: &str) -> (String, String) {
-    let http = reqwest::Client::new();
-    let url = format!("{}/oauth/token", b.url);
-    let identity = dev::dev_token(&b.dir, CI, 600, &[], now()).unwrap();
-    let r: Value = http
-        .post(&url)
-        .header("DPoP", key.proof("POST", &url, None, now()))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", &identity),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("audience", audience),
-            ("scope", scope),
-            ("task", "T-gate"),
-            ("purpose", "read orders through the gate"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        r["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{r}"))
-            .to_owned(),
-        r["grant_id"].as_str().unwrap().to_owned(),
-    )
-}
-
 struct Call {
     status: u16,
     www: String,
@@ -221,7 +154,7 @@ fn proof(key: &DpopKey, method: &str, url: &str, token: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_auth_request_through_lapse_gate() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut b = broker(tmp.path()).await;
+    let mut b = broker(|_, _| {}).await;
     let up = upstream().await;
     let (gate_port, web) = (free_port(), free_port());
     std::fs::write(tmp.path().join("gate.token"), &b.admin).unwrap();
@@ -252,7 +185,7 @@ async fn nginx_auth_request_through_lapse_gate() {
     // A valid DPoP-bound token for `read` on orders-db passes, and the upstream
     // learns who came (but never sees the token).
     let key = DpopKey::generate();
-    let (t, gid) = token(&b, &key, "orders-db", "read").await;
+    let (t, gid) = b.token(&key, CI, "orders-db", "read", "T-gate").await;
     let ok = call("GET", &url, &t, Some(&proof(&key, "GET", &url, &t))).await;
     assert_eq!(ok.status, 200, "{:?}", ok.body);
     assert_eq!(ok.body["workload"], CI);
@@ -336,40 +269,15 @@ async fn nginx_auth_request_through_lapse_gate() {
     );
     // A token for another audience.
     let agent_key = DpopKey::generate();
-    let identity = dev::dev_token(
-        &b.dir,
-        "spiffe://dev.lapse.local/agent/support-bot",
-        600,
-        &[],
-        now(),
-    )
-    .unwrap();
-    let turl = format!("{}/oauth/token", b.url);
-    let r: Value = http
-        .post(&turl)
-        .header("DPoP", agent_key.proof("POST", &turl, None, now()))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", identity.as_str()),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("audience", "tickets-api"),
-            ("scope", "read"),
-            ("task", "T-9"),
-            ("purpose", "triage"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let other_aud = r["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{r}"))
-        .to_owned();
+    let (other_aud, _) = b
+        .token(
+            &agent_key,
+            "spiffe://dev.lapse.local/agent/support-bot",
+            "tickets-api",
+            "read",
+            "T-9",
+        )
+        .await;
     let c = call(
         "GET",
         &url,
@@ -405,7 +313,7 @@ async fn nginx_auth_request_through_lapse_gate() {
 
     // The feed is cut (the broker goes away): fail closed after the staleness bound.
     let key2 = DpopKey::generate();
-    let (t2, _) = token(&b, &key2, "orders-db", "read").await;
+    let (t2, _) = b.token(&key2, CI, "orders-db", "read", "T-gate").await;
     assert_eq!(
         call("GET", &url, &t2, Some(&proof(&key2, "GET", &url, &t2)))
             .await

@@ -44,13 +44,6 @@ impl Lapse {
             .await?)
     }
 
-    async fn pending_grant(&self, id: GrantId) -> Result<Grant, ApiError> {
-        self.store
-            .grant(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no request `{id}`")))
-    }
-
     /// Whether `op` may decide on `grant`; a refusal is audited before it is answered.
     async fn may_decide(&self, op: &Operator, grant: &Grant) -> Result<(), ApiError> {
         op.require(Role::Approve)?;
@@ -93,7 +86,7 @@ impl Lapse {
         reason: &str,
         narrowing: Narrowing,
     ) -> Result<Grant, ApiError> {
-        let grant = self.pending_grant(id).await?;
+        let grant = self.find(id, "request").await?;
         self.may_decide(op, &grant).await?;
         let now = self.now();
         let approved = grant
@@ -185,7 +178,7 @@ impl Lapse {
         if reason.trim().is_empty() {
             return Err(ApiError::InvalidRequest("a denial needs a `reason`".into()));
         }
-        let grant = self.pending_grant(id).await?;
+        let grant = self.find(id, "request").await?;
         self.may_decide(op, &grant).await?;
         let now = self.now();
         let denied = grant
@@ -331,7 +324,7 @@ impl Lapse {
         verdict: lapse_core::Verdict,
         note: &str,
     ) -> Result<Grant, ApiError> {
-        let grant = self.pending_grant(id).await?;
+        let grant = self.find(id, "request").await?;
         self.may_decide(op, &grant).await?;
         let now = self.now();
         let closed = grant

@@ -510,11 +510,7 @@ async fn show_grant(
 ) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
     let id = grant_id(&id)?;
-    let g = s
-        .store
-        .grant(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+    let g = s.find(id, "grant").await?;
     let events = s.store.audit_for(id).await?;
     let mut v = grant_view(&g);
     set_field(&mut v, "audit", json!(events));
@@ -614,11 +610,7 @@ async fn show_approval(
         op.require(Role::Read)?;
     }
     let id = grant_id(&id)?;
-    let g = s
-        .store
-        .grant(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no request `{id}`")))?;
+    let g = s.find(id, "request").await?;
     let mut v = crate::approvals::request_view(&g, s.cfg.max_ttl.secs());
     let audit = s.store.audit_for(id).await?;
     set_field(&mut v, "audit", json!(audit));
@@ -807,11 +799,7 @@ async fn revoke_grant(
     let id = grant_id(&id)?;
     let b = body(b)?;
     let r: ReasonBody = optional_json(&headers, &b)?;
-    let g = s
-        .store
-        .grant(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+    let g = s.find(id, "grant").await?;
     let reason = r.reason.unwrap_or_else(|| "revoked by operator".into());
     let g = s.revoke(g, &op.name, &clip(&reason)).await?;
     Ok(no_store(grant_view(&g), StatusCode::OK))

@@ -171,6 +171,14 @@ impl Lapse {
         self.clock.now()
     }
 
+    /// Grant `id` from the store; a 404 that calls it a `what` when missing.
+    pub async fn find(&self, id: GrantId, what: &str) -> Result<Grant, ApiError> {
+        self.store
+            .grant(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no {what} `{id}`")))
+    }
+
     /// Commits through the store, marking every audit entry of a break-glass grant
     /// as such (`"break_glass": true` in its data).
     pub(crate) async fn commit(
@@ -641,11 +649,7 @@ impl Lapse {
                 "the token belongs to another grant".into(),
             ));
         }
-        let grant = self
-            .store
-            .grant(grant_id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no grant `{grant_id}`")))?;
+        let grant = self.find(grant_id, "grant").await?;
         Ok((claims, grant))
     }
 

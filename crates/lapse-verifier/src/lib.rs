@@ -315,9 +315,7 @@ impl Verifier {
             .authorization
             .and_then(|h| h.split_once(' '))
             .map_or("", |(_, t)| t.trim());
-        let keys = self.keys.load();
-        let claims = access::verify(token, |kid| keys.get(kid), &self.cfg.issuer, req.now_secs)
-            .map_err(token_denial)?;
+        let claims = self.token_claims(token, req.now_secs)?;
         if self.introspect(token).await? {
             Ok(Allowed { claims })
         } else {
@@ -380,7 +378,7 @@ impl Verifier {
         if !claims.actions().any(|a| a == req.action) {
             return Err(Denial::ActionNotGranted(req.action.to_owned()));
         }
-        if let Some(state) = self.ended_state(&claims.grant_id) {
+        if let Some(state) = self.ended(&claims.grant_id) {
             return Err(Denial::GrantEnded(state));
         }
         let now_ms = req.now_secs.saturating_mul(1000);
@@ -434,10 +432,6 @@ impl Verifier {
 
     /// How grant `grant_id` ended, if the feed said so.
     pub fn ended(&self, grant_id: &str) -> Option<String> {
-        self.ended_state(grant_id)
-    }
-
-    fn ended_state(&self, grant_id: &str) -> Option<String> {
         self.ended
             .read()
             .ok()

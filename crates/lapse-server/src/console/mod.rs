@@ -584,11 +584,7 @@ async fn render_request(
     let result = async {
         v.may_view()?;
         let id = parse_id(id)?;
-        let g = s
-            .store
-            .grant(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no request `{id}`")))?;
+        let g = s.find(id, "request").await?;
         let history: Vec<_> = s
             .workload_history(&g.request.workload.id, 11)
             .await?
@@ -642,11 +638,7 @@ async fn approve(
     };
     let result = async {
         let gid = parse_id(&id)?;
-        let grant = s
-            .store
-            .grant(gid)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no request `{gid}`")))?;
+        let grant = s.find(gid, "request").await?;
         let mut picked = form.all("actions");
         picked.sort();
         picked.dedup();
@@ -760,11 +752,7 @@ async fn grant_page(
     let result = async {
         v.may_view()?;
         let id = parse_id(&id)?;
-        let g = s
-            .store
-            .grant(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no grant `{id}`")))?;
+        let g = s.find(id, "grant").await?;
         let audit = s.store.audit_for(id).await?;
         Ok::<_, ApiError>((g, audit))
     }
@@ -794,11 +782,7 @@ async fn revoke(
         let op = &v.session.operator;
         op.require(Role::Revoke)?;
         let gid = parse_id(&id)?;
-        let g = s
-            .store
-            .grant(gid)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no grant `{gid}`")))?;
+        let g = s.find(gid, "grant").await?;
         let reason = form.get("reason").trim();
         let reason = if reason.is_empty() {
             "revoked from the console".to_owned()
