@@ -73,6 +73,7 @@ impl Lapse {
                 &op.name,
                 json!({ "reason": why }),
             )],
+            ..Default::default()
         })
         .await?;
         Err(ApiError::Forbidden(why))
@@ -149,6 +150,7 @@ impl Lapse {
                 expected_version: grant.version,
             }],
             events,
+            ..Default::default()
         })
         .await?;
         if next.state == GrantState::Active {
@@ -197,6 +199,7 @@ impl Lapse {
                 &op.name,
                 json!({ "reason": reason }),
             )],
+            ..Default::default()
         })
         .await?;
         self.notify(
@@ -275,6 +278,7 @@ impl Lapse {
                 &actor,
                 json!({ "jti": delivered.token_jti }),
             )],
+            ..Default::default()
         })
         .await?;
         let token = self.mint(&delivered, now)?;
@@ -343,6 +347,7 @@ impl Lapse {
                 &op.name,
                 json!({ "verdict": verdict, "note": note }),
             )],
+            ..Default::default()
         })
         .await?;
         self.notify(

@@ -76,6 +76,7 @@ impl Lapse {
                     &actor,
                     json!({ "provider": provider.kind(), "target": provider.target(), "name": cred.name, "valid_until": grant.expires_at }),
                 )],
+                ..Default::default()
             })
             .await;
         if let Err(e) = commit {
@@ -153,6 +154,7 @@ impl Lapse {
                         expected_version: grant.version,
                     }],
                     events: vec![ev],
+                    ..Default::default()
                 })
                 .await
             {
@@ -242,6 +244,7 @@ impl Lapse {
                         "lapse-reconciler",
                         data,
                     )],
+                    ..Default::default()
                 })
                 .await?;
                 actions += 1;

@@ -407,6 +407,7 @@ impl Lapse {
                 self.commit(WriteBatch {
                     grants: vec![],
                     events: vec![decided],
+                    ..Default::default()
                 })
                 .await?;
                 Err(ApiError::AccessDenied {
@@ -450,6 +451,7 @@ impl Lapse {
                 self.commit(WriteBatch {
                     grants: vec![GrantWrite::Insert(grant)],
                     events: vec![decided, pending],
+                    ..Default::default()
                 })
                 .await?;
                 self.notify("request.pending", note);
@@ -507,6 +509,7 @@ impl Lapse {
                 self.commit(WriteBatch {
                     grants: vec![GrantWrite::Insert(grant.clone())],
                     events: vec![decided, issued],
+                    ..Default::default()
                 })
                 .await?;
                 self.metrics.active_grants.inc();
@@ -669,6 +672,7 @@ impl Lapse {
                 expected_version: grant.version,
                 grant: ended.clone(),
             }],
+            ..Default::default()
         })
         .await?;
         if was_active {
@@ -782,6 +786,7 @@ impl Lapse {
                         decided,
                         event(now, "grant.renewed", Some(&renewed.id), &actor, data),
                     ],
+                    ..Default::default()
                 })
                 .await?;
                 Ok(Issued {
@@ -817,6 +822,7 @@ impl Lapse {
                             json!({ "reason": format!("renewal refused: {reason}") }),
                         ),
                     ],
+                    ..Default::default()
                 })
                 .await?;
                 self.metrics.active_grants.dec();
@@ -879,6 +885,7 @@ impl Lapse {
                         gate,
                         json!({ "at": at.millis() }),
                     )],
+                    ..Default::default()
                 })
                 .await;
             match r {
@@ -935,6 +942,7 @@ impl Lapse {
                     expected_version: g.version,
                     grant: ended,
                 }],
+                ..Default::default()
             };
             match self.commit(batch).await {
                 Ok(()) => {

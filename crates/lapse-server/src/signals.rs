@@ -131,6 +131,7 @@ impl Lapse {
                     "matched": matched.len(),
                 }),
             )],
+            ..Default::default()
         })
         .await?;
         let mut ended = Vec::new();
@@ -179,6 +180,7 @@ impl Lapse {
                 by,
                 json!({ "reason": why }),
             )],
+            ..Default::default()
         })
         .await?;
         Ok(())

@@ -703,6 +703,7 @@ async fn an_issue_interrupted_between_intent_and_record_is_reconciled() {
                 expected_version: g.version,
             }],
             events: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();

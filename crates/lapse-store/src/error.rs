@@ -8,6 +8,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("grant `{0}` already exists")]
     Duplicate(String),
+    /// A one-time value (a DPoP proof's `jti`) was already spent.
+    #[error("`{0}` was already used")]
+    Replay(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store configuration: {0}")]

@@ -7,10 +7,12 @@
 
 pub mod audit;
 mod error;
+pub mod postgres;
 pub mod sqlite;
 
 pub use audit::{AuditEntry, AuditEvent, AuditSigner, Checkpoint, VerifyReport};
 pub use error::StoreError;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -33,6 +35,37 @@ pub enum GrantWrite {
 pub struct WriteBatch {
     pub grants: Vec<GrantWrite>,
     pub events: Vec<AuditEvent>,
+    /// DPoP proof `jti`s this write spends: a `jti` already spent (by any replica
+    /// sharing the store) fails the whole batch with [`StoreError::Replay`].
+    pub nonces: Vec<Nonce>,
+    /// Signing keys added to the ring or changed (retirement).
+    pub keys: Vec<KeyRecord>,
+}
+
+/// A spent one-time value, kept until `expires_at` (ms), after which it could not
+/// be accepted anyway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nonce {
+    pub value: String,
+    pub expires_at: i64,
+}
+
+/// One key of the signing key ring as stored. The store never sees a private key
+/// in the clear: `sealed` is encrypted by the broker with its key-encryption key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRecord {
+    pub kid: String,
+    pub alg: String,
+    /// The public key (raw bytes, as the algorithm defines them).
+    pub public: Vec<u8>,
+    /// The private key, sealed (AEAD) under the key-encryption key.
+    pub sealed: Vec<u8>,
+    /// ms since the epoch.
+    pub created_at: i64,
+    /// From when it signs (it is published from `created_at`).
+    pub activates_at: i64,
+    /// From when it is no longer published; `None` while in use.
+    pub retires_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -110,9 +143,25 @@ pub trait Store: Send + Sync + 'static {
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Proves the store can take a write now.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The signing key ring, oldest first.
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Forgets spent nonces that expired before `now`; returns how many.
+    async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError>;
+    /// Whether this process should run the singleton jobs (sweeper, cleanup,
+    /// reconciler) now. Backends shared by several replicas elect one; the others
+    /// keep asking and take over when it goes away. Correctness never depends on it
+    /// (every write is version-checked); it keeps replicas from doing the work twice.
+    async fn try_lead(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// Wakes when another process sharing the store appended to the revocation
+    /// feed (`None`: no other process can, or the backend cannot tell).
+    fn feed_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
-/// Opens the store a config names: `sqlite://PATH`.
+/// Opens the store a config names: `sqlite://PATH` or `postgres://…`.
 pub async fn open(
     url: &str,
     signer: Arc<dyn AuditSigner>,
@@ -122,12 +171,27 @@ pub async fn open(
         let store = SqliteStore::open(std::path::Path::new(path), signer, busy_timeout).await?;
         Ok(Arc::new(store))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(StoreError::Config(
-            "the PostgreSQL store is not available in this build yet; use sqlite://PATH".into(),
-        ))
+        Ok(Arc::new(PgStore::open(url, signer, busy_timeout).await?))
     } else {
         Err(StoreError::Config(format!(
-            "unsupported store URL `{url}`: expected sqlite://PATH"
+            "unsupported store URL `{}`: expected sqlite://PATH or postgres://…",
+            redact_url(url)
         )))
+    }
+}
+
+/// `url` with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let (head, rest) = url.split_at(scheme + 3);
+            let userinfo = rest.get(..at - scheme - 3).unwrap_or_default();
+            let tail = rest.get(at - scheme - 3..).unwrap_or_default();
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{head}{user}:***{tail}"),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }

@@ -10,7 +10,7 @@
 use crate::audit::{
     AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
 };
-use crate::{FeedEntry, GrantFilter, GrantWrite, Store, StoreError, WriteBatch};
+use crate::{FeedEntry, GrantFilter, GrantWrite, KeyRecord, Store, StoreError, WriteBatch};
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (4, include_str!("../migrations/sqlite/0004_feed.sql")),
     (5, include_str!("../migrations/sqlite/0005_idle.sql")),
+    (6, include_str!("../migrations/sqlite/0006_nonces_keys.sql")),
 ];
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
@@ -40,6 +41,8 @@ type Reply = oneshot::Sender<Result<(), StoreError>>;
 enum Job {
     Commit(WriteBatch, oneshot::Sender<Result<(), StoreError>>),
     Ping(oneshot::Sender<Result<(), StoreError>>),
+    /// Forget nonces that expired before this time (ms).
+    Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
 pub struct SqliteStore {
@@ -112,7 +115,6 @@ impl SqliteStore {
         }
         let mut conn = open_conn(path, busy_timeout, false)?;
         migrate(&mut conn)?;
-        let head = read_head(&conn)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
             readers.push(open_conn(path, busy_timeout, true)?);
@@ -120,7 +122,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("lapse-store-writer".into())
-            .spawn(move || Writer { conn, head, signer }.run(rx))
+            .spawn(move || Writer { conn, signer }.run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             writer: tx,
@@ -183,8 +185,6 @@ fn read_head(conn: &Connection) -> Result<(u64, String), StoreError> {
 
 struct Writer {
     conn: Connection,
-    /// (seq, hash) of the last committed entry.
-    head: (u64, String),
     signer: Arc<dyn AuditSigner>,
 }
 
@@ -198,21 +198,39 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.group(jobs);
+            let (prunes, jobs): (Vec<Job>, Vec<Job>) =
+                jobs.into_iter().partition(|j| matches!(j, Job::Prune(..)));
+            for p in prunes {
+                if let Job::Prune(before, reply) = p {
+                    let n = self
+                        .conn
+                        .execute("DELETE FROM nonces WHERE expires_at < ?1", [before])
+                        .map(|n| u64::try_from(n).unwrap_or(0))
+                        .map_err(StoreError::from);
+                    let _ = reply.send(n);
+                }
+            }
+            if !jobs.is_empty() {
+                self.group(jobs);
+            }
         }
     }
 
     fn group(&mut self, jobs: Vec<Job>) {
         let mut replies: Vec<(Reply, Result<(), StoreError>)> = Vec::new();
-        let mut head = self.head.clone();
+        let mut head = (0, GENESIS.to_owned());
         let outcome = (|| -> Result<(), StoreError> {
             let mut tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // Another process may share the file: the head is read under the write
+            // lock, never trusted from memory, so two writers cannot fork the chain.
+            head = read_head(&tx)?;
             let mut appended = false;
             for job in jobs {
                 match job {
                     Job::Ping(reply) => replies.push((reply, Ok(()))),
+                    Job::Prune(..) => {}
                     Job::Commit(batch, reply) => {
                         let sp = tx.savepoint()?;
                         let mut h = head.clone();
@@ -246,17 +264,12 @@ impl Writer {
         })();
         match outcome {
             Ok(()) => {
-                self.head = head;
                 for (reply, result) in replies {
                     let _ = reply.send(result);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; nothing in this group was written");
-                // The transaction rolled back; re-read the head in case it is unknown.
-                if let Ok(h) = read_head(&self.conn) {
-                    self.head = h;
-                }
                 for (reply, _) in replies {
                     let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
@@ -350,6 +363,28 @@ fn apply(
                 }
             }
         }
+    }
+    for n in &batch.nonces {
+        let r = conn
+            .prepare_cached("INSERT INTO nonces (value, expires_at) VALUES (?1, ?2)")?
+            .execute(params![n.value, n.expires_at]);
+        match r {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Replay(n.value.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for k in &batch.keys {
+        conn.prepare_cached(
+            "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (kid) DO UPDATE SET activates_at = excluded.activates_at, retires_at = excluded.retires_at",
+        )?
+        .execute(params![k.kid, k.alg, k.public, k.sealed, k.created_at, k.activates_at, k.retires_at])?;
     }
     for ev in &batch.events {
         append(conn, ev, head)?;
@@ -594,5 +629,35 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.send(Job::Ping).await
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT kid, alg, public, sealed, created_at, activates_at, retires_at FROM signing_keys ORDER BY created_at, kid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(KeyRecord {
+                    kid: r.get(0)?,
+                    alg: r.get(1)?,
+                    public: r.get(2)?,
+                    sealed: r.get(3)?,
+                    created_at: r.get(4)?,
+                    activates_at: r.get(5)?,
+                    retires_at: r.get(6)?,
+                })
+            })?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Job::Prune(now.millis(), tx))
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
     }
 }

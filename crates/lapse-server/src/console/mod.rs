@@ -439,6 +439,7 @@ async fn login(
                         &op.name,
                         json!({ "method": method.as_str(), "source": peer.ip().to_string() }),
                     )],
+                    ..Default::default()
                 })
                 .await;
             if let Err(e) = audit {
@@ -487,6 +488,7 @@ async fn logout(
                 &v.session.operator.name,
                 json!({}),
             )],
+            ..Default::default()
         })
         .await;
     let mut r = see_other("/ui/login");

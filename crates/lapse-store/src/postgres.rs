@@ -1,0 +1,1072 @@
+//! The PostgreSQL backend: several broker replicas on one database.
+//!
+//! Every write is serialised on one row: a commit locks `audit_checkpoint`
+//! (`SELECT … FOR UPDATE`), checks its grant versions and nonces against what is
+//! committed, writes, appends its audit entries after the head it holds, re-signs
+//! the head and commits. So all replicas append to one audit chain in one total
+//! order, the revocation feed's sequence numbers are gap-free across replicas, and a
+//! version check or a spent nonce cannot race another replica's write.
+//!
+//! The lock is held for a few round trips per *group*: like the SQLite writer, each
+//! replica has one writer task that takes every batch waiting and commits them
+//! together, with each batch checked on its own (one that conflicts fails alone).
+//! The checks run in memory against the rows read under the lock, so a group costs
+//! the same handful of statements (pipelined) whatever its size.
+//!
+//! A commit that adds feed entries sends `NOTIFY lapse_feed` in its transaction;
+//! every replica listens and wakes its feed streams, so a grant ended on one
+//! replica reaches gates following another within milliseconds.
+
+use crate::audit::{AuditEntry, AuditSigner, Checkpoint, checkpoint_message, entry_hash};
+use crate::{
+    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Store, StoreError, WriteBatch, redact_url,
+};
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use lapse_core::{Grant, GrantId, GrantState, Timestamp};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+const MAX_GROUP: usize = 512;
+const POOL_SIZE: usize = 16;
+/// `pg_advisory_xact_lock` key that serialises migrations of replicas starting together.
+const MIGRATION_LOCK: i64 = 0x6c61_7073_655f_6d67; // "lapse_mg"
+/// `pg_try_advisory_lock` key held by the replica that runs the singleton jobs.
+const LEADER_LOCK: i64 = 0x6c61_7073_655f_6c64; // "lapse_ld"
+const FEED_CHANNEL: &str = "lapse_feed";
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+enum Job {
+    Commit(WriteBatch, Reply),
+    Ping(Reply),
+}
+
+pub struct PgStore {
+    pool: Pool,
+    writer: mpsc::UnboundedSender<Job>,
+    config: tokio_postgres::Config,
+    timeout: Duration,
+    feed: watch::Receiver<u64>,
+    /// The session that holds the leader lock, when this replica leads.
+    leader: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    // A database error (constraint, syntax) is a bug or tampering; anything else is
+    // the database being unreachable. Both fail closed.
+    match e.as_db_error() {
+        Some(db) => {
+            StoreError::Unavailable(format!("postgres: {}: {}", db.code().code(), db.message()))
+        }
+        None => StoreError::Unavailable(format!("postgres: {e}")),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
+        other => StoreError::Unavailable(format!("postgres: {other}")),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl PgStore {
+    /// Connects, applies migrations (one replica at a time) and starts the writer
+    /// and the feed listener. `timeout` bounds every wait for a connection or a
+    /// commit; past it the operation fails closed.
+    pub async fn open(
+        url: &str,
+        signer: Arc<dyn AuditSigner>,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("store URL `{}`: {e}", redact_url(url))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeout);
+        }
+        config.application_name("lapse");
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| StoreError::Config(format!("postgres pool: {e}")))?;
+        {
+            let mut client = pool.get().await.map_err(pool_err)?;
+            migrate(&mut client).await?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (feed_tx, feed_rx) = watch::channel(0);
+        let writer = Writer {
+            pool: pool.clone(),
+            signer,
+            timeout,
+        };
+        let tasks = vec![
+            tokio::spawn(writer.run(rx)),
+            tokio::spawn(listen(config.clone(), feed_tx)),
+        ];
+        Ok(Self {
+            pool,
+            writer: tx,
+            config,
+            timeout,
+            feed: feed_rx,
+            leader: tokio::sync::Mutex::new(None),
+            tasks,
+        })
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn send(&self, job: impl FnOnce(Reply) -> Job) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(job(tx))
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let work = async {
+            let c = self.client().await?;
+            let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+            c.query(&stmt, args).await.map_err(pg_err)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+    }
+
+    async fn grant_bodies(
+        &self,
+        sql: &str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Grant>, StoreError> {
+        self.query(sql, args)
+            .await?
+            .iter()
+            .map(|r| grant_from_body(r.try_get(0).map_err(pg_err)?))
+            .collect()
+    }
+}
+
+async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS lapse_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await
+    .map_err(pg_err)?;
+    let current: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM lapse_migrations",
+            &[],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(pg_err)?;
+    let newest = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0);
+    if current > newest {
+        return Err(StoreError::Config(format!(
+            "the database is at schema version {current}, newer than this build knows ({newest}); upgrade Lapse"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await.map_err(pg_err)?;
+        tx.execute(
+            "INSERT INTO lapse_migrations (version, applied_at) VALUES ($1, EXTRACT(EPOCH FROM now())::BIGINT)",
+            &[version],
+        )
+        .await
+        .map_err(pg_err)?;
+        tracing::info!(version, "store migration applied (postgres)");
+    }
+    tx.commit().await.map_err(pg_err)
+}
+
+/// Follows `NOTIFY lapse_feed` on its own session, reconnecting when it drops. A
+/// reconnect also wakes the streams: notifications sent meanwhile are lost, the
+/// entries are not.
+async fn listen(config: tokio_postgres::Config, feed: watch::Sender<u64>) {
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let (ntx, mut nrx) = mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                        match m {
+                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                if ntx.send(()).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "feed listener: connection lost");
+                                return;
+                            }
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {FEED_CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    feed.send_modify(|n| *n = n.wrapping_add(1));
+                    while nrx.recv().await.is_some() {
+                        feed.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, "feed listener: cannot connect; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+struct Writer {
+    pool: Pool,
+    signer: Arc<dyn AuditSigner>,
+    timeout: Duration,
+}
+
+/// One grant row as written at the end of a group (the last write to it wins; the
+/// checks already ran in order).
+struct Row<'a> {
+    grant: &'a Grant,
+    exists: bool,
+}
+
+/// What a group writes once every batch has been checked.
+#[derive(Default)]
+struct Plan<'a> {
+    rows: Vec<(String, Row<'a>)>,
+    feed: Vec<&'a Grant>,
+    events: Vec<&'a crate::AuditEvent>,
+    nonces: Vec<&'a crate::Nonce>,
+    keys: Vec<&'a KeyRecord>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.group(jobs).await;
+        }
+    }
+
+    async fn group(&self, jobs: Vec<Job>) {
+        let mut batches = Vec::new();
+        let mut replies = Vec::new();
+        let mut pings = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Commit(b, r) => {
+                    batches.push(b);
+                    replies.push(r);
+                }
+                Job::Ping(r) => pings.push(r),
+            }
+        }
+        let outcome = match tokio::time::timeout(self.timeout, self.apply(&batches)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(
+                "postgres: commit timed out; nothing in this group was written".into(),
+            )),
+        };
+        match outcome {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+                for p in pings {
+                    let _ = p.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; nothing in this group was written");
+                for reply in replies.into_iter().chain(pings) {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// One transaction for the group. The outer error means nothing was written;
+    /// inside, each batch has its own result.
+    async fn apply(
+        &self,
+        batches: &[WriteBatch],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let result = self.apply_on(&mut client, batches).await;
+        if result.is_err() {
+            // The session may be mid-transaction or broken: never reuse it.
+            drop(Object::take(client));
+        }
+        result
+    }
+
+    async fn apply_on(
+        &self,
+        client: &mut Object,
+        batches: &[WriteBatch],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let head = tx
+            .query_one(
+                "SELECT seq, hash, feed_seq FROM audit_checkpoint WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut seq = to_u64(head.try_get(0).map_err(pg_err)?);
+        let mut hash: String = head.try_get(1).map_err(pg_err)?;
+        let mut feed_seq = to_u64(head.try_get(2).map_err(pg_err)?);
+
+        // What is committed, read under the lock every writer takes first.
+        let ids: Vec<String> = batches
+            .iter()
+            .flat_map(|b| &b.grants)
+            .map(|w| match w {
+                GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g.id.to_string(),
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let values: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| &b.nonces)
+            .map(|n| n.value.as_str())
+            .collect();
+        let (existing, spent) = tokio::try_join!(
+            async {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let stmt = tx
+                    .prepare_cached("SELECT id, state, version FROM grants WHERE id = ANY($1)")
+                    .await?;
+                tx.query(&stmt, &[&ids]).await
+            },
+            async {
+                if values.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let stmt = tx
+                    .prepare_cached("SELECT value FROM nonces WHERE value = ANY($1)")
+                    .await?;
+                tx.query(&stmt, &[&values]).await
+            }
+        )
+        .map_err(pg_err)?;
+        // id -> (state, version)
+        let mut view: HashMap<String, (String, u64)> = HashMap::new();
+        for r in &existing {
+            let id: String = r.try_get(0).map_err(pg_err)?;
+            let state: String = r.try_get(1).map_err(pg_err)?;
+            let version: i64 = r.try_get(2).map_err(pg_err)?;
+            view.insert(id, (state, to_u64(version)));
+        }
+        let in_db: HashSet<String> = view.keys().cloned().collect();
+        let mut spent_set: HashSet<String> = spent
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<_, _>>()
+            .map_err(pg_err)?;
+
+        let mut plan = Plan::default();
+        let mut row_index: HashMap<String, usize> = HashMap::new();
+        let mut results = Vec::with_capacity(batches.len());
+        for b in batches {
+            match check(b, &view, &spent_set) {
+                Err(e) => results.push(Err(e)),
+                Ok(ends) => {
+                    for w in &b.grants {
+                        let g = match w {
+                            GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g,
+                        };
+                        let id = g.id.to_string();
+                        view.insert(id.clone(), (g.state.as_str().to_owned(), g.version));
+                        let row = Row {
+                            grant: g,
+                            exists: in_db.contains(&id),
+                        };
+                        match row_index.get(&id) {
+                            Some(&i) => {
+                                if let Some(slot) = plan.rows.get_mut(i) {
+                                    slot.1 = row;
+                                }
+                            }
+                            None => {
+                                row_index.insert(id.clone(), plan.rows.len());
+                                plan.rows.push((id, row));
+                            }
+                        }
+                    }
+                    plan.feed.extend(ends);
+                    plan.events.extend(&b.events);
+                    for n in &b.nonces {
+                        spent_set.insert(n.value.clone());
+                        plan.nonces.push(n);
+                    }
+                    plan.keys.extend(&b.keys);
+                    results.push(Ok(()));
+                }
+            }
+        }
+
+        // Audit entries and feed entries numbered after the head this group holds.
+        let mut audit_rows = AuditColumns::default();
+        for ev in &plan.events {
+            seq += 1;
+            let data =
+                serde_json::to_string(&ev.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let h = entry_hash(
+                seq,
+                ev.at,
+                &ev.kind,
+                ev.grant_id.as_deref(),
+                &ev.actor,
+                &data,
+                &hash,
+            );
+            audit_rows.push(seq, ev, data, std::mem::replace(&mut hash, h.clone()), h);
+        }
+        let mut feed_rows = FeedColumns::default();
+        for g in &plan.feed {
+            feed_seq += 1;
+            feed_rows.push(feed_seq, g);
+        }
+        let mut inserts = GrantColumns::default();
+        let mut updates = GrantColumns::default();
+        for (_, row) in &plan.rows {
+            if row.exists {
+                updates.push(row.grant)?;
+            } else {
+                inserts.push(row.grant)?;
+            }
+        }
+
+        let t = &tx;
+        let write_grants = async {
+            if !inserts.id.is_empty() {
+                let stmt = t
+                    .prepare_cached(
+                        "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
+                         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::int8[])",
+                    )
+                    .await?;
+                t.execute(&stmt, &inserts.args()).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        let update_grants = async {
+            if !updates.id.is_empty() {
+                let stmt = t
+                    .prepare_cached(
+                        "UPDATE grants AS g SET state = u.state, expires_at = u.expires_at, version = u.version, body = u.body, cleanup_at = u.cleanup_at, idle_at = u.idle_at
+                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::int8[])
+                           AS u(id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
+                         WHERE g.id = u.id",
+                    )
+                    .await?;
+                t.execute(&stmt, &updates.args()).await?;
+            }
+            Ok(())
+        };
+        let write_audit = async {
+            if !audit_rows.seq.is_empty() {
+                let stmt = t
+                    .prepare_cached(
+                        "INSERT INTO audit (seq, at, kind, grant_id, actor, data, prev_hash, hash)
+                         SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])",
+                    )
+                    .await?;
+                let a = &audit_rows;
+                t.execute(
+                    &stmt,
+                    &[
+                        &a.seq,
+                        &a.at,
+                        &a.kind,
+                        &a.grant_id,
+                        &a.actor,
+                        &a.data,
+                        &a.prev,
+                        &a.hash,
+                    ],
+                )
+                .await?;
+            }
+            Ok(())
+        };
+        let write_feed = async {
+            if !feed_rows.seq.is_empty() {
+                let stmt = t
+                    .prepare_cached(
+                        "INSERT INTO feed (seq, at, grant_id, state, audience, jti, exp, reason)
+                         SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[])",
+                    )
+                    .await?;
+                let f = &feed_rows;
+                t.execute(
+                    &stmt,
+                    &[
+                        &f.seq,
+                        &f.at,
+                        &f.grant_id,
+                        &f.state,
+                        &f.audience,
+                        &f.jti,
+                        &f.exp,
+                        &f.reason,
+                    ],
+                )
+                .await?;
+                t.execute(&format!("NOTIFY {FEED_CHANNEL}"), &[]).await?;
+            }
+            Ok(())
+        };
+        let write_nonces = async {
+            if !plan.nonces.is_empty() {
+                let values: Vec<&str> = plan.nonces.iter().map(|n| n.value.as_str()).collect();
+                let exp: Vec<i64> = plan.nonces.iter().map(|n| n.expires_at).collect();
+                let stmt = t
+                    .prepare_cached(
+                        "INSERT INTO nonces (value, expires_at) SELECT * FROM unnest($1::text[], $2::int8[])",
+                    )
+                    .await?;
+                t.execute(&stmt, &[&values, &exp]).await?;
+            }
+            Ok(())
+        };
+        let write_keys = async {
+            for k in &plan.keys {
+                t.execute(
+                    "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (kid) DO UPDATE SET activates_at = excluded.activates_at, retires_at = excluded.retires_at",
+                    &[&k.kid, &k.alg, &k.public, &k.sealed, &k.created_at, &k.activates_at, &k.retires_at],
+                )
+                .await?;
+            }
+            Ok(())
+        };
+        let write_head = async {
+            if !audit_rows.seq.is_empty() || !feed_rows.seq.is_empty() {
+                let sig = self.signer.sign(&checkpoint_message(seq, &hash));
+                let stmt = t
+                    .prepare_cached(
+                        "UPDATE audit_checkpoint SET seq = $1, hash = $2, kid = $3, signature = $4,
+                         at = EXTRACT(EPOCH FROM now())::BIGINT, feed_seq = $5 WHERE id = 1",
+                    )
+                    .await?;
+                t.execute(
+                    &stmt,
+                    &[
+                        &to_i64(seq),
+                        &hash,
+                        &self.signer.kid(),
+                        &hex::encode(sig),
+                        &to_i64(feed_seq),
+                    ],
+                )
+                .await?;
+            }
+            Ok(())
+        };
+        // Pipelined on the one session: the round trips overlap.
+        tokio::try_join!(
+            write_grants,
+            update_grants,
+            write_audit,
+            write_feed,
+            write_nonces,
+            write_keys,
+            write_head
+        )
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(results)
+    }
+}
+
+/// Checks one batch against the committed state as amended by the batches before
+/// it in the group; returns the grants whose ending goes on the feed.
+fn check<'a>(
+    b: &'a WriteBatch,
+    view: &HashMap<String, (String, u64)>,
+    spent: &HashSet<String>,
+) -> Result<Vec<&'a Grant>, StoreError> {
+    // Writes within one batch see each other too.
+    let mut local: HashMap<String, (String, u64)> = HashMap::new();
+    let mut ends = Vec::new();
+    for w in &b.grants {
+        match w {
+            GrantWrite::Insert(g) => {
+                let id = g.id.to_string();
+                if local.contains_key(&id) || view.contains_key(&id) {
+                    return Err(StoreError::Duplicate(id));
+                }
+                local.insert(id, (g.state.as_str().to_owned(), g.version));
+            }
+            GrantWrite::Update {
+                grant: g,
+                expected_version,
+            } => {
+                let id = g.id.to_string();
+                let current = local.get(&id).or_else(|| view.get(&id));
+                match current {
+                    Some((state, version)) if version == expected_version => {
+                        if g.state.is_ended() && state == "active" {
+                            ends.push(g);
+                        }
+                    }
+                    _ => return Err(StoreError::Conflict(id)),
+                }
+                local.insert(id, (g.state.as_str().to_owned(), g.version));
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    for n in &b.nonces {
+        if spent.contains(&n.value) || !seen.insert(n.value.as_str()) {
+            return Err(StoreError::Replay(n.value.clone()));
+        }
+    }
+    Ok(ends)
+}
+
+#[derive(Default)]
+struct GrantColumns {
+    id: Vec<String>,
+    state: Vec<&'static str>,
+    workload: Vec<String>,
+    audience: Vec<String>,
+    task_id: Vec<String>,
+    created_at: Vec<i64>,
+    expires_at: Vec<i64>,
+    version: Vec<i64>,
+    body: Vec<String>,
+    cleanup_at: Vec<Option<i64>>,
+    idle_at: Vec<Option<i64>>,
+}
+
+impl GrantColumns {
+    fn push(&mut self, g: &Grant) -> Result<(), StoreError> {
+        self.body
+            .push(serde_json::to_string(g).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        self.id.push(g.id.to_string());
+        self.state.push(g.state.as_str());
+        self.workload.push(g.request.workload.id.clone());
+        self.audience.push(g.request.audience.clone());
+        self.task_id.push(g.request.task.id.clone());
+        self.created_at.push(g.created_at.millis());
+        self.expires_at.push(g.expires_at.millis());
+        self.version.push(to_i64(g.version));
+        self.cleanup_at
+            .push(g.cleanup_due_at().map(Timestamp::millis));
+        self.idle_at.push(g.idle_deadline().map(Timestamp::millis));
+        Ok(())
+    }
+
+    fn args(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.id,
+            &self.state,
+            &self.workload,
+            &self.audience,
+            &self.task_id,
+            &self.created_at,
+            &self.expires_at,
+            &self.version,
+            &self.body,
+            &self.cleanup_at,
+            &self.idle_at,
+        ]
+    }
+}
+
+#[derive(Default)]
+struct AuditColumns {
+    seq: Vec<i64>,
+    at: Vec<i64>,
+    kind: Vec<String>,
+    grant_id: Vec<Option<String>>,
+    actor: Vec<String>,
+    data: Vec<String>,
+    prev: Vec<String>,
+    hash: Vec<String>,
+}
+
+impl AuditColumns {
+    fn push(&mut self, seq: u64, ev: &crate::AuditEvent, data: String, prev: String, hash: String) {
+        self.seq.push(to_i64(seq));
+        self.at.push(ev.at);
+        self.kind.push(ev.kind.clone());
+        self.grant_id.push(ev.grant_id.clone());
+        self.actor.push(ev.actor.clone());
+        self.data.push(data);
+        self.prev.push(prev);
+        self.hash.push(hash);
+    }
+}
+
+#[derive(Default)]
+struct FeedColumns {
+    seq: Vec<i64>,
+    at: Vec<i64>,
+    grant_id: Vec<String>,
+    state: Vec<&'static str>,
+    audience: Vec<String>,
+    jti: Vec<Option<String>>,
+    exp: Vec<i64>,
+    reason: Vec<String>,
+}
+
+impl FeedColumns {
+    fn push(&mut self, seq: u64, g: &Grant) {
+        self.seq.push(to_i64(seq));
+        self.at.push(g.ended_at.unwrap_or(g.expires_at).millis());
+        self.grant_id.push(g.id.to_string());
+        self.state.push(g.state.as_str());
+        self.audience.push(g.request.audience.clone());
+        self.jti.push(g.token_jti.clone());
+        // No token of the grant outlives its maximum lifetime; its current expiry
+        // may be earlier than an older token's.
+        self.exp.push(g.max_expires_at.millis());
+        self.reason
+            .push(g.end.as_ref().map_or(String::new(), |e| e.reason.clone()));
+    }
+}
+
+fn grant_from_body(body: &str) -> Result<Grant, StoreError> {
+    serde_json::from_str(body)
+        .map_err(|e| StoreError::Corrupt(format!("grant record does not parse: {e}")))
+}
+
+fn entry_from_row(r: &tokio_postgres::Row) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: to_u64(r.try_get(0).map_err(pg_err)?),
+        at: r.try_get(1).map_err(pg_err)?,
+        kind: r.try_get(2).map_err(pg_err)?,
+        grant_id: r.try_get(3).map_err(pg_err)?,
+        actor: r.try_get(4).map_err(pg_err)?,
+        data: r.try_get(5).map_err(pg_err)?,
+        prev_hash: r.try_get(6).map_err(pg_err)?,
+        hash: r.try_get(7).map_err(pg_err)?,
+    })
+}
+
+fn limit(n: usize, default: i64) -> i64 {
+    if n == 0 {
+        default
+    } else {
+        i64::try_from(n.min(10_000)).unwrap_or(default)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.send(|tx| Job::Commit(batch, tx)).await
+    }
+
+    async fn grant(&self, id: GrantId) -> Result<Option<Grant>, StoreError> {
+        let id = id.to_string();
+        Ok(self
+            .grant_bodies("SELECT body FROM grants WHERE id = $1", &[&id])
+            .await?
+            .pop())
+    }
+
+    async fn grants(&self, filter: GrantFilter) -> Result<Vec<Grant>, StoreError> {
+        // Only the conditions that apply, so the planner can use their index.
+        let mut sql = String::from("SELECT body FROM grants WHERE TRUE");
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut cond = |sql: &mut String, clause: &str, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            sql.push_str(&clause.replace('?', &format!("${}", args.len())));
+        };
+        if let Some(st) = filter.state {
+            cond(&mut sql, " AND state = ?", Box::new(st.as_str()));
+        }
+        if let Some(w) = filter.workload {
+            cond(&mut sql, " AND workload = ?", Box::new(w));
+        }
+        if let Some(t) = filter.task {
+            cond(&mut sql, " AND task_id = ?", Box::new(t));
+        }
+        if let Some(a) = filter.audience {
+            cond(&mut sql, " AND audience = ?", Box::new(a));
+        }
+        if let Some(b) = filter.before {
+            cond(
+                &mut sql,
+                " AND (created_at, id) < (?",
+                Box::new(b.created_at.millis()),
+            );
+            cond(&mut sql, ", ?)", Box::new(b.id.to_string()));
+        }
+        cond(
+            &mut sql,
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            Box::new(limit(filter.limit, 100)),
+        );
+        let refs: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.grant_bodies(&sql, &refs).await
+    }
+
+    async fn due(&self, now: Timestamp, n: usize) -> Result<Vec<Grant>, StoreError> {
+        self.grant_bodies(
+            "SELECT body FROM grants WHERE state IN ('active', 'pending') AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+            &[&now.millis(), &limit(n, 100)],
+        )
+        .await
+    }
+
+    async fn cleanup_due(&self, now: Timestamp, n: usize) -> Result<Vec<Grant>, StoreError> {
+        self.grant_bodies(
+            "SELECT body FROM grants WHERE cleanup_at IS NOT NULL AND cleanup_at <= $1 ORDER BY cleanup_at LIMIT $2",
+            &[&now.millis(), &limit(n, 100)],
+        )
+        .await
+    }
+
+    async fn audit(&self, after: u64, n: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let n = if n == 0 {
+            1000
+        } else {
+            i64::try_from(n).unwrap_or(1000)
+        };
+        self.query(
+            "SELECT seq, at, kind, grant_id, actor, data, prev_hash, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&to_i64(after), &n],
+        )
+        .await?
+        .iter()
+        .map(entry_from_row)
+        .collect()
+    }
+
+    async fn audit_for(&self, grant: GrantId) -> Result<Vec<AuditEntry>, StoreError> {
+        let id = grant.to_string();
+        self.query(
+            "SELECT seq, at, kind, grant_id, actor, data, prev_hash, hash FROM audit WHERE grant_id = $1 ORDER BY seq",
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(entry_from_row)
+        .collect()
+    }
+
+    async fn idle_due(&self, now: Timestamp, n: usize) -> Result<Vec<Grant>, StoreError> {
+        self.grant_bodies(
+            "SELECT body FROM grants WHERE idle_at IS NOT NULL AND idle_at <= $1 AND state = 'active' ORDER BY idle_at LIMIT $2",
+            &[&now.millis(), &limit(n, 100)],
+        )
+        .await
+    }
+
+    async fn feed(&self, after: u64, n: usize) -> Result<Vec<FeedEntry>, StoreError> {
+        self.query(
+            "SELECT seq, at, grant_id, state, audience, jti, exp, reason FROM feed WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&to_i64(after), &limit(n, 1000)],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(FeedEntry {
+                seq: to_u64(r.try_get(0).map_err(pg_err)?),
+                at: r.try_get(1).map_err(pg_err)?,
+                grant_id: r.try_get(2).map_err(pg_err)?,
+                state: r.try_get(3).map_err(pg_err)?,
+                audience: r.try_get(4).map_err(pg_err)?,
+                jti: r.try_get(5).map_err(pg_err)?,
+                exp: r.try_get(6).map_err(pg_err)?,
+                reason: r.try_get(7).map_err(pg_err)?,
+            })
+        })
+        .collect()
+    }
+
+    async fn feed_head(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .query("SELECT COALESCE(MAX(seq), 0) FROM feed", &[])
+            .await?;
+        let n: i64 = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(pg_err)?
+            .unwrap_or(0);
+        Ok(to_u64(n))
+    }
+
+    async fn count(&self, state: GrantState) -> Result<u64, StoreError> {
+        let rows = self
+            .query(
+                "SELECT COUNT(*) FROM grants WHERE state = $1",
+                &[&state.as_str()],
+            )
+            .await?;
+        let n: i64 = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(pg_err)?
+            .unwrap_or(0);
+        Ok(to_u64(n))
+    }
+
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, hash, kid, signature, at FROM audit_checkpoint WHERE id = 1 AND seq > 0",
+                &[],
+            )
+            .await?;
+        rows.first()
+            .map(|r| {
+                Ok(Checkpoint {
+                    seq: to_u64(r.try_get(0).map_err(pg_err)?),
+                    hash: r.try_get(1).map_err(pg_err)?,
+                    kid: r.try_get(2).map_err(pg_err)?,
+                    signature: r.try_get(3).map_err(pg_err)?,
+                    at: r.try_get(4).map_err(pg_err)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.send(Job::Ping).await
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.query(
+            "SELECT kid, alg, public, sealed, created_at, activates_at, retires_at FROM signing_keys ORDER BY created_at, kid",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(KeyRecord {
+                kid: r.try_get(0).map_err(pg_err)?,
+                alg: r.try_get(1).map_err(pg_err)?,
+                public: r.try_get(2).map_err(pg_err)?,
+                sealed: r.try_get(3).map_err(pg_err)?,
+                created_at: r.try_get(4).map_err(pg_err)?,
+                activates_at: r.try_get(5).map_err(pg_err)?,
+                retires_at: r.try_get(6).map_err(pg_err)?,
+            })
+        })
+        .collect()
+    }
+
+    async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let work = async {
+            let c = self.client().await?;
+            c.execute("DELETE FROM nonces WHERE expires_at < $1", &[&now.millis()])
+                .await
+                .map_err(pg_err)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+    }
+
+    async fn try_lead(&self) -> Result<bool, StoreError> {
+        let mut leader = self.leader.lock().await;
+        if let Some(c) = leader.as_ref() {
+            let alive = !c.is_closed()
+                && tokio::time::timeout(self.timeout, c.simple_query("SELECT 1"))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if alive {
+                return Ok(true);
+            }
+            // The session is gone, and the lock with it: another replica may lead.
+            *leader = None;
+        }
+        let (client, conn) = tokio::time::timeout(self.timeout, self.config.connect(NoTls))
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+            .map_err(pg_err)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(pg_err)?;
+        if got {
+            tracing::info!("this replica now runs the sweeper and reconciler");
+            *leader = Some(client);
+        }
+        Ok(got)
+    }
+
+    fn feed_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.feed.clone())
+    }
+}
