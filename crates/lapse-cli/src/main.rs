@@ -12,6 +12,7 @@
 
 mod approvals;
 mod identity_source;
+mod keys;
 mod operator;
 mod run;
 mod wait;
@@ -96,6 +97,11 @@ enum Cmd {
     Gate {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// The signing key ring: list, rotate, make a key-encryption key.
+    Keys {
+        #[command(subcommand)]
+        cmd: keys::KeysCmd,
     },
     /// Credentials for operator accounts (API tokens, console passwords).
     Operator {
@@ -419,6 +425,7 @@ async fn run(cli: Cli) -> Out {
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
         Cmd::Operator { cmd } => operator::run(cmd),
+        Cmd::Keys { cmd } => keys::run(cmd, json_out).await,
         Cmd::Gate { config } => gate(&config).await,
         Cmd::Report {
             cmd: ReportCmd::Standing { server, window },
@@ -913,29 +920,50 @@ fn policy(cmd: PolicyCmd, json_out: bool) -> Out {
     }
 }
 
-async fn open_store(
+/// The store a config names, and its key ring. `private`: the ring must be able
+/// to sign (rotation); otherwise public keys suffice, so an auditor can verify the
+/// log without the key-encryption key.
+pub(crate) async fn open_store(
     config: Option<PathBuf>,
     data: &Path,
-) -> Result<(Arc<dyn lapse_store::Store>, lapse_token::SigningKey), Fail> {
+    private: bool,
+) -> Result<
+    (
+        Arc<dyn lapse_store::Store>,
+        Arc<lapse_server::keyring::KeyRing>,
+        Config,
+    ),
+    Fail,
+> {
+    use lapse_server::keyring::KeyRing;
     let path = config.unwrap_or_else(|| data.join("lapse.toml"));
     let cfg = Config::load(&path).map_err(|e| fail(1, e.to_string()))?;
-    let key =
-        lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?;
+    let ring = match (&cfg.key_encryption_key, private) {
+        (None, _) => KeyRing::single(
+            lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?,
+        ),
+        (Some(_), true) => KeyRing::new(&cfg).map_err(|e| fail(1, e.to_string()))?,
+        (Some(_), false) => KeyRing::public_only(),
+    };
+    let ring = Arc::new(ring);
     let store = lapse_store::open(
         &cfg.store,
-        Arc::new(lapse_server::KeySigner(key.clone())),
-        std::time::Duration::from_secs(5),
+        ring.clone(),
+        std::time::Duration::from_secs(cfg.store_timeout.secs().max(1)),
     )
     .await
     .map_err(|e| fail(7, e.to_string()))?;
-    Ok((store, key))
+    ring.reload(store.as_ref())
+        .await
+        .map_err(|e| fail(7, e.to_string()))?;
+    Ok((store, ring, cfg))
 }
 
 async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
     match cmd {
         AuditCmd::Verify { config, data } => {
-            let (store, key) = open_store(config, &data).await?;
-            let r = lapse_server::verify_audit(store.as_ref(), &key)
+            let (store, keys, _) = open_store(config, &data, false).await?;
+            let r = lapse_server::verify_audit(store.as_ref(), &keys)
                 .await
                 .map_err(|e| fail(7, e.to_string()))?;
             if json_out {
@@ -957,7 +985,7 @@ async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
         }
         AuditCmd::Export { config, data, out } => {
             use std::io::Write;
-            let (store, _) = open_store(config, &data).await?;
+            let (store, _, _) = open_store(config, &data, false).await?;
             let mut w: Box<dyn Write> = match &out {
                 Some(p) => Box::new(
                     std::fs::File::create(p)

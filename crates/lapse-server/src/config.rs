@@ -34,6 +34,18 @@ pub struct Config {
     pub approval_window: TtlDuration,
     /// PKCS#8 PEM Ed25519 key that signs tokens and audit checkpoints; created if absent.
     pub signing_key: PathBuf,
+    /// Where the key-encryption key is (`env:NAME` or `file:PATH`). Set, the signing
+    /// key ring lives in the store, shared by every replica and rotatable; unset,
+    /// `signing_key` is the one key.
+    #[serde(default)]
+    pub key_encryption_key: Option<String>,
+    /// How long a new key is published before it signs (verifiers' JWKS caches
+    /// must have it by then).
+    #[serde(default = "default_key_publish_delay")]
+    pub key_publish_delay: TtlDuration,
+    /// How often each replica re-reads the key ring from the store.
+    #[serde(default = "default_key_refresh")]
+    pub key_refresh: TtlDuration,
     /// How long a store operation may wait for a lock before failing closed.
     #[serde(default = "default_store_timeout")]
     pub store_timeout: TtlDuration,
@@ -179,6 +191,12 @@ fn default_max_lifetime() -> TtlDuration {
 }
 fn default_approval_window() -> TtlDuration {
     TtlDuration::from_secs(900)
+}
+fn default_key_publish_delay() -> TtlDuration {
+    TtlDuration::from_secs(120)
+}
+fn default_key_refresh() -> TtlDuration {
+    TtlDuration::from_secs(10)
 }
 fn default_store_timeout() -> TtlDuration {
     TtlDuration::from_secs(5)

@@ -160,6 +160,10 @@ impl From<lapse_store::StoreError> for ApiError {
             lapse_store::StoreError::Conflict(id) => {
                 Self::Conflict(format!("grant `{id}` changed concurrently; retry"))
             }
+            // Only DPoP proofs are spent as nonces.
+            lapse_store::StoreError::Replay(_) => {
+                Self::InvalidDpopProof("the DPoP proof was already used".into())
+            }
             other => {
                 tracing::error!(error = %other, "store failure; failing closed");
                 Self::Unavailable("the store is unavailable; nothing was issued or changed".into())

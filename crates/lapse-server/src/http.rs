@@ -203,7 +203,7 @@ async fn metadata(State(s): State<AppState>) -> Json<Value> {
 }
 
 async fn jwks(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({ "keys": [s.key.jwk()] }))
+    Json(json!({ "keys": s.keys.jwks() }))
 }
 
 async fn token(
@@ -553,7 +553,7 @@ async fn complete(
     let b = body(b)?;
     let r: ReasonBody = optional_json(&headers, &b)?;
     let path = format!("/v1/grants/{id}/complete");
-    let (claims, g) = s
+    let (claims, g, _) = s
         .workload_grant(
             authorization(&headers),
             &dpop_headers(&headers),
@@ -764,7 +764,7 @@ async fn grant_status(
 ) -> Result<Response, ApiError> {
     let id = grant_id(&id)?;
     let path = format!("/v1/grants/{id}/status");
-    let (_, g) = s
+    let (_, g, _) = s
         .workload_grant(
             authorization(&headers),
             &dpop_headers(&headers),
@@ -816,7 +816,7 @@ async fn renew(
     let b = body(b)?;
     let r: ReasonBody = optional_json(&headers, &b)?;
     let path = format!("/v1/grants/{id}/renew");
-    let (_, g) = s
+    let (_, g, proof) = s
         .workload_grant(
             authorization(&headers),
             &dpop_headers(&headers),
@@ -825,7 +825,9 @@ async fn renew(
             id,
         )
         .await?;
-    let issued = s.renew(g, r.ttl.map(TtlDuration::secs), peer.ip()).await?;
+    let issued = s
+        .renew(g, r.ttl.map(TtlDuration::secs), peer.ip(), &proof)
+        .await?;
     let mut v = token_response(&issued);
     set_field(&mut v, "grant", grant_view(&issued.grant));
     Ok(no_store(v, StatusCode::OK))
@@ -854,7 +856,7 @@ async fn audit(
 
 async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
-    let report = crate::verify_audit(s.store.as_ref(), &s.key).await?;
+    let report = crate::verify_audit(s.store.as_ref(), &s.keys).await?;
     let status = if report.ok() {
         StatusCode::OK
     } else {

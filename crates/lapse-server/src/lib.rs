@@ -18,6 +18,7 @@ pub mod dev;
 pub mod error;
 pub mod feed;
 pub mod http;
+pub mod keyring;
 pub mod metrics;
 pub mod notify;
 mod openapi;
@@ -28,8 +29,7 @@ pub mod signals;
 use config::Config;
 use lapse_core::Clock;
 use lapse_policy::PolicyBundle;
-use lapse_store::{AuditSigner, Store, VerifyReport};
-use lapse_token::SigningKey;
+use lapse_store::{Store, VerifyReport};
 use service::Lapse;
 use std::future::Future;
 use std::path::Path;
@@ -41,7 +41,9 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Key(#[from] lapse_token::signing::KeyFileError),
+    Key(#[from] keyring::KeyRingError),
+    #[error(transparent)]
+    KeyFile(#[from] lapse_token::signing::KeyFileError),
     #[error(transparent)]
     Store(#[from] lapse_store::StoreError),
     #[error("policies: {0}")]
@@ -61,31 +63,18 @@ pub enum StartError {
     Webhook(String),
 }
 
-/// Signs audit checkpoints with the server key.
-pub struct KeySigner(pub SigningKey);
-
-impl AuditSigner for KeySigner {
-    fn kid(&self) -> String {
-        self.0.kid().to_owned()
-    }
-    fn sign(&self, message: &[u8]) -> Vec<u8> {
-        self.0.sign(message)
-    }
-}
 
 /// Builds the broker from its config: key, store, policies, issuers. Any of them
 /// failing stops the start with an error that names what and where.
 pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, StartError> {
-    let (key, created) = SigningKey::load_or_generate(&cfg.signing_key)?;
-    if created {
-        tracing::info!(kid = key.kid(), path = %cfg.signing_key.display(), "generated a new signing key");
-    }
+    let keys = Arc::new(keyring::KeyRing::new(&cfg)?);
     let store = lapse_store::open(
         &cfg.store,
-        Arc::new(KeySigner(key.clone())),
+        keys.clone(),
         Duration::from_secs(cfg.store_timeout.secs()),
     )
     .await?;
+    keys.init(&cfg, store.as_ref(), clock.now().millis()).await?;
     let policy = PolicyBundle::load_dir(&cfg.policies)?;
     tracing::info!(policies = policy.policy_count, actions = ?policy.actions(), "policies loaded");
     let mut issuers = Vec::new();
@@ -119,7 +108,7 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
         providers.insert(p.audience.clone(), Arc::new(provider));
     }
     let webhook = cfg.webhook.clone();
-    let mut lapse = Lapse::new(cfg, store, Some(policy), identity, key, clock);
+    let mut lapse = Lapse::new(cfg, store, Some(policy), identity, keys, clock);
     lapse.providers = providers;
     if let Some(w) = webhook {
         lapse.notifier =
@@ -148,6 +137,9 @@ pub async fn serve(
         .map_or(Duration::from_millis(500), |d| {
             Duration::from_secs(d.secs().max(1))
         });
+    // The sweeper, cleanup and reconciler run on one replica at a time (the
+    // store elects it); the others keep asking, and one takes over within a sweep
+    // period when the leader goes away.
     let l = lapse.clone();
     let mut background = vec![
         tokio::spawn(every(
@@ -155,7 +147,12 @@ pub async fn serve(
             "sweeper ended expired grants",
             move || {
                 let l = l.clone();
-                async move { l.sweep().await }
+                async move {
+                    if !l.store.try_lead().await? {
+                        return Ok(0);
+                    }
+                    l.sweep().await
+                }
             },
         )),
         tokio::spawn(policy_watch_loop(lapse.clone())),
@@ -168,7 +165,12 @@ pub async fn serve(
             "cleanup retried credential destroys",
             move || {
                 let l = l.clone();
-                async move { l.cleanup().await }
+                async move {
+                    if !l.store.try_lead().await? {
+                        return Ok(0);
+                    }
+                    l.cleanup().await
+                }
             },
         )));
         // At start, then every `reconcile_interval`.
@@ -178,9 +180,36 @@ pub async fn serve(
             "reconciler corrected targets",
             move || {
                 let l = l.clone();
-                async move { l.reconcile().await }
+                async move {
+                    if !l.store.try_lead().await? {
+                        return Ok(0);
+                    }
+                    l.reconcile().await
+                }
             },
         )));
+    }
+    if lapse.keys.shared() {
+        // Rotations made by another replica or `lapse keys rotate`.
+        let l = lapse.clone();
+        background.push(tokio::spawn(async move {
+            let period = Duration::from_secs(l.cfg.key_refresh.secs().max(1));
+            loop {
+                tokio::time::sleep(period).await;
+                if let Err(e) = l.keys.reload(l.store.as_ref()).await {
+                    tracing::warn!(error = %e, "key ring reload failed; keeping the keys loaded");
+                }
+            }
+        }));
+    }
+    if let Some(mut changes) = lapse.store.feed_changes() {
+        // Another replica ended a grant: wake this replica's feed streams.
+        let l = lapse.clone();
+        background.push(tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                l.feed_bumps.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }));
     }
     let closing = lapse.closing.clone();
     let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -261,9 +290,9 @@ async fn policy_watch_loop(lapse: Arc<Lapse>) {
 /// Verifies the whole audit chain in the store against the signed checkpoint.
 pub async fn verify_audit(
     store: &dyn Store,
-    key: &SigningKey,
+    keys: &keyring::KeyRing,
 ) -> Result<VerifyReport, lapse_store::StoreError> {
-    verify_audit_visiting(store, key, |_| {}).await
+    verify_audit_visiting(store, keys, |_| {}).await
 }
 
 /// [`verify_audit`], showing every entry to `visit` on the way, so a caller that
@@ -271,7 +300,7 @@ pub async fn verify_audit(
 /// entry; the visit goes on to the end.
 pub async fn verify_audit_visiting(
     store: &dyn Store,
-    key: &SigningKey,
+    keys: &keyring::KeyRing,
     mut visit: impl FnMut(&lapse_store::AuditEntry),
 ) -> Result<VerifyReport, lapse_store::StoreError> {
     let mut v = lapse_store::audit::ChainVerifier::new(store.checkpoint().await?);
@@ -286,9 +315,8 @@ pub async fn verify_audit_visiting(
             visit(e);
         }
     }
-    let public = key.public().clone();
-    let kid = key.kid().to_owned();
-    Ok(v.finish(|k, m, s| k == kid && public.verify(m, s).is_ok()))
+    // The checkpoint may be signed by any key the ring ever had.
+    Ok(v.finish(|k, m, s| keys.any(k).is_some_and(|p| p.verify(m, s).is_ok())))
 }
 
 /// Sets `key` on a JSON object (a no-op on anything else, which callers never pass).

@@ -61,7 +61,7 @@ impl Lapse {
         let mut ended: BTreeMap<String, i64> = BTreeMap::new();
         let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
         let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
-        let audit = crate::verify_audit_visiting(self.store.as_ref(), &self.key, |e| {
+        let audit = crate::verify_audit_visiting(self.store.as_ref(), &self.keys, |e| {
             let Some(g) = e.grant_id.clone() else {
                 return;
             };

@@ -24,6 +24,11 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+const NONCE_PRUNE_PERIOD_MS: i64 = 10_000;
+
+/// How far in the future a DPoP proof's `iat` may be.
+const DPOP_MAX_SKEW_SECS: i64 = 5;
+
 #[derive(Debug, Clone)]
 pub struct Operator {
     pub name: String,
@@ -58,7 +63,8 @@ pub struct Lapse {
     pub store: Arc<dyn Store>,
     pub policy: ArcSwapOption<PolicyBundle>,
     pub identity: IdentityVerifier,
-    pub key: SigningKey,
+    /// The signing key ring: the key that signs now, and those that verify.
+    pub keys: Arc<crate::keyring::KeyRing>,
     pub replay: ReplayCache,
     /// DPoP proof keys already parsed.
     pub proof_keys: dpop::KeyCache,
@@ -70,6 +76,8 @@ pub struct Lapse {
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     /// Bumped after every commit that ends a grant: wakes the revocation-feed streams.
     pub feed_bumps: tokio::sync::watch::Sender<u64>,
+    /// When the sweeper last forgot expired nonces (ms).
+    nonces_pruned_at: std::sync::atomic::AtomicI64,
     /// Set when the server is shutting down: ends the feed streams.
     pub closing: tokio::sync::watch::Sender<bool>,
     audiences: HashSet<String>,
@@ -125,7 +133,7 @@ impl Lapse {
         store: Arc<dyn Store>,
         policy: Option<PolicyBundle>,
         identity: IdentityVerifier,
-        key: SigningKey,
+        keys: Arc<crate::keyring::KeyRing>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         let operators = cfg
@@ -155,7 +163,7 @@ impl Lapse {
             store,
             policy: ArcSwapOption::from(policy.map(Arc::new)),
             identity,
-            key,
+            keys,
             replay: ReplayCache::new(1_000_000),
             proof_keys: dpop::KeyCache::new(),
             clock,
@@ -164,6 +172,7 @@ impl Lapse {
             providers: HashMap::new(),
             feed_bumps: tokio::sync::watch::channel(0).0,
             closing: tokio::sync::watch::channel(false).0,
+            nonces_pruned_at: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -269,7 +278,7 @@ impl Lapse {
             htu: &htu,
             now_secs: self.now().unix_seconds(),
             max_age_secs: i64::try_from(self.cfg.dpop_max_age.secs()).unwrap_or(60),
-            max_skew_secs: 5,
+            max_skew_secs: DPOP_MAX_SKEW_SECS,
             access_token,
         };
         dpop::verify(proof, &req, &self.replay).map_err(|e| match e {
@@ -407,6 +416,7 @@ impl Lapse {
                 self.commit(WriteBatch {
                     grants: vec![],
                     events: vec![decided],
+                    nonces: vec![self.nonce(proof)],
                     ..Default::default()
                 })
                 .await?;
@@ -451,6 +461,7 @@ impl Lapse {
                 self.commit(WriteBatch {
                     grants: vec![GrantWrite::Insert(grant)],
                     events: vec![decided, pending],
+                    nonces: vec![self.nonce(proof)],
                     ..Default::default()
                 })
                 .await?;
@@ -509,6 +520,7 @@ impl Lapse {
                 self.commit(WriteBatch {
                     grants: vec![GrantWrite::Insert(grant.clone())],
                     events: vec![decided, issued],
+                    nonces: vec![self.nonce(proof)],
                     ..Default::default()
                 })
                 .await?;
@@ -571,18 +583,45 @@ impl Lapse {
                 environment: grant.request.context.environment.clone(),
             }),
         };
-        self.key
+        self.signing_key()?
             .sign_jwt(ACCESS_TOKEN_TYP, &claims)
             .map_err(|e| ApiError::Unavailable(format!("cannot sign: {e}")))
     }
 
+    /// The proof's `jti` as spent in the store: the commit that acts on the proof
+    /// fails if any replica already acted on it. Kept until the proof is too old to
+    /// be accepted anyway.
+    pub(crate) fn nonce(&self, proof: &DpopProof) -> lapse_store::Nonce {
+        let value = hex::encode(sha2::Sha256::digest(format!("{}\n{}", proof.jkt, proof.jti)));
+        let max_age = i64::try_from(self.cfg.dpop_max_age.secs()).unwrap_or(60);
+        lapse_store::Nonce {
+            value,
+            expires_at: proof
+                .iat
+                .saturating_add(max_age)
+                .saturating_add(DPOP_MAX_SKEW_SECS)
+                .saturating_mul(1000),
+        }
+    }
+
+    /// The key that signs now.
+    pub fn signing_key(&self) -> Result<SigningKey, ApiError> {
+        self.keys
+            .current_at(self.now().millis())
+            .ok_or_else(|| ApiError::Unavailable("no signing key is active; failing closed".into()))
+    }
+
     /// Verifies a Lapse access token's signature and lifetime (not grant state).
     pub fn verify_access_token(&self, token: &str) -> Result<AccessClaims, TokenError> {
-        let kid = self.key.kid().to_owned();
-        let public = self.key.public();
+        let keys = self.keys.all();
+        let now = self.now().millis();
         access::verify(
             token,
-            |k| (k == kid).then_some(public),
+            |kid| {
+                keys.iter()
+                    .find(|k| k.kid == kid && k.retires_at.is_none_or(|r| now < r))
+                    .map(|k| &k.public)
+            },
             &self.issuer,
             self.now().unix_seconds(),
         )
@@ -630,7 +669,7 @@ impl Lapse {
         htm: &str,
         path: &str,
         grant_id: GrantId,
-    ) -> Result<(AccessClaims, Grant), ApiError> {
+    ) -> Result<(AccessClaims, Grant, DpopProof), ApiError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("DPoP "))
             .ok_or_else(|| {
@@ -653,7 +692,7 @@ impl Lapse {
             ));
         }
         let grant = self.find(grant_id, "grant").await?;
-        Ok((claims, grant))
+        Ok((claims, grant, proof))
     }
 
     pub(crate) async fn end(
@@ -726,6 +765,7 @@ impl Lapse {
         grant: Grant,
         ttl_secs: Option<u64>,
         source: IpAddr,
+        proof: &DpopProof,
     ) -> Result<Issued, ApiError> {
         let now = self.now();
         let policy = self.policy()?;
@@ -786,6 +826,7 @@ impl Lapse {
                         decided,
                         event(now, "grant.renewed", Some(&renewed.id), &actor, data),
                     ],
+                    nonces: vec![self.nonce(proof)],
                     ..Default::default()
                 })
                 .await?;
@@ -922,6 +963,13 @@ impl Lapse {
     pub async fn sweep(&self) -> Result<usize, ApiError> {
         let idle = self.sweep_idle().await?;
         let now = self.now();
+        // Spent proofs are forgotten once they could not be accepted anyway.
+        let last = self.nonces_pruned_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now.millis().saturating_sub(last) >= NONCE_PRUNE_PERIOD_MS {
+            self.store.prune_nonces(now).await?;
+            self.nonces_pruned_at
+                .store(now.millis(), std::sync::atomic::Ordering::Relaxed);
+        }
         let due = self.store.due(now, 500).await?;
         let mut n = 0;
         for g in due {

@@ -72,8 +72,9 @@ pub fn checkpoint_message(seq: u64, hash: &str) -> Vec<u8> {
 /// Signs checkpoints. The server's signing key implements it; the store never sees
 /// the key itself.
 pub trait AuditSigner: Send + Sync + 'static {
-    fn kid(&self) -> String;
-    fn sign(&self, message: &[u8]) -> Vec<u8>;
+    /// Signs with the key that signs now: its key id and the signature (one call,
+    /// so a key rotation cannot fall between them).
+    fn sign(&self, message: &[u8]) -> (String, Vec<u8>);
 }
 
 /// The result of verifying a chain.

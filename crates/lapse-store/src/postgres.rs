@@ -608,7 +608,7 @@ impl Writer {
         };
         let write_head = async {
             if !audit_rows.seq.is_empty() || !feed_rows.seq.is_empty() {
-                let sig = self.signer.sign(&checkpoint_message(seq, &hash));
+                let (kid, sig) = self.signer.sign(&checkpoint_message(seq, &hash));
                 let stmt = t
                     .prepare_cached(
                         "UPDATE audit_checkpoint SET seq = $1, hash = $2, kid = $3, signature = $4,
@@ -620,7 +620,7 @@ impl Writer {
                     &[
                         &to_i64(seq),
                         &hash,
-                        &self.signer.kid(),
+                        &kid,
                         &hex::encode(sig),
                         &to_i64(feed_seq),
                     ],

@@ -250,13 +250,13 @@ impl Writer {
                 }
             }
             if appended {
-                let sig = self.signer.sign(&checkpoint_message(head.0, &head.1));
+                let (kid, sig) = self.signer.sign(&checkpoint_message(head.0, &head.1));
                 let seq = i64::try_from(head.0).unwrap_or(i64::MAX);
                 tx.execute(
                     "INSERT INTO audit_checkpoint (id, seq, hash, kid, signature, at) VALUES (1, ?1, ?2, ?3, ?4, strftime('%s','now'))
                      ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, kid = excluded.kid,
                      signature = excluded.signature, at = excluded.at",
-                    params![seq, head.1, self.signer.kid(), hex::encode(sig)],
+                    params![seq, head.1, kid, hex::encode(sig)],
                 )?;
             }
             tx.commit()?;

@@ -24,11 +24,8 @@ use std::time::Duration;
 
 struct Signer(lapse_token::SigningKey);
 impl AuditSigner for Signer {
-    fn kid(&self) -> String {
-        self.0.kid().to_owned()
-    }
-    fn sign(&self, m: &[u8]) -> Vec<u8> {
-        self.0.sign(m)
+    fn sign(&self, m: &[u8]) -> (String, Vec<u8>) {
+        (self.0.kid().to_owned(), self.0.sign(m))
     }
 }
 

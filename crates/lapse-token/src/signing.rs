@@ -130,6 +130,16 @@ impl SigningKey {
             .map(Self::from_dalek)
     }
 
+    /// The 32-byte Ed25519 secret, for sealing under a key-encryption key. Callers
+    /// must not keep or log it.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    pub fn from_secret_bytes(bytes: &[u8; 32]) -> Self {
+        Self::from_dalek(ed25519_dalek::SigningKey::from_bytes(bytes))
+    }
+
     pub fn kid(&self) -> &str {
         &self.kid
     }

@@ -171,7 +171,7 @@ impl Lapse {
             csrf: lapse_token::b64::encode(csrf),
             cred: fingerprint(entry),
         };
-        self.key
+        self.signing_key()?
             .sign_jwt(SESSION_TYP, &claims)
             .map_err(|e| ApiError::Unavailable(format!("cannot sign the session: {e}")))
     }
@@ -183,8 +183,14 @@ impl Lapse {
         if u.header.typ.as_deref() != Some(SESSION_TYP) {
             return Err(invalid("not a console session"));
         }
+        let public = u
+            .header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.keys.verifying(kid))
+            .ok_or_else(|| invalid("signed by an unknown or retired key"))?;
         let payload = u
-            .verify(self.key.public())
+            .verify(&public)
             .map_err(|_| invalid("bad signature"))?;
         let c: SessionClaims = jws::claims(&payload).map_err(|_| invalid("malformed"))?;
         if c.aud != SESSION_AUD || c.iss != self.issuer {
