@@ -140,6 +140,20 @@ struct LoadArgs {
     /// system temp folder; it must be a real disk for the durability to be real.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The store: the embedded SQLite file, or a fresh database on the PostgreSQL
+    /// at `LAPSE_BENCH_PG_URL` (default the local server as `postgres`).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    store: StoreKind,
+    /// Broker replicas sharing the store (PostgreSQL only); connection `c` goes to
+    /// replica `c % replicas`. Each replica has its own two-worker runtime.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq)]
+enum StoreKind {
+    Sqlite,
+    Postgres,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -301,11 +315,13 @@ mod runcmd;
 
 struct Server {
     addr: SocketAddr,
+    /// The URL clients sign DPoP proofs for (the broker's `public_url`).
+    public: String,
     dir: PathBuf,
     admin: String,
     runtime: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -324,15 +340,52 @@ impl Server {
             None => tempfile::tempdir()?,
         };
         let dir = tmp.path().join("data");
+        let mut server = Self::start_in(dir, adjust)?;
+        server._tmp = Some(tmp);
+        Ok(server)
+    }
+
+    /// `replicas` brokers on one fresh PostgreSQL database, sharing a key ring (the
+    /// key-encryption key in a file) and a public URL.
+    fn start_replicas(
+        parent: Option<&PathBuf>,
+        replicas: usize,
+        store: &str,
+    ) -> anyhow::Result<Vec<Self>> {
+        let public = format!("http://lapse-bench.invalid:{}", rand::random::<u16>());
+        let shared = |cfg: &mut lapse_server::config::Config, dir: &std::path::Path| {
+            let kek = dir.join("kek");
+            if !kek.exists() {
+                std::fs::write(&kek, lapse_server::keyring::Kek::generate())?;
+            }
+            cfg.store = store.to_owned();
+            cfg.key_encryption_key = Some(format!("file:{}", kek.display()));
+            cfg.public_url = Some(public.clone());
+            anyhow::Ok(())
+        };
+        let first = Self::start_with(parent, shared)?;
+        let dir = first.dir.clone();
+        let mut all = vec![first];
+        for _ in 1..replicas {
+            all.push(Self::start_in(dir.clone(), shared)?);
+        }
+        Ok(all)
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        adjust: impl FnOnce(&mut lapse_server::config::Config, &std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let (addr, admin, stop) = runtime.block_on(async {
+        let (addr, public, admin, stop) = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let (mut cfg, _, admin) = lapse_server::dev::prepare(&dir, addr)?;
             adjust(&mut cfg, &dir)?;
+            let public = cfg.public_url();
             let lapse = lapse_server::build(cfg, Arc::new(SystemClock)).await?;
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             tokio::spawn(async move {
@@ -341,15 +394,16 @@ impl Server {
                 })
                 .await;
             });
-            anyhow::Ok((addr, admin, tx))
+            anyhow::Ok((addr, public, admin, tx))
         })?;
         Ok(Self {
             addr,
+            public,
             dir,
             admin,
             runtime,
             stop: Some(stop),
-            _tmp: tmp,
+            _tmp: None,
         })
     }
 
@@ -403,7 +457,7 @@ fn exchange_requests_for(
     scope: &str,
 ) -> Vec<Vec<u8>> {
     let host = server.addr.to_string();
-    let htu = format!("http://{host}/oauth/token");
+    let htu = format!("{}/oauth/token", server.public);
     (0..n)
         .map(|k| {
             let key = keys.get(k % keys.len().max(1));
@@ -458,6 +512,17 @@ fn drive(
     kind: Kind,
     keep_bodies: bool,
 ) -> anyhow::Result<RunResult> {
+    drive_spread(&[addr], requests, concurrency, kind, keep_bodies)
+}
+
+/// As [`drive`], connection `c` to `addrs[c % addrs.len()]`.
+fn drive_spread(
+    addrs: &[SocketAddr],
+    requests: Vec<Vec<u8>>,
+    concurrency: usize,
+    kind: Kind,
+    keep_bodies: bool,
+) -> anyhow::Result<RunResult> {
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -465,7 +530,11 @@ fn drive(
     let requests = Arc::new(requests);
     client.block_on(async move {
         let mut conns = Vec::with_capacity(concurrency);
-        for _ in 0..concurrency {
+        for c in 0..concurrency {
+            let addr = addrs
+                .get(c % addrs.len().max(1))
+                .copied()
+                .context("no server address")?;
             conns.push(Conn::connect(addr).await?);
         }
         let start = Instant::now();
@@ -513,15 +582,30 @@ fn drive(
 
 fn load(kind: Kind, a: &LoadArgs, json_out: bool) -> anyhow::Result<()> {
     let name = match kind {
-        Kind::Exchange if a.fresh_identity => "exchange (fresh identity token each)",
-        Kind::Exchange => "exchange",
-        Kind::Introspect => "introspect",
+        Kind::Exchange if a.fresh_identity => "exchange (fresh identity token each)".to_owned(),
+        Kind::Exchange if a.store == StoreKind::Postgres => {
+            format!("exchange (postgres, {} replica(s))", a.replicas.max(1))
+        }
+        Kind::Exchange => "exchange".to_owned(),
+        Kind::Introspect => "introspect".to_owned(),
     };
     let mut throughputs = Vec::new();
     let mut medians = Vec::new();
     let mut p99s = Vec::new();
+    if a.replicas > 1 && a.store == StoreKind::Sqlite {
+        bail!("--replicas needs --store postgres");
+    }
     for run in 0..a.runs {
-        let server = Server::start(a.dir.as_ref())?;
+        let pg = match a.store {
+            StoreKind::Postgres => Some(pg::Database::create()?),
+            StoreKind::Sqlite => None,
+        };
+        let mut servers = match &pg {
+            Some(db) => Server::start_replicas(a.dir.as_ref(), a.replicas.max(1), &db.url)?,
+            None => vec![Server::start(a.dir.as_ref())?],
+        };
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+        let server = servers.remove(0);
         let now = SystemClock.now().unix_seconds();
         let keys: Vec<DpopKey> = (0..a.concurrency).map(|_| DpopKey::generate()).collect();
         let total = a.warmup + a.requests;
@@ -534,8 +618,8 @@ fn load(kind: Kind, a: &LoadArgs, json_out: bool) -> anyhow::Result<()> {
                 )?;
                 let mut reqs = exchange_requests(&server, &keys, &identities, total, now);
                 let measured = reqs.split_off(a.warmup.min(reqs.len()));
-                drive(server.addr, reqs, a.concurrency, kind, false)?;
-                drive(server.addr, measured, a.concurrency, kind, false)?
+                drive_spread(&addrs, reqs, a.concurrency, kind, false)?;
+                drive_spread(&addrs, measured, a.concurrency, kind, false)?
             }
             Kind::Introspect => {
                 // Issue one live token per workload first, then introspect them.
@@ -558,6 +642,10 @@ fn load(kind: Kind, a: &LoadArgs, json_out: bool) -> anyhow::Result<()> {
             }
         };
         server.stop();
+        for s in servers {
+            s.stop();
+        }
+        drop(pg);
         let s = stats::summary(&result.latency);
         throughputs.push(result.throughput);
         medians.push(s.median_ns as f64);

@@ -107,5 +107,7 @@ pub async fn run(cmd: KeysCmd, json_out: bool) -> Out {
 }
 
 fn ms(secs: u64) -> i64 {
-    i64::try_from(secs).unwrap_or(i64::MAX / 1000).saturating_mul(1000)
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000)
 }

@@ -30,7 +30,9 @@ const ALG: &str = "EdDSA";
 pub enum KeyRingError {
     #[error("key-encryption key: {0}")]
     Kek(String),
-    #[error("signing key `{kid}` does not open with this key-encryption key (a different key, or the record was altered)")]
+    #[error(
+        "signing key `{kid}` does not open with this key-encryption key (a different key, or the record was altered)"
+    )]
     Unseal { kid: String },
     #[error("signing key record `{kid}`: {why}")]
     Record { kid: String, why: String },
@@ -52,8 +54,9 @@ impl Kek {
     /// base64url (surrounding whitespace ignored).
     pub fn load(source: &str) -> Result<Self, KeyRingError> {
         let text = if let Some(name) = source.strip_prefix("env:") {
-            std::env::var(name)
-                .map_err(|_| KeyRingError::Kek(format!("environment variable `{name}` is not set")))?
+            std::env::var(name).map_err(|_| {
+                KeyRingError::Kek(format!("environment variable `{name}` is not set"))
+            })?
         } else if let Some(path) = source.strip_prefix("file:") {
             std::fs::read_to_string(path)
                 .map_err(|e| KeyRingError::Kek(format!("cannot read `{path}`: {e}")))?
@@ -100,7 +103,9 @@ impl Kek {
     }
 
     fn open(&self, kid: &str, sealed: &[u8]) -> Result<[u8; 32], KeyRingError> {
-        let fail = || KeyRingError::Unseal { kid: kid.to_owned() };
+        let fail = || KeyRingError::Unseal {
+            kid: kid.to_owned(),
+        };
         let nonce: [u8; 12] = sealed
             .get(..12)
             .and_then(|n| n.try_into().ok())
@@ -186,7 +191,12 @@ impl KeyRing {
     /// Loads a shared ring from the store. The first replica on an empty store seeds
     /// it — with the `signing_key` file's key when one exists, so tokens already
     /// issued keep verifying — in an audited commit.
-    pub async fn init(&self, cfg: &Config, store: &dyn Store, now: i64) -> Result<(), KeyRingError> {
+    pub async fn init(
+        &self,
+        cfg: &Config,
+        store: &dyn Store,
+        now: i64,
+    ) -> Result<(), KeyRingError> {
         let Some(kek) = &self.kek else {
             return Ok(());
         };

@@ -63,7 +63,6 @@ pub enum StartError {
     Webhook(String),
 }
 
-
 /// Builds the broker from its config: key, store, policies, issuers. Any of them
 /// failing stops the start with an error that names what and where.
 pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, StartError> {
@@ -74,7 +73,8 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
         Duration::from_secs(cfg.store_timeout.secs()),
     )
     .await?;
-    keys.init(&cfg, store.as_ref(), clock.now().millis()).await?;
+    keys.init(&cfg, store.as_ref(), clock.now().millis())
+        .await?;
     let policy = PolicyBundle::load_dir(&cfg.policies)?;
     tracing::info!(policies = policy.policy_count, actions = ?policy.actions(), "policies loaded");
     let mut issuers = Vec::new();

@@ -592,7 +592,10 @@ impl Lapse {
     /// fails if any replica already acted on it. Kept until the proof is too old to
     /// be accepted anyway.
     pub(crate) fn nonce(&self, proof: &DpopProof) -> lapse_store::Nonce {
-        let value = hex::encode(sha2::Sha256::digest(format!("{}\n{}", proof.jkt, proof.jti)));
+        let value = hex::encode(sha2::Sha256::digest(format!(
+            "{}\n{}",
+            proof.jkt, proof.jti
+        )));
         let max_age = i64::try_from(self.cfg.dpop_max_age.secs()).unwrap_or(60);
         lapse_store::Nonce {
             value,
@@ -964,7 +967,9 @@ impl Lapse {
         let idle = self.sweep_idle().await?;
         let now = self.now();
         // Spent proofs are forgotten once they could not be accepted anyway.
-        let last = self.nonces_pruned_at.load(std::sync::atomic::Ordering::Relaxed);
+        let last = self
+            .nonces_pruned_at
+            .load(std::sync::atomic::Ordering::Relaxed);
         if now.millis().saturating_sub(last) >= NONCE_PRUNE_PERIOD_MS {
             self.store.prune_nonces(now).await?;
             self.nonces_pruned_at

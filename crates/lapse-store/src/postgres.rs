@@ -108,6 +108,10 @@ impl PgStore {
             config.connect_timeout(timeout);
         }
         config.application_name("lapse");
+        // Plans are made for each execution's actual arguments: a generic plan made
+        // while the tables were small turns `id = ANY($1)` and the `unnest` joins
+        // into sequential scans that grow with the table.
+        config.options("-c plan_cache_mode=force_custom_plan");
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

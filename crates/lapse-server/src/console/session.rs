@@ -189,9 +189,7 @@ impl Lapse {
             .as_deref()
             .and_then(|kid| self.keys.verifying(kid))
             .ok_or_else(|| invalid("signed by an unknown or retired key"))?;
-        let payload = u
-            .verify(&public)
-            .map_err(|_| invalid("bad signature"))?;
+        let payload = u.verify(&public).map_err(|_| invalid("bad signature"))?;
         let c: SessionClaims = jws::claims(&payload).map_err(|_| invalid("malformed"))?;
         if c.aud != SESSION_AUD || c.iss != self.issuer {
             return Err(invalid("not a console session of this broker"));
