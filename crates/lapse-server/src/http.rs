@@ -973,6 +973,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
         "ready": ready,
         "policy": if policy { "loaded" } else { "missing" },
         "store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+        // Whether this replica runs the sweeper and reconciler (one does at a time).
+        "leader": s.leading.load(std::sync::atomic::Ordering::Relaxed),
     });
     let status = if ready {
         StatusCode::OK

@@ -213,8 +213,9 @@ impl KeyRing {
             let record = seal_record(kek, &key, now, now)?;
             // The seeding commit's checkpoint is signed by the key it adds.
             self.install(std::slice::from_ref(&record))?;
-            store
+            let seeded = store
                 .commit(WriteBatch {
+                    seed_keys: true,
                     keys: vec![record],
                     events: vec![event(
                         Timestamp::from_millis(now),
@@ -225,7 +226,12 @@ impl KeyRing {
                     )],
                     ..Default::default()
                 })
-                .await?;
+                .await;
+            match seeded {
+                // Another replica seeded it first: use that ring.
+                Ok(()) | Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         self.reload(store).await
     }

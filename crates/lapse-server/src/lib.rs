@@ -148,7 +148,7 @@ pub async fn serve(
             move || {
                 let l = l.clone();
                 async move {
-                    if !l.store.try_lead().await? {
+                    if !l.lead().await? {
                         return Ok(0);
                     }
                     l.sweep().await
@@ -166,7 +166,7 @@ pub async fn serve(
             move || {
                 let l = l.clone();
                 async move {
-                    if !l.store.try_lead().await? {
+                    if !l.lead().await? {
                         return Ok(0);
                     }
                     l.cleanup().await
@@ -181,7 +181,7 @@ pub async fn serve(
             move || {
                 let l = l.clone();
                 async move {
-                    if !l.store.try_lead().await? {
+                    if !l.lead().await? {
                         return Ok(0);
                     }
                     l.reconcile().await

@@ -76,6 +76,8 @@ pub struct Lapse {
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     /// Bumped after every commit that ends a grant: wakes the revocation-feed streams.
     pub feed_bumps: tokio::sync::watch::Sender<u64>,
+    /// Whether this replica runs the sweeper, cleanup and reconciler now.
+    pub leading: std::sync::atomic::AtomicBool,
     /// When the sweeper last forgot expired nonces (ms).
     nonces_pruned_at: std::sync::atomic::AtomicI64,
     /// Set when the server is shutting down: ends the feed streams.
@@ -173,6 +175,7 @@ impl Lapse {
             feed_bumps: tokio::sync::watch::channel(0).0,
             closing: tokio::sync::watch::channel(false).0,
             nonces_pruned_at: std::sync::atomic::AtomicI64::new(0),
+            leading: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -961,6 +964,17 @@ impl Lapse {
             }
         }
         Ok(n)
+    }
+
+    /// Asks the store whether this replica runs the singleton jobs now.
+    pub async fn lead(&self) -> Result<bool, ApiError> {
+        let leading = self.store.try_lead().await;
+        let now = *leading.as_ref().unwrap_or(&false);
+        let was = self.leading.swap(now, std::sync::atomic::Ordering::Relaxed);
+        if was && !now {
+            tracing::warn!("this replica no longer runs the sweeper and reconciler");
+        }
+        Ok(leading?)
     }
 
     pub async fn sweep(&self) -> Result<usize, ApiError> {

@@ -40,6 +40,9 @@ pub struct WriteBatch {
     pub nonces: Vec<Nonce>,
     /// Signing keys added to the ring or changed (retirement).
     pub keys: Vec<KeyRecord>,
+    /// The ring's first keys: the batch fails with [`StoreError::Conflict`] unless
+    /// the ring is empty when it commits (replicas starting together seed it once).
+    pub seed_keys: bool,
 }
 
 /// A spent one-time value, kept until `expires_at` (ms), after which it could not

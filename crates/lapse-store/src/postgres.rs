@@ -396,6 +396,16 @@ impl Writer {
             .flat_map(|b| &b.nonces)
             .map(|n| n.value.as_str())
             .collect();
+        let seeded = if batches.iter().any(|b| b.seed_keys) {
+            let n: i64 = tx
+                .query_one("SELECT COUNT(*) FROM signing_keys", &[])
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(pg_err)?;
+            n > 0
+        } else {
+            false
+        };
         let (existing, spent) = tokio::try_join!(
             async {
                 if ids.is_empty() {
@@ -435,8 +445,16 @@ impl Writer {
         let mut plan = Plan::default();
         let mut row_index: HashMap<String, usize> = HashMap::new();
         let mut results = Vec::with_capacity(batches.len());
+        let mut seeded = seeded;
         for b in batches {
-            match check(b, &view, &spent_set) {
+            let checked = if b.seed_keys && seeded {
+                Err(StoreError::Conflict(
+                    "the signing key ring is already seeded".into(),
+                ))
+            } else {
+                check(b, &view, &spent_set)
+            };
+            match checked {
                 Err(e) => results.push(Err(e)),
                 Ok(ends) => {
                     for w in &b.grants {
@@ -468,6 +486,7 @@ impl Writer {
                         plan.nonces.push(n);
                     }
                     plan.keys.extend(&b.keys);
+                    seeded |= b.seed_keys;
                     results.push(Ok(()));
                 }
             }

@@ -378,6 +378,14 @@ fn apply(
             Err(e) => return Err(e.into()),
         }
     }
+    if batch.seed_keys {
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM signing_keys", [], |r| r.get(0))?;
+        if n > 0 {
+            return Err(StoreError::Conflict(
+                "the signing key ring is already seeded".into(),
+            ));
+        }
+    }
     for k in &batch.keys {
         conn.prepare_cached(
             "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)

@@ -815,6 +815,7 @@ async fn the_key_ring_is_stored(kind: Kind) -> Result<(), StoreError> {
     };
     f.store
         .commit(WriteBatch {
+            seed_keys: true,
             keys: vec![k("a", 1), k("b", 2)],
             events: vec![AuditEvent {
                 at: 1,
@@ -826,6 +827,17 @@ async fn the_key_ring_is_stored(kind: Kind) -> Result<(), StoreError> {
             ..Default::default()
         })
         .await?;
+    // A second seeding (another replica starting at the same time) is refused.
+    let again = f
+        .open()
+        .await?
+        .commit(WriteBatch {
+            seed_keys: true,
+            keys: vec![k("c", 3)],
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
     let retired = KeyRecord {
         retires_at: Some(50),
         sealed: vec![0],

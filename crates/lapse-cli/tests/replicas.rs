@@ -1,0 +1,945 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! Several `lapse serve` processes on one PostgreSQL database, as a fleet runs
+//! them behind a load balancer: any replica serves any request, one audit chain,
+//! one revocation feed, one key ring, one DPoP replay cache, one sweeper. Replicas
+//! are real processes (killed with SIGKILL where the test says so); the store is
+//! the machine's PostgreSQL, or a private PostgreSQL cluster this test starts and
+//! stops itself when the database must go away.
+
+use lapse_core::{Clock, SystemClock};
+use lapse_token::{DpopKey, Jwk, PublicKey};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LAPSE: &str = env!("CARGO_BIN_EXE_lapse");
+const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
+/// The URL every replica answers to (the load balancer's): tokens' `iss` and the
+/// URL DPoP proofs are signed for, whichever replica receives them.
+const PUBLIC: &str = "http://lapse.replicas.test";
+
+fn pg_admin_url() -> String {
+    std::env::var("LAPSE_TEST_PG_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+}
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL is needed at `{url}` (set LAPSE_TEST_PG_URL; .ci/run starts the local server): {e}")
+        });
+    tokio::spawn(conn);
+    c
+}
+
+/// A database of its own, dropped afterwards.
+struct Db {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Db {
+    async fn create(admin: &str, host: &str, port: u16) -> Self {
+        let name = format!("lapse_replicas_{:08x}", rand::random::<u32>());
+        pg(admin)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Self {
+            admin: admin.to_owned(),
+            url: format!("postgres://postgres@{host}:{port}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let (c, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+struct Replica {
+    url: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    admin: String,
+    http: reqwest::Client,
+    replicas: Vec<Replica>,
+    db: Db,
+    _tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` replicas of the dev configuration on a fresh database of the machine's
+    /// PostgreSQL, sharing a key-encryption key (a file) and the public URL.
+    async fn start(n: usize, extra: &str) -> Self {
+        let db = Db::create(&pg_admin_url(), "127.0.0.1", 5432).await;
+        Self::start_on(db, n, extra).await
+    }
+
+    async fn start_on(db: Db, n: usize, extra: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let (_, cfg_path, admin) = lapse_server::dev::prepare(&dir, free_addr()).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let kek = dir.join("kek");
+        std::fs::write(&kek, lapse_server::keyring::Kek::generate()).unwrap();
+        let base = std::fs::read_to_string(&cfg_path).unwrap();
+        let mut c = Self {
+            dir,
+            admin,
+            http: lapse_identity::http_client(),
+            replicas: Vec::new(),
+            db,
+            _tmp: tmp,
+        };
+        let shared = format!(
+            "public_url = \"{PUBLIC}\"\nkey_encryption_key = \"file:{}\"\nkey_refresh = \"1s\"\nsweep_interval = \"1s\"\n{extra}\n",
+            kek.display()
+        );
+        for i in 0..n {
+            let addr = free_addr();
+            let toml: String = base
+                .lines()
+                .map(|l| {
+                    if l.starts_with("listen = ") {
+                        format!("listen = \"{addr}\"\n{shared}")
+                    } else if l.starts_with("store = ") {
+                        format!("store = \"{}\"", c.db.url)
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let config = c.dir.join(format!("replica-{i}.toml"));
+            std::fs::write(&config, toml).unwrap();
+            let replica = c.spawn(config, addr);
+            c.replicas.push(replica);
+        }
+        for i in 0..n {
+            c.wait_ready(i).await;
+        }
+        c
+    }
+
+    fn spawn(&self, config: PathBuf, addr: std::net::SocketAddr) -> Replica {
+        let log = config.with_extension("log");
+        let child = Command::new(LAPSE)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Replica {
+            url: format!("http://{addr}"),
+            config,
+            log,
+            child,
+        }
+    }
+
+    async fn wait_ready(&mut self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = &mut self.replicas[i];
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!(
+                    "replica {i} exited ({status}): {}",
+                    std::fs::read_to_string(&r.log).unwrap_or_default()
+                );
+            }
+            let url = format!("{}/readyz", r.url);
+            if let Ok(resp) = self.http.get(&url).send().await
+                && resp.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, i: usize) -> &str {
+        &self.replicas[i].url
+    }
+
+    /// A token-exchange form and its proof, for sending to any replica.
+    fn exchange_request(
+        &self,
+        key: &DpopKey,
+        task: &str,
+        extra: &[(&str, &str)],
+    ) -> (Vec<(String, String)>, String) {
+        let now = SystemClock.now().unix_seconds();
+        let identity = lapse_server::dev::dev_token(&self.dir, CI, 600, &[], now).unwrap();
+        let mut form: Vec<(String, String)> = [
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", "read"),
+            ("task", task),
+            ("purpose", "replica test"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        form.dedup_by(|a, b| a.0 == b.0);
+        let proof = key.proof("POST", &format!("{PUBLIC}/oauth/token"), None, now);
+        (form, proof)
+    }
+
+    async fn send_exchange(
+        &self,
+        i: usize,
+        form: &[(String, String)],
+        proof: &str,
+    ) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/oauth/token", self.url(i)))
+            .header("DPoP", proof)
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Exchanges on replica `i`; the token endpoint's answer, which must be 200.
+    async fn exchange(&self, i: usize, key: &DpopKey, task: &str) -> Value {
+        let (form, proof) = self.exchange_request(key, task, &[]);
+        let (status, v) = self.send_exchange(i, &form, &proof).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    async fn admin_get(&self, i: usize, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url(i)))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn introspect(&self, i: usize, token: &str) -> Value {
+        self.http
+            .post(format!("{}/oauth/introspect", self.url(i)))
+            .bearer_auth(&self.admin)
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn jwks(&self, i: usize) -> Vec<Jwk> {
+        let v: Value = self
+            .http
+            .get(format!("{}/.well-known/jwks.json", self.url(i)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        serde_json::from_value(v["keys"].clone()).unwrap()
+    }
+
+    /// `lapse` with the replica's config; its exit status and standard output.
+    fn cli(&self, i: usize, args: &[&str]) -> (bool, String) {
+        let out = Command::new(LAPSE)
+            .args(args)
+            .arg("--config")
+            .arg(&self.replicas[i].config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn audit_verifies(&self) {
+        let (ok, out) = self.cli(0, &["audit", "verify"]);
+        assert!(ok, "lapse audit verify: {out}");
+        assert!(out.contains("audit chain verifies"), "{out}");
+    }
+
+    async fn leaders(&self) -> Vec<usize> {
+        let mut v = Vec::new();
+        for i in 0..self.replicas.len() {
+            if let Ok(resp) = self
+                .http
+                .get(format!("{}/readyz", self.url(i)))
+                .send()
+                .await
+                && let Ok(body) = resp.json::<Value>().await
+                && body["leader"] == true
+            {
+                v.push(i);
+            }
+        }
+        v
+    }
+}
+
+/// The token's header `kid`, and its claims verified against `jwks` (real
+/// Ed25519 verification).
+fn verify_with(token: &str, jwks: &[Jwk]) -> (String, lapse_token::AccessClaims) {
+    let header: Value = serde_json::from_slice(
+        &lapse_token::b64::decode(token.split('.').next().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let kid = header["kid"].as_str().unwrap().to_owned();
+    let keys: Vec<(String, PublicKey)> = jwks
+        .iter()
+        .map(|j| (j.kid.clone().unwrap(), PublicKey::from_jwk(j).unwrap()))
+        .collect();
+    let claims = lapse_token::access::verify(
+        token,
+        |k| keys.iter().find(|(kid, _)| kid == k).map(|(_, p)| p),
+        PUBLIC,
+        SystemClock.now().unix_seconds(),
+    )
+    .unwrap_or_else(|e| panic!("token does not verify against the JWKS: {e}"));
+    (kid, claims)
+}
+
+fn kids(jwks: &[Jwk]) -> Vec<String> {
+    let mut v: Vec<String> = jwks.iter().filter_map(|j| j.kid.clone()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_serves_any_request_on_one_chain_one_feed_one_key_ring() {
+    let c = Cluster::start(3, "").await;
+    let jwks = c.jwks(0).await;
+    for i in 1..3 {
+        assert_eq!(kids(&c.jwks(i).await), kids(&jwks), "one key ring");
+    }
+    // A gate's feed stream on replica 2, before anything ends.
+    let mut feed = c
+        .http
+        .get(format!("{}/v1/feed", c.url(2)))
+        .bearer_auth(&c.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+
+    let key = DpopKey::generate();
+    let issued = c.exchange(0, &key, "T-1").await;
+    let token = issued["access_token"].as_str().unwrap().to_owned();
+    let id = issued["grant_id"].as_str().unwrap().to_owned();
+    verify_with(&token, &c.jwks(1).await);
+    assert_eq!(c.introspect(1, &token).await["active"], true);
+
+    // Renewed on replica 2 with the token and a proof for it.
+    let now = SystemClock.now().unix_seconds();
+    let path = format!("/v1/grants/{id}/renew");
+    let renewed: Value = c
+        .http
+        .post(format!("{}{path}", c.url(2)))
+        .header("Authorization", format!("DPoP {token}"))
+        .header(
+            "DPoP",
+            key.proof("POST", &format!("{PUBLIC}{path}"), Some(&token), now),
+        )
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token2 = renewed["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{renewed}"))
+        .to_owned();
+    assert_eq!(c.introspect(0, &token2).await["active"], true);
+
+    // Revoked on replica 1: the stream on replica 2 says so, every replica agrees.
+    let st = c
+        .http
+        .post(format!("{}/v1/grants/{id}/revoke", c.url(1)))
+        .bearer_auth(&c.admin)
+        .json(&json!({ "reason": "replica test" }))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 200);
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains(&id) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, feed.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("the revocation never reached replica 2's feed: {seen}"))
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("event: grant.ended"), "{seen}");
+    for i in 0..3 {
+        assert_eq!(
+            c.introspect(i, &token2).await["active"],
+            false,
+            "replica {i}"
+        );
+        let (st, g) = c.admin_get(i, &format!("/v1/grants/{id}")).await;
+        assert_eq!((st, g["state"].as_str()), (200, Some("revoked")), "{g}");
+    }
+    let (_, g) = c.admin_get(0, &format!("/v1/grants/{id}")).await;
+    let kinds: Vec<&str> = g["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "access.decided",
+            "grant.issued",
+            "renewal.decided",
+            "grant.renewed",
+            "grant.revoked"
+        ],
+        "one history across the replicas that wrote it"
+    );
+    let (st, report) = c.admin_get(2, "/v1/audit/verify").await;
+    assert_eq!(st, 200, "{report}");
+    c.audit_verifies();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_replayed_to_another_replica_is_refused() {
+    let c = Cluster::start(2, "").await;
+    let key = DpopKey::generate();
+    let (form, proof) = c.exchange_request(&key, "T-replay", &[]);
+    let (st, v) = c.send_exchange(0, &form, &proof).await;
+    assert_eq!(st, 200, "{v}");
+    for i in [1, 0] {
+        let (st, v) = c.send_exchange(i, &form, &proof).await;
+        assert_eq!(st, 400, "replica {i}: {v}");
+        assert_eq!(v["error"], "invalid_dpop_proof", "{v}");
+    }
+    // Exactly one grant for the task.
+    let (_, list) = c.admin_get(1, "/v1/grants?task=T-replay").await;
+    assert_eq!(list["grants"].as_array().map(Vec::len), Some(1), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_burst_loses_nothing_and_another_takes_over_the_sweeper() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let c = Arc::new(Cluster::start(3, "").await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let l = c.leaders().await;
+        if l.len() == 1 {
+            break l[0];
+        }
+        assert!(Instant::now() < deadline, "leaders: {l:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pid = c.replicas[leader].child.id();
+    const BURST: usize = 300;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..BURST {
+        let (c, answered) = (c.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = DpopKey::generate();
+            let (form, proof) = c.exchange_request(&key, &format!("T-burst-{n}"), &[]);
+            let r = c
+                .http
+                .post(format!("{}/oauth/token", c.url(n % 3)))
+                .header("DPoP", proof)
+                .form(&form)
+                .send()
+                .await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            match r {
+                Ok(resp) => Some((resp.status().as_u16(), resp.json::<Value>().await.ok()?)),
+                // The killed replica's connections.
+                Err(_) => None,
+            }
+        }));
+    }
+    while answered.load(Ordering::SeqCst) < BURST / 5 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let st = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let killed_at = answered.load(Ordering::SeqCst);
+    assert!(killed_at < BURST, "the kill came after the burst");
+    let mut tokens = Vec::new();
+    let mut lost = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Some((200, v)) => tokens.push(v),
+            Some((st, v)) => panic!("a surviving replica answered {st}: {v}"),
+            None => lost += 1,
+        }
+    }
+    assert!(
+        tokens.len() >= BURST / 2,
+        "{} tokens, {lost} lost",
+        tokens.len()
+    );
+    let alive: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let jwks = c.jwks(alive[0]).await;
+    // Every token a client holds has its grant and its issuance record.
+    for v in &tokens {
+        let (_, claims) = verify_with(v["access_token"].as_str().unwrap(), &jwks);
+        let (st, g) = c
+            .admin_get(alive[0], &format!("/v1/grants/{}", claims.grant_id))
+            .await;
+        assert_eq!(st, 200, "{g}");
+        assert_eq!(g["state"], "active", "{g}");
+        let issued = g["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "grant.issued")
+            .unwrap_or_else(|| panic!("no grant.issued for {}", claims.grant_id));
+        let data: Value = serde_json::from_str(issued["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["jti"].as_str(), Some(claims.jti.as_str()), "{data}");
+    }
+    // No grant without its record (the killed replica's commits were all or nothing).
+    let (_, list) = c.admin_get(alive[1], "/v1/grants?limit=1000").await;
+    let grants = list["grants"].as_array().unwrap();
+    assert!(grants.len() >= tokens.len());
+    for g in grants {
+        let (_, full) = c
+            .admin_get(
+                alive[1],
+                &format!("/v1/grants/{}", g["id"].as_str().unwrap()),
+            )
+            .await;
+        assert!(
+            full["audit"].as_array().is_some_and(|a| !a.is_empty()),
+            "a grant without its audit record: {full}"
+        );
+    }
+    c.audit_verifies();
+
+    // Another replica takes the sweeper over, and it sweeps.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let l = c.leaders().await;
+        if l.len() == 1 && l[0] != leader {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replica took over: {l:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = DpopKey::generate();
+    let (form, proof) = c.exchange_request(&key, "T-short", &[("expires_in", "1")]);
+    let (st, v) = c.send_exchange(alive[0], &form, &proof).await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["grant_id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, g) = c.admin_get(alive[1], &format!("/v1/grants/{id}")).await;
+        if g["state"] == "expired" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never swept: {g}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_while_replicas_serve() {
+    let c = Cluster::start(2, "key_publish_delay = \"3s\"").await;
+    let key = DpopKey::generate();
+    let old = c.exchange(0, &key, "T-old").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (k1, _) = verify_with(&old, &c.jwks(1).await);
+
+    let (ok, out) = c.cli(0, &["--json", "keys", "rotate"]);
+    assert!(ok, "{out}");
+    let rotation: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let k2 = rotation["new_kid"].as_str().unwrap().to_owned();
+    assert_ne!(k1, k2);
+    assert_eq!(rotation["previous"], k1.as_str());
+    let activates = rotation["activates_at"].as_i64().unwrap();
+
+    // Published on every replica (within `key_refresh`) before anything is signed
+    // with it; new tokens use it once it is active.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = c.exchange(1, &key, "T-new").await;
+        let token = v["access_token"].as_str().unwrap();
+        let jwks0 = c.jwks(0).await;
+        let (kid, _) = verify_with(token, &c.jwks(1).await);
+        if kid == k2 {
+            assert!(
+                SystemClock.now().millis() >= activates,
+                "signed before its time"
+            );
+            assert!(
+                kids(&jwks0).contains(&k2),
+                "signed before every replica published it"
+            );
+            break;
+        }
+        assert_eq!(kid, k1);
+        assert!(Instant::now() < deadline, "the new key never signed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = c.exchange(0, &key, "T-new-0").await;
+    assert_eq!(
+        verify_with(v["access_token"].as_str().unwrap(), &c.jwks(0).await).0,
+        k2
+    );
+    // The old token is honoured until it expires: its key is still published.
+    for i in 0..2 {
+        assert!(kids(&c.jwks(i).await).contains(&k1));
+        assert_eq!(c.introspect(i, &old).await["active"], true, "replica {i}");
+    }
+    let (ok, out) = c.cli(1, &["keys", "list"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("{k2}  signing")), "{out}");
+    assert!(out.contains(&format!("{k1}  published, retiring")), "{out}");
+    // The audit log records it and verifies across the key change.
+    let (_, audit) = c.admin_get(0, "/v1/audit?limit=10000").await;
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "key.rotated"),
+        "{audit}"
+    );
+    c.audit_verifies();
+    // The private keys are not in the database in the clear.
+    let db = pg(&c.db.url).await;
+    for row in db
+        .query("SELECT kid, sealed FROM signing_keys", &[])
+        .await
+        .unwrap()
+    {
+        let sealed: Vec<u8> = row.get(1);
+        assert_eq!(sealed.len(), 12 + 32 + 16, "nonce, sealed secret, tag");
+    }
+}
+
+/// A PostgreSQL cluster of the test's own, so it can be stopped and started.
+struct PrivatePg {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn pg_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LAPSE_TEST_PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+        .pop()
+        .filter(|p| p.join("pg_ctl").exists())
+        .unwrap_or_else(|| panic!("PostgreSQL server binaries are needed (/usr/lib/postgresql/*/bin, or LAPSE_TEST_PG_BIN)"))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+impl PrivatePg {
+    /// PostgreSQL refuses to run as root: as root, the cluster runs as `postgres`.
+    fn cmd(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        }
+    }
+
+    fn init() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = Self {
+            bin: pg_bin(),
+            port: free_addr().port(),
+            dir,
+        };
+        if is_root() {
+            assert!(
+                Command::new("chown")
+                    .args(["-R", "postgres"])
+                    .arg(pg.dir.path())
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let out = pg
+            .cmd("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(pg.data())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.start();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn start(&self) {
+        let out = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                self.port,
+                self.dir.path().display()
+            ))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn stop(&self) {
+        let out = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn admin_url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_restarts_under_load_and_lapse_fails_closed_then_recovers() {
+    let server = PrivatePg::init();
+    let db = Db::create(&server.admin_url(), "127.0.0.1", server.port).await;
+    let c = Cluster::start_on(db, 1, "store_timeout = \"1s\"").await;
+    let pid = c.replicas[0].child.id();
+    let c = std::sync::Arc::new(c);
+    // Load: one request after another, recording each answer.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let key = DpopKey::generate();
+            let mut answers: Vec<(Instant, u16, Value)> = Vec::new();
+            let mut n = 0;
+            while !*stop_rx.borrow() {
+                n += 1;
+                let (form, proof) = c.exchange_request(&key, &format!("T-load-{n}"), &[]);
+                let (st, v) = c.send_exchange(0, &form, &proof).await;
+                answers.push((Instant::now(), st, v));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let down_at = Instant::now();
+    server.stop();
+    // Down: not ready, and nothing is issued.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c
+            .http
+            .get(format!("{}/readyz", c.url(0)))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz never said not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up_at = Instant::now();
+    server.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .http
+            .get(format!("{}/readyz", c.url(0)))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never recovered: {}",
+            r.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send_replace(true);
+    let answers = load.await.unwrap();
+    // The same process served throughout.
+    assert_eq!(c.replicas[0].child.id(), pid);
+    let status_of = |t: Instant| answers.iter().filter(move |(at, _, _)| *at > t);
+    let down: Vec<&(Instant, u16, Value)> = answers
+        .iter()
+        .filter(|(at, _, _)| *at > down_at + Duration::from_millis(200) && *at < up_at)
+        .collect();
+    assert!(!down.is_empty());
+    for (_, st, v) in &down {
+        assert_eq!(*st, 503, "while the database was down: {v}");
+    }
+    for (_, st, v) in &answers {
+        assert!(
+            *st == 200 || *st == 503,
+            "only success or fail-closed: {st} {v}"
+        );
+    }
+    assert!(
+        status_of(up_at).any(|(_, st, _)| *st == 200),
+        "no success after the database came back"
+    );
+    // Every token handed out has its grant and record.
+    for (_, st, v) in &answers {
+        if *st == 200 {
+            let (st, g) = c
+                .admin_get(
+                    0,
+                    &format!("/v1/grants/{}", v["grant_id"].as_str().unwrap()),
+                )
+                .await;
+            assert_eq!(st, 200, "{g}");
+            assert!(
+                g["audit"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|e| e["kind"] == "grant.issued"))
+            );
+        }
+    }
+    c.audit_verifies();
+}
