@@ -169,8 +169,24 @@ pub fn decide(requests: usize, runs: usize, json_out: bool) -> anyhow::Result<()
     Ok(())
 }
 
-pub fn propagation(gates: usize, samples: usize, json_out: bool) -> anyhow::Result<()> {
-    let server = Server::start(None)?;
+pub fn propagation(
+    gates: usize,
+    samples: usize,
+    across_replicas: bool,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let db = if across_replicas {
+        Some(crate::pg::Database::create()?)
+    } else {
+        None
+    };
+    let mut servers = match &db {
+        Some(db) => Server::start_replicas(None, 2, &db.url)?,
+        None => vec![Server::start(None)?],
+    };
+    let server = servers.remove(0);
+    // The replica the gates follow (the same one without replicas).
+    let followed = servers.first().map_or(server.addr, |s| s.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -179,8 +195,8 @@ pub fn propagation(gates: usize, samples: usize, json_out: bool) -> anyhow::Resu
         for _ in 0..gates {
             let v = Arc::new(
                 lapse_verifier::Verifier::new(lapse_verifier::VerifierConfig {
-                    broker: format!("http://{}", server.addr),
-                    issuer: format!("http://{}", server.addr),
+                    broker: format!("http://{followed}"),
+                    issuer: server.public.clone(),
                     audience: "orders-db".into(),
                     token: server.admin.clone(),
                     staleness: Duration::from_secs(5),
@@ -223,15 +239,24 @@ pub fn propagation(gates: usize, samples: usize, json_out: bool) -> anyhow::Resu
         anyhow::Ok(h)
     })?;
     let s = stats::summary(&h);
+    let across = if across_replicas {
+        ", revoked on replica A, gates following replica B (PostgreSQL)"
+    } else {
+        ""
+    };
     emit(
         json_out,
         format!(
-            "revocation propagation to {gates} gates (revoke sent → every gate refuses): {}",
+            "revocation propagation to {gates} gates{across} (revoke sent → every gate refuses): {}",
             s.line()
         ),
-        json!({ "bench": "gate.propagation", "gates": gates, "latency": s.json() }),
+        json!({ "bench": "gate.propagation", "gates": gates, "across_replicas": across_replicas, "latency": s.json() }),
     );
     server.stop();
+    for s in servers {
+        s.stop();
+    }
+    drop(db);
     Ok(())
 }
 

@@ -104,6 +104,10 @@ enum GateCmd {
         gates: usize,
         #[arg(long, default_value_t = 300)]
         samples: usize,
+        /// Two broker replicas on PostgreSQL: revokes go to one, the gates follow
+        /// the other (the feed crosses replicas through the database).
+        #[arg(long)]
+        across_replicas: bool,
     },
     /// p99 through nginx with and without the gate at a fixed rate.
     Nginx {
@@ -169,7 +173,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { samples } => runcmd::run(samples, cli.json),
         Cmd::Gate { cmd } => match cmd {
             GateCmd::Decide { requests, runs } => gate::decide(requests, runs, cli.json),
-            GateCmd::Propagation { gates, samples } => gate::propagation(gates, samples, cli.json),
+            GateCmd::Propagation {
+                gates,
+                samples,
+                across_replicas,
+            } => gate::propagation(gates, samples, across_replicas, cli.json),
             GateCmd::Nginx { rate, seconds } => gate::through_nginx(rate, seconds, cli.json),
         },
         Cmd::Console {
