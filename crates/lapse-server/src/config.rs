@@ -381,6 +381,20 @@ audience = "lapse"
         Ok(())
     }
 
+    /// The replicas example (examples/replicas/compose.yaml mounts it) is a valid
+    /// config: PostgreSQL store, key ring sealed under a key from the environment.
+    #[test]
+    fn the_replicas_example_parses() -> Result<(), String> {
+        let c = Config::parse(include_str!("../../../examples/replicas/lapse.toml"))?;
+        assert!(c.store.starts_with("postgres://"));
+        // No password in the file: it comes from PGPASSWORD.
+        assert_eq!(lapse_store::redact_url(&c.store), c.store);
+        assert_eq!(c.key_encryption_key.as_deref(), Some("env:LAPSE_KEK"));
+        assert_eq!(c.public_url(), "http://localhost:7800");
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7800");
+        Ok(())
+    }
+
     #[test]
     fn unknown_keys_are_named() {
         let e = Config::parse(&format!("{MIN}\nmax_tll = \"5m\""))

@@ -198,3 +198,19 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted_from_store_urls() {
+        assert_eq!(
+            super::redact_url("postgres://lapse:s3cret@db:5432/lapse"),
+            "postgres://lapse:***@db:5432/lapse"
+        );
+        assert_eq!(
+            super::redact_url("postgres://lapse@db/lapse"),
+            "postgres://lapse@db/lapse"
+        );
+        assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -104,6 +104,13 @@ impl PgStore {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Config(format!("store URL `{}`: {e}", redact_url(url))))?;
+        // As libpq does: the password may come from the environment, so it need not
+        // be written in the config file.
+        if config.get_password().is_none()
+            && let Ok(p) = std::env::var("PGPASSWORD")
+        {
+            config.password(p);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout);
         }
