@@ -202,6 +202,21 @@ pub async fn serve(
             }
         }));
     }
+    if lapse.store.feed_changes().is_some() {
+        // Other replicas issue and end grants too: the gauge is re-read from the
+        // store rather than drifting with this replica's share.
+        let l = lapse.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if let Ok(n) = l.store.count(lapse_core::GrantState::Active).await {
+                    l.metrics
+                        .active_grants
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }));
+    }
     if let Some(mut changes) = lapse.store.feed_changes() {
         // Another replica ended a grant: wake this replica's feed streams.
         let l = lapse.clone();

@@ -53,8 +53,8 @@ pub struct PgStore {
     config: tokio_postgres::Config,
     timeout: Duration,
     feed: watch::Receiver<u64>,
-    /// The session that holds the leader lock, when this replica leads.
-    leader: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The session that asks for the leader lock, and whether it holds it.
+    leader: tokio::sync::Mutex<Option<(tokio_postgres::Client, bool)>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -1066,34 +1066,49 @@ impl Store for PgStore {
 
     async fn try_lead(&self) -> Result<bool, StoreError> {
         let mut leader = self.leader.lock().await;
-        if let Some(c) = leader.as_ref() {
-            let alive = !c.is_closed()
-                && tokio::time::timeout(self.timeout, c.simple_query("SELECT 1"))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-            if alive {
-                return Ok(true);
-            }
+        if leader.as_ref().is_some_and(|(c, _)| c.is_closed()) {
             // The session is gone, and the lock with it: another replica may lead.
             *leader = None;
         }
-        let (client, conn) = tokio::time::timeout(self.timeout, self.config.connect(NoTls))
-            .await
-            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
-            .map_err(pg_err)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(pg_err)?;
-        if got {
-            tracing::info!("this replica now runs the sweeper and reconciler");
-            *leader = Some(client);
+        if leader.is_none() {
+            let (client, conn) = tokio::time::timeout(self.timeout, self.config.connect(NoTls))
+                .await
+                .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+                .map_err(pg_err)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            *leader = Some((client, false));
         }
-        Ok(got)
+        let Some((client, held)) = leader.as_mut() else {
+            return Ok(false);
+        };
+        // A holder checks its session is alive; the others ask for the lock again.
+        let sql = if *held {
+            "SELECT TRUE"
+        } else {
+            "SELECT pg_try_advisory_lock($1)"
+        };
+        let args: &[&(dyn ToSql + Sync)] = if *held { &[] } else { &[&LEADER_LOCK] };
+        let asked = tokio::time::timeout(self.timeout, client.query_one(sql, args)).await;
+        match asked {
+            Ok(Ok(row)) => {
+                let got: bool = row.try_get(0).map_err(pg_err)?;
+                if got && !*held {
+                    tracing::info!("this replica now runs the sweeper and reconciler");
+                }
+                *held = got;
+                Ok(got)
+            }
+            Ok(Err(e)) => {
+                *leader = None;
+                Err(pg_err(e))
+            }
+            Err(_) => {
+                *leader = None;
+                Err(StoreError::Unavailable("postgres: timed out".into()))
+            }
+        }
     }
 
     fn feed_changes(&self) -> Option<watch::Receiver<u64>> {
