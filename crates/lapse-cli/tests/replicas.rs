@@ -4,12 +4,12 @@
     clippy::expect_used,
     clippy::indexing_slicing
 )]
-//! Several `lapse serve` processes on one PostgreSQL database, as a fleet runs
-//! them behind a load balancer: any replica serves any request, one audit chain,
-//! one revocation feed, one key ring, one DPoP replay cache, one sweeper. Replicas
-//! are real processes (killed with SIGKILL where the test says so); the store is
-//! the machine's PostgreSQL, or a private PostgreSQL cluster this test starts and
-//! stops itself when the database must go away.
+//! Real `lapse serve` processes. Several on one PostgreSQL database, as a fleet
+//! runs them behind a load balancer: any replica serves any request, one audit
+//! chain, one revocation feed, one key ring, one DPoP replay cache, one sweeper. The
+//! store is the machine's PostgreSQL, or a private PostgreSQL cluster this test
+//! starts and stops itself when the database must go away. And one on the embedded
+//! SQLite store, killed with SIGKILL in the middle of 1,000 issuances.
 
 use lapse_core::{Clock, SystemClock};
 use lapse_token::{DpopKey, Jwk, PublicKey};
@@ -109,7 +109,8 @@ struct Cluster {
     admin: String,
     http: reqwest::Client,
     replicas: Vec<Replica>,
-    db: Db,
+    /// `None`: the embedded SQLite store of the dev configuration.
+    db: Option<Db>,
     _tmp: tempfile::TempDir,
 }
 
@@ -121,7 +122,16 @@ impl Cluster {
         Self::start_on(db, n, extra).await
     }
 
+    /// One process on the dev configuration's embedded SQLite store.
+    async fn embedded(extra: &str) -> Self {
+        Self::start_with(None, 1, extra).await
+    }
+
     async fn start_on(db: Db, n: usize, extra: &str) -> Self {
+        Self::start_with(Some(db), n, extra).await
+    }
+
+    async fn start_with(db: Option<Db>, n: usize, extra: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let (_, cfg_path, admin) = lapse_server::dev::prepare(&dir, free_addr()).unwrap();
@@ -137,10 +147,15 @@ impl Cluster {
             db,
             _tmp: tmp,
         };
-        let shared = format!(
-            "public_url = \"{PUBLIC}\"\nkey_encryption_key = \"file:{}\"\nkey_refresh = \"1s\"\nsweep_interval = \"1s\"\n{extra}\n",
-            kek.display()
-        );
+        let keys = if c.db.is_some() {
+            format!(
+                "key_encryption_key = \"file:{}\"\nkey_refresh = \"1s\"\n",
+                kek.display()
+            )
+        } else {
+            String::new()
+        };
+        let shared = format!("public_url = \"{PUBLIC}\"\n{keys}sweep_interval = \"1s\"\n{extra}\n");
         for i in 0..n {
             let addr = free_addr();
             let toml: String = base
@@ -148,8 +163,8 @@ impl Cluster {
                 .map(|l| {
                     if l.starts_with("listen = ") {
                         format!("listen = \"{addr}\"\n{shared}")
-                    } else if l.starts_with("store = ") {
-                        format!("store = \"{}\"", c.db.url)
+                    } else if let (true, Some(db)) = (l.starts_with("store = "), &c.db) {
+                        format!("store = \"{}\"", db.url)
                     } else {
                         l.to_owned()
                     }
@@ -206,6 +221,20 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts replica `i` again, on its config (after it was killed).
+    async fn restart(&mut self, i: usize) {
+        let config = self.replicas[i].config.clone();
+        let addr: std::net::SocketAddr = self.replicas[i]
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let _ = self.replicas[i].child.wait();
+        let replica = self.spawn(config, addr);
+        self.replicas[i] = replica;
+        self.wait_ready(i).await;
     }
 
     fn url(&self, i: usize) -> &str {
@@ -558,40 +587,7 @@ async fn a_replica_killed_mid_burst_loses_nothing_and_another_takes_over_the_swe
         tokens.len()
     );
     let alive: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    let jwks = c.jwks(alive[0]).await;
-    // Every token a client holds has its grant and its issuance record.
-    for v in &tokens {
-        let (_, claims) = verify_with(v["access_token"].as_str().unwrap(), &jwks);
-        let (st, g) = c
-            .admin_get(alive[0], &format!("/v1/grants/{}", claims.grant_id))
-            .await;
-        assert_eq!(st, 200, "{g}");
-        assert_eq!(g["state"], "active", "{g}");
-        let issued = g["audit"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["kind"] == "grant.issued")
-            .unwrap_or_else(|| panic!("no grant.issued for {}", claims.grant_id));
-        let data: Value = serde_json::from_str(issued["data"].as_str().unwrap()).unwrap();
-        assert_eq!(data["jti"].as_str(), Some(claims.jti.as_str()), "{data}");
-    }
-    // No grant without its record (the killed replica's commits were all or nothing).
-    let (_, list) = c.admin_get(alive[1], "/v1/grants?limit=1000").await;
-    let grants = list["grants"].as_array().unwrap();
-    assert!(grants.len() >= tokens.len());
-    for g in grants {
-        let (_, full) = c
-            .admin_get(
-                alive[1],
-                &format!("/v1/grants/{}", g["id"].as_str().unwrap()),
-            )
-            .await;
-        assert!(
-            full["audit"].as_array().is_some_and(|a| !a.is_empty()),
-            "a grant without its audit record: {full}"
-        );
-    }
+    every_token_and_grant_is_recorded(&c, alive[0], &tokens).await;
     c.audit_verifies();
 
     // Another replica takes the sweeper over, and it sweeps.
@@ -687,7 +683,7 @@ async fn keys_rotate_while_replicas_serve() {
     );
     c.audit_verifies();
     // The private keys are not in the database in the clear.
-    let db = pg(&c.db.url).await;
+    let db = pg(&c.db.as_ref().unwrap().url).await;
     for row in db
         .query("SELECT kid, sealed FROM signing_keys", &[])
         .await
@@ -941,5 +937,127 @@ async fn the_database_restarts_under_load_and_lapse_fails_closed_then_recovers()
             );
         }
     }
+    c.audit_verifies();
+}
+
+/// Every token a client got has its grant and its issuance record, and every grant
+/// has its records: nothing half-written, whatever was in flight when it died.
+async fn every_token_and_grant_is_recorded(c: &Cluster, i: usize, tokens: &[Value]) {
+    let jwks = c.jwks(i).await;
+    for v in tokens {
+        let (_, claims) = verify_with(v["access_token"].as_str().unwrap(), &jwks);
+        let (st, g) = c
+            .admin_get(i, &format!("/v1/grants/{}", claims.grant_id))
+            .await;
+        assert_eq!(st, 200, "{g}");
+        assert_eq!(g["state"], "active", "{g}");
+        let issued = g["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "grant.issued")
+            .unwrap_or_else(|| panic!("no grant.issued for {}", claims.grant_id));
+        let data: Value = serde_json::from_str(issued["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["jti"].as_str(), Some(claims.jti.as_str()), "{data}");
+    }
+    let (_, list) = c.admin_get(i, "/v1/grants?limit=10000").await;
+    let grants = list["grants"].as_array().unwrap();
+    assert!(grants.len() >= tokens.len());
+    for g in grants {
+        let (_, full) = c
+            .admin_get(i, &format!("/v1/grants/{}", g["id"].as_str().unwrap()))
+            .await;
+        let kinds: Vec<&str> = full["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["access.decided", "grant.issued"],
+            "a grant without its records, or half of them: {full}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_thousand_concurrent_issuances_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const BURST: usize = 1_000;
+    let mut c = Cluster::embedded("").await;
+    let pid = c.replicas[0].child.id();
+    let url = c.url(0).to_owned();
+    let (http, dir) = (c.http.clone(), c.dir.clone());
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..BURST {
+        let (http, dir, url, answered) = (http.clone(), dir.clone(), url.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = DpopKey::generate();
+            let now = SystemClock.now().unix_seconds();
+            let identity = lapse_server::dev::dev_token(&dir, CI, 600, &[], now).unwrap();
+            let task = format!("T-crash-{n}");
+            let form = [
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", identity.as_str()),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("audience", "orders-db"),
+                ("scope", "read"),
+                ("task", task.as_str()),
+                ("purpose", "crash test"),
+            ];
+            let r = http
+                .post(format!("{url}/oauth/token"))
+                .header(
+                    "DPoP",
+                    key.proof("POST", &format!("{PUBLIC}/oauth/token"), None, now),
+                )
+                .form(&form)
+                .send()
+                .await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            match r {
+                Ok(resp) => Some((resp.status().as_u16(), resp.json::<Value>().await.ok()?)),
+                Err(_) => None,
+            }
+        }));
+    }
+    while answered.load(Ordering::SeqCst) < BURST / 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let killed_at = answered.load(Ordering::SeqCst);
+    let mut tokens = Vec::new();
+    let mut lost = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Some((200, v)) => tokens.push(v),
+            Some((st, v)) => panic!("answered {st} before the kill: {v}"),
+            None => lost += 1,
+        }
+    }
+    assert!(
+        killed_at < BURST && lost > 0,
+        "the kill did not land mid-burst ({killed_at} answered, {lost} lost)"
+    );
+    assert!(tokens.len() >= BURST / 4, "{} tokens", tokens.len());
+
+    c.restart(0).await;
+    every_token_and_grant_is_recorded(&c, 0, &tokens).await;
+    c.audit_verifies();
+    // It serves on, on the same chain.
+    let key = DpopKey::generate();
+    c.exchange(0, &key, "T-after").await;
     c.audit_verifies();
 }
