@@ -305,12 +305,21 @@ impl PostgresProvider {
         let url = cfg.admin_connection_string()?;
         // The parse error could quote the string (and its password): say where it
         // came from instead.
-        let pg: tokio_postgres::Config = url.parse().map_err(|_| {
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|_| {
             ProviderError::Config(format!(
                 "audience `{}`: the connection string in `{}` does not parse",
                 cfg.audience, cfg.admin_url
             ))
         })?;
+        // Every statement on the target is bounded: a role that cannot be dropped
+        // because something holds a lock fails (and is retried with backoff) rather
+        // than hanging a grant's ending.
+        let bounded = "-c statement_timeout=10000 -c lock_timeout=5000";
+        let options = match pg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {bounded}"),
+            _ => bounded.to_owned(),
+        };
+        pg.options(&options);
         let host = cfg.public_host.clone().unwrap_or_else(|| {
             pg.get_hosts()
                 .first()

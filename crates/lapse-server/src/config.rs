@@ -83,6 +83,9 @@ pub struct Config {
     /// operator's token or password, or removing the operator, ends theirs at once.
     #[serde(default = "default_console_session")]
     pub console_session: TtlDuration,
+    /// Rate limits, the pending-request cap and header limits.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 fn default_console_session() -> TtlDuration {

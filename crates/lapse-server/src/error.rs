@@ -57,14 +57,22 @@ pub enum ApiError {
     /// Fail closed: store, policy or keys unavailable.
     #[error("{0}")]
     Unavailable(String),
+    /// Over a rate limit or cap: try again after the duration.
+    #[error("{0}")]
+    TooManyRequests(String, std::time::Duration),
+    #[error("{0}")]
+    HeadersTooLarge(String),
 }
 
 impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) | Self::PayloadTooLarge(_) | Self::UnsupportedMediaType(_) => {
-                "invalid_request"
-            }
+            Self::InvalidRequest(_)
+            | Self::PayloadTooLarge(_)
+            | Self::UnsupportedMediaType(_)
+            | Self::HeadersTooLarge(_) => "invalid_request",
+            // RFC 8628's code for "too often": the client waits `Retry-After`.
+            Self::TooManyRequests(..) => "slow_down",
             Self::UnsupportedGrantType(_) => "unsupported_grant_type",
             Self::InvalidGrant(_) => "invalid_grant",
             Self::InvalidTarget(_) => "invalid_target",
@@ -97,6 +105,8 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 }
@@ -147,6 +157,11 @@ impl IntoResponse for ApiError {
             }
             Self::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::TooManyRequests(_, wait) => {
+                // Whole seconds, rounded up (never 0: that would invite a retry storm).
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }

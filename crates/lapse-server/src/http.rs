@@ -67,6 +67,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_headers,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -94,6 +98,33 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         })
         .inc();
     resp
+}
+
+/// The per-source bucket of the token endpoint and access requests: checked before
+/// any signature is verified, so a flood costs a map lookup each.
+fn limit_source(s: &Lapse, peer: std::net::IpAddr) -> Result<(), ApiError> {
+    s.limits
+        .token_source
+        .check(&peer.to_string())
+        .map_err(|wait| ApiError::TooManyRequests(format!("too many requests from {peer}"), wait))
+}
+
+/// Refuses requests with too many or too large headers (431) before any handler.
+async fn limit_headers(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let bytes: usize = h
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.as_bytes().len())
+        .sum();
+    let cfg = &s.limits.cfg;
+    if h.len() > cfg.max_headers || bytes > cfg.max_header_bytes {
+        return ApiError::HeadersTooLarge(format!(
+            "request headers exceed {} fields or {} bytes",
+            cfg.max_headers, cfg.max_header_bytes
+        ))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -212,6 +243,7 @@ async fn token(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    limit_source(&s, peer.ip())?;
     let b = body(b)?;
     let f = form(&headers, &b)?;
     let p = |k: &str| f.get(k).map(String::as_str).filter(|v| !v.is_empty());
@@ -390,6 +422,7 @@ async fn access_request(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    limit_source(&s, peer.ip())?;
     let b = body(b)?;
     let r: AccessRequestBody = json_body(&headers, &b)?;
     let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/v1/access-requests", None)?;

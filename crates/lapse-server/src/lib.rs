@@ -19,6 +19,7 @@ pub mod error;
 pub mod feed;
 pub mod http;
 pub mod keyring;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
 mod openapi;

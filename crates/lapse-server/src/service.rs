@@ -78,6 +78,8 @@ pub struct Lapse {
     pub feed_bumps: tokio::sync::watch::Sender<u64>,
     /// Whether this replica runs the sweeper, cleanup and reconciler now.
     pub leading: std::sync::atomic::AtomicBool,
+    /// Rate limits and caps (`[limits]`).
+    pub limits: crate::limits::Limits,
     /// When the sweeper last forgot expired nonces (ms).
     nonces_pruned_at: std::sync::atomic::AtomicI64,
     /// Set when the server is shutting down: ends the feed streams.
@@ -157,6 +159,7 @@ impl Lapse {
                 ))
             })
             .collect();
+        let limits = cfg.limits.clone();
         Self {
             issuer: cfg.public_url(),
             audiences: cfg.audiences.iter().map(|a| a.id.clone()).collect(),
@@ -176,6 +179,7 @@ impl Lapse {
             closing: tokio::sync::watch::channel(false).0,
             nonces_pruned_at: std::sync::atomic::AtomicI64::new(0),
             leading: std::sync::atomic::AtomicBool::new(false),
+            limits: crate::limits::Limits::new(limits),
         }
     }
 
@@ -342,6 +346,15 @@ impl Lapse {
                     ApiError::InvalidGrant(e.to_string())
                 }
             })?;
+        self.limits
+            .token_workload
+            .check(&workload.id)
+            .map_err(|wait| {
+                ApiError::TooManyRequests(
+                    format!("workload `{}` is over its request rate", clip(&workload.id)),
+                    wait,
+                )
+            })?;
         self.check_target(&input.audience, &input.actions, &policy)?;
         if input.task.id.trim().is_empty() {
             return Err(ApiError::InvalidRequest(
@@ -433,6 +446,26 @@ impl Lapse {
                 ttl_cap_secs,
                 approvers,
             } => {
+                // A workload cannot flood the approvers' queue.
+                let cap = self.limits.cfg.max_pending_per_workload;
+                let waiting = self
+                    .store
+                    .grants(lapse_store::GrantFilter {
+                        state: Some(GrantState::Pending),
+                        workload: Some(actor.clone()),
+                        limit: cap.saturating_add(1),
+                        ..Default::default()
+                    })
+                    .await?;
+                if waiting.len() >= cap {
+                    return Err(ApiError::TooManyRequests(
+                        format!(
+                            "workload `{}` already has {cap} requests waiting for approval",
+                            clip(&actor)
+                        ),
+                        std::time::Duration::from_secs(60),
+                    ));
+                }
                 let grant = Grant::pending(
                     NewGrant {
                         ttl_cap_secs,

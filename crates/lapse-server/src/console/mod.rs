@@ -403,6 +403,21 @@ async fn login(
         }
         r
     };
+    // Before the password hash is computed: guessing costs the guesser, not us.
+    if let Err(wait) = s.limits.login_source.check(&peer.ip().to_string()) {
+        let mut r = again(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many sign-in attempts from this address. Wait a minute and try again.",
+            "/ui/",
+            "",
+        );
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs.max(1)),
+        );
+        return r;
+    }
     let form = match Form::parse(&headers, b) {
         Ok(f) => f,
         Err(e) => return again(e.status(), &e.to_string(), "/ui/", ""),

@@ -47,6 +47,11 @@ pub fn token_of(name: &str) -> String {
 }
 
 pub async fn start() -> Server {
+    start_with(|_| {}).await
+}
+
+/// [`start`], with `adjust` changing the config last.
+pub async fn start_with(adjust: impl FnOnce(&mut lapse_server::config::Config)) -> Server {
     let tmp = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -74,6 +79,7 @@ pub async fn start() -> Server {
         operators: vec!["bob".into()],
     });
     cfg.break_glass_max_ttl = lapse_core::TtlDuration::from_secs(300);
+    adjust(&mut cfg);
     let clock = FakeClock::at(SystemClock.now());
     let lapse = lapse_server::build(cfg, Arc::new(clock.clone()))
         .await
