@@ -943,7 +943,8 @@ pub(crate) async fn open_store(
             lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?,
         ),
         (Some(_), true) => KeyRing::new(&cfg).map_err(|e| fail(1, e.to_string()))?,
-        (Some(_), false) => KeyRing::public_only(),
+        // The key-encryption key authenticates the keys when it is at hand.
+        (Some(_), false) => KeyRing::new(&cfg).unwrap_or_else(|_| KeyRing::public_only()),
     };
     let ring = Arc::new(ring);
     let store = lapse_store::open(
@@ -963,6 +964,13 @@ async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
     match cmd {
         AuditCmd::Verify { config, data } => {
             let (store, keys, _) = open_store(config, &data, false).await?;
+            if !keys.authenticated() {
+                eprintln!(
+                    "note: the signing keys were read from the database without the key-encryption key; \
+                     someone with write access to the database could have replaced them. \
+                     Set the key-encryption key to verify against authenticated keys."
+                );
+            }
             let r = lapse_server::verify_audit(store.as_ref(), &keys)
                 .await
                 .map_err(|e| fail(7, e.to_string()))?;

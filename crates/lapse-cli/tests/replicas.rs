@@ -986,7 +986,8 @@ async fn sigkill_during_a_thousand_concurrent_issuances_loses_nothing() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     const BURST: usize = 1_000;
-    let mut c = Cluster::embedded("").await;
+    // One workload sends all 1,000 at once: its rate limit is not what is tested.
+    let mut c = Cluster::embedded("limits = { token_per_workload = \"off\" }").await;
     let pid = c.replicas[0].child.id();
     let url = c.url(0).to_owned();
     let (http, dir) = (c.http.clone(), c.dir.clone());
@@ -1060,4 +1061,124 @@ async fn sigkill_during_a_thousand_concurrent_issuances_loses_nothing() {
     let key = DpopKey::generate();
     c.exchange(0, &key, "T-after").await;
     c.audit_verifies();
+}
+
+/// Someone with write access to the database but not the key-encryption key
+/// swaps a key's public part for their own, or keeps a retired key published:
+/// the records no longer match their seals, and nothing accepts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_records_altered_in_the_database_are_refused() {
+    let c = Cluster::start(1, "").await;
+    let key = DpopKey::generate();
+    let token = c.exchange(0, &key, "T-keys").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (kid, _) = verify_with(&token, &c.jwks(0).await);
+    let db = pg(&c.db.as_ref().unwrap().url).await;
+    // The attacker's own key, published under the ring's key id.
+    let forged = lapse_token::SigningKey::generate();
+    let mut jwk = forged.jwk().clone();
+    jwk.kid = Some(kid.clone());
+    db.execute(
+        "UPDATE signing_keys SET public = $1 WHERE kid = $2",
+        &[&serde_json::to_vec(&jwk).unwrap(), &kid],
+    )
+    .await
+    .unwrap();
+    let (ok, out) = c.cli(0, &["keys", "list"]);
+    assert!(!ok, "an altered key record was accepted: {out}");
+    assert!(out.contains("does not match the sealed key"), "{out}");
+    // The running replica keeps the ring it had (reloads fail loudly) and still
+    // publishes only the real key.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let published = c.jwks(0).await;
+    assert_eq!(kids(&published), vec![kid.clone()]);
+    assert_ne!(published[0], jwk);
+    let log = std::fs::read_to_string(&c.replicas[0].log).unwrap();
+    assert!(log.contains("key ring reload failed"), "{log}");
+
+    // Restored, then a schedule edit (a retirement undone, or a key brought
+    // forward) breaks the seal the same way.
+    db.execute(
+        "UPDATE signing_keys SET public = $1 WHERE kid = $2",
+        &[&serde_json::to_vec(&c.jwks(0).await[0]).unwrap(), &kid],
+    )
+    .await
+    .unwrap();
+    assert!(c.cli(0, &["keys", "list"]).0);
+    db.execute(
+        "UPDATE signing_keys SET activates_at = activates_at - 1 WHERE kid = $1",
+        &[&kid],
+    )
+    .await
+    .unwrap();
+    let (ok, out) = c.cli(0, &["keys", "list"]);
+    assert!(!ok && out.contains("does not open"), "{out}");
+}
+
+/// A polling proof captured while the request waits cannot collect it later on
+/// another replica: each poll spends its proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_poll_cannot_collect_an_approved_request_on_another_replica() {
+    let c = Cluster::start(2, "").await;
+    let key = DpopKey::generate();
+    let (form, proof) = c.exchange_request(&key, "T-approve", &[("scope", "admin")]);
+    let form: Vec<(String, String)> = form
+        .into_iter()
+        .filter(|(k, v)| k != "scope" || v == "admin")
+        .collect();
+    let (st, v) = c.send_exchange(0, &form, &proof).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{v}"
+    );
+    let id = v["request_id"].as_str().unwrap().to_owned();
+    let now = SystemClock.now().unix_seconds();
+    let poll_form = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("request_id", id.as_str()),
+    ];
+    let captured = key.proof("POST", &format!("{PUBLIC}/oauth/token"), None, now);
+    let poll = |i: usize, proof: String| {
+        c.http
+            .post(format!("{}/oauth/token", c.url(i)))
+            .header("DPoP", proof)
+            .form(&poll_form)
+            .send()
+    };
+    let r = poll(0, captured.clone()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let approver =
+        std::fs::read_to_string(c.dir.join(lapse_server::dev::APPROVER_TOKEN_FILE)).unwrap();
+    for token in [c.admin.as_str(), approver.trim()] {
+        let st = c
+            .http
+            .post(format!("{}/v1/approvals/{id}/approve", c.url(1)))
+            .bearer_auth(token)
+            .json(&json!({ "reason": "CHG-1" }))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, 200);
+    }
+    let r = poll(1, captured).await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["error"], "invalid_dpop_proof",
+        "the replayed poll collected: {v}"
+    );
+    let fresh = key.proof(
+        "POST",
+        &format!("{PUBLIC}/oauth/token"),
+        None,
+        SystemClock.now().unix_seconds(),
+    );
+    let v: Value = poll(1, fresh).await.unwrap().json().await.unwrap();
+    assert!(v["access_token"].is_string(), "{v}");
 }

@@ -227,6 +227,13 @@ impl Lapse {
         let now = self.now();
         match grant.state {
             GrantState::Pending if now < grant.expires_at => {
+                // Spent even though nothing else changes: a poll captured while the
+                // request waits must not collect it, on any replica, once approved.
+                self.commit(WriteBatch {
+                    nonces: vec![self.nonce(proof)],
+                    ..Default::default()
+                })
+                .await?;
                 let have = u32::try_from(grant.approvals.len()).unwrap_or(u32::MAX);
                 Err(ApiError::AuthorizationPending {
                     request_id: id.to_string(),
@@ -250,7 +257,7 @@ impl Lapse {
                     policies: grant.policies.clone(),
                 })
             }
-            GrantState::Active if !grant.delivered => self.deliver(grant).await,
+            GrantState::Active if !grant.delivered => self.deliver(grant, proof).await,
             GrantState::Active => Err(ApiError::InvalidGrant(format!(
                 "the credentials of request `{id}` were already delivered"
             ))),
@@ -260,7 +267,7 @@ impl Lapse {
         }
     }
 
-    async fn deliver(&self, grant: Grant) -> Result<Issued, ApiError> {
+    async fn deliver(&self, grant: Grant, proof: &DpopProof) -> Result<Issued, ApiError> {
         let now = self.now();
         let delivered = grant.clone().deliver(now).map_err(lifecycle)?;
         let actor = grant.request.workload.id.clone();
@@ -278,6 +285,8 @@ impl Lapse {
                 &actor,
                 json!({ "jti": delivered.token_jti }),
             )],
+            // A captured polling proof replayed to another replica finds it spent.
+            nonces: vec![self.nonce(proof)],
             ..Default::default()
         })
         .await?;

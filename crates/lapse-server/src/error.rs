@@ -175,6 +175,7 @@ impl From<lapse_store::StoreError> for ApiError {
             lapse_store::StoreError::Conflict(id) => {
                 Self::Conflict(format!("grant `{id}` changed concurrently; retry"))
             }
+            lapse_store::StoreError::Invalid(why) => Self::InvalidRequest(why),
             // Only DPoP proofs are spent as nonces.
             lapse_store::StoreError::Replay(_) => {
                 Self::InvalidDpopProof("the DPoP proof was already used".into())

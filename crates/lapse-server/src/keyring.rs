@@ -85,7 +85,7 @@ impl Kek {
         hex::encode(rand::random::<[u8; 32]>())
     }
 
-    fn seal(&self, kid: &str, secret: &[u8; 32]) -> Result<Vec<u8>, KeyRingError> {
+    fn seal(&self, binding: &[u8], secret: &[u8; 32]) -> Result<Vec<u8>, KeyRingError> {
         let nonce: [u8; 12] = rand::random();
         let ct = self
             .0
@@ -93,7 +93,7 @@ impl Kek {
                 &Nonce::from(nonce),
                 Payload {
                     msg: secret,
-                    aad: kid.as_bytes(),
+                    aad: binding,
                 },
             )
             .map_err(|_| KeyRingError::Kek("sealing failed".into()))?;
@@ -102,7 +102,7 @@ impl Kek {
         Ok(out)
     }
 
-    fn open(&self, kid: &str, sealed: &[u8]) -> Result<[u8; 32], KeyRingError> {
+    fn open(&self, kid: &str, binding: &[u8], sealed: &[u8]) -> Result<[u8; 32], KeyRingError> {
         let fail = || KeyRingError::Unseal {
             kid: kid.to_owned(),
         };
@@ -117,7 +117,7 @@ impl Kek {
                 &Nonce::from(nonce),
                 Payload {
                     msg: ct,
-                    aad: kid.as_bytes(),
+                    aad: binding,
                 },
             )
             .map_err(|_| fail())?;
@@ -210,12 +210,12 @@ impl KeyRing {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let record = seal_record(kek, &key, now, now)?;
+            let record = seal_record(kek, &key, now, now, None)?;
             // The seeding commit's checkpoint is signed by the key it adds.
             self.install(std::slice::from_ref(&record))?;
             let seeded = store
                 .commit(WriteBatch {
-                    seed_keys: true,
+                    keys_expected: Some(vec![]),
                     keys: vec![record],
                     events: vec![event(
                         Timestamp::from_millis(now),
@@ -246,6 +246,13 @@ impl KeyRing {
         }
     }
 
+    /// Whether the keys are authenticated: the file key, or store records opened
+    /// with the key-encryption key (not the public parts alone, which anyone with
+    /// write access to the database could have put there).
+    pub fn authenticated(&self) -> bool {
+        !self.stored || self.kek.is_some()
+    }
+
     /// Whether the ring is the store's (shared and rotatable).
     pub fn shared(&self) -> bool {
         self.stored
@@ -270,18 +277,38 @@ impl KeyRing {
                 kid: r.kid.clone(),
                 why,
             };
-            let jwk: Jwk = serde_json::from_slice(&r.public).map_err(|e| bad(e.to_string()))?;
-            let public = PublicKey::from_jwk(&jwk).map_err(|e| bad(e.to_string()))?;
-            let signing = match &self.kek {
+            let stored: Jwk = serde_json::from_slice(&r.public).map_err(|e| bad(e.to_string()))?;
+            let (jwk, signing) = match &self.kek {
+                // The sealed key is the authority: the public key is derived from it,
+                // and a stored public key that differs is tampering.
                 Some(kek) => {
-                    let key = SigningKey::from_secret_bytes(&kek.open(&r.kid, &r.sealed)?);
-                    if key.kid() != r.kid {
-                        return Err(bad("the private key does not match its key id".into()));
+                    let secret = kek.open(
+                        &r.kid,
+                        &binding(&r.kid, r.activates_at, r.retires_at),
+                        &r.sealed,
+                    )?;
+                    let key = SigningKey::from_secret_bytes(&secret);
+                    if key.kid() != r.kid || key.jwk() != &stored {
+                        return Err(bad(
+                            "the stored public key or id does not match the sealed key".into(),
+                        ));
                     }
-                    Some(key)
+                    (key.jwk().clone(), Some(key))
                 }
-                None => None,
+                // Without the key-encryption key nothing authenticates a record; at
+                // least its id must be its key's thumbprint.
+                None => {
+                    let mut bare = stored.clone();
+                    bare.kid = None;
+                    bare.alg = None;
+                    bare.use_ = None;
+                    if lapse_token::jwk::thumbprint(&bare).ok().as_deref() != Some(r.kid.as_str()) {
+                        return Err(bad("the key id is not the key's thumbprint".into()));
+                    }
+                    (stored, None)
+                }
             };
+            let public = PublicKey::from_jwk(&jwk).map_err(|e| bad(e.to_string()))?;
             keys.push(RingKey {
                 kid: r.kid.clone(),
                 jwk,
@@ -372,20 +399,34 @@ impl KeyRing {
         let old = self.current_at(now);
         let new = SigningKey::generate();
         let activates = now.saturating_add(publish_delay_ms);
-        let mut writes = vec![seal_record(kek, &new, now, activates)?];
+        let mut writes = vec![seal_record(kek, &new, now, activates, None)?];
         // Any key still signing or scheduled (an earlier rotation not yet active)
         // stops at `activates`; its tokens are honoured until they expire.
         let retires = activates.saturating_add(longest_token_ms);
         let mut retiring = Vec::new();
+        let read: Vec<String> = records.iter().map(|r| r.kid.clone()).collect();
         for r in records
             .into_iter()
             .filter(|r| r.retires_at.is_none_or(|t| t > retires))
         {
+            // Resealed: the schedule is part of what the seal binds.
+            let key = self
+                .all()
+                .iter()
+                .find(|k| k.kid == r.kid)
+                .and_then(|k| k.signing.clone())
+                .ok_or_else(|| KeyRingError::Record {
+                    kid: r.kid.clone(),
+                    why: "not loaded".into(),
+                })?;
             retiring.push(r.kid.clone());
-            writes.push(KeyRecord {
-                retires_at: Some(retires),
-                ..r
-            });
+            writes.push(seal_record(
+                kek,
+                &key,
+                r.created_at,
+                r.activates_at,
+                Some(retires),
+            )?);
         }
         let rotation = Rotation {
             new_kid: new.kid().to_owned(),
@@ -397,6 +438,8 @@ impl KeyRing {
         store
             .commit(WriteBatch {
                 keys: writes,
+                // Two rotations at once: the second finds the ring changed and fails.
+                keys_expected: Some(read),
                 events: vec![event(
                     Timestamp::from_millis(now),
                     "key.rotated",
@@ -428,11 +471,21 @@ pub struct Rotation {
     pub retires_at: i64,
 }
 
+/// What a sealed key is bound to (AEAD associated data): its id and its schedule.
+/// A database writer without the key-encryption key cannot move a sealed key to
+/// another row, keep a retired key published or bring a key forward: the record
+/// no longer opens, and the ring refuses it.
+fn binding(kid: &str, activates_at: i64, retires_at: Option<i64>) -> Vec<u8> {
+    let retires = retires_at.map_or(String::new(), |r| r.to_string());
+    format!("lapse-signing-key/v1\n{kid}\n{activates_at}\n{retires}").into_bytes()
+}
+
 fn seal_record(
     kek: &Kek,
     key: &SigningKey,
     now: i64,
     activates_at: i64,
+    retires_at: Option<i64>,
 ) -> Result<KeyRecord, KeyRingError> {
     let public = serde_json::to_vec(key.jwk()).map_err(|e| KeyRingError::Record {
         kid: key.kid().to_owned(),
@@ -442,10 +495,13 @@ fn seal_record(
         kid: key.kid().to_owned(),
         alg: ALG.into(),
         public,
-        sealed: kek.seal(key.kid(), &key.secret_bytes())?,
+        sealed: kek.seal(
+            &binding(key.kid(), activates_at, retires_at),
+            &key.secret_bytes(),
+        )?,
         created_at: now,
         activates_at,
-        retires_at: None,
+        retires_at,
     })
 }
 

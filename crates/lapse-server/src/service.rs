@@ -635,10 +635,13 @@ impl Lapse {
         let max_age = i64::try_from(self.cfg.dpop_max_age.secs()).unwrap_or(60);
         lapse_store::Nonce {
             value,
+            // Kept a minute past acceptance: replicas' clocks (and the pruning
+            // leader's) may disagree by that much without reopening a replay window.
             expires_at: proof
                 .iat
                 .saturating_add(max_age)
                 .saturating_add(DPOP_MAX_SKEW_SECS)
+                .saturating_add(60)
                 .saturating_mul(1000),
         }
     }
@@ -1018,9 +1021,15 @@ impl Lapse {
             .nonces_pruned_at
             .load(std::sync::atomic::Ordering::Relaxed);
         if now.millis().saturating_sub(last) >= NONCE_PRUNE_PERIOD_MS {
-            self.store.prune_nonces(now).await?;
-            self.nonces_pruned_at
-                .store(now.millis(), std::sync::atomic::Ordering::Relaxed);
+            // A failed prune only delays forgetting; expiry must go on regardless.
+            match self.store.prune_nonces(now).await {
+                Ok(_) => self
+                    .nonces_pruned_at
+                    .store(now.millis(), std::sync::atomic::Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning spent DPoP nonces failed; will retry")
+                }
+            }
         }
         let due = self.store.due(now, 500).await?;
         let mut n = 0;

@@ -8,6 +8,10 @@ pub enum StoreError {
     Conflict(String),
     #[error("grant `{0}` already exists")]
     Duplicate(String),
+    /// The batch holds something no backend may store (a NUL character in text:
+    /// PostgreSQL refuses it, so neither backend takes it).
+    #[error("cannot store: {0}")]
+    Invalid(String),
     /// A one-time value (a DPoP proof's `jti`) was already spent.
     #[error("`{0}` was already used")]
     Replay(String),

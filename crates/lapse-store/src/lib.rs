@@ -40,9 +40,11 @@ pub struct WriteBatch {
     pub nonces: Vec<Nonce>,
     /// Signing keys added to the ring or changed (retirement).
     pub keys: Vec<KeyRecord>,
-    /// The ring's first keys: the batch fails with [`StoreError::Conflict`] unless
-    /// the ring is empty when it commits (replicas starting together seed it once).
-    pub seed_keys: bool,
+    /// A precondition on the key ring: the batch fails with [`StoreError::Conflict`]
+    /// unless the ring's key ids are exactly these when it commits. Seeding expects
+    /// none (replicas starting together seed it once); a rotation expects the ring
+    /// it read (two rotations at once cannot leave a key that never retires).
+    pub keys_expected: Option<Vec<String>>,
 }
 
 /// A spent one-time value, kept until `expires_at` (ms), after which it could not
@@ -183,8 +185,71 @@ pub async fn open(
     }
 }
 
-/// `url` with any password replaced, for messages and logs.
+fn redact_param(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("password=") {
+        let (head, tail) = rest.split_at(i + "password=".len());
+        out.push_str(head);
+        out.push_str("***");
+        let end = tail.find(['&', ' ']).unwrap_or(tail.len());
+        rest = tail.get(end..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Refuses a batch whose stored text holds a NUL character (PostgreSQL cannot
+/// store one; both backends refuse it so they behave alike). JSON bodies escape it;
+/// these are the columns stored as raw text.
+pub(crate) fn validate(batch: &WriteBatch) -> Result<(), StoreError> {
+    let nul = |what: &str, s: &str| {
+        if s.contains('\0') {
+            Err(StoreError::Invalid(format!(
+                "{what} contains a NUL character"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    for w in &batch.grants {
+        let (GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. }) = w;
+        nul("the workload", &g.request.workload.id)?;
+        nul("the audience", &g.request.audience)?;
+        nul("the task", &g.request.task.id)?;
+        nul("the token id", g.token_jti.as_deref().unwrap_or_default())?;
+        nul(
+            "the reason",
+            g.end.as_ref().map_or("", |e| e.reason.as_str()),
+        )?;
+    }
+    for e in &batch.events {
+        nul("an audit event kind", &e.kind)?;
+        nul("an audit actor", &e.actor)?;
+        nul(
+            "an audit grant id",
+            e.grant_id.as_deref().unwrap_or_default(),
+        )?;
+    }
+    for n in &batch.nonces {
+        nul("a nonce", &n.value)?;
+    }
+    Ok(())
+}
+
+/// Whether two lists of key ids hold the same ids.
+pub(crate) fn same_kids(a: &[String], b: &[String]) -> bool {
+    let mut a: Vec<&String> = a.iter().collect();
+    let mut b: Vec<&String> = b.iter().collect();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// `url` with any password replaced, for messages and logs: in the user info of a
+/// URL, or as a `password=` parameter (URL query or key=value connection string).
 pub fn redact_url(url: &str) -> String {
+    let url = &redact_param(url);
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let (head, rest) = url.split_at(scheme + 3);
@@ -212,5 +277,13 @@ mod tests {
             "postgres://lapse@db/lapse"
         );
         assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            super::redact_url("postgres://u@db/x?password=secret&sslmode=disable"),
+            "postgres://u@db/x?password=***&sslmode=disable"
+        );
+        assert_eq!(
+            super::redact_url("host=db password=secret user=u"),
+            "host=db password=*** user=u"
+        );
     }
 }

@@ -39,6 +39,9 @@ const MIGRATION_LOCK: i64 = 0x6c61_7073_655f_6d67; // "lapse_mg"
 /// `pg_try_advisory_lock` key held by the replica that runs the singleton jobs.
 const LEADER_LOCK: i64 = 0x6c61_7073_655f_6c64; // "lapse_ld"
 const FEED_CHANNEL: &str = "lapse_feed";
+/// How much longer the client waits than the server's own statement and lock
+/// timeouts, so that the server's error (not a dropped future) ends a stuck commit.
+const CLIENT_GRACE: Duration = Duration::from_secs(2);
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 
@@ -118,7 +121,20 @@ impl PgStore {
         // Plans are made for each execution's actual arguments: a generic plan made
         // while the tables were small turns `id = ANY($1)` and the `unnest` joins
         // into sequential scans that grow with the table.
-        config.options("-c plan_cache_mode=force_custom_plan");
+        //
+        // The server bounds every statement, every lock wait and every idle
+        // transaction by the store timeout, and probes the connection every few
+        // seconds: a replica that stalls or vanishes while it holds the chain head
+        // (or the leader lock) loses it in seconds, not at TCP's two-hour timeout.
+        // The client waits a little longer than the server, so the server's error
+        // arrives and the session is discarded rather than reused mid-transaction.
+        let ms = timeout.as_millis().max(100);
+        config.options(format!(
+            "-c plan_cache_mode=force_custom_plan -c statement_timeout={ms} -c lock_timeout={ms} \
+             -c idle_in_transaction_session_timeout={} -c tcp_keepalives_idle=5 \
+             -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
+            ms.saturating_mul(2)
+        ));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -143,7 +159,7 @@ impl PgStore {
         let writer = Writer {
             pool: pool.clone(),
             signer,
-            timeout,
+            timeout: timeout + CLIENT_GRACE,
         };
         let tasks = vec![
             tokio::spawn(writer.run(rx)),
@@ -403,15 +419,17 @@ impl Writer {
             .flat_map(|b| &b.nonces)
             .map(|n| n.value.as_str())
             .collect();
-        let seeded = if batches.iter().any(|b| b.seed_keys) {
-            let n: i64 = tx
-                .query_one("SELECT COUNT(*) FROM signing_keys", &[])
+        // The ring's key ids, for batches with a precondition on them.
+        let mut kids: Vec<String> = if batches.iter().any(|b| b.keys_expected.is_some()) {
+            tx.query("SELECT kid FROM signing_keys", &[])
                 .await
-                .and_then(|r| r.try_get(0))
-                .map_err(pg_err)?;
-            n > 0
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(pg_err)?
         } else {
-            false
+            Vec::new()
         };
         let (existing, spent) = tokio::try_join!(
             async {
@@ -452,14 +470,12 @@ impl Writer {
         let mut plan = Plan::default();
         let mut row_index: HashMap<String, usize> = HashMap::new();
         let mut results = Vec::with_capacity(batches.len());
-        let mut seeded = seeded;
         for b in batches {
-            let checked = if b.seed_keys && seeded {
-                Err(StoreError::Conflict(
-                    "the signing key ring is already seeded".into(),
-                ))
-            } else {
-                check(b, &view, &spent_set)
+            let checked = match &b.keys_expected {
+                Some(expected) if !crate::same_kids(&kids, expected) => Err(StoreError::Conflict(
+                    "the signing key ring changed meanwhile".into(),
+                )),
+                _ => check(b, &view, &spent_set),
             };
             match checked {
                 Err(e) => results.push(Err(e)),
@@ -493,7 +509,11 @@ impl Writer {
                         plan.nonces.push(n);
                     }
                     plan.keys.extend(&b.keys);
-                    seeded |= b.seed_keys;
+                    for k in &b.keys {
+                        if !kids.contains(&k.kid) {
+                            kids.push(k.kid.clone());
+                        }
+                    }
                     results.push(Ok(()));
                 }
             }
@@ -629,7 +649,7 @@ impl Writer {
                 t.execute(
                     "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (kid) DO UPDATE SET activates_at = excluded.activates_at, retires_at = excluded.retires_at",
+                     ON CONFLICT (kid) DO UPDATE SET sealed = excluded.sealed, activates_at = excluded.activates_at, retires_at = excluded.retires_at",
                     &[&k.kid, &k.alg, &k.public, &k.sealed, &k.created_at, &k.activates_at, &k.retires_at],
                 )
                 .await?;
@@ -682,6 +702,7 @@ fn check<'a>(
     view: &HashMap<String, (String, u64)>,
     spent: &HashSet<String>,
 ) -> Result<Vec<&'a Grant>, StoreError> {
+    crate::validate(b)?;
     // Writes within one batch see each other too.
     let mut local: HashMap<String, (String, u64)> = HashMap::new();
     let mut ends = Vec::new();

@@ -10,7 +10,9 @@
 use crate::audit::{
     AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
 };
-use crate::{FeedEntry, GrantFilter, GrantWrite, KeyRecord, Store, StoreError, WriteBatch};
+use crate::{
+    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Store, StoreError, WriteBatch, same_kids,
+};
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -283,6 +285,7 @@ fn apply(
     batch: &WriteBatch,
     head: &mut (u64, String),
 ) -> Result<(), StoreError> {
+    crate::validate(batch)?;
     for w in &batch.grants {
         match w {
             GrantWrite::Insert(g) => {
@@ -378,11 +381,14 @@ fn apply(
             Err(e) => return Err(e.into()),
         }
     }
-    if batch.seed_keys {
-        let n: i64 = conn.query_row("SELECT COUNT(*) FROM signing_keys", [], |r| r.get(0))?;
-        if n > 0 {
+    if let Some(expected) = &batch.keys_expected {
+        let mut stmt = conn.prepare_cached("SELECT kid FROM signing_keys")?;
+        let kids: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if !same_kids(&kids, expected) {
             return Err(StoreError::Conflict(
-                "the signing key ring is already seeded".into(),
+                "the signing key ring changed meanwhile".into(),
             ));
         }
     }
@@ -390,7 +396,7 @@ fn apply(
         conn.prepare_cached(
             "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (kid) DO UPDATE SET activates_at = excluded.activates_at, retires_at = excluded.retires_at",
+             ON CONFLICT (kid) DO UPDATE SET sealed = excluded.sealed, activates_at = excluded.activates_at, retires_at = excluded.retires_at",
         )?
         .execute(params![k.kid, k.alg, k.public, k.sealed, k.created_at, k.activates_at, k.retires_at])?;
     }

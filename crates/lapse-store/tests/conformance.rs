@@ -801,7 +801,7 @@ async fn a_nonce_is_spent_once(kind: Kind) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Key records round-trip, and a later write changes only their schedule.
+/// Key records round-trip, and a later write changes only their schedule and seal.
 async fn the_key_ring_is_stored(kind: Kind) -> Result<(), StoreError> {
     let f = Fixture::new(kind).await;
     let k = |kid: &str, created: i64| KeyRecord {
@@ -815,7 +815,7 @@ async fn the_key_ring_is_stored(kind: Kind) -> Result<(), StoreError> {
     };
     f.store
         .commit(WriteBatch {
-            seed_keys: true,
+            keys_expected: Some(vec![]),
             keys: vec![k("a", 1), k("b", 2)],
             events: vec![AuditEvent {
                 at: 1,
@@ -832,12 +832,22 @@ async fn the_key_ring_is_stored(kind: Kind) -> Result<(), StoreError> {
         .open()
         .await?
         .commit(WriteBatch {
-            seed_keys: true,
+            keys_expected: Some(vec![]),
             keys: vec![k("c", 3)],
             ..Default::default()
         })
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    // A rotation that read an older ring is refused too.
+    let stale = f
+        .store
+        .commit(WriteBatch {
+            keys_expected: Some(vec!["a".into()]),
+            keys: vec![k("d", 4)],
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
     let retired = KeyRecord {
         retires_at: Some(50),
         sealed: vec![0],
@@ -855,10 +865,12 @@ async fn the_key_ring_is_stored(kind: Kind) -> Result<(), StoreError> {
         vec![
             KeyRecord {
                 retires_at: Some(50),
+                sealed: vec![0],
                 ..k("a", 1)
             },
             k("b", 2)
-        ]
+        ],
+        "a later write changes the schedule and the seal (which binds it), nothing else"
     );
     Ok(())
 }
@@ -876,6 +888,34 @@ impl Check for Result<(), StoreError> {
             panic!("{e}");
         }
     }
+}
+
+/// Text neither backend can hold fails its own batch, and only its own: the
+/// batches committed with it in the same group are written.
+async fn a_nul_in_text_fails_only_its_batch(kind: Kind) -> Result<(), StoreError> {
+    let f = Arc::new(Fixture::new(kind).await);
+    let mut bad = grant(1000);
+    bad.request.task.id = "T\0x".into();
+    let good = grant(1000);
+    let (a, b) = tokio::join!(
+        f.store.commit(WriteBatch {
+            events: vec![event("grant.issued", &bad)],
+            grants: vec![GrantWrite::Insert(bad.clone())],
+            ..Default::default()
+        }),
+        f.store.commit(WriteBatch {
+            events: vec![event("grant.issued", &good)],
+            grants: vec![GrantWrite::Insert(good.clone())],
+            ..Default::default()
+        })
+    );
+    assert!(matches!(a, Err(StoreError::Invalid(_))), "{a:?}");
+    b?;
+    assert_eq!(f.store.grant(bad.id).await?, None);
+    assert_eq!(f.store.grant(good.id).await?, Some(good));
+    let r = verify(&f).await;
+    assert!(r.ok() && r.entries == 1, "{r:?}");
+    Ok(())
 }
 
 macro_rules! conformance {
@@ -908,4 +948,5 @@ conformance!(
     a_stale_update_loses_across_writers,
     a_nonce_is_spent_once,
     the_key_ring_is_stored,
+    a_nul_in_text_fails_only_its_batch,
 );
