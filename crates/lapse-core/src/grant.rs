@@ -148,6 +148,10 @@ pub struct Grant {
     /// The latest use a gate reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<Timestamp>,
+    /// RFC 8705 `x5t#S256` of the client certificate the workload authenticated
+    /// with (mTLS); its tokens are bound to that certificate as well as the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x5t: Option<String>,
     /// Optimistic-concurrency version; the store refuses a write whose version moved.
     pub version: u64,
 }
@@ -208,6 +212,7 @@ impl Grant {
             review: None,
             idle_secs: None,
             last_used_at: None,
+            x5t: None,
             version: 1,
         })
     }
@@ -246,6 +251,7 @@ impl Grant {
             review: None,
             idle_secs: None,
             last_used_at: None,
+            x5t: None,
             version: 1,
         }
     }

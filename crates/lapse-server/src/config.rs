@@ -86,6 +86,9 @@ pub struct Config {
     /// Rate limits, the pending-request cap and header limits.
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// TLS on the listener (and client certificates); plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 fn default_console_session() -> TtlDuration {
@@ -257,6 +260,13 @@ impl Config {
         };
         fix(&mut self.policies);
         fix(&mut self.signing_key);
+        if let Some(t) = &mut self.tls {
+            fix(&mut t.cert);
+            fix(&mut t.key);
+            if let Some(ca) = &mut t.client_ca {
+                fix(ca);
+            }
+        }
         if let Some(rest) = self.store.strip_prefix("sqlite://") {
             let p = Path::new(rest);
             if p.is_relative() {
@@ -342,7 +352,10 @@ impl Config {
     pub fn public_url(&self) -> String {
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .unwrap_or_else(|| {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{}", self.listen)
+            })
             .trim_end_matches('/')
             .to_owned()
     }

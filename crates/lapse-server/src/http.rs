@@ -240,6 +240,7 @@ async fn jwks(State(s): State<AppState>) -> Json<Value> {
 async fn token(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<crate::tls::ClientCert>>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -266,14 +267,26 @@ async fn token(
         let issued = s.collect(id, &proof).await?;
         return Ok(no_store(token_response(&issued), StatusCode::OK));
     }
-    let subject_token = p("subject_token")
-        .ok_or_else(|| ApiError::InvalidRequest("`subject_token` is required".into()))?;
-    match p("subject_token_type") {
-        Some(TT_JWT | TT_ID_TOKEN) => {}
-        Some(TT_ACCESS_TOKEN) => return Err(ApiError::InvalidRequest("exchanging Lapse access tokens (sub-agents) is not supported yet; present an identity token".into())),
-        Some(other) => return Err(ApiError::InvalidRequest(format!("unsupported `subject_token_type` `{}`", clip(other)))),
-        None => return Err(ApiError::InvalidRequest("`subject_token_type` is required".into())),
-    }
+    let client_cert = cert.map(|axum::Extension(c)| c);
+    // With a client certificate (an X.509-SVID over mTLS) and no subject token, the
+    // certificate is the subject.
+    let subject_token = match (p("subject_token"), &client_cert) {
+        (None, Some(_)) if p("subject_token_type").is_none() => "",
+        (None, _) => {
+            return Err(ApiError::InvalidRequest(
+                "`subject_token` is required (or a client certificate: an X.509-SVID)".into(),
+            ));
+        }
+        (Some(t), _) => {
+            match p("subject_token_type") {
+                Some(TT_JWT | TT_ID_TOKEN) => {}
+                Some(TT_ACCESS_TOKEN) => return Err(ApiError::InvalidRequest("exchanging Lapse access tokens (sub-agents) is not supported yet; present an identity token".into())),
+                Some(other) => return Err(ApiError::InvalidRequest(format!("unsupported `subject_token_type` `{}`", clip(other)))),
+                None => return Err(ApiError::InvalidRequest("`subject_token_type` is required".into())),
+            }
+            t
+        }
+    };
     if p("actor_token").is_some() {
         return Err(ApiError::InvalidRequest(
             "`actor_token` is not supported".into(),
@@ -291,6 +304,7 @@ async fn token(
     let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/oauth/token", None)?;
     let input = ExchangeInput {
         identity_token: subject_token.to_owned(),
+        client_cert,
         audience: audience.to_owned(),
         actions: parse_actions(p("scope").unwrap_or("")),
         task: Task {
@@ -394,6 +408,8 @@ async fn revoke_token(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AccessRequestBody {
+    /// Absent when the client authenticates with an X.509-SVID (mTLS).
+    #[serde(default)]
     identity_token: String,
     audience: String,
     actions: Vec<String>,
@@ -419,6 +435,7 @@ struct TaskBody {
 async fn access_request(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<crate::tls::ClientCert>>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -431,6 +448,7 @@ async fn access_request(
     actions.dedup();
     let input = ExchangeInput {
         identity_token: r.identity_token,
+        client_cert: cert.map(|axum::Extension(c)| c),
         audience: r.audience,
         actions,
         task: Task {
@@ -578,6 +596,7 @@ fn optional_json<T: Default + serde::de::DeserializeOwned>(
 
 async fn complete(
     State(s): State<AppState>,
+    cert: Option<axum::Extension<crate::tls::ClientCert>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     b: Result<Bytes, BytesRejection>,
@@ -589,6 +608,7 @@ async fn complete(
     let (claims, g, _) = s
         .workload_grant(
             authorization(&headers),
+            cert.as_ref().map(|axum::Extension(c)| c),
             &dpop_headers(&headers),
             "POST",
             &path,
@@ -792,6 +812,7 @@ async fn close_review(
 /// it cannot follow a revocation feed). Authenticated like complete and renew.
 async fn grant_status(
     State(s): State<AppState>,
+    cert: Option<axum::Extension<crate::tls::ClientCert>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -800,6 +821,7 @@ async fn grant_status(
     let (_, g, _) = s
         .workload_grant(
             authorization(&headers),
+            cert.as_ref().map(|axum::Extension(c)| c),
             &dpop_headers(&headers),
             "GET",
             &path,
@@ -841,6 +863,7 @@ async fn revoke_grant(
 async fn renew(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<crate::tls::ClientCert>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     b: Result<Bytes, BytesRejection>,
@@ -852,6 +875,7 @@ async fn renew(
     let (_, g, proof) = s
         .workload_grant(
             authorization(&headers),
+            cert.as_ref().map(|axum::Extension(c)| c),
             &dpop_headers(&headers),
             "POST",
             &path,

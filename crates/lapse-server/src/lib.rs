@@ -26,6 +26,7 @@ mod openapi;
 pub mod report;
 pub mod service;
 pub mod signals;
+pub mod tls;
 
 use config::Config;
 use lapse_core::Clock;
@@ -62,6 +63,8 @@ pub enum StartError {
     Provider(#[from] lapse_providers::ProviderError),
     #[error("webhook: {0}")]
     Webhook(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Builds the broker from its config: key, store, policies, issuers. Any of them
@@ -109,8 +112,15 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
         providers.insert(p.audience.clone(), Arc::new(provider));
     }
     let webhook = cfg.webhook.clone();
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(tls::Tls::load)
+        .transpose()?
+        .map(Arc::new);
     let mut lapse = Lapse::new(cfg, store, Some(policy), identity, keys, clock);
     lapse.providers = providers;
+    lapse.tls = tls;
     if let Some(w) = webhook {
         lapse.notifier =
             Some(notify::Notifier::start(&w, lapse.metrics.clone()).map_err(StartError::Webhook)?);
@@ -227,6 +237,14 @@ pub async fn serve(
             }
         }));
     }
+    if let Some(tls) = lapse.tls.clone() {
+        background.push(tokio::spawn(tls.clone().watch(Duration::from_secs(2))));
+        let result = serve_tls(lapse, tls, listener, shutdown).await;
+        for task in background {
+            task.abort();
+        }
+        return result;
+    }
     let closing = lapse.closing.clone();
     let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
@@ -241,6 +259,79 @@ pub async fn serve(
         task.abort();
     }
     result
+}
+
+/// The accept loop for TLS: handshake (bounded), then HTTP/1.1 on the connection
+/// with the peer address and any verified client certificate in the request's
+/// extensions. On shutdown it stops accepting, ends the feed streams and lets
+/// requests in flight finish (up to 10 s).
+async fn serve_tls(
+    lapse: Arc<Lapse>,
+    tls: Arc<tls::Tls>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::TokioIo;
+    let closing = lapse.closing.clone();
+    let app = http::router(lapse);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let acceptor = tls.acceptor();
+        let app = app.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| tls::ClientCert(Arc::new(c.clone().into_owned())));
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    if let Some(c) = &cert {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    let mut app = app.clone();
+                    async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    closing.send_replace(true);
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    Ok(())
 }
 
 /// Runs `pass` every `period` (the first at once), logging how many things it

@@ -78,6 +78,8 @@ pub struct Lapse {
     pub feed_bumps: tokio::sync::watch::Sender<u64>,
     /// Whether this replica runs the sweeper, cleanup and reconciler now.
     pub leading: std::sync::atomic::AtomicBool,
+    /// TLS on the listener, when configured.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// Rate limits and caps (`[limits]`).
     pub limits: crate::limits::Limits,
     /// When the sweeper last forgot expired nonces (ms).
@@ -90,7 +92,11 @@ pub struct Lapse {
 
 /// A token exchange or native access request, after parsing and before identity.
 pub struct ExchangeInput {
+    /// Empty when the client authenticated with an X.509-SVID instead.
     pub identity_token: String,
+    /// The verified client certificate of the connection (mTLS), if any: its SVID is
+    /// the identity when no identity token is given, and tokens are bound to it.
+    pub client_cert: Option<crate::tls::ClientCert>,
     pub audience: String,
     pub actions: Vec<String>,
     pub task: Task,
@@ -180,6 +186,7 @@ impl Lapse {
             nonces_pruned_at: std::sync::atomic::AtomicI64::new(0),
             leading: std::sync::atomic::AtomicBool::new(false),
             limits: crate::limits::Limits::new(limits),
+            tls: None,
         }
     }
 
@@ -335,17 +342,30 @@ impl Lapse {
     ) -> Result<Issued, ApiError> {
         let now = self.now();
         let policy = self.policy()?;
-        let workload = self
-            .identity
-            .verify(&input.identity_token, now.unix_seconds())
-            .await
-            .map_err(|e| {
-                if e.is_unavailable() {
-                    ApiError::Unavailable(e.to_string())
-                } else {
-                    ApiError::InvalidGrant(e.to_string())
-                }
-            })?;
+        let workload = match (&input.client_cert, input.identity_token.is_empty()) {
+            // The TLS layer verified the chain against the trust bundle.
+            (Some(cert), true) => cert.svid().map_err(ApiError::InvalidGrant)?,
+            (None, true) => {
+                return Err(ApiError::InvalidRequest(
+                    "`subject_token` is required (or a client certificate: an X.509-SVID)".into(),
+                ));
+            }
+            (_, false) => self
+                .identity
+                .verify(&input.identity_token, now.unix_seconds())
+                .await
+                .map_err(|e| {
+                    if e.is_unavailable() {
+                        ApiError::Unavailable(e.to_string())
+                    } else {
+                        ApiError::InvalidGrant(e.to_string())
+                    }
+                })?,
+        };
+        let x5t = input
+            .client_cert
+            .as_ref()
+            .map(crate::tls::ClientCert::thumbprint);
         self.limits
             .token_workload
             .check(&workload.id)
@@ -466,7 +486,7 @@ impl Lapse {
                         std::time::Duration::from_secs(60),
                     ));
                 }
-                let grant = Grant::pending(
+                let mut grant = Grant::pending(
                     NewGrant {
                         ttl_cap_secs,
                         ..new
@@ -475,6 +495,7 @@ impl Lapse {
                     approvers.clone(),
                     self.cfg.approval_window.secs(),
                 );
+                grant.x5t = x5t.clone();
                 let pending = event(
                     now,
                     "grant.pending",
@@ -526,6 +547,7 @@ impl Lapse {
                     jti,
                 )
                 .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                grant.x5t = x5t.clone();
                 grant.idle_secs = self.idle_of(&grant.policies);
                 if break_glass {
                     grant.review = Some(lapse_core::Review::open(&justification, now));
@@ -606,6 +628,7 @@ impl Lapse {
             scope: grant.actions.join(" "),
             cnf: Confirmation {
                 jkt: grant.jkt.clone(),
+                x5t_s256: grant.x5t.clone(),
             },
             task: grant.request.task.id.clone(),
             grant_id: grant.id.to_string(),
@@ -695,7 +718,7 @@ impl Lapse {
                 "nbf": claims.nbf,
                 "jti": claims.jti,
                 "token_type": "DPoP",
-                "cnf": { "jkt": claims.cnf.jkt },
+                "cnf": claims.cnf,
                 "task": claims.task,
                 "grant_id": claims.grant_id,
             })),
@@ -707,6 +730,7 @@ impl Lapse {
     pub async fn workload_grant(
         &self,
         authorization: Option<&str>,
+        cert: Option<&crate::tls::ClientCert>,
         dpop_headers: &[&str],
         htm: &str,
         path: &str,
@@ -727,6 +751,21 @@ impl Lapse {
             return Err(ApiError::InvalidDpopProof(
                 "the proof's key is not the key the token is bound to".into(),
             ));
+        }
+        // RFC 8705: a certificate-bound token comes over a connection with that
+        // certificate.
+        if let Some(x5t) = &claims.cnf.x5t_s256 {
+            let presented = cert.map(crate::tls::ClientCert::thumbprint);
+            let same = presented.as_deref().is_some_and(|p| {
+                p.len() == x5t.len()
+                    && bool::from(subtle::ConstantTimeEq::ct_eq(p.as_bytes(), x5t.as_bytes()))
+            });
+            if !same {
+                return Err(ApiError::InvalidToken(
+                    "the token is bound to a client certificate this connection did not present"
+                        .into(),
+                ));
+            }
         }
         if claims.grant_id != grant_id.to_string() {
             return Err(ApiError::Forbidden(

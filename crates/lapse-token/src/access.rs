@@ -54,10 +54,14 @@ pub struct DecisionContext {
     pub environment: String,
 }
 
-/// RFC 9449 confirmation: the SHA-256 thumbprint of the DPoP key.
+/// RFC 9449 confirmation: the SHA-256 thumbprint of the DPoP key; and, for a
+/// client that authenticated with a certificate, RFC 8705's SHA-256 thumbprint of
+/// that certificate (the token is then bound to both).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
     pub jkt: String,
+    #[serde(rename = "x5t#S256", default, skip_serializing_if = "Option::is_none")]
+    pub x5t_s256: Option<String>,
 }
 
 impl AccessClaims {

@@ -60,6 +60,7 @@ fn claims(w: &World) -> AccessClaims {
         scope: "read write".into(),
         cnf: Confirmation {
             jkt: w.key.jkt().to_owned(),
+            x5t_s256: None,
         },
         task: "T-1".into(),
         grant_id: "gr_1".into(),

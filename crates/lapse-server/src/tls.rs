@@ -1,0 +1,226 @@
+//! TLS on the broker's listener (rustls, TLS 1.3 and 1.2): certificate chain and key
+//! from PEM files, reloaded when the files change (a renewed certificate is used by
+//! new connections without a restart); optionally client certificates, verified
+//! against a trust bundle — a workload's X.509-SVID, whose SPIFFE ID can stand in for
+//! an identity token in a token exchange.
+
+use arc_swap::ArcSwap;
+use lapse_core::WorkloadIdentity;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use sha2::Digest;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_rustls::TlsAcceptor;
+
+/// `[tls]` in `lapse.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// PEM trust bundle for client certificates (the SPIFFE trust domain's X.509
+    /// bundle). Set, clients may present an X.509-SVID.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse connections without a client certificate (needs `client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS: cannot read `{path}`: {why}")]
+    Read { path: String, why: String },
+    #[error("TLS: {0}")]
+    Config(String),
+}
+
+/// The verified client certificate of a connection (its leaf), for handlers.
+#[derive(Debug, Clone)]
+pub struct ClientCert(pub Arc<CertificateDer<'static>>);
+
+impl ClientCert {
+    /// RFC 8705 `x5t#S256`: base64url SHA-256 of the DER certificate.
+    pub fn thumbprint(&self) -> String {
+        lapse_token::b64::encode(sha2::Sha256::digest(self.0.as_ref()))
+    }
+
+    /// The workload an X.509-SVID names: exactly one URI SAN, a `spiffe://` ID.
+    /// The chain was verified by the TLS layer against `client_ca`.
+    pub fn svid(&self) -> Result<WorkloadIdentity, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(self.0.as_ref())
+            .map_err(|e| format!("the client certificate does not parse: {e}"))?;
+        let uris: Vec<String> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [id] = uris.as_slice() else {
+            return Err(format!(
+                "an X.509-SVID has exactly one URI SAN; this certificate has {}",
+                uris.len()
+            ));
+        };
+        let url = url::Url::parse(id).map_err(|e| format!("SPIFFE ID `{id}`: {e}"))?;
+        let domain = url.host_str().unwrap_or_default().to_owned();
+        if url.scheme() != "spiffe"
+            || domain.is_empty()
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+            || url.port().is_some()
+        {
+            return Err(format!("`{id}` is not a SPIFFE ID"));
+        }
+        let mut claims = BTreeMap::new();
+        claims.insert("x5t#S256".to_owned(), self.thumbprint());
+        claims.insert("spiffe_trust_domain".to_owned(), domain.clone());
+        Ok(WorkloadIdentity {
+            id: id.clone(),
+            issuer: format!("spiffe://{domain}"),
+            subject: id.clone(),
+            claims,
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+fn server_config(cfg: &TlsConfig) -> Result<rustls::ServerConfig, TlsError> {
+    let bad = |path: &Path, why: String| TlsError::Read {
+        path: path.display().to_string(),
+        why,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&cfg.cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&cfg.cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad(&cfg.cert, "no certificate in it".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&cfg.key)?)
+        .map_err(|e| bad(&cfg.key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &cfg.client_ca {
+        None if cfg.require_client_cert => {
+            return Err(TlsError::Config(
+                "`require_client_cert` needs `client_ca`".into(),
+            ));
+        }
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read(ca)?) {
+                let c = c.map_err(|e| bad(ca, e.to_string()))?;
+                roots.add(c).map_err(|e| bad(ca, e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(ca, "no certificate in the trust bundle".into()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if cfg.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| TlsError::Config(e.to_string()))?,
+            )
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The listener's TLS: the current acceptor, swapped when the files change.
+pub struct Tls {
+    cfg: TlsConfig,
+    acceptor: ArcSwap<TlsAcceptor>,
+}
+
+type Stamp = Vec<Option<(u64, SystemTime)>>;
+
+fn stamp(cfg: &TlsConfig) -> Stamp {
+    [Some(&cfg.cert), Some(&cfg.key), cfg.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+impl Tls {
+    pub fn load(cfg: &TlsConfig) -> Result<Self, TlsError> {
+        let config = server_config(cfg)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(config))),
+        })
+    }
+
+    pub fn acceptor(&self) -> Arc<TlsAcceptor> {
+        self.acceptor.load_full()
+    }
+
+    /// Whether clients may authenticate with a certificate.
+    pub fn client_certs(&self) -> bool {
+        self.cfg.client_ca.is_some()
+    }
+
+    /// Reloads the certificate, key and trust bundle when their files change; a
+    /// change that does not load is logged and the last good configuration stays.
+    pub async fn watch(self: Arc<Self>, period: Duration) {
+        let mut last = stamp(&self.cfg);
+        loop {
+            tokio::time::sleep(period).await;
+            let now = stamp(&self.cfg);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match server_config(&self.cfg) {
+                Ok(c) => {
+                    self.acceptor
+                        .store(Arc::new(TlsAcceptor::from(Arc::new(c))));
+                    tracing::info!("TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload refused; keeping the current certificate")
+                }
+            }
+        }
+    }
+}
