@@ -31,6 +31,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Uses per report to the broker (it takes at most 1,000 in one).
+pub const USES_PER_REPORT: usize = 500;
+
 pub struct Gate {
     cfg: GateConfig,
     pub verifier: Arc<Verifier>,
@@ -125,7 +128,8 @@ impl Gate {
         Ok(true)
     }
 
-    /// Sends the uses seen since the last report to the broker (for `@idle`). A
+    /// Sends the uses seen since the last report to the broker (for `@idle`), in
+    /// reports of at most [`USES_PER_REPORT`]. A
     /// failed report is merged back and sent next time.
     pub async fn report_uses(&self) -> Result<usize, String> {
         let batch: Vec<(String, i64)> = match self.uses.lock() {
@@ -135,29 +139,33 @@ impl Gate {
         if batch.is_empty() {
             return Ok(0);
         }
-        let body = json!({ "uses": batch.iter().map(|(g, at)| json!({ "grant": g, "at": at })).collect::<Vec<_>>() });
         let url = format!("{}/v1/usage", self.cfg.broker.trim_end_matches('/'));
-        let r = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.verifier.config().token)
-            .json(&body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status);
-        match r {
-            Ok(_) => Ok(batch.len()),
-            Err(e) => {
+        // In reports the broker takes (it refuses more than 1,000 uses, or 64 KiB):
+        // a busy interval must not become one report that can never be sent.
+        let mut sent = 0;
+        for (n, chunk) in batch.chunks(USES_PER_REPORT).enumerate() {
+            let body = json!({ "uses": chunk.iter().map(|(g, at)| json!({ "grant": g, "at": at })).collect::<Vec<_>>() });
+            let r = self
+                .http
+                .post(&url)
+                .bearer_auth(&self.verifier.config().token)
+                .json(&body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status);
+            if let Err(e) = r {
                 if let Ok(mut u) = self.uses.lock() {
-                    for (g, at) in batch {
-                        let e = u.entry(g).or_insert(at);
-                        *e = (*e).max(at);
+                    for (g, at) in batch.iter().skip(n * USES_PER_REPORT) {
+                        let e = u.entry(g.clone()).or_insert(*at);
+                        *e = (*e).max(*at);
                     }
                 }
-                Err(e.to_string())
+                return Err(e.to_string());
             }
+            sent += chunk.len();
         }
+        Ok(sent)
     }
 
     /// The action `method path` needs, by the first matching rule.

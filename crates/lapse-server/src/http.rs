@@ -961,6 +961,9 @@ struct UseBody {
     at: i64,
 }
 
+/// Uses in one report: what fits the 64 KiB body limit with room to spare.
+const MAX_USES: usize = 1_000;
+
 /// Gates report which grants were used (for `@idle`), in batches.
 async fn usage(
     State(s): State<AppState>,
@@ -971,10 +974,10 @@ async fn usage(
     op.require(Role::Gate)?;
     let b = body(b)?;
     let u: UsageBody = json_body(&headers, &b)?;
-    if u.uses.len() > 10_000 {
-        return Err(ApiError::InvalidRequest(
-            "at most 10,000 uses per report".into(),
-        ));
+    if u.uses.len() > MAX_USES {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {MAX_USES} uses per report"
+        )));
     }
     let mut uses = Vec::with_capacity(u.uses.len());
     for x in u.uses {

@@ -5,6 +5,56 @@
 use serde_json::{Value, json};
 
 pub fn document() -> Value {
+    let mut doc = paths_and_schemas();
+    with_common_errors(&mut doc);
+    doc
+}
+
+/// Answers any operation can give besides its own: malformed input, the limits,
+/// and failing closed. Added where an operation does not describe them itself.
+fn with_common_errors(doc: &mut Value) {
+    const COMMON: &[(&str, &str)] = &[
+        (
+            "400",
+            "invalid_request: a missing, repeated or malformed parameter, query or body",
+        ),
+        ("401", "credentials missing or not valid"),
+        ("403", "not allowed"),
+        ("404", "no such object, or a malformed id"),
+        (
+            "409",
+            "changed concurrently, or not in a state that allows this",
+        ),
+        ("413", "body larger than 64 KiB"),
+        ("415", "wrong content type"),
+        (
+            "429",
+            "slow_down: over a rate limit or cap; see Retry-After",
+        ),
+        ("431", "request headers too many or too large"),
+        (
+            "503",
+            "temporarily_unavailable: store, policy or keys unavailable; nothing changed",
+        ),
+    ];
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for ops in paths.values_mut().filter_map(Value::as_object_mut) {
+        for op in ops.values_mut() {
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (code, what) in COMMON {
+                responses.entry((*code).to_owned()).or_insert_with(|| {
+                    json!({ "description": what, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+                });
+            }
+        }
+    }
+}
+
+fn paths_and_schemas() -> Value {
     let err = json!({ "$ref": "#/components/schemas/Error" });
     let e =
         |d: &str| json!({ "description": d, "content": { "application/json": { "schema": err } } });
@@ -27,12 +77,12 @@ pub fn document() -> Value {
           } } },
         "/oauth/introspect": { "post": {
           "summary": "RFC 7662 introspection", "security": op_auth,
-          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "type": "object", "required": ["token"], "properties": { "token": { "type": "string" }, "token_type_hint": { "type": "string" } } } } } },
+          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "type": "object", "required": ["token"], "properties": { "token": { "type": "string", "minLength": 1 }, "token_type_hint": { "type": "string" } } } } } },
           "responses": { "200": { "description": "introspection result", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Introspection" } } } },
             "400": e("invalid_request"), "401": e("operator token missing or unknown"), "403": e("operator lacks the introspect role"), "503": { "description": "store unavailable: inactive", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Introspection" } } } } } } },
         "/oauth/revoke": { "post": {
           "summary": "RFC 7009 revocation: ends the token's grant",
-          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "type": "object", "required": ["token"], "properties": { "token": { "type": "string" }, "token_type_hint": { "type": "string" } } } } } },
+          "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": { "type": "object", "required": ["token"], "properties": { "token": { "type": "string", "minLength": 1 }, "token_type_hint": { "type": "string" } } } } } },
           "responses": { "200": { "description": "revoked, or the token was not valid" }, "400": e("invalid_request"), "503": e("store unavailable") } } },
         "/v1/access-requests": { "post": {
           "summary": "Native access request (same semantics as token exchange)",
@@ -49,7 +99,7 @@ pub fn document() -> Value {
             { "name": "state", "in": "query", "schema": { "type": "string", "enum": ["pending", "active", "completed", "expired", "revoked", "denied"] } },
             { "name": "workload", "in": "query", "schema": { "type": "string" } },
             { "name": "task", "in": "query", "schema": { "type": "string" } },
-            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0, "maximum": 1000 } } ],
+            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "at most this many (larger values are clamped)" } ],
           "responses": { "200": { "description": "grants", "content": { "application/json": { "schema": { "type": "object", "properties": { "grants": { "type": "array", "items": { "$ref": "#/components/schemas/Grant" } } } } } } },
             "400": e("bad query"), "401": e("operator token required"), "403": e("role missing") } } },
         "/v1/grants/{id}": { "get": {
@@ -58,7 +108,7 @@ pub fn document() -> Value {
         "/v1/grants/{id}/complete": { "post": {
           "summary": "The workload ends its own grant (task over)", "security": wl_auth, "parameters": [gid, dpop],
           "requestBody": { "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "properties": {
-            "reason": { "type": "string" }, "exit_status": { "type": "integer", "description": "the task's process exit code, recorded in the audit entry" },
+            "reason": { "type": "string" }, "exit_status": { "type": "integer", "minimum": -2147483648, "maximum": 2147483647, "description": "the task's process exit code, recorded in the audit entry" },
             "signal": { "type": "integer", "description": "the signal that ended the task's process" } } } } } },
           "responses": { "200": { "description": "completed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } },
             "400": e("invalid DPoP proof or body"), "401": e("invalid token"), "403": e("token of another grant"), "404": e("no such grant"), "409": e("grant already ended") } } },
@@ -69,7 +119,7 @@ pub fn document() -> Value {
             "401": e("operator token required"), "403": e("role missing"), "404": e("no such grant"), "409": e("grant already ended") } } },
         "/v1/grants/{id}/renew": { "post": {
           "summary": "Explicit renewal: policy is decided again now; capped by the grant's maximum lifetime", "security": wl_auth, "parameters": [gid, dpop],
-          "requestBody": { "content": { "application/json": { "schema": { "type": "object", "properties": { "ttl": { "type": "string", "examples": ["10m"] } } } } } },
+          "requestBody": { "content": { "application/json": { "schema": { "type": "object", "properties": { "ttl": { "type": "string", "pattern": "^[0-9]+[smhd]$", "examples": ["10m"] } } } } } },
           "responses": { "200": { "description": "a new token", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Issued" } } } },
             "400": e("invalid proof"), "401": e("invalid token"), "403": e("renewal refused: the grant is ended"), "409": e("ended or at maximum lifetime") } } },
         "/v1/grants/{id}/status": { "get": {
@@ -80,7 +130,7 @@ pub fn document() -> Value {
             "400": e("invalid DPoP proof"), "401": e("invalid or expired token"), "403": e("token of another grant"), "404": e("no such grant") } } },
         "/v1/approvals": { "get": {
           "summary": "Requests waiting for approval, newest first", "security": op_auth,
-          "parameters": [ { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0, "maximum": 1000 } } ],
+          "parameters": [ { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "at most this many (larger values are clamped)" } ],
           "responses": { "200": { "description": "pending requests", "content": { "application/json": { "schema": { "type": "object", "properties": { "requests": { "type": "array", "items": { "$ref": "#/components/schemas/PendingRequest" } } } } } } },
             "400": e("bad query"), "401": e("operator token required"), "403": e("role missing (approve or read)") } } },
         "/v1/approvals/{id}": { "get": {
@@ -118,7 +168,7 @@ pub fn document() -> Value {
           "responses": { "200": { "description": "the chain verifies" }, "409": { "description": "tampering found; names the first bad entry" }, "401": e("operator token required"), "403": e("role missing") } } },
         "/v1/reports/standing": { "get": {
           "summary": "Standing-privilege report: everything that looks like access outliving its task, and the proof that every grant issued in the window ended", "security": op_auth,
-          "parameters": [ { "name": "window", "in": "query", "schema": { "type": "string", "examples": ["24h"] }, "description": "how far back (default 24h)" } ],
+          "parameters": [ { "name": "window", "in": "query", "schema": { "type": "string", "pattern": "^[0-9]+[smhd]$", "examples": ["24h"] }, "description": "how far back (default 24h)" } ],
           "responses": { "200": { "description": "the report; `ok` is false when anything was found", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StandingReport" } } } },
             "400": e("bad window"), "401": e("operator token required"), "403": e("role missing"), "503": e("store unavailable") } } },
         "/v1/feed": { "get": {
@@ -126,7 +176,7 @@ pub fn document() -> Value {
           "parameters": [ { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } },
             { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "resume after this sequence number" } ],
           "responses": { "200": { "description": "the stream, or a page", "content": {
-              "text/event-stream": { "schema": { "type": "string" } },
+              "text/event-stream": { "schema": { "type": "object", "description": "one server-sent event: `grant.ended` (data: a FeedEntry, id: its seq) or `head` (data: {seq, store, at})", "properties": { "event": { "type": "string", "enum": ["grant.ended", "head"] }, "data": { "type": "string" }, "id": { "type": "string" }, "retry": { "type": "integer" } } } },
               "application/json": { "schema": { "type": "object", "properties": { "head": { "type": "integer" }, "entries": { "type": "array", "items": { "$ref": "#/components/schemas/FeedEntry" } } } } } } },
             "400": e("bad Last-Event-ID or query"), "401": e("operator token required"), "403": e("gate or read role missing"), "503": e("store unavailable") } } },
         "/v1/policies": { "get": {
@@ -137,14 +187,14 @@ pub fn document() -> Value {
           "summary": "A context change or task ending from an outside system (OpenID CAEP types, or task-ended, workload-quarantined, risk-raised): ends every matching pending or active grant at once", "security": op_auth,
           "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["type", "subject"], "properties": {
             "type": { "type": "string", "examples": ["task-ended", "https://schemas.openid.net/secevent/caep/event-type/session-revoked"] },
-            "subject": { "type": "object", "additionalProperties": false, "properties": { "workload": { "type": "string" }, "task": { "type": "string" }, "grant": { "type": "string" } } },
+            "subject": { "type": "object", "additionalProperties": false, "properties": { "workload": { "type": ["string", "null"] }, "task": { "type": ["string", "null"] }, "grant": { "type": ["string", "null"] } } },
             "reason": { "type": "string" }, "event_timestamp": { "type": "integer" } } } } } },
           "responses": { "200": { "description": "the grants it ended", "content": { "application/json": { "schema": { "type": "object", "properties": { "type": { "type": "string" }, "ended": { "type": "array", "items": { "type": "string" } } } } } } },
             "400": e("unknown type or empty subject"), "401": e("operator token required"), "403": e("signal role missing"), "415": e("wrong content type"), "503": e("store unavailable") } } },
         "/v1/usage": { "post": {
           "summary": "Gates report which grants they saw used (for `@idle` windows)", "security": op_auth,
           "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["uses"], "properties": {
-            "uses": { "type": "array", "maxItems": 10000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at"], "properties": { "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" } } } } } } } } },
+            "uses": { "type": "array", "maxItems": 1000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at"], "properties": { "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" } } } } } } } } },
           "responses": { "200": { "description": "how many grants got a new last use", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
             "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing"), "503": e("store unavailable") } } },
         "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
@@ -181,7 +231,7 @@ pub fn document() -> Value {
           "AccessRequest": { "type": "object", "additionalProperties": false, "required": ["identity_token", "audience", "actions", "task"], "properties": {
             "identity_token": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1 },
             "task": { "type": "object", "additionalProperties": false, "required": ["id", "purpose"], "properties": { "id": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" } } },
-            "ttl": { "type": "string", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" }, "justification": { "type": "string" } } },
+            "ttl": { "type": "string", "pattern": "^[0-9]+[smhd]$", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" }, "justification": { "type": "string" } } },
           "PendingRequest": { "allOf": [ { "$ref": "#/components/schemas/Grant" }, { "type": "object", "properties": {
             "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] },
             "approvals": { "type": "array", "items": { "type": "object", "properties": { "by": { "type": "string" }, "at": { "type": "integer" }, "reason": { "type": "string" } } } },
@@ -189,7 +239,7 @@ pub fn document() -> Value {
             "approvable_until": { "type": "integer" }, "history": { "type": "array", "items": { "type": "object" } } } } ] },
           "ApprovalDecision": { "type": "object", "additionalProperties": false, "properties": {
             "reason": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1, "description": "keep only these of the requested actions" },
-            "ttl": { "type": "string", "examples": ["10m"], "description": "a shorter lifetime" } } },
+            "ttl": { "type": "string", "pattern": "^[0-9]+[smhd]$", "examples": ["10m"], "description": "a shorter lifetime" } } },
           "Reason": { "type": "object", "additionalProperties": false, "properties": { "reason": { "type": "string" } } },
           "Grant": { "type": "object", "required": ["id", "state", "workload", "audience", "actions"], "properties": {
             "id": { "type": "string" }, "state": { "enum": ["pending", "active", "completed", "expired", "revoked", "denied"] },
