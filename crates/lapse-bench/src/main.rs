@@ -56,6 +56,18 @@ enum Cmd {
         #[arg(long, default_value_t = lapse_providers::scram::DEFAULT_ITERATIONS)]
         scram_iterations: u32,
     },
+    /// A `lapse serve --dev` process held at a fixed rate of exchanges for a long
+    /// time: resident memory, errors, latency per minute (needs the release `lapse`
+    /// binary beside this one).
+    Soak {
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Unmeasured seconds first (caches, allocator, SQLite pages settle).
+        #[arg(long, default_value_t = 30)]
+        warmup: u64,
+    },
     /// Start-up latency `lapse run` adds to a command (needs the release `lapse`
     /// binary beside this one).
     Run {
@@ -171,6 +183,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Introspect(a) => load(Kind::Introspect, &a, cli.json),
         Cmd::Fsync { iterations } => fsync(iterations, cli.json),
         Cmd::Run { samples } => runcmd::run(samples, cli.json),
+        Cmd::Soak {
+            rate,
+            minutes,
+            warmup,
+        } => soak::run(rate, minutes, warmup, cli.json),
         Cmd::Gate { cmd } => match cmd {
             GateCmd::Decide { requests, runs } => gate::decide(requests, runs, cli.json),
             GateCmd::Propagation {
@@ -320,6 +337,7 @@ mod console;
 mod gate;
 mod pg;
 mod runcmd;
+mod soak;
 
 struct Server {
     addr: SocketAddr,

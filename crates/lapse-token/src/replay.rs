@@ -2,16 +2,30 @@
 //! a captured proof cannot be replayed.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 const SHARDS: usize = 32;
+/// How often (seconds) a shard forgets expired entries, at the next insert.
+const PRUNE_EVERY_SECS: i64 = 10;
+
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<String, i64>,
+    pruned_at: i64,
+}
 
 /// A sharded set of `jti`s with expiry. Bounded: when full of live entries it refuses
-/// new ones (the caller fails closed) rather than forgetting live ones.
+/// new ones (the caller fails closed) rather than forgetting live ones. Expired
+/// entries are forgotten every few seconds, so memory follows the live window, not
+/// the capacity.
 #[derive(Debug)]
 pub struct ReplayCache {
-    shards: Vec<Mutex<HashMap<String, i64>>>,
+    shards: Vec<Mutex<Shard>>,
     max_per_shard: usize,
+    /// Keyed per process: which shard a `jti` lands in cannot be predicted from
+    /// outside (no flooding one shard to make it refuse).
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// What happened when a `jti` was offered.
@@ -25,37 +39,38 @@ pub enum Seen {
 impl ReplayCache {
     pub fn new(capacity: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             max_per_shard: (capacity / SHARDS).max(16),
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
     /// Records `key` as used until `expires_secs`; says whether it was already used.
     pub fn check_and_insert(&self, key: &str, expires_secs: i64, now_secs: i64) -> Seen {
-        use std::hash::{Hash, Hasher};
-        // The shard must be a pure function of the key, so a fixed-key hasher.
-        let mut h = std::hash::DefaultHasher::new();
-        key.hash(&mut h);
-        let idx = usize::try_from(h.finish() % SHARDS as u64).unwrap_or(0);
+        // The shard is a pure function of the key within this process.
+        let idx = usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0);
         let Some(shard) = self.shards.get(idx) else {
             return Seen::Full;
         };
-        let mut map = match shard.lock() {
+        let mut shard = match shard.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(&exp) = map.get(key)
+        if let Some(&exp) = shard.map.get(key)
             && exp > now_secs
         {
             return Seen::Replay;
         }
-        if map.len() >= self.max_per_shard {
-            map.retain(|_, exp| *exp > now_secs);
-            if map.len() >= self.max_per_shard {
+        if shard.map.len() >= self.max_per_shard
+            || now_secs.saturating_sub(shard.pruned_at) >= PRUNE_EVERY_SECS
+        {
+            shard.map.retain(|_, exp| *exp > now_secs);
+            shard.pruned_at = now_secs;
+            if shard.map.len() >= self.max_per_shard {
                 return Seen::Full;
             }
         }
-        map.insert(key.to_owned(), expires_secs);
+        shard.map.insert(key.to_owned(), expires_secs);
         Seen::New
     }
 }
@@ -74,6 +89,26 @@ mod tests {
             Seen::New,
             "expired entries may be reused"
         );
+    }
+
+    #[test]
+    fn expired_entries_are_forgotten_as_time_passes() {
+        let c = ReplayCache::new(1_000_000);
+        for i in 0..10_000 {
+            assert_eq!(c.check_and_insert(&format!("k{i}"), 60, 0), Seen::New);
+        }
+        let live = |c: &ReplayCache| -> usize {
+            c.shards
+                .iter()
+                .map(|s| s.lock().map(|s| s.map.len()).unwrap_or(0))
+                .sum()
+        };
+        assert_eq!(live(&c), 10_000);
+        // Later inserts prune each shard they touch once its entries have expired.
+        for i in 0..1_000 {
+            c.check_and_insert(&format!("later{i}"), 200, 100);
+        }
+        assert!(live(&c) <= 1_000, "{} entries kept", live(&c));
     }
 
     #[test]
