@@ -139,7 +139,8 @@ pub struct RingKey {
 }
 
 impl RingKey {
-    fn published(&self, now: i64) -> bool {
+    /// Whether it is in the JWKS (and verifies tokens) at `now` (ms).
+    pub fn published(&self, now: i64) -> bool {
         self.retires_at.is_none_or(|r| now < r)
     }
 }
@@ -394,8 +395,9 @@ impl KeyRing {
         let Some(kek) = &self.kek else {
             return Err(KeyRingError::NotShared);
         };
-        self.reload(store).await?;
+        // One read: the ring installed and the records rotated are the same.
         let records = store.keys().await?;
+        self.install(&records)?;
         let old = self.current_at(now);
         let new = SigningKey::generate();
         let activates = now.saturating_add(publish_delay_ms);

@@ -151,53 +151,29 @@ pub async fn serve(
     // The sweeper, cleanup and reconciler run on one replica at a time (the
     // store elects it); the others keep asking, and one takes over within a sweep
     // period when the leader goes away.
-    let l = lapse.clone();
     let mut background = vec![
-        tokio::spawn(every(
+        tokio::spawn(every_as_leader(
+            lapse.clone(),
             sweep_period,
             "sweeper ended expired grants",
-            move || {
-                let l = l.clone();
-                async move {
-                    if !l.lead().await? {
-                        return Ok(0);
-                    }
-                    l.sweep().await
-                }
-            },
+            |l| async move { l.sweep().await },
         )),
         tokio::spawn(policy_watch_loop(lapse.clone())),
     ];
     if !lapse.providers.is_empty() {
         // Owed destroys, each grant at its own backoff.
-        let l = lapse.clone();
-        background.push(tokio::spawn(every(
+        background.push(tokio::spawn(every_as_leader(
+            lapse.clone(),
             Duration::from_millis(500),
             "cleanup retried credential destroys",
-            move || {
-                let l = l.clone();
-                async move {
-                    if !l.lead().await? {
-                        return Ok(0);
-                    }
-                    l.cleanup().await
-                }
-            },
+            |l| async move { l.cleanup().await },
         )));
         // At start, then every `reconcile_interval`.
-        let l = lapse.clone();
-        background.push(tokio::spawn(every(
+        background.push(tokio::spawn(every_as_leader(
+            lapse.clone(),
             Duration::from_secs(lapse.cfg.reconcile_interval.secs().max(1)),
             "reconciler corrected targets",
-            move || {
-                let l = l.clone();
-                async move {
-                    if !l.lead().await? {
-                        return Ok(0);
-                    }
-                    l.reconcile().await
-                }
-            },
+            |l| async move { l.reconcile().await },
         )));
     }
     if lapse.keys.shared() {
@@ -332,6 +308,25 @@ async fn serve_tls(
     drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     Ok(())
+}
+
+/// [`every`] for the singleton jobs: a pass runs only while this replica leads.
+async fn every_as_leader<F, Fut>(lapse: Arc<Lapse>, period: Duration, what: &'static str, pass: F)
+where
+    F: Fn(Arc<Lapse>) -> Fut,
+    Fut: Future<Output = Result<usize, error::ApiError>>,
+{
+    every(period, what, || {
+        let l = lapse.clone();
+        let run = pass(l.clone());
+        async move {
+            if !l.lead().await? {
+                return Ok(0);
+            }
+            run.await
+        }
+    })
+    .await
 }
 
 /// Runs `pass` every `period` (the first at once), logging how many things it

@@ -684,7 +684,7 @@ impl Lapse {
             token,
             |kid| {
                 keys.iter()
-                    .find(|k| k.kid == kid && k.retires_at.is_none_or(|r| now < r))
+                    .find(|k| k.kid == kid && k.published(now))
                     .map(|k| &k.public)
             },
             &self.issuer,
