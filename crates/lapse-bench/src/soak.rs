@@ -25,6 +25,31 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// Where the resident memory is (`smaps_rollup`): anonymous (heap, stacks) and
+/// file-backed or shared (SQLite's `-shm` wal-index is a shared file mapping), in
+/// KiB, with the sizes of the database files.
+fn breakdown(pid: u32, data: &std::path::Path) -> String {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (rss, anon) = (field("Rss:"), field("Anonymous:"));
+    let size = |suffix: &str| {
+        std::fs::metadata(data.join(format!("lapse.db{suffix}"))).map_or(0, |m| m.len() / 1024)
+    };
+    format!(
+        "anonymous {anon} KiB, file/shared {} KiB; lapse.db {} KiB, -wal {} KiB, -shm {} KiB",
+        rss.saturating_sub(anon),
+        size(""),
+        size("-wal"),
+        size("-shm")
+    )
+}
+
 struct Child(std::process::Child);
 
 impl Drop for Child {
@@ -137,6 +162,7 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
         // Memory: after warm-up, then every minute.
         tokio::time::sleep_until(start + Duration::from_secs(warmup_secs)).await;
         let rss_start = rss_kib(pid)?;
+        let mem_start = breakdown(pid, &data);
         let mut samples = vec![rss_start];
         for _ in 0..minutes {
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -154,6 +180,12 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
             }
         }
         let rss_end = rss_kib(pid)?;
+        let mem_end = breakdown(pid, &data);
+        emit(
+            json_out,
+            format!("memory after warm-up: {mem_start}\nmemory at the end: {mem_end}"),
+            json!({ "bench": "soak.memory", "start": mem_start, "end": mem_end }),
+        );
         let growth = (rss_end as f64 - rss_start as f64) / rss_start as f64 * 100.0;
         for (m, h) in per_minute.iter().enumerate().skip(1) {
             let s = stats::summary(h);

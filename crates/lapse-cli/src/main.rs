@@ -38,6 +38,11 @@ struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM file of CA certificates to trust beside the system's roots, for every
+    /// HTTPS call this command makes (a broker or identity provider with a
+    /// private CA).
+    #[arg(long, global = true, env = "LAPSE_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -356,6 +361,12 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Some(path) = &cli.ca_file {
+        if let Err(e) = lapse_identity::trust_ca_file(path) {
+            eprintln!("lapse: --ca-file: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -48,6 +48,11 @@ pub struct GateConfig {
     /// Method and path to action, first match wins; no match is refused.
     #[serde(rename = "rule")]
     pub rules: Vec<Rule>,
+    /// TLS on the gate's own listener. With `client_ca` and
+    /// `require_client_cert`, only a proxy holding a certificate from that bundle
+    /// can ask the gate anything.
+    #[serde(default)]
+    pub tls: Option<lapse_tls::TlsConfig>,
 }
 
 fn default_staleness() -> TtlDuration {

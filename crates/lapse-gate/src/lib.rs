@@ -12,6 +12,12 @@
 //! answers 200 with `X-Lapse-Workload`, `X-Lapse-Task`, `X-Lapse-Grant` and
 //! `X-Lapse-Action` for the upstream, or 401/403 with a `WWW-Authenticate`, or 503
 //! when it cannot decide (no policy yet, feed stale): never allow by default.
+//!
+//! A token bound to a client certificate (RFC 8705 `cnf.x5t#S256`, issued to a
+//! workload that authenticated with its X.509-SVID) passes only with that
+//! certificate, which the proxy that terminated the client's TLS reports: nginx
+//! `X-Client-Cert: $ssl_client_escaped_cert`, Traefik `passTLSClientCert`
+//! (`X-Forwarded-Tls-Client-Cert`), Envoy `x-forwarded-client-cert` (`Hash=`).
 
 pub mod config;
 
@@ -197,6 +203,7 @@ impl Gate {
             .map(|v| v.to_str().unwrap_or(""))
             .collect();
         let now = now_secs();
+        let client_cert = client_cert(self.cfg.proxy, headers);
         let allowed = self
             .verifier
             .verify(&Check {
@@ -207,6 +214,7 @@ impl Gate {
                     .and_then(|v| v.to_str().ok()),
                 dpop: &dpop,
                 action,
+                client_cert: client_cert.as_deref(),
                 now_secs: now,
             })
             .await?;
@@ -283,6 +291,47 @@ fn client_ip(proxy: Proxy, headers: &HeaderMap) -> Option<IpAddr> {
         Proxy::Traefik | Proxy::Envoy => h("x-forwarded-for").and_then(|v| v.rsplit(',').next()),
     }
     .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `x5t#S256` of the client certificate the configured proxy verified, from
+/// that proxy's header only; `None` when there is none or it does not parse (a
+/// certificate-bound token then fails, as it should).
+fn client_cert(proxy: Proxy, headers: &HeaderMap) -> Option<String> {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    match proxy {
+        // `proxy_set_header X-Client-Cert $ssl_client_escaped_cert;`: the leaf's
+        // PEM, URL-escaped; empty (so not sent) without a client certificate.
+        Proxy::Nginx => {
+            let pem = percent_encoding::percent_decode_str(h("x-client-cert")?)
+                .decode_utf8()
+                .ok()?;
+            lapse_tls::thumbprint_of_pem(&pem)
+        }
+        // `passTLSClientCert: {pem: true}`: the chain's base64 DER bodies, leaf
+        // first, URL-escaped and comma-separated.
+        Proxy::Traefik => {
+            let all = percent_encoding::percent_decode_str(h("x-forwarded-tls-client-cert")?)
+                .decode_utf8()
+                .ok()?;
+            let leaf = all.split(',').next()?.trim();
+            use base64::Engine as _;
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(leaf)
+                .ok()?;
+            Some(lapse_tls::thumbprint(&der))
+        }
+        // `forward_client_cert_details: SANITIZE_SET` with `Hash`: the hex SHA-256
+        // of the client's DER certificate; the last element is the hop Envoy saw.
+        Proxy::Envoy => {
+            let last = h("x-forwarded-client-cert")?.rsplit(',').next()?;
+            let hash = last
+                .split(';')
+                .find_map(|kv| kv.trim().strip_prefix("Hash="))?
+                .trim_matches('"');
+            let bytes = hex::decode(hash).ok().filter(|b| b.len() == 32)?;
+            Some(lapse_token::b64::encode(bytes))
+        }
+    }
 }
 
 /// The original method and URI of a forwarded request, from the configured
@@ -408,10 +457,19 @@ pub async fn serve(
         }
     });
     let last = gate.clone();
-    let app = router(gate).into_make_service_with_connect_info::<SocketAddr>();
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let tls = match &gate.cfg.tls {
+        Some(cfg) => Some(Arc::new(
+            lapse_tls::Tls::load(cfg).map_err(|e| std::io::Error::other(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let watch = tls
+        .clone()
+        .map(|t| tokio::spawn(t.watch(Duration::from_secs(2))));
+    let r = lapse_tls::serve(tls, listener, router(gate), shutdown, || {}).await;
+    if let Some(w) = watch {
+        w.abort();
+    }
     follow.abort();
     policies.abort();
     uses.abort();
@@ -476,5 +534,55 @@ mod tests {
         let elsewhere = req("GET", "/other", &[]);
         let eh = elsewhere.headers().clone();
         assert_eq!(original(Proxy::Envoy, &eh, &elsewhere), None);
+    }
+
+    #[test]
+    fn each_proxy_reports_the_client_certificate_its_own_way() {
+        use base64::Engine as _;
+        use rustls::pki_types::pem::PemObject as _;
+        let authority = lapse_testkit::pki::ca("workloads");
+        let leaf = lapse_testkit::pki::svid_leaf(&authority, "spiffe://example.org/ci");
+        let want = leaf.thumbprint();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap();
+        let escaped = percent_encoding::utf8_percent_encode(
+            &leaf.cert,
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        let traefik = format!(
+            "{},{}",
+            base64::engine::general_purpose::STANDARD.encode(der.as_ref()),
+            base64::engine::general_purpose::STANDARD.encode(b"the issuer, ignored")
+        );
+        let envoy = format!(
+            "By=spiffe://example.org/envoy;Hash=00ff;Subject=\"\",By=spiffe://example.org/envoy;Hash={};URI=spiffe://example.org/ci",
+            hex::encode(sha2_256(der.as_ref()))
+        );
+        let headers = |pairs: &[(&str, &str)]| req("GET", "/", pairs).headers().clone();
+        let all = headers(&[
+            ("x-client-cert", &escaped),
+            ("x-forwarded-tls-client-cert", &traefik),
+            ("x-forwarded-client-cert", &envoy),
+        ]);
+        for proxy in [Proxy::Nginx, Proxy::Traefik, Proxy::Envoy] {
+            assert_eq!(client_cert(proxy, &all).as_deref(), Some(want.as_str()), "{proxy:?}");
+        }
+        // Only the configured proxy's header counts; garbage is no certificate.
+        let nginx_only = headers(&[("x-client-cert", &escaped)]);
+        assert_eq!(client_cert(Proxy::Traefik, &nginx_only), None);
+        assert_eq!(client_cert(Proxy::Envoy, &nginx_only), None);
+        let junk = headers(&[
+            ("x-client-cert", "not%20a%20certificate"),
+            ("x-forwarded-tls-client-cert", "!!!"),
+            ("x-forwarded-client-cert", "Hash=zz"),
+        ]);
+        for proxy in [Proxy::Nginx, Proxy::Traefik, Proxy::Envoy] {
+            assert_eq!(client_cert(proxy, &junk), None, "{proxy:?}");
+        }
+    }
+
+    fn sha2_256(b: &[u8]) -> Vec<u8> {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(b).to_vec()
     }
 }

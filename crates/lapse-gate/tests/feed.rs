@@ -340,6 +340,7 @@ async fn with_a_stale_feed_a_gate_fails_closed_or_asks_introspection_as_configur
             authorization: Some(&auth),
             dpop: &proofs,
             action: "read",
+            client_cert: None,
             now_secs: SystemClock.now().unix_seconds(),
         })
         .await

@@ -73,7 +73,25 @@ impl Drop for Nginx {
     }
 }
 
+/// TLS for nginx's client-facing listener: certificate, key, and the bundle client
+/// certificates are verified against (`ssl_verify_client optional`).
+struct NginxTls<'a> {
+    cert: &'a Path,
+    key: &'a Path,
+    client_ca: &'a Path,
+}
+
 fn nginx(dir: &Path, port: u16, gate: u16, upstream: u16) -> Nginx {
+    nginx_with(dir, port, gate, upstream, None)
+}
+
+fn nginx_with(
+    dir: &Path,
+    port: u16,
+    gate: u16,
+    upstream: u16,
+    tls: Option<NginxTls<'_>>,
+) -> Nginx {
     let bin = std::env::var("LAPSE_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
     let root = Command::new("id")
         .arg("-u")
@@ -85,6 +103,19 @@ fn nginx(dir: &Path, port: u16, gate: u16, upstream: u16) -> Nginx {
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
         .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate}"))
         .replace("127.0.0.1:9000", &format!("127.0.0.1:{upstream}"));
+    let conf = match tls {
+        None => conf,
+        Some(t) => conf.replace(
+            &format!("listen 127.0.0.1:{port};"),
+            &format!(
+                "listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
+                 ssl_client_certificate {};\n    ssl_verify_client optional;",
+                t.cert.display(),
+                t.key.display(),
+                t.client_ca.display()
+            ),
+        ),
+    };
     let d = dir.display();
     let conf = format!(
         "{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
@@ -344,4 +375,130 @@ async fn nginx_auth_request_through_lapse_gate() {
         "not before the bound: {:?}",
         cut.elapsed()
     );
+}
+
+/// RFC 8705 through nginx: a workload that authenticated to the broker with its
+/// X.509-SVID gets a token bound to that certificate; nginx verifies the client
+/// certificate and hands it to the gate, which lets the token through only with
+/// that very certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_bound_token_passes_nginx_only_with_its_certificate() {
+    use lapse_testkit::pki::{ca, client, server_leaf, svid_leaf};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (server_ca, workloads) = (ca("servers"), ca("dev trust domain"));
+    std::fs::write(dir.join("servers.pem"), &server_ca.pem).unwrap();
+    std::fs::write(dir.join("workloads.pem"), &workloads.pem).unwrap();
+    let (bcert, bkey) = server_leaf(&server_ca).write(dir, "broker");
+    let (ncert, nkey) = server_leaf(&server_ca).write(dir, "nginx");
+    // The gate fetches the broker's keys and feed over HTTPS from the private CA.
+    lapse_identity::trust_ca_file(&dir.join("servers.pem")).unwrap();
+    let bundle = dir.join("workloads.pem");
+    let b = broker(|cfg, _| {
+        cfg.tls = Some(lapse_tls::TlsConfig {
+            cert: bcert.clone(),
+            key: bkey.clone(),
+            client_ca: Some(bundle.clone()),
+            require_client_cert: false,
+        });
+    })
+    .await;
+    assert!(b.url.starts_with("https://"), "{}", b.url);
+
+    let up = upstream().await;
+    let (gate_port, web) = (free_port(), free_port());
+    std::fs::write(dir.join("gate.token"), &b.admin).unwrap();
+    let cfg = GateConfig::parse(
+        &include_str!("../../../examples/gate/gate.toml")
+            .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate_port}"))
+            .replace("http://127.0.0.1:7800", &b.url)
+            .replace("http://127.0.0.1:8080", &format!("https://127.0.0.1:{web}"))
+            .replace(
+                "file:/etc/lapse/gate.token",
+                &format!("file:{}", dir.join("gate.token").display()),
+            ),
+    )
+    .unwrap();
+    let gate = lapse_gate::Gate::new(cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", gate_port))
+        .await
+        .unwrap();
+    tokio::spawn(lapse_gate::serve(gate, listener, std::future::pending()));
+    let _nginx = nginx_with(
+        &dir.join("nginx"),
+        web,
+        gate_port,
+        up,
+        Some(NginxTls {
+            cert: &ncert,
+            key: &nkey,
+            client_ca: &bundle,
+        }),
+    );
+
+    // The workload's SVID is its identity at the broker: no identity token.
+    let svid = svid_leaf(&workloads, CI);
+    let mtls = client(&server_ca, Some(&svid));
+    let key = DpopKey::generate();
+    let token_url = format!("{}/oauth/token", b.url);
+    let v: Value = mtls
+        .post(&token_url)
+        .header("DPoP", key.proof("POST", &token_url, None, now()))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("audience", "orders-db"),
+            ("scope", "read"),
+            ("task", "T-mtls"),
+            ("purpose", "certificate-bound through nginx"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t = v["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned();
+
+    let url = format!("https://127.0.0.1:{web}/orders/7");
+    let send = |http: reqwest::Client, extra: Option<String>| {
+        let (t, url, p) = (t.clone(), url.clone(), proof(&key, "GET", &url, &t));
+        async move {
+            let mut rb = http
+                .get(&url)
+                .header("Authorization", format!("DPoP {t}"))
+                .header("DPoP", p);
+            if let Some(pem) = extra {
+                rb = rb.header("X-Client-Cert", pem);
+            }
+            let r = rb.send().await.unwrap();
+            let www = r
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (r.status().as_u16(), www)
+        }
+    };
+    // With its certificate: through.
+    let (st, www) = send(mtls.clone(), None).await;
+    assert_eq!(st, 200, "{www}");
+    // Another certificate for the same SPIFFE ID (a clone of the workload): refused.
+    let twin = client(&server_ca, Some(&svid_leaf(&workloads, CI)));
+    let (st, www) = send(twin, None).await;
+    assert_eq!(st, 401, "{www}");
+    assert!(www.contains("another client certificate"), "{www}");
+    // No certificate, even with the right one's PEM in a header of its own: nginx
+    // overwrites the header, so the claim never reaches the gate.
+    let escaped: String =
+        percent_encoding::utf8_percent_encode(&svid.cert, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let (st, www) = send(client(&server_ca, None), Some(escaped)).await;
+    assert_eq!(st, 401, "{www}");
+    assert!(www.contains("came without one"), "{www}");
 }

@@ -21,15 +21,43 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// An HTTP client for outbound fetches (JWKS), with rustls on the `ring` provider.
-/// Every process that makes outbound TLS calls builds its clients through here.
+/// Certificates trusted beside the system's roots by every client [`http_client`]
+/// builds: a private CA, set once at start (`lapse --ca-file`).
+static EXTRA_ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+
+/// Trusts the CA certificates in the PEM file at `path`, beside the system's
+/// roots, for every outbound HTTPS call this process makes from now on (the
+/// broker's, a gate's, the CLI's). Once per process; returns how many it read.
+pub fn trust_ca_file(path: &std::path::Path) -> Result<usize, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("`{}`: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("`{}` holds no certificate", path.display()));
+    }
+    let n = certs.len();
+    EXTRA_ROOTS
+        .set(certs)
+        .map_err(|_| "a CA file was already set for this process".to_owned())?;
+    Ok(n)
+}
+
+/// An HTTP client for outbound calls (JWKS, the broker's API), with rustls on the
+/// `ring` provider. Every process that makes outbound TLS calls builds its clients
+/// through here, so [`trust_ca_file`] reaches all of them.
 pub fn http_client() -> reqwest::Client {
     // Installing twice is harmless: the second call reports the first one won.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    if let Some(roots) = EXTRA_ROOTS.get() {
+        b = b.tls_certs_merge(roots.iter().cloned());
+    }
+    b.build().unwrap_or_else(|e| {
+        // Only a broken TLS setup gets here; a default client would silently drop
+        // the private CA, so say so loudly.
+        tracing::error!(error = %e, "cannot build the HTTPS client with the configured CA; using the system roots only");
+        reqwest::Client::new()
+    })
 }
 
 /// One trusted issuer of identity tokens.

@@ -201,6 +201,7 @@ impl PostgresConfig {
 /// A small pool of admin connections.
 struct Pool {
     config: tokio_postgres::Config,
+    tls: lapse_pg::Tls,
     idle: Mutex<Vec<tokio_postgres::Client>>,
     permits: Arc<Semaphore>,
     target: String,
@@ -256,7 +257,7 @@ impl Pool {
             None => {
                 let (client, conn) = tokio::time::timeout(
                     Duration::from_secs(5),
-                    self.config.connect(tokio_postgres::NoTls),
+                    self.config.connect(self.tls.clone()),
                 )
                 .await
                 .map_err(|_| ProviderError::Unavailable {
@@ -305,9 +306,15 @@ impl PostgresProvider {
         let url = cfg.admin_connection_string()?;
         // The parse error could quote the string (and its password): say where it
         // came from instead.
-        let mut pg: tokio_postgres::Config = url.parse().map_err(|_| {
+        let (mut pg, tls) = lapse_pg::config(&url).map_err(|e| {
+            // The string itself is never quoted (it holds a password): where it
+            // came from instead.
+            let why = match e {
+                lapse_pg::PgConfigError::Parse(_) => "does not parse".to_owned(),
+                other => other.to_string(),
+            };
             ProviderError::Config(format!(
-                "audience `{}`: the connection string in `{}` does not parse",
+                "audience `{}`: the connection string in `{}`: {why}",
                 cfg.audience, cfg.admin_url
             ))
         })?;
@@ -349,6 +356,7 @@ impl PostgresProvider {
         Ok(Self {
             pool: Pool {
                 config: pg,
+                tls,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(cfg.pool_size)),
                 target: cfg.audience.clone(),

@@ -71,6 +71,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             limit_headers,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_time,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -125,6 +129,22 @@ async fn limit_headers(State(s): State<AppState>, req: Request, next: Next) -> R
         .into_response();
     }
     next.run(req).await
+}
+
+/// Bounds a request's time to its answer: a client that trickles its body, or a
+/// store that hangs, cannot hold a connection and a task forever. Handlers are
+/// written to be dropped at any await (as when a client disconnects): a commit
+/// under way still completes in the store's writer.
+async fn limit_time(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = std::time::Duration::from_secs(s.limits.cfg.request_timeout.secs().max(1));
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::Unavailable(format!(
+            "the request did not finish within {} s",
+            limit.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {

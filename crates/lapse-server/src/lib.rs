@@ -26,7 +26,7 @@ mod openapi;
 pub mod report;
 pub mod service;
 pub mod signals;
-pub mod tls;
+pub use lapse_tls as tls;
 
 use config::Config;
 use lapse_core::Clock;
@@ -213,101 +213,22 @@ pub async fn serve(
             }
         }));
     }
-    if let Some(tls) = lapse.tls.clone() {
+    if let Some(tls) = &lapse.tls {
         background.push(tokio::spawn(tls.clone().watch(Duration::from_secs(2))));
-        let result = serve_tls(lapse, tls, listener, shutdown).await;
-        for task in background {
-            task.abort();
-        }
-        return result;
     }
     let closing = lapse.closing.clone();
-    let app = http::router(lapse).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Feed streams never end by themselves; they must, for the graceful
-            // shutdown to finish (gates reconnect to another replica, or resume).
-            closing.send_replace(true);
-        })
-        .await;
+    let tls = lapse.tls.clone();
+    let app = http::router(lapse);
+    // Feed streams never end by themselves; they must, for the graceful shutdown
+    // to finish (gates reconnect to another replica, or resume).
+    let result = lapse_tls::serve(tls, listener, app, shutdown, move || {
+        closing.send_replace(true);
+    })
+    .await;
     for task in background {
         task.abort();
     }
     result
-}
-
-/// The accept loop for TLS: handshake (bounded), then HTTP/1.1 on the connection
-/// with the peer address and any verified client certificate in the request's
-/// extensions. On shutdown it stops accepting, ends the feed streams and lets
-/// requests in flight finish (up to 10 s).
-async fn serve_tls(
-    lapse: Arc<Lapse>,
-    tls: Arc<tls::Tls>,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use hyper_util::rt::TokioIo;
-    let closing = lapse.closing.clone();
-    let app = http::router(lapse);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let acceptor = tls.acceptor();
-        let app = app.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let cert = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| tls::ClientCert(Arc::new(c.clone().into_owned())));
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
-                    if let Some(c) = &cert {
-                        req.extensions_mut().insert(c.clone());
-                    }
-                    let mut app = app.clone();
-                    async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
-                },
-            );
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    closing.send_replace(true);
-    drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
-    Ok(())
 }
 
 /// [`every`] for the singleton jobs: a pass runs only while this replica leads.

@@ -24,6 +24,13 @@ pub struct LimitsConfig {
     /// Console sign-in attempts, per source address.
     #[serde(default = "default_login")]
     pub login_per_source: Rate,
+    /// Console sign-in attempts, per operator name (from any address).
+    #[serde(default = "default_login")]
+    pub login_per_operator: Rate,
+    /// Password checks (Argon2, ~19 MiB and tens of milliseconds each) running at
+    /// once; more wait their turn, up to 10 s, then get 503.
+    #[serde(default = "default_password_checks")]
+    pub max_password_checks: usize,
     /// Requests of one workload waiting for approval at once.
     #[serde(default = "default_pending")]
     pub max_pending_per_workload: usize,
@@ -32,6 +39,11 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// How long one request may take, from its head to the start of the answer
+    /// (reading its body included); then 503. The revocation feed's stream is
+    /// not cut: its answer starts at once.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: lapse_core::TtlDuration,
 }
 
 impl Default for LimitsConfig {
@@ -40,9 +52,12 @@ impl Default for LimitsConfig {
             token_per_source: default_per_source(),
             token_per_workload: default_per_workload(),
             login_per_source: default_login(),
+            login_per_operator: default_login(),
+            max_password_checks: default_password_checks(),
             max_pending_per_workload: default_pending(),
             max_headers: default_max_headers(),
             max_header_bytes: default_max_header_bytes(),
+            request_timeout: default_request_timeout(),
         }
     }
 }
@@ -60,6 +75,12 @@ fn default_login() -> Rate {
         burst: 10,
         period: Duration::from_secs(60),
     }
+}
+fn default_request_timeout() -> lapse_core::TtlDuration {
+    lapse_core::TtlDuration::from_secs(30)
+}
+fn default_password_checks() -> usize {
+    4
 }
 fn default_pending() -> usize {
     20
@@ -210,6 +231,9 @@ pub struct Limits {
     pub token_source: Limiter,
     pub token_workload: Limiter,
     pub login_source: Limiter,
+    pub login_operator: Limiter,
+    /// Permits for Argon2 password checks.
+    pub password_checks: tokio::sync::Semaphore,
 }
 
 impl Limits {
@@ -218,6 +242,8 @@ impl Limits {
             token_source: Limiter::new(cfg.token_per_source),
             token_workload: Limiter::new(cfg.token_per_workload),
             login_source: Limiter::new(cfg.login_per_source),
+            login_operator: Limiter::new(cfg.login_per_operator),
+            password_checks: tokio::sync::Semaphore::new(cfg.max_password_checks.max(1)),
             cfg,
         }
     }

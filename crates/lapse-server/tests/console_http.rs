@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{ALICE_PASSWORD, CI, Server, start, token_of};
+use common::{ALICE_PASSWORD, CI, Server, start, start_with, token_of};
 use lapse_core::Clock;
 use lapse_token::DpopKey;
 use serde_json::Value;
@@ -194,6 +194,23 @@ async fn console_pages_and_forms_need_a_session() {
     s.clock.advance_secs(8 * 3600 + 1);
     let p = fetch(http.get(format!("{}/ui/", s.url)).header("cookie", &good)).await;
     assert_eq!(p.status, 303, "an expired session is refused");
+}
+
+/// Guesses against one name from anywhere meet one bucket; other names, known or
+/// not, have their own, so the limit does not reveal which names exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_attempts_are_limited_per_operator_name() {
+    let s = start_with(|c| c.limits.login_per_operator = "3/m".parse().unwrap()).await;
+    for _ in 0..3 {
+        assert_eq!(try_sign_in(&s, "alice", "guess").await, (401, None));
+    }
+    // The right password does not get through either, until the bucket refills.
+    assert_eq!(try_sign_in(&s, "alice", ALICE_PASSWORD).await, (429, None));
+    assert_eq!(try_sign_in(&s, "bob", &token_of("bob")).await.0, 303);
+    for _ in 0..3 {
+        assert_eq!(try_sign_in(&s, "nobody", "guess").await, (401, None));
+    }
+    assert_eq!(try_sign_in(&s, "nobody", "guess").await, (429, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

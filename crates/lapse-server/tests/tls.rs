@@ -14,72 +14,14 @@ use lapse_core::{Clock, SystemClock};
 use lapse_server::dev;
 use lapse_server::tls::TlsConfig;
 use lapse_token::{DpopKey, Jwk, PublicKey};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use lapse_testkit::pki::{Ca, ca, client, leaf, server_leaf, svid_leaf};
+use rcgen::{ExtendedKeyUsagePurpose, SanType};
 use serde_json::Value;
-use sha2::Digest;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SVID: &str = "spiffe://dev.lapse.local/ci/deploy";
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec![]).unwrap();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, name.to_owned());
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::CrlSign,
-    ];
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-/// A leaf signed by `ca`: (certificate PEM, key PEM).
-fn leaf(ca: &Ca, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec![]).unwrap();
-    p.subject_alt_names = sans;
-    p.extended_key_usages = vec![usage];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn server_leaf(ca: &Ca) -> (String, String) {
-    leaf(
-        ca,
-        vec![
-            SanType::DnsName("localhost".try_into().unwrap()),
-            SanType::IpAddress([127, 0, 0, 1].into()),
-        ],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )
-}
-
-fn svid_leaf(ca: &Ca, uri: &str) -> (String, String) {
-    leaf(
-        ca,
-        vec![SanType::URI(uri.try_into().unwrap())],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )
-}
 
 struct Broker {
     url: String,
@@ -91,9 +33,7 @@ struct Broker {
 
 async fn broker(server_ca: &Ca, bundle: &Ca, require_client_cert: bool) -> Broker {
     let tmp = tempfile::tempdir().unwrap();
-    let (cert, key) = server_leaf(server_ca);
-    std::fs::write(tmp.path().join("server.pem"), cert).unwrap();
-    std::fs::write(tmp.path().join("server.key"), key).unwrap();
+    server_leaf(server_ca).write(tmp.path(), "server");
     std::fs::write(tmp.path().join("bundle.pem"), &bundle.pem).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -119,37 +59,6 @@ async fn broker(server_ca: &Ca, bundle: &Ca, require_client_cert: bool) -> Broke
         tmp,
         _task: task,
     }
-}
-
-/// An HTTPS client trusting `ca`, presenting `identity` (certificate and key PEM).
-fn client(ca: &Ca, identity: Option<&(String, String)>) -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .build()
-        .unwrap()
-}
-
-fn thumbprint(cert_pem: &str) -> String {
-    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    lapse_token::b64::encode(sha2::Sha256::digest(der.as_ref()))
 }
 
 impl Broker {
@@ -286,7 +195,7 @@ async fn an_x509_svid_is_the_identity_and_tokens_are_bound_to_its_certificate() 
     assert_eq!(claims.cnf.jkt, key.jkt());
     assert_eq!(
         claims.cnf.x5t_s256.as_deref(),
-        Some(thumbprint(&svid.0).as_str())
+        Some(svid.thumbprint().as_str())
     );
     // Introspection reports the binding.
     let intro: Value = mtls
@@ -302,7 +211,7 @@ async fn an_x509_svid_is_the_identity_and_tokens_are_bound_to_its_certificate() 
     assert_eq!(intro["active"], true, "{intro}");
     assert_eq!(
         intro["cnf"]["x5t#S256"],
-        thumbprint(&svid.0).as_str(),
+        svid.thumbprint().as_str(),
         "{intro}"
     );
     // The bound token with its key but without its certificate is refused ...
@@ -408,9 +317,9 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     let next_ca = ca("next server ca");
     let healthz = format!("{}/healthz", b.url);
     assert!(client(&next_ca, None).get(&healthz).send().await.is_err());
-    let (cert, key) = server_leaf(&next_ca);
-    write_atomically(&b.tmp.path().join("server.key"), &key);
-    write_atomically(&b.tmp.path().join("server.pem"), &cert);
+    let next = server_leaf(&next_ca);
+    write_atomically(&b.tmp.path().join("server.key"), &next.key);
+    write_atomically(&b.tmp.path().join("server.pem"), &next.cert);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(r) = client(&next_ca, None).get(&healthz).send().await {

@@ -28,7 +28,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
@@ -54,6 +53,7 @@ pub struct PgStore {
     pool: Pool,
     writer: mpsc::UnboundedSender<Job>,
     config: tokio_postgres::Config,
+    tls: lapse_pg::Tls,
     timeout: Duration,
     feed: watch::Receiver<u64>,
     /// The session that asks for the leader lock, and whether it holds it.
@@ -104,8 +104,7 @@ impl PgStore {
         signer: Arc<dyn AuditSigner>,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
+        let (mut config, tls) = lapse_pg::config(url)
             .map_err(|e| StoreError::Config(format!("store URL `{}`: {e}", redact_url(url))))?;
         // As libpq does: the password may come from the environment, so it need not
         // be written in the config file.
@@ -137,7 +136,7 @@ impl PgStore {
         ));
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -163,12 +162,13 @@ impl PgStore {
         };
         let tasks = vec![
             tokio::spawn(writer.run(rx)),
-            tokio::spawn(listen(config.clone(), feed_tx)),
+            tokio::spawn(listen(config.clone(), tls.clone(), feed_tx)),
         ];
         Ok(Self {
             pool,
             writer: tx,
             config,
+            tls,
             timeout,
             feed: feed_rx,
             leader: tokio::sync::Mutex::new(None),
@@ -257,9 +257,9 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
 /// Follows `NOTIFY lapse_feed` on its own session, reconnecting when it drops. A
 /// reconnect also wakes the streams: notifications sent meanwhile are lost, the
 /// entries are not.
-async fn listen(config: tokio_postgres::Config, feed: watch::Sender<u64>) {
+async fn listen(config: tokio_postgres::Config, tls: lapse_pg::Tls, feed: watch::Sender<u64>) {
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 let (ntx, mut nrx) = mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
@@ -1092,7 +1092,7 @@ impl Store for PgStore {
             *leader = None;
         }
         if leader.is_none() {
-            let (client, conn) = tokio::time::timeout(self.timeout, self.config.connect(NoTls))
+            let (client, conn) = tokio::time::timeout(self.timeout, self.config.connect(self.tls.clone()))
                 .await
                 .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
                 .map_err(pg_err)?;

@@ -87,6 +87,10 @@ pub enum Denial {
     ProofReplayed,
     #[error("the DPoP proof is signed by another key than the token is bound to")]
     ProofKeyMismatch,
+    #[error("the token is bound to a client certificate (`cnf.x5t#S256`) and the request came without one")]
+    CertificateMissing,
+    #[error("the token is bound to another client certificate than the request came with")]
+    CertificateMismatch,
     #[error("the grant has ended ({0})")]
     GrantEnded(String),
     #[error("the revocation feed has been silent for {0} s; failing closed")]
@@ -120,6 +124,8 @@ impl Denial {
             | Self::InvalidProof { .. }
             | Self::ProofReplayed
             | Self::ProofKeyMismatch => "invalid_dpop_proof",
+            // RFC 8705 §3: a certificate-bound token presented without (or with
+            // another) certificate is an invalid token.
             Self::ActionNotGranted(_)
             | Self::WrongAudience { .. }
             | Self::NoRule
@@ -156,6 +162,9 @@ pub struct Request<'a> {
     pub dpop: &'a [&'a str],
     /// The action the request needs.
     pub action: &'a str,
+    /// The `x5t#S256` of the client certificate the request came with (verified by
+    /// whoever terminated its TLS), for certificate-bound tokens (RFC 8705).
+    pub client_cert: Option<&'a str>,
     /// Unix seconds.
     pub now_secs: i64,
 }
@@ -374,6 +383,15 @@ impl Verifier {
         })?;
         if proof.jkt != claims.cnf.jkt {
             return Err(Denial::ProofKeyMismatch);
+        }
+        // Both bindings hold when a token has both: the DPoP key and the
+        // certificate the workload authenticated with when the token was issued.
+        if let Some(bound) = &claims.cnf.x5t_s256 {
+            match req.client_cert {
+                None => return Err(Denial::CertificateMissing),
+                Some(got) if got != bound => return Err(Denial::CertificateMismatch),
+                Some(_) => {}
+            }
         }
         if !claims.actions().any(|a| a == req.action) {
             return Err(Denial::ActionNotGranted(req.action.to_owned()));

@@ -81,6 +81,7 @@ fn check(w: &World, auth: Option<&str>, proofs: &[&str], action: &str) -> Result
         authorization: auth,
         dpop: proofs,
         action,
+        client_cert: None,
         now_secs: NOW,
     })
     .map(|a| assert_eq!(a.claims.grant_id, "gr_1"))
@@ -208,6 +209,48 @@ fn an_action_the_token_does_not_carry() {
 }
 
 #[test]
+fn a_certificate_bound_token_needs_its_certificate() {
+    let w = world();
+    let mut c = claims(&w);
+    c.cnf.x5t_s256 = Some("thumb-of-the-svid".into());
+    let t = token(&w, &c);
+    let auth = format!("DPoP {t}");
+    let at = |cert: Option<&str>| {
+        let p = w.key.proof("GET", URL, Some(&t), NOW);
+        w.v.check(&Request {
+            method: "GET",
+            url: URL,
+            authorization: Some(&auth),
+            dpop: &[p.as_str()],
+            action: "read",
+            client_cert: cert,
+            now_secs: NOW,
+        })
+        .map(|_| ())
+    };
+    assert_eq!(at(None), Err(Denial::CertificateMissing));
+    assert_eq!(
+        at(Some("thumb-of-another")),
+        Err(Denial::CertificateMismatch)
+    );
+    assert_eq!(at(Some("thumb-of-the-svid")), Ok(()));
+    assert_eq!(Denial::CertificateMismatch.status(), 401);
+    assert_eq!(Denial::CertificateMissing.code(), "invalid_token");
+    // A token without the binding does not care which certificate came along.
+    let (auth, proof) = good(&w);
+    let r = w.v.check(&Request {
+        method: "GET",
+        url: URL,
+        authorization: Some(&auth),
+        dpop: &[proof.as_str()],
+        action: "read",
+        client_cert: Some("anything"),
+        now_secs: NOW,
+    });
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[test]
 fn every_kind_of_bad_proof() {
     let w = world();
     let t = token(&w, &claims(&w));
@@ -316,6 +359,7 @@ fn an_ended_grant_and_a_silent_feed() {
         authorization: None,
         dpop: &[],
         action: "read",
+        client_cert: None,
         now_secs: NOW + 6,
     };
     let t = token(
@@ -379,6 +423,7 @@ fn a_token_verified_once_still_expires_on_time() {
         authorization: Some(&auth),
         dpop: &[&proof],
         action: "read",
+        client_cert: None,
         now_secs: later,
     });
     assert_eq!(

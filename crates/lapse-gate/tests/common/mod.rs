@@ -39,6 +39,7 @@ pub async fn broker(adjust: impl FnOnce(&mut Config, &Path)) -> Broker {
     let dir = tmp.path().join("broker");
     let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
     adjust(&mut cfg, &dir);
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
         .await
         .unwrap();
@@ -50,7 +51,7 @@ pub async fn broker(adjust: impl FnOnce(&mut Config, &Path)) -> Broker {
         .await;
     });
     Broker {
-        url: format!("http://{addr}"),
+        url: format!("{scheme}://{addr}"),
         dir: dir.canonicalize().unwrap(),
         admin,
         http: reqwest::Client::new(),

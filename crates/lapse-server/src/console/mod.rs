@@ -404,19 +404,22 @@ async fn login(
         r
     };
     // Before the password hash is computed: guessing costs the guesser, not us.
-    if let Err(wait) = s.limits.login_source.check(&peer.ip().to_string()) {
-        let mut r = again(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many sign-in attempts from this address. Wait a minute and try again.",
-            "/ui/",
-            "",
-        );
+    let slow_down = |wait: std::time::Duration, msg: &str, next: &str, name: &str| {
+        let mut r = again(StatusCode::TOO_MANY_REQUESTS, msg, next, name);
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         r.headers_mut().insert(
             header::RETRY_AFTER,
             axum::http::HeaderValue::from(secs.max(1)),
         );
-        return r;
+        r
+    };
+    if let Err(wait) = s.limits.login_source.check(&peer.ip().to_string()) {
+        return slow_down(
+            wait,
+            "Too many sign-in attempts from this address. Wait a minute and try again.",
+            "/ui/",
+            "",
+        );
     }
     let form = match Form::parse(&headers, b) {
         Ok(f) => f,
@@ -434,6 +437,16 @@ async fn login(
         return again(
             StatusCode::FORBIDDEN,
             "The sign-in form expired or did not come from this console; try again.",
+            &next,
+            &name,
+        );
+    }
+    // Guesses spread over many addresses still meet one bucket per name. Every
+    // name has one, known or not, so the limit does not tell which names exist.
+    if let Err(wait) = s.limits.login_operator.check(&name) {
+        return slow_down(
+            wait,
+            "Too many sign-in attempts for this operator. Wait a minute and try again.",
             &next,
             &name,
         );

@@ -111,6 +111,13 @@ fn operator_of(entry: &OperatorEntry) -> Operator {
 
 const BAD_SIGN_IN: &str = "unknown operator or wrong password or token";
 
+/// An Argon2id hash of a random password nobody knows, with the default
+/// parameters real hashes use, made once per process.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| hash_password(&hex::encode(rand::random::<[u8; 32]>())).unwrap_or_default())
+}
+
 impl Lapse {
     fn operator_entry(&self, name: &str) -> Option<&OperatorEntry> {
         self.cfg.operators.iter().find(|o| o.name == name)
@@ -124,19 +131,32 @@ impl Lapse {
         secret: &str,
     ) -> Result<(Operator, SignInMethod), ApiError> {
         let bad = || ApiError::Unauthorized(BAD_SIGN_IN.into());
-        let entry = self.operator_entry(name).ok_or_else(bad)?;
-        if let Some(expected) = entry
-            .token_sha256
-            .as_deref()
-            .and_then(|t| hex::decode(t).ok())
+        let entry = self.operator_entry(name);
+        if let Some(entry) = entry
+            && let Some(expected) = entry
+                .token_sha256
+                .as_deref()
+                .and_then(|t| hex::decode(t).ok())
             && bool::from(hash_secret(secret).as_slice().ct_eq(&expected))
         {
             return Ok((operator_of(entry), SignInMethod::ApiToken));
         }
-        let Some(phc) = entry.password_argon2.clone() else {
-            return Err(bad());
-        };
+        // Every failure costs one Argon2 check — against a throwaway hash when the
+        // name is unknown or has no password — so the time taken does not tell
+        // which operator names exist.
+        let phc = entry
+            .and_then(|e| e.password_argon2.clone())
+            .unwrap_or_else(|| decoy_hash().to_owned());
         let secret = secret.to_owned();
+        // Each check takes ~19 MiB and tens of milliseconds: a bounded number at
+        // once, so a burst of sign-ins cannot exhaust memory or the blocking pool.
+        let _permit = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.limits.password_checks.acquire(),
+        )
+        .await
+        .map_err(|_| ApiError::Unavailable("too many sign-ins at once; try again".into()))?
+        .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
         // Argon2 is deliberately slow (tens of milliseconds): off the async workers.
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&phc).is_ok_and(|h| {
@@ -147,10 +167,11 @@ impl Lapse {
         })
         .await
         .unwrap_or(false);
-        if ok {
-            Ok((operator_of(entry), SignInMethod::Password))
-        } else {
-            Err(bad())
+        match entry {
+            Some(entry) if ok && entry.password_argon2.is_some() => {
+                Ok((operator_of(entry), SignInMethod::Password))
+            }
+            _ => Err(bad()),
         }
     }
 

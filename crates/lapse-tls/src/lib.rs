@@ -1,8 +1,9 @@
-//! TLS on the broker's listener (rustls, TLS 1.3 and 1.2): certificate chain and key
-//! from PEM files, reloaded when the files change (a renewed certificate is used by
-//! new connections without a restart); optionally client certificates, verified
-//! against a trust bundle — a workload's X.509-SVID, whose SPIFFE ID can stand in for
-//! an identity token in a token exchange.
+//! TLS on Lapse's listeners, the broker's and the gate's (rustls, TLS 1.3 and 1.2):
+//! certificate chain and key from PEM files, reloaded when the files change (a
+//! renewed certificate is used by new connections without a restart); optionally
+//! client certificates, verified against a trust bundle — a workload's X.509-SVID,
+//! whose SPIFFE ID can stand in for an identity token in a token exchange, or the
+//! proxy in front of a gate.
 
 use arc_swap::ArcSwap;
 use lapse_core::WorkloadIdentity;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_rustls::TlsAcceptor;
 
-/// `[tls]` in `lapse.toml`.
+/// `[tls]` in `lapse.toml` and `gate.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -48,7 +49,7 @@ pub struct ClientCert(pub Arc<CertificateDer<'static>>);
 impl ClientCert {
     /// RFC 8705 `x5t#S256`: base64url SHA-256 of the DER certificate.
     pub fn thumbprint(&self) -> String {
-        lapse_token::b64::encode(sha2::Sha256::digest(self.0.as_ref()))
+        thumbprint(self.0.as_ref())
     }
 
     /// The workload an X.509-SVID names: exactly one URI SAN, a `spiffe://` ID.
@@ -98,6 +99,17 @@ impl ClientCert {
             claims,
         })
     }
+}
+
+/// RFC 8705 `x5t#S256` of a DER certificate.
+pub fn thumbprint(der: &[u8]) -> String {
+    lapse_token::b64::encode(sha2::Sha256::digest(der))
+}
+
+/// The `x5t#S256` of the first certificate in `pem`; `None` when it holds none.
+pub fn thumbprint_of_pem(pem: &str) -> Option<String> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok()?;
+    Some(thumbprint(der.as_ref()))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -222,5 +234,94 @@ impl Tls {
                 }
             }
         }
+    }
+}
+
+/// The accept loop of a listener, with TLS (`Some`) or without: the TLS
+/// handshake bounded to 10 s, then HTTP/1.1 with the request head bounded to
+/// 10 s (a client that trickles its headers is cut off), the peer address
+/// (`ConnectInfo`) and any verified client certificate ([`ClientCert`]) in each
+/// request's extensions. When `shutdown` resolves it stops accepting, calls
+/// `on_stop` (to end long-lived streams) and lets requests in flight finish, for
+/// up to 10 s.
+pub async fn serve(
+    tls: Option<Arc<Tls>>,
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_stop: impl FnOnce(),
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let watcher = graceful.watcher();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
+        tokio::spawn(async move {
+            let Some(acceptor) = acceptor else {
+                return connection(tcp, peer, None, app, watcher).await;
+            };
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| ClientCert(Arc::new(c.clone().into_owned())));
+            connection(stream, peer, cert, app, watcher).await;
+        });
+    }
+    on_stop();
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    Ok(())
+}
+
+/// HTTP/1.1 on one accepted (and, with TLS, handshaken) connection.
+async fn connection<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    cert: Option<ClientCert>,
+    app: axum::Router,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        if let Some(c) = &cert {
+            req.extensions_mut().insert(c.clone());
+        }
+        let mut app = app.clone();
+        async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
