@@ -11,8 +11,8 @@
 //! starts and stops itself when the database must go away. And one on the embedded
 //! SQLite store, killed with SIGKILL in the middle of 1,000 issuances.
 
-use lapse_testkit::pg::PrivatePg;
 use lapse_core::{Clock, SystemClock};
+use lapse_testkit::pg::PrivatePg;
 use lapse_token::{DpopKey, Jwk, PublicKey};
 use serde_json::{Value, json};
 use std::path::PathBuf;

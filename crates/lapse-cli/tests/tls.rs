@@ -74,7 +74,11 @@ fn start(args: &[&str], port: u16, log: &Path) -> Running {
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "`lapse {}` did not listen", args.join(" "));
+        assert!(
+            Instant::now() < deadline,
+            "`lapse {}` did not listen",
+            args.join(" ")
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     r
@@ -99,7 +103,14 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
     let listen = format!("127.0.0.1:{port}");
     {
         let _dev = start(
-            &["serve", "--dev", "--data", data.to_str().unwrap(), "--listen", &listen],
+            &[
+                "serve",
+                "--dev",
+                "--data",
+                data.to_str().unwrap(),
+                "--listen",
+                &listen,
+            ],
             port,
             &dir.join("dev.log"),
         );
@@ -122,7 +133,14 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
     let url = format!("https://127.0.0.1:{port}");
 
     let t = lapse(
-        &["dev", "token", "--workload", CI, "--data", data.to_str().unwrap()],
+        &[
+            "dev",
+            "token",
+            "--workload",
+            CI,
+            "--data",
+            data.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(t.status.success(), "{}", show(&t));
@@ -188,7 +206,13 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
     let o = lapse(&["gate", "--config", gate_toml.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(7), "{}", show(&o));
     let _gate = start(
-        &["--ca-file", ca_s, "gate", "--config", gate_toml.to_str().unwrap()],
+        &[
+            "--ca-file",
+            ca_s,
+            "gate",
+            "--config",
+            gate_toml.to_str().unwrap(),
+        ],
         gport,
         &dir.join("gate.log"),
     );
@@ -216,7 +240,10 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
                 .is_err()
         );
         // The proxy's certificate: the gate answers, and refuses a tokenless request.
-        let proxy = client(&pki, Some(&svid_leaf(&proxies, "spiffe://dev.lapse.local/nginx")));
+        let proxy = client(
+            &pki,
+            Some(&svid_leaf(&proxies, "spiffe://dev.lapse.local/nginx")),
+        );
         let r = proxy.get(format!("{gate}/healthz")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let r = proxy
@@ -228,6 +255,9 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
             .unwrap();
         assert_eq!(r.status(), 401);
         let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
-        assert!(challenge.starts_with("DPoP error=\"invalid_request\""), "{challenge}");
+        assert!(
+            challenge.starts_with("DPoP error=\"invalid_request\""),
+            "{challenge}"
+        );
     });
 }

@@ -544,11 +544,9 @@ mod tests {
         let leaf = lapse_testkit::pki::svid_leaf(&authority, "spiffe://example.org/ci");
         let want = leaf.thumbprint();
         let der = rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap();
-        let escaped = percent_encoding::utf8_percent_encode(
-            &leaf.cert,
-            percent_encoding::NON_ALPHANUMERIC,
-        )
-        .to_string();
+        let escaped =
+            percent_encoding::utf8_percent_encode(&leaf.cert, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
         let traefik = format!(
             "{},{}",
             base64::engine::general_purpose::STANDARD.encode(der.as_ref()),
@@ -565,7 +563,11 @@ mod tests {
             ("x-forwarded-client-cert", &envoy),
         ]);
         for proxy in [Proxy::Nginx, Proxy::Traefik, Proxy::Envoy] {
-            assert_eq!(client_cert(proxy, &all).as_deref(), Some(want.as_str()), "{proxy:?}");
+            assert_eq!(
+                client_cert(proxy, &all).as_deref(),
+                Some(want.as_str()),
+                "{proxy:?}"
+            );
         }
         // Only the configured proxy's header counts; garbage is no certificate.
         let nginx_only = headers(&[("x-client-cert", &escaped)]);

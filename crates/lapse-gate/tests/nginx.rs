@@ -85,13 +85,7 @@ fn nginx(dir: &Path, port: u16, gate: u16, upstream: u16) -> Nginx {
     nginx_with(dir, port, gate, upstream, None)
 }
 
-fn nginx_with(
-    dir: &Path,
-    port: u16,
-    gate: u16,
-    upstream: u16,
-    tls: Option<NginxTls<'_>>,
-) -> Nginx {
+fn nginx_with(dir: &Path, port: u16, gate: u16, upstream: u16, tls: Option<NginxTls<'_>>) -> Nginx {
     let bin = std::env::var("LAPSE_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
     let root = Command::new("id")
         .arg("-u")

@@ -22,7 +22,9 @@ pub enum PgConfigError {
     /// password).
     #[error("the connection string does not parse: {0}")]
     Parse(String),
-    #[error("sslmode={0} is not supported: use sslmode=require (TLS, server verified) or sslmode=disable")]
+    #[error(
+        "sslmode={0} is not supported: use sslmode=require (TLS, server verified) or sslmode=disable"
+    )]
     SslMode(String),
     #[error("sslrootcert `{path}`: {why}")]
     RootCert { path: String, why: String },
@@ -53,7 +55,10 @@ pub fn config(conn: &str) -> Result<(tokio_postgres::Config, Tls), PgConfigError
         .map_err(|e| PgConfigError::Parse(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok((config, tokio_postgres_rustls::MakeRustlsConnect::new(client)))
+    Ok((
+        config,
+        tokio_postgres_rustls::MakeRustlsConnect::new(client),
+    ))
 }
 
 /// Takes `sslmode` and `sslrootcert` out of the connection string (tokio-postgres
@@ -142,7 +147,10 @@ mod tests {
             "postgres://lapse:pw@db.internal:5432/lapse?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
         )
         .unwrap();
-        assert_eq!(rest, "postgres://lapse:pw@db.internal:5432/lapse?application_name=x");
+        assert_eq!(
+            rest,
+            "postgres://lapse:pw@db.internal:5432/lapse?application_name=x"
+        );
         assert_eq!(mode.as_deref(), Some("verify-full"));
         assert_eq!(root.as_deref(), Some("/etc/ca.pem"));
         let (rest, mode, root) =

@@ -6,7 +6,7 @@
 )]
 //! Abuse limits over real HTTP: per-source and per-workload rates on the token
 //! endpoint (429 `slow_down` with `Retry-After`), the cap on a workload's pending
-//! requests, sign-in attempts per source, and header limits (431).
+//! requests, sign-in attempts per source, header limits (431), and slow clients.
 
 mod common;
 
@@ -190,4 +190,67 @@ async fn too_many_or_too_large_headers_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 431);
     assert_eq!(s.http.get(&url).send().await.unwrap().status(), 200);
+}
+
+/// A client that sends its head and then trickles (or never sends) its body holds
+/// a task for `request_timeout` at most; one that never finishes its head is cut
+/// off at 10 s. Both over a raw socket, as such a client would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start_with(|c| c.limits.request_timeout = lapse_core::TtlDuration::from_secs(1)).await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    slow_body
+        .write_all(
+            b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slow_body.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered within the request timeout")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("did not finish within 1 s"), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+
+    let mut slow_head = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_head
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        slow_head.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the connection is closed, not held open");
+    let waited = started.elapsed();
+    // Closed (with a 408 or without a word), never served.
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(read.is_err() || !rest.contains(" 200 "), "{rest}");
+    assert!(
+        waited >= std::time::Duration::from_secs(9) && waited < std::time::Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
+    // Meanwhile the broker serves everyone else.
+    assert_eq!(
+        s.http
+            .get(format!("{}/healthz", s.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -76,7 +76,17 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
         Some(db) => {
             StoreError::Unavailable(format!("postgres: {}: {}", db.code().code(), db.message()))
         }
-        None => StoreError::Unavailable(format!("postgres: {e}")),
+        None => {
+            // tokio-postgres keeps the cause (a refused certificate, a reset
+            // connection) in `source`: an operator needs it to act.
+            let mut msg = format!("postgres: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            StoreError::Unavailable(msg)
+        }
     }
 }
 
@@ -1092,10 +1102,11 @@ impl Store for PgStore {
             *leader = None;
         }
         if leader.is_none() {
-            let (client, conn) = tokio::time::timeout(self.timeout, self.config.connect(self.tls.clone()))
-                .await
-                .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
-                .map_err(pg_err)?;
+            let (client, conn) =
+                tokio::time::timeout(self.timeout, self.config.connect(self.tls.clone()))
+                    .await
+                    .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+                    .map_err(pg_err)?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });

@@ -68,11 +68,8 @@ impl PrivatePg {
             Some(leaf) => {
                 let (cert, key) = leaf.write(dir.path(), "server");
                 // PostgreSQL wants its key readable by it alone.
-                std::fs::set_permissions(
-                    &key,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                )
-                .unwrap();
+                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .unwrap();
                 format!(
                     " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
                     cert.display(),
@@ -175,4 +172,3 @@ impl Drop for PrivatePg {
             .output();
     }
 }
-

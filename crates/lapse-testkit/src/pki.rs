@@ -27,7 +27,10 @@ pub struct Leaf {
 impl Leaf {
     /// Writes `NAME.pem` and `NAME.key` into `dir`; answers their paths.
     pub fn write(&self, dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&c, &self.cert).unwrap();
         std::fs::write(&k, &self.key).unwrap();
         (c, k)

@@ -108,7 +108,9 @@ pub fn thumbprint(der: &[u8]) -> String {
 
 /// The `x5t#S256` of the first certificate in `pem`; `None` when it holds none.
 pub fn thumbprint_of_pem(pem: &str) -> Option<String> {
-    let der = CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok()?;
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
     Some(thumbprint(der.as_ref()))
 }
 

@@ -55,7 +55,7 @@ pub struct VerifierConfig {
 /// error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
-    #[error("no access token (`Authorization: DPoP …`)")]
+    #[error("no access token (`Authorization: DPoP ...`)")]
     MissingToken,
     #[error("the access token must be sent with the `DPoP` scheme")]
     NotDpopScheme,
@@ -87,7 +87,9 @@ pub enum Denial {
     ProofReplayed,
     #[error("the DPoP proof is signed by another key than the token is bound to")]
     ProofKeyMismatch,
-    #[error("the token is bound to a client certificate (`cnf.x5t#S256`) and the request came without one")]
+    #[error(
+        "the token is bound to a client certificate (`cnf.x5t#S256`) and the request came without one"
+    )]
     CertificateMissing,
     #[error("the token is bound to another client certificate than the request came with")]
     CertificateMismatch,
@@ -141,6 +143,15 @@ impl Denial {
             .to_string()
             .chars()
             .filter(|c| *c != '"' && *c != '\\')
+            // A header value is visible ASCII: clients refuse anything else (a
+            // claim or path quoted in a denial could carry it).
+            .map(|c| {
+                if c == ' ' || c.is_ascii_graphic() {
+                    c
+                } else {
+                    '?'
+                }
+            })
             .collect();
         format!(
             "DPoP error=\"{}\", error_description=\"{desc}\", algs=\"EdDSA ES256 RS256\"",

@@ -398,6 +398,14 @@ fn denials_map_to_statuses_and_error_codes() {
     .www_authenticate();
     assert!(h.starts_with("DPoP error=\"insufficient_scope\""), "{h}");
     assert_eq!(h.matches('"').count(), 6, "quotes inside are dropped: {h}");
+    // Header values are visible ASCII, whatever a denial quotes.
+    let h = Denial::WrongAudience {
+        expected: "orders-db".into(),
+        got: "caf\u{e9}\n\u{2026}".into(),
+    }
+    .www_authenticate();
+    assert!(h.bytes().all(|b| b == b' ' || b.is_ascii_graphic()), "{h}");
+    assert!(Denial::MissingToken.www_authenticate().is_ascii());
 }
 
 #[test]

@@ -115,7 +115,8 @@ const BAD_SIGN_IN: &str = "unknown operator or wrong password or token";
 /// parameters real hashes use, made once per process.
 fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DECOY.get_or_init(|| hash_password(&hex::encode(rand::random::<[u8; 32]>())).unwrap_or_default())
+    DECOY
+        .get_or_init(|| hash_password(&hex::encode(rand::random::<[u8; 32]>())).unwrap_or_default())
 }
 
 impl Lapse {
