@@ -361,11 +361,11 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(path) = &cli.ca_file {
-        if let Err(e) = lapse_identity::trust_ca_file(path) {
-            eprintln!("lapse: --ca-file: {e}");
-            return ExitCode::from(2);
-        }
+    if let Some(path) = &cli.ca_file
+        && let Err(e) = lapse_identity::trust_ca_file(path)
+    {
+        eprintln!("lapse: --ca-file: {e}");
+        return ExitCode::from(2);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
