@@ -322,16 +322,37 @@ fn client_cert(proxy: Proxy, headers: &HeaderMap) -> Option<String> {
         }
         // `forward_client_cert_details: SANITIZE_SET` with `Hash`: the hex SHA-256
         // of the client's DER certificate; the last element is the hop Envoy saw.
+        // Values may be quoted and hold `,` and `;` (a Subject DN), so the
+        // separators count only outside quotes.
         Proxy::Envoy => {
-            let last = h("x-forwarded-client-cert")?.rsplit(',').next()?;
-            let hash = last
-                .split(';')
-                .find_map(|kv| kv.trim().strip_prefix("Hash="))?
-                .trim_matches('"');
+            let elements = split_unquoted(h("x-forwarded-client-cert")?, ',');
+            let last = elements.last()?;
+            let hash = split_unquoted(last, ';')
+                .into_iter()
+                .find_map(|kv| kv.trim().strip_prefix("Hash="))?;
             let bytes = hex::decode(hash).ok().filter(|b| b.len() == 32)?;
             Some(lapse_token::b64::encode(bytes))
         }
     }
+}
+
+/// `s` split at `sep` where it is not inside a double-quoted part (`\"` escapes).
+fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(s.get(start..i).unwrap_or_default());
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(s.get(start..).unwrap_or_default());
+    parts
 }
 
 /// The original method and URI of a forwarded request, from the configured
@@ -573,6 +594,20 @@ mod tests {
         let nginx_only = headers(&[("x-client-cert", &escaped)]);
         assert_eq!(client_cert(Proxy::Traefik, &nginx_only), None);
         assert_eq!(client_cert(Proxy::Envoy, &nginx_only), None);
+        // A quoted Subject that smuggles a `Hash=` after a comma is still the
+        // Subject: the element's own Hash is the one read.
+        let tricky = headers(&[(
+            "x-forwarded-client-cert",
+            &format!(
+                "By=spiffe://example.org/envoy;Hash={};Subject=\"CN=x,Hash={}\"",
+                hex::encode(sha2_256(der.as_ref())),
+                hex::encode([7u8; 32])
+            ),
+        )]);
+        assert_eq!(
+            client_cert(Proxy::Envoy, &tricky).as_deref(),
+            Some(want.as_str())
+        );
         let junk = headers(&[
             ("x-client-cert", "not%20a%20certificate"),
             ("x-forwarded-tls-client-cert", "!!!"),
