@@ -7,9 +7,10 @@
 //! The `lapse` binary as a user runs it: a real `lapse serve --dev` process, real
 //! requests through `lapse request`, and the exit codes scripts depend on.
 
+use lapse_testkit::process::{Running, show};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const LAPSE: &str = env!("CARGO_BIN_EXE_lapse");
@@ -28,28 +29,10 @@ fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `lapse serve --dev` on a free port and waits until it answers. A port
 /// another test took between choosing and binding makes the child exit; then it
 /// tries another.
-fn serve(data: &Path) -> (Served, String) {
+fn serve(data: &Path) -> (Running, String) {
     for _ in 0..5 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -64,7 +47,7 @@ fn serve(data: &Path) -> (Served, String) {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start lapse serve: {e}"));
-        let mut served = Served(child);
+        let mut served = Running(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         let up = loop {
             if !matches!(served.0.try_wait(), Ok(None)) {
@@ -421,7 +404,7 @@ fn lapse_gate_runs_from_its_config_file_and_refuses_by_default() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _gate = Served(child);
+    let _gate = Running(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "lapse gate did not listen");

@@ -8,6 +8,7 @@
 //! GitLab CI and Kubernetes issuer configs from `examples/identity` (their keys made
 //! here), real child processes, real signals, and the local PostgreSQL.
 
+use lapse_testkit::process::show;
 use lapse_token::SigningKey;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -227,15 +228,6 @@ impl Broker {
             .clone();
         serde_json::from_str(e["data"].as_str().unwrap()).unwrap()
     }
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The first `n` lines a running child prints (it keeps running).

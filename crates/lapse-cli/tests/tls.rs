@@ -11,28 +11,13 @@
 //! from the configured bundle may use.
 
 use lapse_testkit::pki::{ca, client, server_leaf, svid_leaf};
+use lapse_testkit::process::{Running, free_port, show};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const LAPSE: &str = env!("CARGO_BIN_EXE_lapse");
 const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 fn lapse(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(LAPSE);
@@ -44,15 +29,6 @@ fn lapse(args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().unwrap()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Spawns `lapse ARGS` and waits until `port` accepts connections.

@@ -484,13 +484,7 @@ pub async fn serve(
         )),
         None => None,
     };
-    let watch = tls
-        .clone()
-        .map(|t| tokio::spawn(t.watch(Duration::from_secs(2))));
     let r = lapse_tls::serve(tls, listener, router(gate), shutdown, || {}).await;
-    if let Some(w) = watch {
-        w.abort();
-    }
     follow.abort();
     policies.abort();
     uses.abort();

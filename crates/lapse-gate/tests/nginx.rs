@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{CI, broker};
+use lapse_testkit::process::free_port;
 
 /// The protected service: says who the gate let through.
 async fn upstream() -> u16 {
@@ -45,12 +46,32 @@ async fn upstream() -> u16 {
     port
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts `lapse gate` in process from the example config, for the broker `b`,
+/// clients addressing `external`; `adjust` edits the config text. Answers its port.
+async fn start_gate(
+    dir: &Path,
+    b: &common::Broker,
+    external: &str,
+    adjust: impl FnOnce(String) -> String,
+) -> u16 {
+    let port = free_port();
+    std::fs::write(dir.join("gate.token"), &b.admin).unwrap();
+    let text = include_str!("../../../examples/gate/gate.toml")
+        .replace("127.0.0.1:7900", &format!("127.0.0.1:{port}"))
+        .replace("http://127.0.0.1:7800", &b.url)
+        .replace("http://127.0.0.1:8080", external)
+        .replace(
+            "file:/etc/lapse/gate.token",
+            &format!("file:{}", dir.join("gate.token").display()),
+        );
+    let gate = lapse_gate::Gate::new(GateConfig::parse(&adjust(text)).unwrap())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(lapse_gate::serve(gate, listener, std::future::pending()));
+    port
 }
 
 struct Nginx(Child);
@@ -181,29 +202,11 @@ async fn nginx_auth_request_through_lapse_gate() {
     let tmp = tempfile::tempdir().unwrap();
     let mut b = broker(|_, _| {}).await;
     let up = upstream().await;
-    let (gate_port, web) = (free_port(), free_port());
-    std::fs::write(tmp.path().join("gate.token"), &b.admin).unwrap();
-    let cfg = GateConfig::parse(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../examples/gate/gate.toml"
-        ))
-        .unwrap()
-        .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate_port}"))
-        .replace("http://127.0.0.1:7800", &b.url)
-        .replace("http://127.0.0.1:8080", &format!("http://127.0.0.1:{web}"))
-        .replace(
-            "file:/etc/lapse/gate.token",
-            &format!("file:{}", tmp.path().join("gate.token").display()),
-        )
-        .replace("staleness = \"5s\"", "staleness = \"2s\""),
-    )
-    .unwrap();
-    let gate = lapse_gate::Gate::new(cfg).await.unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", gate_port))
-        .await
-        .unwrap();
-    tokio::spawn(lapse_gate::serve(gate, listener, std::future::pending()));
+    let web = free_port();
+    let gate_port = start_gate(tmp.path(), &b, &format!("http://127.0.0.1:{web}"), |t| {
+        t.replace("staleness = \"5s\"", "staleness = \"2s\"")
+    })
+    .await;
     let _nginx = nginx(&tmp.path().join("nginx"), web, gate_port, up);
     let url = format!("http://127.0.0.1:{web}/orders/7");
 
@@ -400,24 +403,8 @@ async fn a_certificate_bound_token_passes_nginx_only_with_its_certificate() {
     assert!(b.url.starts_with("https://"), "{}", b.url);
 
     let up = upstream().await;
-    let (gate_port, web) = (free_port(), free_port());
-    std::fs::write(dir.join("gate.token"), &b.admin).unwrap();
-    let cfg = GateConfig::parse(
-        &include_str!("../../../examples/gate/gate.toml")
-            .replace("127.0.0.1:7900", &format!("127.0.0.1:{gate_port}"))
-            .replace("http://127.0.0.1:7800", &b.url)
-            .replace("http://127.0.0.1:8080", &format!("https://127.0.0.1:{web}"))
-            .replace(
-                "file:/etc/lapse/gate.token",
-                &format!("file:{}", dir.join("gate.token").display()),
-            ),
-    )
-    .unwrap();
-    let gate = lapse_gate::Gate::new(cfg).await.unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", gate_port))
-        .await
-        .unwrap();
-    tokio::spawn(lapse_gate::serve(gate, listener, std::future::pending()));
+    let web = free_port();
+    let gate_port = start_gate(dir, &b, &format!("https://127.0.0.1:{web}"), |t| t).await;
     let _nginx = nginx_with(
         &dir.join("nginx"),
         web,

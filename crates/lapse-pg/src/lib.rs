@@ -37,18 +37,18 @@ pub fn config(conn: &str) -> Result<(tokio_postgres::Config, Tls), PgConfigError
     let mut config: tokio_postgres::Config = conn
         .parse()
         .map_err(|e: tokio_postgres::Error| PgConfigError::Parse(e.to_string()))?;
-    let tls = match sslmode.as_deref() {
+    // Without TLS the connector is never used; it trusts nothing.
+    let roots = match sslmode.as_deref() {
         None | Some("disable") => {
             config.ssl_mode(SslMode::Disable);
-            None
+            rustls::RootCertStore::empty()
         }
         Some("require" | "verify-ca" | "verify-full") => {
             config.ssl_mode(SslMode::Require);
-            Some(roots(rootcert.as_deref())?)
+            roots(rootcert.as_deref())?
         }
         Some(other) => return Err(PgConfigError::SslMode(other.to_owned())),
     };
-    let roots = tls.unwrap_or_else(rustls::RootCertStore::empty);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

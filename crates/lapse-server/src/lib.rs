@@ -213,9 +213,6 @@ pub async fn serve(
             }
         }));
     }
-    if let Some(tls) = &lapse.tls {
-        background.push(tokio::spawn(tls.clone().watch(Duration::from_secs(2))));
-    }
     let closing = lapse.closing.clone();
     let tls = lapse.tls.clone();
     let app = http::router(lapse);

@@ -13,6 +13,16 @@ pub struct PrivatePg {
     options: String,
 }
 
+/// Runs a server tool; its failure fails the test with what it printed.
+fn succeed(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn pg_bin() -> PathBuf {
     if let Ok(p) = std::env::var("LAPSE_TEST_PG_BIN") {
         return PathBuf::from(p);
@@ -79,10 +89,7 @@ impl PrivatePg {
         };
         let pg = Self {
             bin: pg_bin(),
-            port: std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .unwrap()
-                .port(),
+            port: crate::process::free_port(),
             dir,
             options,
         };
@@ -96,16 +103,11 @@ impl PrivatePg {
                     .success()
             );
         }
-        let out = pg
-            .cmd("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(pg.data())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            pg.cmd("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(pg.data()),
+            "initdb",
         );
         pg.start();
         pg
@@ -116,41 +118,31 @@ impl PrivatePg {
     }
 
     pub fn start(&self) {
-        let out = self
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .arg("-o")
-            .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1{}",
-                self.port,
-                self.dir.path().display(),
-                self.options
-            ))
-            .args(["-w", "start"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.path().join("log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {} -k {} -c listen_addresses=127.0.0.1{}",
+                    self.port,
+                    self.dir.path().display(),
+                    self.options
+                ))
+                .args(["-w", "start"]),
+            "pg_ctl start",
         );
     }
 
     pub fn stop(&self) {
-        let out = self
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "fast", "-w", "stop"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            self.cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-m", "fast", "-w", "stop"]),
+            "pg_ctl stop",
         );
     }
 

@@ -216,7 +216,7 @@ impl Tls {
 
     /// Reloads the certificate, key and trust bundle when their files change; a
     /// change that does not load is logged and the last good configuration stays.
-    pub async fn watch(self: Arc<Self>, period: Duration) {
+    async fn watch(self: Arc<Self>, period: Duration) {
         let mut last = stamp(&self.cfg);
         loop {
             tokio::time::sleep(period).await;
@@ -243,7 +243,8 @@ impl Tls {
 /// handshake bounded to 10 s, then HTTP/1.1 with the request head bounded to
 /// 10 s (a client that trickles its headers is cut off), the peer address
 /// (`ConnectInfo`) and any verified client certificate ([`ClientCert`]) in each
-/// request's extensions. When `shutdown` resolves it stops accepting, calls
+/// request's extensions. The certificate files are watched for changes while it
+/// serves ([`Tls::watch`]). When `shutdown` resolves it stops accepting, calls
 /// `on_stop` (to end long-lived streams) and lets requests in flight finish, for
 /// up to 10 s.
 pub async fn serve(
@@ -253,6 +254,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_stop: impl FnOnce(),
 ) -> std::io::Result<()> {
+    let reload = tls
+        .clone()
+        .map(|t| AbortOnDrop(tokio::spawn(t.watch(Duration::from_secs(2)))));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -296,8 +300,18 @@ pub async fn serve(
     }
     on_stop();
     drop(listener);
+    drop(reload);
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     Ok(())
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// HTTP/1.1 on one accepted (and, with TLS, handshaken) connection.
