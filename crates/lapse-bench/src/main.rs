@@ -67,6 +67,10 @@ enum Cmd {
         /// Unmeasured seconds first (caches, allocator, SQLite pages settle).
         #[arg(long, default_value_t = 30)]
         warmup: u64,
+        /// Seconds each grant asks for (`expires_in`); the dev policy's default if
+        /// unset. Short grants make the sweeper's expiries part of the steady state.
+        #[arg(long)]
+        ttl: Option<u64>,
     },
     /// Start-up latency `lapse run` adds to a command (needs the release `lapse`
     /// binary beside this one).
@@ -187,7 +191,8 @@ fn main() -> anyhow::Result<()> {
             rate,
             minutes,
             warmup,
-        } => soak::run(rate, minutes, warmup, cli.json),
+            ttl,
+        } => soak::run(rate, minutes, warmup, ttl, cli.json),
         Cmd::Gate { cmd } => match cmd {
             GateCmd::Decide { requests, runs } => gate::decide(requests, runs, cli.json),
             GateCmd::Propagation {

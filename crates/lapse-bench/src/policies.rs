@@ -186,7 +186,10 @@ pub fn requests(n: usize, seed: u64) -> Vec<AccessRequest> {
                     source,
                     time,
                     break_glass: rng.gen_bool(0.02),
+                    depth: 0,
+                    tool: None,
                 },
+                tools: Vec::new(),
             }
         })
         .collect()

@@ -38,11 +38,19 @@ fn breakdown(pid: u32, data: &std::path::Path) -> String {
             .unwrap_or(0)
     };
     let (rss, anon) = (field("Rss:"), field("Anonymous:"));
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
     let size = |suffix: &str| {
         std::fs::metadata(data.join(format!("lapse.db{suffix}"))).map_or(0, |m| m.len() / 1024)
     };
     format!(
-        "anonymous {anon} KiB, file/shared {} KiB; lapse.db {} KiB, -wal {} KiB, -shm {} KiB",
+        "anonymous {anon} KiB, file/shared {} KiB, {threads} threads; lapse.db {} KiB, -wal {} KiB, -shm {} KiB",
         rss.saturating_sub(anon),
         size(""),
         size("-wal"),
@@ -59,7 +67,13 @@ impl Drop for Child {
     }
 }
 
-pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow::Result<()> {
+pub fn run(
+    rate: f64,
+    minutes: u64,
+    warmup_secs: u64,
+    grant_ttl: Option<u64>,
+    json_out: bool,
+) -> anyhow::Result<()> {
     let lapse = std::env::current_exe()?.with_file_name("lapse");
     if !lapse.exists() {
         bail!(
@@ -109,6 +123,9 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
                 .collect::<Result<_, _>>()?,
         );
         let conns = 8usize;
+        let expires_in: Arc<str> = grant_ttl
+            .map_or(String::new(), |t| format!("&expires_in={t}"))
+            .into();
         let total = (rate * (warmup_secs + minutes * 60) as f64) as usize;
         let errors = Arc::new(AtomicU64::new(0));
         let start = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -119,7 +136,8 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
         };
         let mut tasks = Vec::new();
         for c in 0..conns {
-            let (identities, errors) = (identities.clone(), errors.clone());
+            let (identities, errors, expires_in) =
+                (identities.clone(), errors.clone(), expires_in.clone());
             tasks.push(tokio::spawn(async move {
                 let mut conn = Conn::connect(addr).await?;
                 let dpop = DpopKey::generate();
@@ -131,7 +149,7 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
                     tokio::time::sleep_until(due).await;
                     let now = SystemClock.now().unix_seconds();
                     let body = format!(
-                        "grant_type={}&subject_token={}&subject_token_type={}&audience=orders-db&scope=read&task=soak-{i}&purpose=soak",
+                        "grant_type={}&subject_token={}&subject_token_type={}&audience=orders-db&scope=read&task=soak-{i}&purpose=soak{expires_in}",
                         form_value("urn:ietf:params:oauth:grant-type:token-exchange"),
                         form_value(identities.get(i % identities.len()).map_or("", String::as_str)),
                         form_value("urn:ietf:params:oauth:token-type:jwt"),
@@ -164,9 +182,11 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
         let rss_start = rss_kib(pid)?;
         let mem_start = breakdown(pid, &data);
         let mut samples = vec![rss_start];
+        let mut where_ = vec![mem_start.clone()];
         for _ in 0..minutes {
             tokio::time::sleep(Duration::from_secs(60)).await;
             samples.push(rss_kib(pid)?);
+            where_.push(breakdown(pid, &data));
         }
         let mut per_minute: Vec<hdrhistogram::Histogram<u64>> = Vec::new();
         for t in tasks {
@@ -191,7 +211,12 @@ pub fn run(rate: f64, minutes: u64, warmup_secs: u64, json_out: bool) -> anyhow:
             let s = stats::summary(h);
             emit(
                 json_out,
-                format!("minute {m}: {} (rss {} KiB)", s.line(), samples.get(m).copied().unwrap_or(rss_end)),
+                format!(
+                    "minute {m}: {} (rss {} KiB: {})",
+                    s.line(),
+                    samples.get(m).copied().unwrap_or(rss_end),
+                    where_.get(m).map_or("", String::as_str)
+                ),
                 json!({ "bench": "soak.minute", "minute": m, "latency": s.json(), "rss_kib": samples.get(m) }),
             );
         }

@@ -30,7 +30,7 @@ pub struct Narrowing {
 }
 
 /// The outcome of one approval.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Approved {
     /// More approvals are needed: how many.
     Waiting(Grant, u32),

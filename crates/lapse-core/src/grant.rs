@@ -80,6 +80,14 @@ pub enum LifecycleError {
     MaximumLifetimeReached { id: GrantId },
     #[error("a credential lifetime of zero seconds cannot be issued")]
     ZeroTtl,
+    #[error("a delegated grant may only narrow its parent `{parent}`: {why}")]
+    DelegationWidens { parent: GrantId, why: String },
+    #[error("delegation from grant `{parent}` would be {depth} hops deep; the limit is {limit}")]
+    TooDeep {
+        parent: GrantId,
+        depth: u32,
+        limit: u32,
+    },
     #[error("`{by}` has already approved request `{id}`; one approver counts once")]
     AlreadyApproved { id: GrantId, by: String },
     #[error("an approval may only narrow request `{id}`: {what}")]
@@ -93,7 +101,7 @@ pub enum LifecycleError {
 }
 
 /// A grant and everything needed to decide its next transition without outside state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grant {
     pub id: GrantId,
     /// Exactly what was asked, kept so renewal can re-evaluate the same request.
@@ -152,12 +160,25 @@ pub struct Grant {
     /// with (mTLS); its tokens are bound to that certificate as well as the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x5t: Option<String>,
+    /// The grant this one was delegated from (a sub-agent's); it ends when that ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<GrantId>,
+    /// RFC 8693 `act`: who acts, and behind it who delegated, outermost first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
+    /// How many grants were delegated from this one (so ending it looks for them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delegations: u32,
     /// Optimistic-concurrency version; the store refuses a write whose version moved.
     pub version: u64,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Parameters of a new grant that the lifecycle needs from the decision.
@@ -213,6 +234,9 @@ impl Grant {
             idle_secs: None,
             last_used_at: None,
             x5t: None,
+            parent: None,
+            act: None,
+            delegations: 0,
             version: 1,
         })
     }
@@ -252,8 +276,105 @@ impl Grant {
             idle_secs: None,
             last_used_at: None,
             x5t: None,
+            parent: None,
+            act: None,
+            delegations: 0,
             version: 1,
         }
+    }
+
+    /// A sub-agent's grant delegated from `parent` (active, unexpired): the same
+    /// workload, audience and task, actions and tools a subset of the parent's, and
+    /// a credential that never outlives the parent's current one (nor can renewal
+    /// take it past that). `new.request.context.depth` is the depth asked for;
+    /// `act` the RFC 8693 actor chain.
+    pub fn delegate(
+        parent: &Grant,
+        new: NewGrant,
+        jti: String,
+        act: serde_json::Value,
+        max_depth: u32,
+    ) -> Result<Self, LifecycleError> {
+        Self::may_delegate(parent, &new.request, new.now, max_depth)?;
+        let mut g = Self::issue(
+            NewGrant {
+                // Renewal may never take a child past the parent's credential.
+                max_lifetime_secs: new.now.secs_until(parent.expires_at),
+                ..new
+            },
+            jti,
+        )?;
+        g.x5t.clone_from(&parent.x5t);
+        g.parent = Some(parent.id);
+        g.act = Some(act);
+        Ok(g)
+    }
+
+    /// Whether `r` may be delegated from `parent` at `now`: the checks of
+    /// [`Grant::delegate`] that need no decision, so a widening request is refused
+    /// as such before policy is asked.
+    pub fn may_delegate(
+        parent: &Grant,
+        r: &AccessRequest,
+        now: Timestamp,
+        max_depth: u32,
+    ) -> Result<(), LifecycleError> {
+        parent.require_active()?;
+        if now.secs_until(parent.expires_at) == 0 {
+            return Err(LifecycleError::Ended {
+                id: parent.id,
+                state: GrantState::Expired,
+            });
+        }
+        let widening = |why: String| LifecycleError::DelegationWidens {
+            parent: parent.id,
+            why,
+        };
+        let depth = parent.request.context.depth.saturating_add(1);
+        if r.context.depth != depth {
+            return Err(widening(format!("depth must be {depth}")));
+        }
+        if depth > max_depth {
+            return Err(LifecycleError::TooDeep {
+                parent: parent.id,
+                depth,
+                limit: max_depth,
+            });
+        }
+        if r.workload.id != parent.request.workload.id {
+            return Err(widening("the workload must be the parent's".into()));
+        }
+        if r.audience != parent.request.audience {
+            return Err(widening(format!(
+                "the audience must be the parent's (`{}`)",
+                parent.request.audience
+            )));
+        }
+        if r.task.id != parent.request.task.id {
+            return Err(widening(format!(
+                "the task must be the parent's (`{}`)",
+                parent.request.task.id
+            )));
+        }
+        if r.context.break_glass && !parent.request.context.break_glass {
+            return Err(widening("break-glass cannot be added".into()));
+        }
+        if let Some(a) = r.actions.iter().find(|a| !parent.actions.contains(a)) {
+            return Err(widening(format!(
+                "action `{a}` is not granted to the parent"
+            )));
+        }
+        crate::tools::narrows(&r.tools, &parent.request.tools)
+            .map_err(|e| widening(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Records that a grant was delegated from this one.
+    pub fn delegated(mut self) -> Result<Self, LifecycleError> {
+        self.require_active()?;
+        self.delegations = self.delegations.saturating_add(1);
+        self.version += 1;
+        Ok(self)
     }
 
     /// Seconds the current credential has left at `now`.
@@ -570,7 +691,10 @@ pub(crate) mod tests_support {
                         .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
                     time: t(1000),
                     break_glass: false,
+                    depth: 0,
+                    tool: None,
                 },
+                tools: Vec::new(),
             },
             policies: vec!["p1".into()],
             ttl_cap_secs: cap,
@@ -589,6 +713,118 @@ mod tests {
 
     fn new_grant(requested: u64, cap: Option<u64>) -> NewGrant {
         new_grant_with(requested, cap, &["read"])
+    }
+
+    #[test]
+    fn delegation_only_narrows_and_never_outlives_the_parent() -> Result<(), LifecycleError> {
+        let tools = |v: serde_json::Value| -> Vec<crate::ToolDecl> {
+            serde_json::from_value(v).unwrap_or_default()
+        };
+        let mut p = new_grant_with(600, None, &["read", "write"]);
+        p.request.tools = tools(
+            serde_json::json!([{ "name": "read_file", "args": { "path": { "prefix": "/data/" } } }, { "name": "query" }]),
+        );
+        let parent = Grant::issue(p, "jp".into())?;
+        let child_req = |actions: &[&str], ttl: u64, depth: u32| {
+            let mut n = new_grant_with(ttl, None, actions);
+            n.now = t(1100);
+            n.request.context.depth = depth;
+            n.request.tools = tools(
+                serde_json::json!([{ "name": "read_file", "args": { "path": { "prefix": "/data/x/" } } }]),
+            );
+            n
+        };
+        let act = serde_json::json!({ "sub": "agent-2" });
+        let c = Grant::delegate(
+            &parent,
+            child_req(&["read"], 3600, 1),
+            "jc".into(),
+            act.clone(),
+            3,
+        )?;
+        assert_eq!(c.parent, Some(parent.id));
+        assert_eq!(
+            c.expires_at, parent.expires_at,
+            "capped at the parent's expiry"
+        );
+        assert_eq!(c.max_expires_at, parent.expires_at);
+        assert!(
+            c.clone()
+                .renew(t(1500), 600, vec![], None, "r".into())
+                .is_err(),
+            "renewal cannot pass the parent"
+        );
+        // Widening: an action, a tool, a looser constraint, another audience or task.
+        assert!(matches!(
+            Grant::delegate(
+                &parent,
+                child_req(&["read", "admin"], 60, 1),
+                "j".into(),
+                act.clone(),
+                3
+            ),
+            Err(LifecycleError::DelegationWidens { .. })
+        ));
+        let mut n = child_req(&["read"], 60, 1);
+        n.request.tools = tools(serde_json::json!([{ "name": "read_file" }]));
+        assert!(matches!(
+            Grant::delegate(&parent, n, "j".into(), act.clone(), 3),
+            Err(LifecycleError::DelegationWidens { .. })
+        ));
+        let mut n = child_req(&["read"], 60, 1);
+        n.request.tools = tools(serde_json::json!([{ "name": "transfer" }]));
+        assert!(matches!(
+            Grant::delegate(&parent, n, "j".into(), act.clone(), 3),
+            Err(LifecycleError::DelegationWidens { .. })
+        ));
+        let mut n = child_req(&["read"], 60, 1);
+        n.request.audience = "payments".into();
+        assert!(matches!(
+            Grant::delegate(&parent, n, "j".into(), act.clone(), 3),
+            Err(LifecycleError::DelegationWidens { .. })
+        ));
+        let mut n = child_req(&["read"], 60, 1);
+        n.request.task.id = "other".into();
+        assert!(matches!(
+            Grant::delegate(&parent, n, "j".into(), act.clone(), 3),
+            Err(LifecycleError::DelegationWidens { .. })
+        ));
+        // Depth: one more than the parent's, within the limit.
+        assert!(
+            Grant::delegate(
+                &parent,
+                child_req(&["read"], 60, 2),
+                "j".into(),
+                act.clone(),
+                3
+            )
+            .is_err()
+        );
+        let grandchild =
+            Grant::delegate(&c, child_req(&["read"], 60, 2), "j".into(), act.clone(), 2)?;
+        assert!(matches!(
+            Grant::delegate(
+                &grandchild,
+                child_req(&["read"], 60, 3),
+                "j".into(),
+                act.clone(),
+                2
+            ),
+            Err(LifecycleError::TooDeep {
+                depth: 3,
+                limit: 2,
+                ..
+            })
+        ));
+        // An ended parent delegates nothing.
+        let ended = parent.clone().revoke(t(1050), "op", "done")?;
+        assert!(Grant::delegate(&ended, child_req(&["read"], 60, 1), "j".into(), act, 3).is_err());
+        let bumped = parent.clone().delegated()?;
+        assert_eq!(
+            (bumped.delegations, bumped.version),
+            (1, parent.version + 1)
+        );
+        Ok(())
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod grant;
 pub mod ids;
 pub mod request;
 pub mod review;
+pub mod tools;
 pub mod ttl;
 
 pub use approval::{Approval, Approved, Narrowing};
@@ -24,3 +25,4 @@ pub use request::{
     AccessRequest, Decision, DecisionOutcome, RequestContext, Task, WorkloadIdentity,
 };
 pub use review::{Review, Verdict};
+pub use tools::{ToolCall, ToolDecl, ToolSet, Violation};

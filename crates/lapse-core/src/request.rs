@@ -31,7 +31,7 @@ pub struct Task {
 }
 
 /// The context policy sees, beyond who and what.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestContext {
     /// Environment the workload says it acts in (`prod`, `staging`), empty when none.
     #[serde(default)]
@@ -44,10 +44,17 @@ pub struct RequestContext {
     /// can allow such a request.
     #[serde(default)]
     pub break_glass: bool,
+    /// Hops of delegation behind this request: 0 for a workload's own request, 1
+    /// for a sub-agent of it, and so on.
+    #[serde(default)]
+    pub depth: u32,
+    /// The tool call being decided, when a gate (the MCP proxy) asks about one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<crate::tools::ToolCall>,
 }
 
 /// Workload + task + audience + actions + requested TTL + context.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AccessRequest {
     pub workload: WorkloadIdentity,
     pub task: Task,
@@ -58,6 +65,10 @@ pub struct AccessRequest {
     /// Requested lifetime in seconds.
     pub requested_ttl_secs: u64,
     pub context: RequestContext,
+    /// The tools an agent's task declares (empty: none; such a grant calls no tool
+    /// through the MCP proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<crate::tools::ToolDecl>,
 }
 
 /// How a decision came out.

@@ -245,7 +245,10 @@ impl Gate {
                 source,
                 time: Timestamp::from_unix_seconds(now),
                 break_glass: c.break_glass,
+                depth: c.depth(),
+                tool: None,
             },
+            tools: c.tools.clone(),
         };
         // Approval was given when the token was issued; what matters now is that
         // the current policies still permit the request.

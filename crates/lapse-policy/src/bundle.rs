@@ -49,6 +49,7 @@ pub struct PolicyBundle {
     workload_type: EntityTypeName,
     resource_type: EntityTypeName,
     action_type: EntityTypeName,
+    args_type: EntityTypeName,
     /// Number of policies, for logs and metrics.
     pub policy_count: usize,
     /// The files it was built from, so gates can build the same bundle.
@@ -253,6 +254,7 @@ impl PolicyBundle {
             workload_type: type_name("Workload")?,
             resource_type: type_name("Resource")?,
             action_type: type_name("Action")?,
+            args_type: type_name("ToolArgs")?,
             schema_text,
             policy_count: policies.len(),
             info: policies
@@ -318,7 +320,7 @@ impl PolicyBundle {
             Ok(e) => e,
             Err(msg) => return Decision::deny(format!("cannot build policy input: {msg}"), vec![]),
         };
-        let context = match context(request) {
+        let context = match context(request, &self.args_type) {
             Ok(c) => c,
             Err(msg) => {
                 return Decision::deny(format!("cannot build policy context: {msg}"), vec![]);
@@ -458,47 +460,122 @@ impl PolicyBundle {
             ),
             Default::default(),
         );
+        let mut extra = vec![workload, resource];
+        if let Some(call) = &request.context.tool {
+            extra.push(
+                Entity::new_with_tags(
+                    EntityUid::from_type_name_and_id(self.args_type.clone(), EntityId::new("call")),
+                    [],
+                    [],
+                    call.args.iter().map(|(k, v)| (k.clone(), tool_arg(v))),
+                )
+                .map_err(|e| e.to_string())?,
+            );
+        }
         self.action_entities
             .clone()
-            .add_entities([workload, resource], None)
+            .add_entities(extra, None)
             .map_err(|e| e.to_string())
     }
 }
 
-fn context(request: &AccessRequest) -> Result<Context, String> {
+/// One tool-call argument as a `ToolArg` record.
+fn tool_arg(v: &serde_json::Value) -> RestrictedExpression {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut fields = vec![("text".to_owned(), RestrictedExpression::new_string(text))];
+    if let Some(n) = v.as_i64() {
+        fields.push(("number".to_owned(), RestrictedExpression::new_long(n)));
+    } else if let Some(f) = v.as_f64()
+        && f.fract() == 0.0
+        && f.abs() < 9.0e15
+    {
+        // A whole number written as 5.0; the bound keeps the cast exact.
+        #[allow(clippy::cast_possible_truncation)]
+        fields.push((
+            "number".to_owned(),
+            RestrictedExpression::new_long(f as i64),
+        ));
+    }
+    if let Some(b) = v.as_bool() {
+        fields.push(("boolean".to_owned(), RestrictedExpression::new_bool(b)));
+    }
+    // Field names are distinct literals, so building the record cannot fail.
+    RestrictedExpression::new_record(fields)
+        .unwrap_or_else(|_| RestrictedExpression::new_string(String::new()))
+}
+
+fn context(request: &AccessRequest, args_type: &EntityTypeName) -> Result<Context, String> {
     let c = &request.context;
     let ttl = i64::try_from(request.requested_ttl_secs).unwrap_or(i64::MAX);
-    Context::from_pairs([
-        (
-            "task".to_owned(),
-            RestrictedExpression::new_string(request.task.id.clone()),
-        ),
-        (
-            "purpose".to_owned(),
-            RestrictedExpression::new_string(request.task.purpose.clone()),
-        ),
-        (
-            "ticket".to_owned(),
-            RestrictedExpression::new_string(request.task.ticket.clone()),
-        ),
-        ("ttl".to_owned(), RestrictedExpression::new_long(ttl)),
-        (
-            "environment".to_owned(),
-            RestrictedExpression::new_string(c.environment.clone()),
-        ),
-        (
-            "source".to_owned(),
-            RestrictedExpression::new_ip(c.source.to_string()),
-        ),
-        (
-            "time".to_owned(),
-            RestrictedExpression::new_datetime(c.time.rfc3339()),
-        ),
-        (
-            "break_glass".to_owned(),
-            RestrictedExpression::new_bool(c.break_glass),
-        ),
-    ])
+    let tools = RestrictedExpression::new_set(
+        request
+            .tools
+            .iter()
+            .map(|t| RestrictedExpression::new_string(t.name.clone())),
+    );
+    let tool = match &c.tool {
+        None => None,
+        Some(call) => Some((
+            "tool".to_owned(),
+            RestrictedExpression::new_record([
+                (
+                    "name".to_owned(),
+                    RestrictedExpression::new_string(call.name.clone()),
+                ),
+                (
+                    "args".to_owned(),
+                    RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
+                        args_type.clone(),
+                        EntityId::new("call"),
+                    )),
+                ),
+            ])
+            .map_err(|e| e.to_string())?,
+        )),
+    };
+    Context::from_pairs(
+        [
+            ("tools".to_owned(), tools),
+            (
+                "depth".to_owned(),
+                RestrictedExpression::new_long(i64::from(c.depth)),
+            ),
+            (
+                "task".to_owned(),
+                RestrictedExpression::new_string(request.task.id.clone()),
+            ),
+            (
+                "purpose".to_owned(),
+                RestrictedExpression::new_string(request.task.purpose.clone()),
+            ),
+            (
+                "ticket".to_owned(),
+                RestrictedExpression::new_string(request.task.ticket.clone()),
+            ),
+            ("ttl".to_owned(), RestrictedExpression::new_long(ttl)),
+            (
+                "environment".to_owned(),
+                RestrictedExpression::new_string(c.environment.clone()),
+            ),
+            (
+                "source".to_owned(),
+                RestrictedExpression::new_ip(c.source.to_string()),
+            ),
+            (
+                "time".to_owned(),
+                RestrictedExpression::new_datetime(c.time.rfc3339()),
+            ),
+            (
+                "break_glass".to_owned(),
+                RestrictedExpression::new_bool(c.break_glass),
+            ),
+        ]
+        .into_iter()
+        .chain(tool),
+    )
     .map_err(|e| e.to_string())
 }
 

@@ -49,6 +49,13 @@ pub struct CaseFields {
     pub source: Option<IpAddr>,
     pub time: Option<String>,
     pub break_glass: Option<bool>,
+    /// Tools the task declares (names; constraints do not reach Cedar at request time).
+    pub tools: Option<Vec<String>>,
+    /// Delegation depth (0: the workload's own request).
+    pub depth: Option<u32>,
+    /// A tool call to decide (as the MCP proxy does), with its arguments.
+    pub tool: Option<String>,
+    pub args: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +202,19 @@ fn request_of(defaults: &CaseFields, case: &Case) -> Result<AccessRequest, CaseE
             source: pick!(source).unwrap_or(IpAddr::from([127, 0, 0, 1])),
             time,
             break_glass: pick!(break_glass).unwrap_or(false),
+            depth: pick!(depth).unwrap_or(0),
+            tool: pick!(tool).map(|name| lapse_core::ToolCall {
+                name,
+                args: pick!(args).unwrap_or_default(),
+            }),
         },
+        tools: pick!(tools)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|name| lapse_core::ToolDecl {
+                name,
+                args: BTreeMap::new(),
+            })
+            .collect(),
     })
 }

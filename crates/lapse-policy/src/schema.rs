@@ -40,6 +40,32 @@ type RequestContext = {
   time: datetime,
   // True when the requester invoked break-glass.
   break_glass: Bool,
+  // The tools an agent's task declares (empty for other requests).
+  tools: Set<String>,
+  // Hops of delegation: 0 for a workload's own request, 1 for its sub-agent's, …
+  depth: Long,
+  // Present only when a gate (the MCP proxy) decides one tool call:
+  // `context has tool && context.tool.name == "transfer"`.
+  tool?: ToolCall,
+};
+
+// One MCP tool call: the tool's name and its arguments.
+type ToolCall = {
+  name: String,
+  args: ToolArgs,
+};
+
+// The arguments of one tool call, one tag per argument:
+// `context.tool.args.hasTag("amount") && context.tool.args.getTag("amount") has number
+//  && context.tool.args.getTag("amount").number <= 100`.
+entity ToolArgs tags ToolArg;
+
+// One argument. `text`: a string as it is, anything else as compact JSON. `number`:
+// set for whole numbers; `boolean`: set for true/false.
+type ToolArg = {
+  text: String,
+  number?: Long,
+  boolean?: Bool,
 };
 "#;
 

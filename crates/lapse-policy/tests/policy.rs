@@ -46,7 +46,10 @@ fn request(workload: &str, audience: &str, actions: &[&str]) -> AccessRequest {
             source: std::net::IpAddr::from([10, 0, 0, 1]),
             time: Timestamp::from_unix_seconds(1_795_000_000),
             break_glass: false,
+            depth: 0,
+            tool: None,
         },
+        tools: Vec::new(),
     }
 }
 

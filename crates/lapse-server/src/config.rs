@@ -26,6 +26,9 @@ pub struct Config {
     /// Ceiling on a grant's lifetime across renewals.
     #[serde(default = "default_max_lifetime")]
     pub max_lifetime: TtlDuration,
+    /// Most hops of sub-agent delegation below a workload's own grant.
+    #[serde(default = "default_max_delegation_depth")]
+    pub max_delegation_depth: u32,
     /// Hard ceiling on a break-glass grant's lifetime, whatever its policy allows.
     #[serde(default = "default_break_glass_max_ttl")]
     pub break_glass_max_ttl: TtlDuration,
@@ -194,6 +197,9 @@ fn default_ttl() -> TtlDuration {
 }
 fn default_max_lifetime() -> TtlDuration {
     TtlDuration::from_secs(3600)
+}
+fn default_max_delegation_depth() -> u32 {
+    3
 }
 fn default_approval_window() -> TtlDuration {
     TtlDuration::from_secs(900)

@@ -100,6 +100,10 @@ description = "the orders database"
 id = "tickets-api"
 description = "the support ticket API"
 
+[[audience]]
+id = "mcp-tools"
+description = "MCP tools behind `lapse mcp-proxy`"
+
 # Two approvers of the `dba` group, so requests that need two approvals can be
 # tried in dev: `lapse approvals approve ID` as each (--token, or LAPSE_TOKEN).
 [[operator]]

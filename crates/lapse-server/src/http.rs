@@ -300,9 +300,18 @@ async fn token(
         (Some(t), _) => {
             match p("subject_token_type") {
                 Some(TT_JWT | TT_ID_TOKEN) => {}
-                Some(TT_ACCESS_TOKEN) => return Err(ApiError::InvalidRequest("exchanging Lapse access tokens (sub-agents) is not supported yet; present an identity token".into())),
-                Some(other) => return Err(ApiError::InvalidRequest(format!("unsupported `subject_token_type` `{}`", clip(other)))),
-                None => return Err(ApiError::InvalidRequest("`subject_token_type` is required".into())),
+                Some(TT_ACCESS_TOKEN) => return delegate(&s, &f, peer, &headers).await,
+                Some(other) => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "unsupported `subject_token_type` `{}`",
+                        clip(other)
+                    )));
+                }
+                None => {
+                    return Err(ApiError::InvalidRequest(
+                        "`subject_token_type` is required".into(),
+                    ));
+                }
             }
             t
         }
@@ -346,9 +355,80 @@ async fn token(
         },
         justification: p("justification").unwrap_or("").to_owned(),
         source: peer.ip(),
+        tools: tools_param(p("tools"))?.unwrap_or_default(),
     };
     let issued = s.exchange(input, &proof).await?;
     Ok(no_store(token_response(&issued), StatusCode::OK))
+}
+
+/// `tools`: the task's declared tools, as JSON (`[{"name": …, "args": {…}}]`).
+fn tools_param(v: Option<&str>) -> Result<Option<Vec<lapse_core::ToolDecl>>, ApiError> {
+    v.map(|t| lapse_core::tools::parse(t).map_err(|e| ApiError::InvalidRequest(e.to_string())))
+        .transpose()
+}
+
+/// A token exchange whose subject is a Lapse access token: a sub-agent's token.
+async fn delegate(
+    s: &AppState,
+    f: &HashMap<String, String>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = |k: &str| f.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let actor_token = match (p("actor_token"), p("actor_token_type")) {
+        (None, None) => None,
+        (Some(t), Some(TT_JWT | TT_ID_TOKEN)) => Some(t.to_owned()),
+        (Some(_), Some(other)) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "unsupported `actor_token_type` `{}`",
+                clip(other)
+            )));
+        }
+        (Some(_), None) => {
+            return Err(ApiError::InvalidRequest(
+                "`actor_token_type` is required with `actor_token`".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "`actor_token_type` without `actor_token`".into(),
+            ));
+        }
+    };
+    for k in ["task", "break_glass", "justification", "environment"] {
+        if p(k).is_some() {
+            return Err(ApiError::InvalidRequest(format!(
+                "`{k}` is the parent's for a sub-agent token and cannot be given"
+            )));
+        }
+    }
+    let ttl_secs = match p("expires_in") {
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
+        })?),
+        None => None,
+    };
+    let proof = s.verify_dpop(&dpop_headers(headers), "POST", "/oauth/token", None)?;
+    let input = crate::delegation::DelegationInput {
+        subject_token: p("subject_token").unwrap_or("").to_owned(),
+        actor_token,
+        audience: p("audience").or(p("resource")).map(str::to_owned),
+        actions: parse_actions(p("scope").unwrap_or("")),
+        tools: tools_param(p("tools"))?,
+        ttl_secs,
+        purpose: p("purpose").unwrap_or("").to_owned(),
+        dpop_jkt: p("dpop_jkt").map(str::to_owned),
+        source: peer.ip(),
+    };
+    let issued = s.delegate(input, &proof).await?;
+    let mut v = token_response(&issued);
+    if let Some(act) = &issued.grant.act {
+        set_field(&mut v, "act", act.clone());
+    }
+    if let Some(parent) = &issued.grant.parent {
+        set_field(&mut v, "parent_grant_id", json!(parent.to_string()));
+    }
+    Ok(no_store(v, StatusCode::OK))
 }
 
 fn token_response(i: &Issued) -> Value {
@@ -441,6 +521,9 @@ struct AccessRequestBody {
     break_glass: bool,
     #[serde(default)]
     justification: String,
+    /// The tools an agent's task declares, with argument constraints.
+    #[serde(default)]
+    tools: Vec<lapse_core::ToolDecl>,
 }
 
 #[derive(Deserialize)]
@@ -481,6 +564,11 @@ async fn access_request(
         break_glass: r.break_glass,
         justification: r.justification,
         source: peer.ip(),
+        tools: {
+            lapse_core::tools::validate(&r.tools)
+                .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+            r.tools
+        },
     };
     match s.exchange(input, &proof).await {
         Ok(i) => {
@@ -525,6 +613,11 @@ pub fn grant_view(g: &lapse_core::Grant) -> Value {
         "credentials": g.credentials,
         "idle_secs": g.idle_secs,
         "last_used_at": g.last_used_at,
+        "tools": g.request.tools,
+        "depth": g.request.context.depth,
+        "parent": g.parent.map(|p| p.to_string()),
+        "act": g.act,
+        "delegations": g.delegations,
     })
 }
 

@@ -14,6 +14,7 @@ pub mod approvals;
 pub mod config;
 pub mod console;
 pub mod credentials;
+pub mod delegation;
 pub mod dev;
 pub mod error;
 pub mod feed;

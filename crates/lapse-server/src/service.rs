@@ -106,6 +106,8 @@ pub struct ExchangeInput {
     /// Why the requester breaks glass (required with `break_glass`).
     pub justification: String,
     pub source: IpAddr,
+    /// Tools the task declares (an agent's), checked by `lapse_core::tools`.
+    pub tools: Vec<lapse_core::ToolDecl>,
 }
 
 /// An issued credential.
@@ -418,7 +420,10 @@ impl Lapse {
                 source: input.source,
                 time: now,
                 break_glass: input.break_glass,
+                depth: 0,
+                tool: None,
             },
+            tools: input.tools,
         };
         let decision = policy.decide(&request);
         self.metrics
@@ -641,6 +646,8 @@ impl Lapse {
                 ticket: grant.request.task.ticket.clone(),
                 environment: grant.request.context.environment.clone(),
             }),
+            tools: grant.request.tools.clone(),
+            act: grant.act.clone(),
         };
         self.signing_key()?
             .sign_jwt(ACCESS_TOKEN_TYP, &claims)
@@ -786,24 +793,60 @@ impl Lapse {
     ) -> Result<Grant, ApiError> {
         let now = self.now();
         let was_active = grant.state == GrantState::Active;
-        self.commit(WriteBatch {
-            events: vec![event(now, kind, Some(&ended.id), actor, data)],
-            grants: vec![GrantWrite::Update {
-                expected_version: grant.version,
-                grant: ended.clone(),
-            }],
-            ..Default::default()
-        })
-        .await?;
-        if was_active {
+        // Grants delegated from this one end in the same commit. A descendant that
+        // changed meanwhile (a use report) fails the commit; read them again then,
+        // unless it was this grant that moved (the caller's view is stale).
+        let mut attempt = 0;
+        let cascaded = loop {
+            let cascaded = self.cascade(&grant, &ended).await?;
+            let mut batch = WriteBatch {
+                events: vec![event(now, kind, Some(&ended.id), actor, data.clone())],
+                grants: vec![GrantWrite::Update {
+                    expected_version: grant.version,
+                    grant: ended.clone(),
+                }],
+                ..Default::default()
+            };
+            for (d, e, ev) in &cascaded {
+                batch.events.push(ev.clone());
+                batch.grants.push(GrantWrite::Update {
+                    expected_version: d.version,
+                    grant: e.clone(),
+                });
+            }
+            match self.commit(batch).await {
+                Ok(()) => break cascaded,
+                Err(lapse_store::StoreError::Conflict(m))
+                    if !cascaded.is_empty() && attempt < 3 =>
+                {
+                    attempt += 1;
+                    let current = self.store.grant(grant.id).await?;
+                    if current.map(|c| c.version) != Some(grant.version) {
+                        return Err(lapse_store::StoreError::Conflict(m).into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let live_before = usize::from(was_active)
+            + cascaded
+                .iter()
+                .filter(|(d, _, _)| d.state == GrantState::Active)
+                .count();
+        for _ in 0..live_before {
             self.metrics.active_grants.dec();
         }
-        self.metrics
-            .grants_ended
-            .get_or_create(&OutcomeLabels {
-                outcome: ended.state.as_str().into(),
-            })
-            .inc();
+        for e in std::iter::once(&ended).chain(cascaded.iter().map(|(_, e, _)| e)) {
+            self.metrics
+                .grants_ended
+                .get_or_create(&OutcomeLabels {
+                    outcome: e.state.as_str().into(),
+                })
+                .inc();
+        }
+        for (_, e, _) in cascaded {
+            self.destroy_owed(e).await;
+        }
         // A no-op unless the grant handed out provider credentials.
         Ok(self.destroy_owed(ended).await)
     }

@@ -50,7 +50,10 @@ fn grant(now: i64) -> Grant {
             source: [127, 0, 0, 1].into(),
             time: Timestamp::from_unix_seconds(now),
             break_glass: false,
+            depth: 0,
+            tool: None,
         },
+        tools: Vec::new(),
     };
     Grant::issue(
         NewGrant {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
 
 /// Claims of a Lapse access token. One token, one grant, one task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AccessClaims {
     pub iss: String,
     /// The workload URI.
@@ -34,6 +34,14 @@ pub struct AccessClaims {
     /// evaluate the current policies for each request exactly as the broker did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ctx: Option<DecisionContext>,
+    /// The tools the task declared, with their argument constraints (what the MCP
+    /// proxy checks each call against).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<lapse_core::ToolDecl>,
+    /// RFC 8693 §4.1: for a sub-agent's token, who acts (and, nested, who
+    /// delegated before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
 }
 
 /// The inputs of the grant's decision a gate needs to decide again.
@@ -67,6 +75,17 @@ pub struct Confirmation {
 impl AccessClaims {
     pub fn actions(&self) -> impl Iterator<Item = &str> {
         self.scope.split(' ').filter(|s| !s.is_empty())
+    }
+
+    /// Hops of delegation behind this token: the nesting of `act`.
+    pub fn depth(&self) -> u32 {
+        let mut depth = 0;
+        let mut act = self.act.as_ref();
+        while let Some(a) = act {
+            depth += 1;
+            act = a.get("act");
+        }
+        depth
     }
 }
 

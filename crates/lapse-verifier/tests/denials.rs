@@ -66,6 +66,8 @@ fn claims(w: &World) -> AccessClaims {
         grant_id: "gr_1".into(),
         break_glass: false,
         ctx: None,
+        tools: Vec::new(),
+        act: None,
     }
 }
 
