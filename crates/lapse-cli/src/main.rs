@@ -103,6 +103,22 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// An MCP proxy between an agent and its tool servers: shows only the tools the
+    /// agent's task declared and decides every tool call (grant, argument
+    /// constraints, Cedar) before forwarding it. Stdio by default (the agent starts
+    /// it as its MCP server, with its token in `LAPSE_ACCESS_TOKEN`); `--http`
+    /// serves streamable HTTP with DPoP-bound tokens.
+    #[command(name = "mcp-proxy")]
+    McpProxy {
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve streamable HTTP on the config's `[http]` listener.
+        #[arg(long)]
+        http: bool,
+        /// Stdio: the agent's Lapse access token.
+        #[arg(long, env = "LAPSE_ACCESS_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// The signing key ring: list, rotate, make a key-encryption key.
     Keys {
         #[command(subcommand)]
@@ -350,7 +366,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAPSE_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            if matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Gate { .. }) {
+            if matches!(
+                cli.cmd,
+                Cmd::Serve { .. } | Cmd::Gate { .. } | Cmd::McpProxy { http: true, .. }
+            ) {
                 "info"
             } else {
                 "warn"
@@ -438,6 +457,11 @@ async fn run(cli: Cli) -> Out {
         Cmd::Operator { cmd } => operator::run(cmd),
         Cmd::Keys { cmd } => keys::run(cmd, json_out).await,
         Cmd::Gate { config } => gate(&config).await,
+        Cmd::McpProxy {
+            config,
+            http,
+            token,
+        } => mcp_proxy(&config, http, token).await,
         Cmd::Report {
             cmd: ReportCmd::Standing { server, window },
         } => standing(server, window, json_out).await,
@@ -459,6 +483,51 @@ async fn gate(config: &Path) -> Out {
     })
     .await
     .map_err(|e| fail(1, e.to_string()))
+}
+
+async fn mcp_proxy(config: &Path, http: bool, token: Option<String>) -> Out {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| fail(1, format!("cannot read `{}`: {e}", config.display())))?;
+    let cfg = lapse_mcp::config::ProxyConfig::parse(&text)
+        .map_err(|e| fail(2, format!("`{}`: {e}", config.display())))?;
+    let listen = match (http, &cfg.http) {
+        (true, Some(h)) => Some(h.listen),
+        (true, None) => return Err(fail(2, "`--http` needs an `[http]` table in the config")),
+        (false, _) => None,
+    };
+    let token = match (listen, token) {
+        (Some(_), _) => String::new(),
+        (None, Some(t)) if !t.trim().is_empty() => t.trim().to_owned(),
+        (None, _) => {
+            return Err(fail(
+                2,
+                "over stdio the agent's token is needed: LAPSE_ACCESS_TOKEN or --token",
+            ));
+        }
+    };
+    let proxy = lapse_mcp::Proxy::new(cfg)
+        .await
+        .map_err(|e| fail(7, e.to_string()))?;
+    let background = proxy.run_background();
+    let r = match listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| fail(1, format!("cannot listen on {listen}: {e}")))?;
+            tracing::info!(%listen, "lapse mcp-proxy listening");
+            lapse_mcp::http::serve(proxy, listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }
+        None => {
+            lapse_mcp::stdio::serve(proxy, token, tokio::io::stdin(), tokio::io::stdout()).await
+        }
+    };
+    for b in background {
+        b.abort();
+    }
+    r.map_err(|e| fail(1, e.to_string()))
 }
 
 async fn serve(

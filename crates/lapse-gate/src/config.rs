@@ -157,19 +157,25 @@ impl GateConfig {
 
     /// The gate's API token, read from where `token` points.
     pub fn token(&self) -> Result<String, GateError> {
-        let t = if let Some(name) = self.token.strip_prefix("env:") {
-            std::env::var(name)
-                .map_err(|_| GateError::Config(format!("`token`: ${name} is not set")))?
-        } else if let Some(path) = self.token.strip_prefix("file:") {
-            std::fs::read_to_string(path)
-                .map_err(|e| GateError::Config(format!("`token`: cannot read `{path}`: {e}")))?
-        } else {
-            return Err(GateError::Config(
-                "`token` must be `env:` or `file:`".into(),
-            ));
-        };
-        Ok(t.trim().to_owned())
+        secret("token", &self.token)
     }
+}
+
+/// A secret named in config as `env:NAME` or `file:PATH`; `key` names the setting
+/// in errors.
+pub fn secret(key: &str, spec: &str) -> Result<String, GateError> {
+    let t = if let Some(name) = spec.strip_prefix("env:") {
+        std::env::var(name)
+            .map_err(|_| GateError::Config(format!("`{key}`: ${name} is not set")))?
+    } else if let Some(path) = spec.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map_err(|e| GateError::Config(format!("`{key}`: cannot read `{path}`: {e}")))?
+    } else {
+        return Err(GateError::Config(format!(
+            "`{key}` must be `env:` or `file:`"
+        )));
+    };
+    Ok(t.trim().to_owned())
 }
 
 #[cfg(test)]

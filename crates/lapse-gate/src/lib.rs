@@ -20,8 +20,8 @@
 //! (`X-Forwarded-Tls-Client-Cert`), Envoy `x-forwarded-client-cert` (`Hash=`).
 
 pub mod config;
+pub mod policy;
 
-use arc_swap::ArcSwapOption;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -30,8 +30,9 @@ use config::{GateConfig, Proxy};
 use lapse_core::{
     AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
 };
-use lapse_policy::PolicyBundle;
+use lapse_token::AccessClaims;
 use lapse_verifier::{Denial, Request as Check, Verifier, VerifierConfig};
+pub use policy::BrokerPolicy;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -43,8 +44,7 @@ pub const USES_PER_REPORT: usize = 500;
 pub struct Gate {
     cfg: GateConfig,
     pub verifier: Arc<Verifier>,
-    policy: ArcSwapOption<PolicyBundle>,
-    policy_digest: std::sync::Mutex<String>,
+    policy: BrokerPolicy,
     http: reqwest::Client,
     /// Grants used since the last report, with the latest use (unix ms).
     uses: std::sync::Mutex<std::collections::HashMap<String, i64>>,
@@ -72,17 +72,17 @@ impl Gate {
             broker: cfg.broker.clone(),
             issuer: cfg.issuer.clone().unwrap_or_else(|| cfg.broker.clone()),
             audience: cfg.audience.clone(),
-            token,
+            token: token.clone(),
             staleness: Duration::from_secs(cfg.staleness.secs().max(1)),
             on_stale: cfg.on_stale,
             dpop_max_age_secs: 60,
         })
         .await?;
+        let policy = BrokerPolicy::new(&cfg.broker, &token);
         let gate = Arc::new(Self {
             cfg,
             verifier: Arc::new(verifier),
-            policy: ArcSwapOption::empty(),
-            policy_digest: std::sync::Mutex::new(String::new()),
+            policy,
             http: lapse_identity::http_client(),
             uses: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
@@ -93,45 +93,8 @@ impl Gate {
     }
 
     /// Pulls the broker's policy files and swaps in a new bundle when they changed.
-    /// A bundle that does not build keeps the last good one.
     pub async fn refresh_policy(&self) -> Result<bool, String> {
-        let url = format!("{}/v1/policies", self.cfg.broker.trim_end_matches('/'));
-        let v: serde_json::Value = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.verifier.config().token)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .error_for_status()
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
-        let digest = v
-            .get("digest")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        if self
-            .policy_digest
-            .lock()
-            .map(|d| *d == digest)
-            .unwrap_or(false)
-        {
-            return Ok(false);
-        }
-        let files: Vec<lapse_policy::SourceFile> =
-            serde_json::from_value(v.get("files").cloned().unwrap_or_default())
-                .map_err(|e| e.to_string())?;
-        let bundle = PolicyBundle::from_sources(&files).map_err(|e| e.to_string())?;
-        tracing::info!(policies = bundle.policy_count, %digest, "gate policy updated");
-        self.policy.store(Some(Arc::new(bundle)));
-        if let Ok(mut d) = self.policy_digest.lock() {
-            *d = digest;
-        }
-        Ok(true)
+        self.policy.refresh().await
     }
 
     /// Sends the uses seen since the last report to the broker (for `@idle`), in
@@ -221,35 +184,10 @@ impl Gate {
         let c = allowed.claims;
         let bundle = self
             .policy
-            .load_full()
+            .current()
             .ok_or_else(|| Denial::Unavailable("no policy from the broker yet".into()))?;
-        let ctx = c.ctx.clone().unwrap_or_default();
         let source = client_ip(self.cfg.proxy, headers).unwrap_or(peer);
-        let request = AccessRequest {
-            workload: WorkloadIdentity {
-                id: c.sub.clone(),
-                issuer: ctx.wl_iss,
-                subject: ctx.wl_sub,
-                claims: ctx.claims,
-            },
-            task: Task {
-                id: c.task.clone(),
-                purpose: ctx.purpose,
-                ticket: ctx.ticket,
-            },
-            audience: c.aud.clone(),
-            actions: vec![action.to_owned()],
-            requested_ttl_secs: u64::try_from(c.exp.saturating_sub(now)).unwrap_or(0),
-            context: RequestContext {
-                environment: ctx.environment,
-                source,
-                time: Timestamp::from_unix_seconds(now),
-                break_glass: c.break_glass,
-                depth: c.depth(),
-                tool: None,
-            },
-            tools: c.tools.clone(),
-        };
+        let request = request_of(&c, action, source, now);
         // Approval was given when the token was issued; what matters now is that
         // the current policies still permit the request.
         match bundle.decide(&request).outcome {
@@ -271,6 +209,37 @@ impl Gate {
     /// The scheme and host clients use for the protected service (DPoP `htu`).
     fn external_base(&self) -> &str {
         self.cfg.external_url.trim_end_matches('/')
+    }
+}
+
+/// The request a token stands for, as the broker decided it, for `action` now:
+/// what a gate hands the current policies on every use.
+pub fn request_of(c: &AccessClaims, action: &str, source: IpAddr, now: i64) -> AccessRequest {
+    let ctx = c.ctx.clone().unwrap_or_default();
+    AccessRequest {
+        workload: WorkloadIdentity {
+            id: c.sub.clone(),
+            issuer: ctx.wl_iss,
+            subject: ctx.wl_sub,
+            claims: ctx.claims,
+        },
+        task: Task {
+            id: c.task.clone(),
+            purpose: ctx.purpose,
+            ticket: ctx.ticket,
+        },
+        audience: c.aud.clone(),
+        actions: vec![action.to_owned()],
+        requested_ttl_secs: u64::try_from(c.exp.saturating_sub(now)).unwrap_or(0),
+        context: RequestContext {
+            environment: ctx.environment,
+            source,
+            time: Timestamp::from_unix_seconds(now),
+            break_glass: c.break_glass,
+            depth: c.depth(),
+            tool: None,
+        },
+        tools: c.tools.clone(),
     }
 }
 

@@ -55,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/feed", get(crate::feed::feed))
         .route("/v1/signals", post(signal))
         .route("/v1/usage", post(usage))
+        .route("/v1/tool-calls", post(tool_calls))
         .route("/v1/policies", get(policies))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
@@ -1101,6 +1102,21 @@ async fn usage(
         uses.push((id, x.at));
     }
     let recorded = s.record_uses(&op, &uses).await?;
+    Ok(no_store(json!({ "recorded": recorded }), StatusCode::OK))
+}
+
+/// `POST /v1/tool-calls`: the MCP proxy's record of every tool call it decided,
+/// allowed or refused, appended to the audit chain in one commit.
+async fn tool_calls(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    op.require(Role::Gate)?;
+    let b = body(b)?;
+    let r: crate::tool_calls::Report = json_body(&headers, &b)?;
+    let recorded = s.record_tool_calls(&op, r).await?;
     Ok(no_store(json!({ "recorded": recorded }), StatusCode::OK))
 }
 

@@ -27,6 +27,7 @@ mod openapi;
 pub mod report;
 pub mod service;
 pub mod signals;
+pub mod tool_calls;
 pub use lapse_tls as tls;
 
 use config::Config;

@@ -28,6 +28,8 @@ const TYPES: &[&str] = &[
     "task-ended",
     "workload-quarantined",
     "risk-raised",
+    // An agent called outside its declared intent (the MCP proxy, `on_drift = "revoke"`).
+    "intent-drift",
 ];
 
 #[derive(Debug, Deserialize)]

@@ -329,6 +329,33 @@ impl Verifier {
         }
     }
 
+    /// [`Verifier::check_held`] with the network fallbacks of [`Verifier::verify`].
+    pub async fn verify_held(
+        &self,
+        token: &str,
+        action: &str,
+        now_secs: i64,
+    ) -> Result<Allowed, Denial> {
+        let mut r = self.check_held(token, action, now_secs);
+        if matches!(r, Err(Denial::UnknownKey)) && self.may_refetch() {
+            if let Err(e) = self.refresh_keys().await {
+                tracing::warn!(error = %e, "refetching the broker's keys failed");
+            }
+            r = self.check_held(token, action, now_secs);
+        }
+        match r {
+            Err(Denial::FeedStale(_)) if self.cfg.on_stale == OnStale::Introspect => {
+                let claims = self.token_claims(token, now_secs)?;
+                if self.introspect(token).await? {
+                    Ok(Allowed { claims })
+                } else {
+                    Err(Denial::GrantEnded("inactive at the broker".into()))
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Everything but the grant's state passed; the broker says whether it holds.
     async fn introspected(&self, req: &Request<'_>) -> Result<Allowed, Denial> {
         let token = req
@@ -404,13 +431,38 @@ impl Verifier {
                 Some(_) => {}
             }
         }
-        if !claims.actions().any(|a| a == req.action) {
-            return Err(Denial::ActionNotGranted(req.action.to_owned()));
+        self.standing(claims, req.action, req.now_secs)
+    }
+
+    /// For a gate that holds the token itself rather than receiving it with each
+    /// request (the MCP proxy over stdio, started by the agent with its token):
+    /// everything [`Verifier::check`] does but the proof of possession, which no
+    /// request exists to carry.
+    pub fn check_held(&self, token: &str, action: &str, now_secs: i64) -> Result<Allowed, Denial> {
+        let claims = self.token_claims(token, now_secs)?;
+        if claims.aud != self.cfg.audience {
+            return Err(Denial::WrongAudience {
+                expected: self.cfg.audience.clone(),
+                got: claims.aud.chars().take(128).collect(),
+            });
+        }
+        self.standing(claims, action, now_secs)
+    }
+
+    /// The action is granted, the grant has not ended, and the feed is fresh.
+    fn standing(
+        &self,
+        claims: AccessClaims,
+        action: &str,
+        now_secs: i64,
+    ) -> Result<Allowed, Denial> {
+        if !claims.actions().any(|a| a == action) {
+            return Err(Denial::ActionNotGranted(action.to_owned()));
         }
         if let Some(state) = self.ended(&claims.grant_id) {
             return Err(Denial::GrantEnded(state));
         }
-        let now_ms = req.now_secs.saturating_mul(1000);
+        let now_ms = now_secs.saturating_mul(1000);
         if let Some(silent) = self.silent_for(now_ms) {
             return Err(Denial::FeedStale(silent));
         }
@@ -420,7 +472,7 @@ impl Verifier {
     /// The verified claims of `token`. A token's signature is checked once and its
     /// claims kept (keyed by the token's SHA-256) until it expires; its lifetime is
     /// checked on every use. The DPoP proof, new with every request, never is cached.
-    fn token_claims(&self, token: &str, now_secs: i64) -> Result<AccessClaims, Denial> {
+    pub fn token_claims(&self, token: &str, now_secs: i64) -> Result<AccessClaims, Denial> {
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         if let Some(c) = self
             .verified

@@ -1,0 +1,729 @@
+//! `lapse mcp-proxy`: the gate in front of an agent's tools.
+//!
+//! An MCP client (the agent) talks to the proxy as to any MCP server, over stdio or
+//! streamable HTTP; the proxy is itself the client of the real servers behind it
+//! ([`upstream`]). For every message it knows which Lapse grant speaks: the token
+//! the agent holds (stdio: handed to the proxy at start) or presents with a DPoP
+//! proof on each HTTP request. `tools/list` shows only the tools the task declared;
+//! every `tools/call` is decided before it is forwarded:
+//!
+//! 1. the token is valid for this proxy's audience and action, and its grant has
+//!    not ended (the revocation feed; a stale feed fails closed);
+//! 2. the tool is declared and its arguments satisfy the declared constraints
+//!    (`lapse_core::tools`) — a call outside the declared intent is *drift*;
+//! 3. the broker's current Cedar policies allow it, with `context.tool` holding the
+//!    tool's name and typed arguments.
+//!
+//! Exactly one decision and one audit record per attempted call (sent to the broker
+//! in batches; past `max_unreported` calls without their record, calls are
+//! refused). The agent's token never goes upstream. Refusals are JSON-RPC errors
+//! that say why: `-32602` for a call outside the declared intent (as MCP answers an
+//! unknown tool), [`REFUSED`] for policy and grant state, [`UNAVAILABLE`] when the
+//! proxy cannot decide.
+
+pub mod config;
+pub mod http;
+pub mod stdio;
+pub mod upstream;
+
+use config::{OnDrift, ProxyConfig};
+use lapse_core::{DecisionOutcome, ToolCall, ToolSet};
+use lapse_gate::BrokerPolicy;
+use lapse_token::AccessClaims;
+use lapse_verifier::{Denial, Verifier, VerifierConfig};
+use serde_json::{Map, Value, json};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use upstream::Upstream;
+
+/// JSON-RPC invalid params: a tool outside the declared intent, or arguments
+/// outside its constraints (MCP answers an unknown tool so).
+pub const INVALID_PARAMS: i64 = -32602;
+/// The token, the grant's state or policy refuses the call.
+pub const REFUSED: i64 = -31003;
+/// The proxy cannot decide now (no policy yet, audit backlog full): fails closed.
+pub const UNAVAILABLE: i64 = -31503;
+
+/// Protocol revisions the proxy answers `initialize` with (newest first).
+const HANDSHAKE_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+/// The stateless revision (`server/discover`, `_meta` on every request).
+pub const MODERN_VERSION: &str = "2026-07-28";
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+/// Most calls in one audit report (the broker takes 1,000).
+const CALLS_PER_REPORT: usize = 500;
+/// Most compiled tool declarations kept (one per token seen).
+const TOOLSETS_CAP: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Verifier(#[from] lapse_verifier::VerifierError),
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+}
+
+/// How the agent's token reaches the proxy.
+pub enum Auth<'a> {
+    /// Stdio: the token the proxy was started with. No request exists to carry a
+    /// proof of possession.
+    Held(&'a str),
+    /// HTTP: the request's `Authorization` and `DPoP` headers, checked against the
+    /// proxy's URL.
+    Request {
+        authorization: Option<&'a str>,
+        dpop: &'a [&'a str],
+        source: IpAddr,
+    },
+}
+
+/// What a message gets: the answer (none for a notification) and, when the token
+/// itself was refused, why (an HTTP transport answers 401 then).
+pub struct Answer {
+    pub message: Option<Value>,
+    pub denial: Option<Denial>,
+}
+
+impl Answer {
+    fn reply(message: Value) -> Self {
+        Self {
+            message: Some(message),
+            denial: None,
+        }
+    }
+}
+
+pub struct Proxy {
+    cfg: ProxyConfig,
+    pub verifier: Arc<Verifier>,
+    policy: BrokerPolicy,
+    upstreams: Vec<Upstream>,
+    /// Tool name → index of the upstream offering it.
+    routes: RwLock<HashMap<String, usize>>,
+    toolsets: Mutex<HashMap<String, Arc<ToolSet>>>,
+    /// Decided calls whose audit record the broker has not taken yet.
+    unreported: Mutex<Vec<Value>>,
+    /// Grants used since the last report, with the latest use (unix ms).
+    uses: Mutex<HashMap<String, i64>>,
+    /// Tasks already reported for drift (once is enough).
+    drifted: Mutex<std::collections::HashSet<String>>,
+    http: reqwest::Client,
+    token: String,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn error(id: &Value, code: i64, message: &str, data: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message, "data": data } })
+}
+
+fn result(id: &Value, result: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+/// Whether a request speaks the stateless revision (its `_meta` says so).
+fn modern(params: &Value) -> bool {
+    params
+        .get("_meta")
+        .and_then(|m| m.get(META_VERSION))
+        .and_then(Value::as_str)
+        == Some(MODERN_VERSION)
+}
+
+impl Proxy {
+    /// Connects to the broker (keys, feed position, policies) and starts every
+    /// upstream.
+    pub async fn new(cfg: ProxyConfig) -> Result<Arc<Self>, ProxyError> {
+        let token = lapse_gate::config::secret("token", &cfg.token)
+            .map_err(|e| ProxyError::Config(e.to_string()))?;
+        let verifier = Verifier::new(VerifierConfig {
+            broker: cfg.broker.clone(),
+            issuer: cfg.issuer.clone().unwrap_or_else(|| cfg.broker.clone()),
+            audience: cfg.audience.clone(),
+            token: token.clone(),
+            staleness: Duration::from_secs(cfg.staleness.secs().max(1)),
+            on_stale: cfg.on_stale,
+            dpop_max_age_secs: 60,
+        })
+        .await?;
+        let mut upstreams = Vec::new();
+        for u in &cfg.upstreams {
+            upstreams.push(Upstream::start(u).await?);
+        }
+        let proxy = Arc::new(Self {
+            policy: BrokerPolicy::new(&cfg.broker, &token),
+            cfg,
+            verifier: Arc::new(verifier),
+            upstreams,
+            routes: RwLock::new(HashMap::new()),
+            toolsets: Mutex::new(HashMap::new()),
+            unreported: Mutex::new(Vec::new()),
+            uses: Mutex::new(HashMap::new()),
+            drifted: Mutex::new(std::collections::HashSet::new()),
+            http: lapse_identity::http_client(),
+            token,
+        });
+        proxy.list_upstream_tools().await?;
+        if let Err(e) = proxy.policy.refresh().await {
+            tracing::warn!(error = %e, "no policy from the broker yet; refusing calls until there is");
+        }
+        Ok(proxy)
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    /// Starts following the feed and the policies, and reporting calls; the
+    /// handles stop them.
+    pub fn run_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let follow = tokio::spawn(self.verifier.clone().follow());
+        let p = self.clone();
+        let every = Duration::from_secs(self.cfg.policy_refresh.secs().max(1));
+        let policies = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = p.policy.refresh().await {
+                    tracing::warn!(error = %e, "could not refresh the policies; keeping the last good set");
+                }
+            }
+        });
+        let p = self.clone();
+        let reports = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                if let Err(e) = p.report().await {
+                    tracing::warn!(error = %e, "could not report tool calls; retrying");
+                }
+            }
+        });
+        vec![follow, policies, reports]
+    }
+
+    /// Every upstream's tools; routes each name to its server. A name two servers
+    /// offer is refused on both: which one a call reaches must not be a guess.
+    async fn list_upstream_tools(&self) -> Result<Vec<Value>, ProxyError> {
+        let mut all = Vec::new();
+        let mut routes: HashMap<String, usize> = HashMap::new();
+        let mut clashes = Vec::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            for t in u.tools().await? {
+                let Some(name) = t.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                if routes.insert(name.to_owned(), i).is_some() {
+                    clashes.push(name.to_owned());
+                }
+                all.push(t);
+            }
+        }
+        for c in &clashes {
+            tracing::warn!(tool = %c, "two upstreams offer this tool; it is refused");
+            routes.remove(c);
+        }
+        all.retain(|t| {
+            t.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| routes.contains_key(n))
+        });
+        if let Ok(mut r) = self.routes.write() {
+            *r = routes;
+        }
+        Ok(all)
+    }
+
+    fn toolset(&self, claims: &AccessClaims) -> Result<Arc<ToolSet>, String> {
+        if let Some(t) = self
+            .toolsets
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&claims.jti).cloned())
+        {
+            return Ok(t);
+        }
+        let set = Arc::new(ToolSet::compile(&claims.tools).map_err(|e| e.to_string())?);
+        if let Ok(mut m) = self.toolsets.lock() {
+            if m.len() >= TOOLSETS_CAP {
+                m.clear();
+            }
+            m.insert(claims.jti.clone(), set.clone());
+        }
+        Ok(set)
+    }
+
+    /// The token's claims if it is honoured now.
+    async fn authenticate(&self, auth: &Auth<'_>) -> Result<AccessClaims, Denial> {
+        let now = now_secs();
+        let allowed = match auth {
+            Auth::Held(token) => {
+                self.verifier
+                    .verify_held(token, &self.cfg.action, now)
+                    .await?
+            }
+            Auth::Request {
+                authorization,
+                dpop,
+                ..
+            } => {
+                let url = self.cfg.http.as_ref().map_or("", |h| h.url.as_str());
+                self.verifier
+                    .verify(&lapse_verifier::Request {
+                        method: "POST",
+                        url,
+                        authorization: *authorization,
+                        dpop,
+                        action: &self.cfg.action,
+                        client_cert: None,
+                        now_secs: now,
+                    })
+                    .await?
+            }
+        };
+        Ok(allowed.claims)
+    }
+
+    /// The grant a refused token names, when its signature holds (to attach the
+    /// refusal's audit record to).
+    fn grant_of(&self, auth: &Auth<'_>) -> Option<String> {
+        let token = match auth {
+            Auth::Held(t) => *t,
+            Auth::Request { authorization, .. } => (*authorization)?.split_once(' ')?.1.trim(),
+        };
+        self.verifier
+            .token_claims(token, now_secs())
+            .ok()
+            .map(|c| c.grant_id)
+    }
+
+    /// Answers one JSON-RPC message from the agent.
+    pub async fn handle(&self, msg: &Value, auth: &Auth<'_>) -> Answer {
+        let null = Value::Null;
+        let id = msg.get("id").unwrap_or(&null);
+        if msg.get("jsonrpc").and_then(Value::as_str) != Some("2.0") || !msg.is_object() {
+            return Answer::reply(error(id, -32600, "not a JSON-RPC 2.0 message", json!({})));
+        }
+        let Some(method) = msg.get("method").and_then(Value::as_str) else {
+            // A response to a request the proxy never sends.
+            return Answer {
+                message: None,
+                denial: None,
+            };
+        };
+        if msg.get("id").is_none() {
+            // Notifications (initialized, cancelled, …) need no answer.
+            return Answer {
+                message: None,
+                denial: None,
+            };
+        }
+        let params = msg.get("params").cloned().unwrap_or_else(|| json!({}));
+        let is_modern = modern(&params);
+        let info = json!({ "name": "lapse-mcp-proxy", "version": env!("CARGO_PKG_VERSION") });
+        let capabilities = json!({ "tools": { "listChanged": false } });
+        match method {
+            "initialize" => {
+                let asked = params
+                    .get("protocolVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let version = HANDSHAKE_VERSIONS
+                    .iter()
+                    .find(|v| **v == asked)
+                    .unwrap_or(&HANDSHAKE_VERSIONS[0]);
+                Answer::reply(result(
+                    id,
+                    json!({
+                        "protocolVersion": version,
+                        "capabilities": capabilities,
+                        "serverInfo": info,
+                        "instructions": "Only the tools your Lapse task declared are here; every call is checked against the task.",
+                    }),
+                ))
+            }
+            "server/discover" => Answer::reply(result(
+                id,
+                json!({
+                    "supportedVersions": [MODERN_VERSION],
+                    "capabilities": capabilities,
+                    "resultType": "complete",
+                    "ttlMs": 0,
+                    "cacheScope": "private",
+                    "_meta": { "io.modelcontextprotocol/serverInfo": info },
+                }),
+            )),
+            "ping" => Answer::reply(result(id, modern_fields(json!({}), is_modern))),
+            "tools/list" => self.tools_list(id, auth, is_modern).await,
+            "tools/call" => self.tools_call(id, &params, auth, is_modern).await,
+            other => Answer::reply(error(
+                id,
+                -32601,
+                &format!(
+                    "method `{}` is not available through the Lapse MCP proxy",
+                    clip(other)
+                ),
+                json!({}),
+            )),
+        }
+    }
+
+    async fn tools_list(&self, id: &Value, auth: &Auth<'_>, is_modern: bool) -> Answer {
+        let claims = match self.authenticate(auth).await {
+            Ok(c) => c,
+            Err(d) => return refused_token(id, d),
+        };
+        let set = match self.toolset(&claims) {
+            Ok(s) => s,
+            Err(e) => return Answer::reply(error(id, UNAVAILABLE, &e, json!({}))),
+        };
+        let tools = match self.list_upstream_tools().await {
+            Ok(t) => t,
+            Err(e) => return Answer::reply(error(id, UNAVAILABLE, &e.to_string(), json!({}))),
+        };
+        let visible: Vec<Value> = tools
+            .into_iter()
+            .filter(|t| {
+                t.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| set.declares(n))
+            })
+            .collect();
+        let mut r = json!({ "tools": visible });
+        if is_modern {
+            // Filtered per grant: no cache may share it with another caller.
+            r = modern_fields(r, true);
+            set_field(&mut r, "ttlMs", json!(0));
+            set_field(&mut r, "cacheScope", json!("private"));
+        }
+        Answer::reply(result(id, r))
+    }
+
+    async fn tools_call(
+        &self,
+        id: &Value,
+        params: &Value,
+        auth: &Auth<'_>,
+        is_modern: bool,
+    ) -> Answer {
+        let started = Instant::now();
+        let name = params.get("name").and_then(Value::as_str).unwrap_or("");
+        let empty = Map::new();
+        let args = match params.get("arguments") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return Answer::reply(error(
+                    id,
+                    INVALID_PARAMS,
+                    "`arguments` must be an object",
+                    json!({}),
+                ));
+            }
+        };
+        let args_sha256 = hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(args).unwrap_or_default(),
+        ));
+        if name.is_empty() {
+            return Answer::reply(error(id, INVALID_PARAMS, "`name` is required", json!({})));
+        }
+        let claims = match self.authenticate(auth).await {
+            Ok(c) => c,
+            Err(d) => {
+                if let Some(grant) = self.grant_of(auth) {
+                    self.record(
+                        &grant,
+                        name,
+                        &args_sha256,
+                        Err((&d.to_string(), &[], false)),
+                        started,
+                    );
+                }
+                return refused_token(id, d);
+            }
+        };
+        let source = match auth {
+            Auth::Request { source, .. } => *source,
+            Auth::Held(_) => IpAddr::from([127, 0, 0, 1]),
+        };
+        let decided = match self.decide(&claims, name, args, source) {
+            Ok(_) if self.backlog_full() => Err((
+                UNAVAILABLE,
+                "the proxy cannot record calls now (audit backlog full); failing closed".to_owned(),
+                vec![],
+                false,
+            )),
+            other => other,
+        };
+        match decided {
+            Ok(policies) => {
+                self.record(&claims.grant_id, name, &args_sha256, Ok(&policies), started);
+            }
+            Err((code, why, policies, drift)) => {
+                self.record(
+                    &claims.grant_id,
+                    name,
+                    &args_sha256,
+                    Err((&why, &policies, drift)),
+                    started,
+                );
+                if drift {
+                    self.drifted(&claims, &why);
+                }
+                return Answer::reply(error(
+                    id,
+                    code,
+                    &why,
+                    json!({ "reason": why, "policies": policies, "drift": drift, "grant": claims.grant_id }),
+                ));
+            }
+        }
+        let route = self.routes.read().ok().and_then(|r| r.get(name).copied());
+        let Some(up) = route.and_then(|i| self.upstreams.get(i)) else {
+            return Answer::reply(error(
+                id,
+                UNAVAILABLE,
+                "no upstream offers this tool now",
+                json!({}),
+            ));
+        };
+        let forwarded = up
+            .request("tools/call", json!({ "name": name, "arguments": args }))
+            .await;
+        match forwarded {
+            Ok(mut r) => {
+                if let Some(obj) = r.as_object_mut() {
+                    obj.insert("id".into(), id.clone());
+                    if is_modern && let Some(res) = obj.get_mut("result") {
+                        *res = modern_fields(res.take(), true);
+                    }
+                }
+                Answer::reply(r)
+            }
+            Err(e) => Answer::reply(error(id, UNAVAILABLE, &e.to_string(), json!({}))),
+        }
+    }
+
+    /// Decides one call: the declared intent, then Cedar. `Err`: the JSON-RPC
+    /// code, why, the determining policies, and whether it was drift.
+    fn decide(
+        &self,
+        claims: &AccessClaims,
+        name: &str,
+        args: &Map<String, Value>,
+        source: IpAddr,
+    ) -> Result<Vec<String>, (i64, String, Vec<String>, bool)> {
+        let set = self
+            .toolset(claims)
+            .map_err(|e| (UNAVAILABLE, e, vec![], false))?;
+        set.check(name, args)
+            .map_err(|v| (INVALID_PARAMS, v.to_string(), vec![], true))?;
+        let bundle = self.policy.current().ok_or_else(|| {
+            (
+                UNAVAILABLE,
+                "no policy from the broker yet; failing closed".to_owned(),
+                vec![],
+                false,
+            )
+        })?;
+        let mut request = lapse_gate::request_of(claims, &self.cfg.action, source, now_secs());
+        request.context.tool = Some(ToolCall {
+            name: name.to_owned(),
+            args: args.clone(),
+        });
+        let decision = bundle.decide(&request);
+        match decision.outcome {
+            // Approval, if any, was given when the grant was issued.
+            DecisionOutcome::Allow { .. } | DecisionOutcome::ApprovalRequired { .. } => {
+                Ok(decision.policies)
+            }
+            DecisionOutcome::Deny { reasons } => {
+                Err((REFUSED, reasons.join("; "), decision.policies, false))
+            }
+        }
+    }
+
+    fn backlog_full(&self) -> bool {
+        self.unreported
+            .lock()
+            .map(|u| u.len() >= self.cfg.max_unreported)
+            .unwrap_or(true)
+    }
+
+    /// Queues the audit record of one decided call.
+    fn record(
+        &self,
+        grant: &str,
+        tool: &str,
+        args_sha256: &str,
+        outcome: Result<&[String], (&str, &[String], bool)>,
+        started: Instant,
+    ) {
+        let at = now_secs().saturating_mul(1000);
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let rec = match outcome {
+            Ok(policies) => {
+                json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "allow", "policies": policies, "latency_us": latency_us })
+            }
+            Err((why, policies, drift)) => {
+                json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "deny", "reason": why.chars().take(1000).collect::<String>(), "policies": policies, "drift": drift, "latency_us": latency_us })
+            }
+        };
+        if let Ok(mut u) = self.unreported.lock() {
+            // Allowed calls stop at `max_unreported`; refusals may go on being
+            // answered past it, and their records stop at twice that.
+            if u.len() < self.cfg.max_unreported.saturating_mul(2) {
+                u.push(rec);
+            } else {
+                tracing::error!(
+                    grant,
+                    tool,
+                    "audit backlog full: a refused call's record was dropped"
+                );
+            }
+        }
+        if let Ok(mut u) = self.uses.lock() {
+            u.insert(grant.to_owned(), at);
+        }
+    }
+
+    /// With `on_drift = "revoke"`, ends the whole task once: an `intent-drift`
+    /// signal, which the broker carries to every gate through the feed.
+    fn drifted(&self, claims: &AccessClaims, why: &str) {
+        if self.cfg.on_drift != OnDrift::Revoke {
+            return;
+        }
+        let key = format!("{}\n{}", claims.sub, claims.task);
+        if !self.drifted.lock().is_ok_and(|mut d| d.insert(key)) {
+            return;
+        }
+        let body = json!({
+            "type": "intent-drift",
+            "subject": { "workload": claims.sub, "task": claims.task },
+            "reason": format!("a tool call outside the declared intent: {why}"),
+            "event_timestamp": now_secs(),
+        });
+        let (http, url, token) = (
+            self.http.clone(),
+            format!("{}/v1/signals", self.cfg.broker.trim_end_matches('/')),
+            self.token.clone(),
+        );
+        tokio::spawn(async move {
+            let r = http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status);
+            if let Err(e) = r {
+                tracing::error!(error = %e, "could not signal intent drift to the broker");
+            }
+        });
+    }
+
+    /// Sends the queued audit records (and uses, for `@idle`) to the broker. A
+    /// failed report is kept and sent next time, in order.
+    pub async fn report(&self) -> Result<usize, String> {
+        let mut sent = 0;
+        loop {
+            let batch: Vec<Value> = match self.unreported.lock() {
+                Ok(u) => u.iter().take(CALLS_PER_REPORT).cloned().collect(),
+                Err(_) => return Ok(sent),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len();
+            self.http
+                .post(format!(
+                    "{}/v1/tool-calls",
+                    self.cfg.broker.trim_end_matches('/')
+                ))
+                .bearer_auth(&self.token)
+                .json(&json!({ "calls": batch }))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|e| e.to_string())?;
+            if let Ok(mut u) = self.unreported.lock() {
+                let n = n.min(u.len());
+                u.drain(..n);
+            }
+            sent += n;
+        }
+        let uses: Vec<(String, i64)> = match self.uses.lock() {
+            Ok(mut u) => u.drain().collect(),
+            Err(_) => vec![],
+        };
+        if !uses.is_empty() {
+            let body = json!({ "uses": uses.iter().take(1000).map(|(g, at)| json!({ "grant": g, "at": at })).collect::<Vec<_>>() });
+            let r = self
+                .http
+                .post(format!(
+                    "{}/v1/usage",
+                    self.cfg.broker.trim_end_matches('/')
+                ))
+                .bearer_auth(&self.token)
+                .json(&body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status);
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not report uses");
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Calls decided but not yet recorded at the broker.
+    pub fn unreported(&self) -> usize {
+        self.unreported.lock().map_or(0, |u| u.len())
+    }
+}
+
+/// A refused token as a JSON-RPC error, with the denial for an HTTP transport.
+fn refused_token(id: &Value, d: Denial) -> Answer {
+    let code = if matches!(d, Denial::Unavailable(_) | Denial::FeedStale(_)) {
+        UNAVAILABLE
+    } else {
+        REFUSED
+    };
+    Answer {
+        message: Some(error(
+            id,
+            code,
+            &d.to_string(),
+            json!({ "reason": d.to_string(), "error": d.code() }),
+        )),
+        denial: Some(d),
+    }
+}
+
+fn modern_fields(mut v: Value, is_modern: bool) -> Value {
+    if is_modern {
+        set_field(&mut v, "resultType", json!("complete"));
+    }
+    v
+}
+
+fn set_field(v: &mut Value, k: &str, x: Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.insert(k.to_owned(), x);
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(128).collect()
+}
