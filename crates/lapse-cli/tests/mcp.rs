@@ -432,8 +432,8 @@ async fn over_http(modern: bool) {
     wait_for(port);
     let url = format!("http://127.0.0.1:{port}/mcp");
     let (ppem, cpem) = (
-        pk.signing_key().to_pkcs8_pem().unwrap(),
-        ck.signing_key().to_pkcs8_pem().unwrap(),
+        hex::encode(pk.signing_key().secret_bytes()),
+        hex::encode(ck.signing_key().secret_bytes()),
     );
     let env: Vec<(String, String)> = vec![
         ("PROXY_URL".into(), url.clone()),
@@ -445,8 +445,8 @@ async fn over_http(modern: bool) {
             "CHILD_TOKEN".into(),
             child["access_token"].as_str().unwrap().into(),
         ),
-        ("PARENT_KEY_PEM".into(), ppem),
-        ("CHILD_KEY_PEM".into(), cpem),
+        ("PARENT_KEY".into(), ppem),
+        ("CHILD_KEY".into(), cpem),
         (
             "PARENT_GRANT".into(),
             parent["grant_id"].as_str().unwrap().into(),

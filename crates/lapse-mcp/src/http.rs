@@ -179,23 +179,35 @@ async fn message(
     };
     // Every message needs an acceptable token, so an agent without one learns
     // where to get it before anything else.
-    if let Err(d) = p.authenticate(&auth).await {
-        let status = StatusCode::from_u16(d.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-        let mut r = json_rpc(
-            status,
-            &json!({ "jsonrpc": "2.0", "id": id, "error": { "code": crate::REFUSED, "message": d.to_string(), "data": { "error": d.code() } } }),
-        );
-        let challenge = format!(
-            "{}, resource_metadata=\"{}\"",
-            d.www_authenticate(),
-            metadata_url(&p)
-        );
-        if let Ok(v) = HeaderValue::from_str(&challenge) {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    let claims = match p.authenticate(&auth).await {
+        Ok(c) => c,
+        Err(d) => {
+            p.refused_before_handling(&msg, &auth, &d);
+            let status = StatusCode::from_u16(d.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut r = json_rpc(
+                status,
+                &json!({ "jsonrpc": "2.0", "id": id, "error": { "code": crate::REFUSED, "message": d.to_string(), "data": { "error": d.code() } } }),
+            );
+            let challenge = format!(
+                "{}, resource_metadata=\"{}\"",
+                d.www_authenticate(),
+                metadata_url(&p)
+            );
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return r;
         }
-        return r;
-    }
-    let answer = p.handle(&msg, &auth).await;
+    };
+    let answer = p
+        .handle(
+            &msg,
+            &Auth::Verified {
+                claims,
+                source: peer.ip(),
+            },
+        )
+        .await;
     match answer.message {
         None => StatusCode::ACCEPTED.into_response(),
         Some(m) => json_rpc(StatusCode::OK, &m),

@@ -79,6 +79,11 @@ pub enum Auth<'a> {
         dpop: &'a [&'a str],
         source: IpAddr,
     },
+    /// A request the transport already verified (a DPoP proof is good once).
+    Verified {
+        claims: AccessClaims,
+        source: IpAddr,
+    },
 }
 
 /// What a message gets: the answer (none for a notification) and, when the token
@@ -262,9 +267,10 @@ impl Proxy {
     }
 
     /// The token's claims if it is honoured now.
-    async fn authenticate(&self, auth: &Auth<'_>) -> Result<AccessClaims, Denial> {
+    pub async fn authenticate(&self, auth: &Auth<'_>) -> Result<AccessClaims, Denial> {
         let now = now_secs();
         let allowed = match auth {
+            Auth::Verified { claims, .. } => return Ok(claims.clone()),
             Auth::Held(token) => {
                 self.verifier
                     .verify_held(token, &self.cfg.action, now)
@@ -298,6 +304,7 @@ impl Proxy {
         let token = match auth {
             Auth::Held(t) => *t,
             Auth::Request { authorization, .. } => (*authorization)?.split_once(' ')?.1.trim(),
+            Auth::Verified { claims, .. } => return Some(claims.grant_id.clone()),
         };
         self.verifier
             .token_claims(token, now_secs())
@@ -429,9 +436,7 @@ impl Proxy {
                 ));
             }
         };
-        let args_sha256 = hex::encode(sha2::Sha256::digest(
-            serde_json::to_vec(args).unwrap_or_default(),
-        ));
+        let args_sha256 = args_digest(args);
         if name.is_empty() {
             return Answer::reply(error(id, INVALID_PARAMS, "`name` is required", json!({})));
         }
@@ -451,7 +456,7 @@ impl Proxy {
             }
         };
         let source = match auth {
-            Auth::Request { source, .. } => *source,
+            Auth::Request { source, .. } | Auth::Verified { source, .. } => *source,
             Auth::Held(_) => IpAddr::from([127, 0, 0, 1]),
         };
         let decided = match self.decide(&claims, name, args, source) {
@@ -687,10 +692,48 @@ impl Proxy {
         Ok(sent)
     }
 
+    /// Records a `tools/call` the transport refused before it reached
+    /// [`Proxy::handle`] (its token was not honoured): it was attempted all the
+    /// same. Nothing is recorded when the token names no grant that can be
+    /// trusted (a forged token has no grant to attach a record to).
+    pub fn refused_before_handling(&self, msg: &Value, auth: &Auth<'_>, why: &Denial) {
+        if msg.get("method").and_then(Value::as_str) != Some("tools/call") {
+            return;
+        }
+        let Some(grant) = self.grant_of(auth) else {
+            return;
+        };
+        let params = msg.get("params");
+        let name = params
+            .and_then(|p| p.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let empty = Map::new();
+        let args = params
+            .and_then(|p| p.get("arguments"))
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        self.record(
+            &grant,
+            name,
+            &args_digest(args),
+            Err((&why.to_string(), &[], false)),
+            Instant::now(),
+        );
+    }
+
     /// Calls decided but not yet recorded at the broker.
     pub fn unreported(&self) -> usize {
         self.unreported.lock().map_or(0, |u| u.len())
     }
+}
+
+/// SHA-256 of a call's arguments as JSON: the audit record names them without
+/// holding them (they may be secrets).
+fn args_digest(args: &Map<String, Value>) -> String {
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(args).unwrap_or_default(),
+    ))
 }
 
 /// A refused token as a JSON-RPC error, with the denial for an HTTP transport.

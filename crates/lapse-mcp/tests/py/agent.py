@@ -8,7 +8,7 @@ JSON line per step: {"step": ..., "ok": bool, "code": int|null, "text": ...}.
 stdio: starts the proxy itself as its MCP server (`LAPSE_BIN mcp-proxy --config
 PROXY_CONFIG`), once with the parent's token and once with the sub-agent's.
 http: talks streamable HTTP to PROXY_URL with a DPoP proof per request, signed with
-the Ed25519 key in PARENT_KEY_PEM / CHILD_KEY_PEM.
+the Ed25519 key whose 32-byte seed is in PARENT_KEY / CHILD_KEY (hex).
 """
 
 import asyncio
@@ -105,12 +105,13 @@ def b64u(b):
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 
 
-def dpop_auth(token, pem):
+def dpop_auth(token, seed_hex):
     import httpx2
     import jwt
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed_hex))
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64u(raw)}
 
@@ -135,7 +136,7 @@ async def run_http(modern):
     from mcp.client.streamable_http import streamable_http_client
 
     url = E["PROXY_URL"]
-    async with dpop_auth(E["PARENT_TOKEN"], E["PARENT_KEY_PEM"]) as ph, dpop_auth(E["CHILD_TOKEN"], E["CHILD_KEY_PEM"]) as ch:
+    async with dpop_auth(E["PARENT_TOKEN"], E["PARENT_KEY"]) as ph, dpop_auth(E["CHILD_TOKEN"], E["CHILD_KEY"]) as ch:
         if modern:
             async with Client(streamable_http_client(url, http_client=ph)) as p, Client(
                 streamable_http_client(url, http_client=ch)
