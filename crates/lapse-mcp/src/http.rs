@@ -203,7 +203,7 @@ async fn message(
         .handle(
             &msg,
             &Auth::Verified {
-                claims,
+                claims: Box::new(claims),
                 source: peer.ip(),
             },
         )

@@ -48,7 +48,8 @@ pub const REFUSED: i64 = -31003;
 pub const UNAVAILABLE: i64 = -31503;
 
 /// Protocol revisions the proxy answers `initialize` with (newest first).
-const HANDSHAKE_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+const HANDSHAKE_VERSIONS: &[&str] = &[LATEST_HANDSHAKE, "2025-06-18", "2025-03-26"];
+const LATEST_HANDSHAKE: &str = "2025-11-25";
 /// The stateless revision (`server/discover`, `_meta` on every request).
 pub const MODERN_VERSION: &str = "2026-07-28";
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
@@ -81,7 +82,7 @@ pub enum Auth<'a> {
     },
     /// A request the transport already verified (a DPoP proof is good once).
     Verified {
-        claims: AccessClaims,
+        claims: Box<AccessClaims>,
         source: IpAddr,
     },
 }
@@ -270,7 +271,7 @@ impl Proxy {
     pub async fn authenticate(&self, auth: &Auth<'_>) -> Result<AccessClaims, Denial> {
         let now = now_secs();
         let allowed = match auth {
-            Auth::Verified { claims, .. } => return Ok(claims.clone()),
+            Auth::Verified { claims, .. } => return Ok((**claims).clone()),
             Auth::Held(token) => {
                 self.verifier
                     .verify_held(token, &self.cfg.action, now)
@@ -346,7 +347,8 @@ impl Proxy {
                 let version = HANDSHAKE_VERSIONS
                     .iter()
                     .find(|v| **v == asked)
-                    .unwrap_or(&HANDSHAKE_VERSIONS[0]);
+                    .copied()
+                    .unwrap_or(LATEST_HANDSHAKE);
                 Answer::reply(result(
                     id,
                     json!({
