@@ -72,6 +72,20 @@ enum Cmd {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// What `lapse mcp-proxy` adds to a tool call over stdio (open-loop at `rate`),
+    /// and sub-agent token exchange latency (needs the release `lapse` binary beside
+    /// this one).
+    Mcp {
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2000)]
+        exchanges: usize,
+    },
+    /// A stdio MCP server that answers every call at once (used by `mcp`).
+    #[command(hide = true)]
+    McpUpstream,
     /// Start-up latency `lapse run` adds to a command (needs the release `lapse`
     /// binary beside this one).
     Run {
@@ -187,6 +201,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Introspect(a) => load(Kind::Introspect, &a, cli.json),
         Cmd::Fsync { iterations } => fsync(iterations, cli.json),
         Cmd::Run { samples } => runcmd::run(samples, cli.json),
+        Cmd::Mcp {
+            rate,
+            seconds,
+            exchanges,
+        } => mcp::run(rate, seconds, exchanges, cli.json),
+        Cmd::McpUpstream => mcp::upstream(),
         Cmd::Soak {
             rate,
             minutes,
@@ -339,7 +359,9 @@ enum Kind {
 }
 
 mod console;
+mod devserver;
 mod gate;
+mod mcp;
 mod pg;
 mod runcmd;
 mod soak;

@@ -58,15 +58,6 @@ fn breakdown(pid: u32, data: &std::path::Path) -> String {
     )
 }
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub fn run(
     rate: f64,
     minutes: u64,
@@ -74,36 +65,13 @@ pub fn run(
     grant_ttl: Option<u64>,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let lapse = std::env::current_exe()?.with_file_name("lapse");
-    if !lapse.exists() {
-        bail!(
-            "`{}` not found: build it with `cargo build --release -p lapse-cli`",
-            lapse.display()
-        );
-    }
-    let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let server = Child(
-        std::process::Command::new(&lapse)
-            .args(["serve", "--dev", "--listen", &addr.to_string(), "--data"])
-            .arg(&data)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-    );
-    let pid = server.0.id();
+    let server = crate::devserver::DevServer::spawn()?;
+    let (addr, data, pid) = (server.addr, server.data.clone(), server.pid());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while Conn::connect(addr).await.is_err() {
-            if std::time::Instant::now() > deadline {
-                bail!("lapse serve --dev did not listen");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        server.ready().await?;
         let now = SystemClock.now().unix_seconds();
         // 1,000 workloads, their identity tokens valid for the whole run.
         let key = lapse_token::SigningKey::load(&data.join(lapse_server::dev::DEV_ISSUER_KEY))?;

@@ -495,6 +495,21 @@ async fn over_http(modern: bool) {
     );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], -31003, "{body}");
+    // 2026-07-28 routing headers must say what the body says.
+    let r = reqwest::Client::new()
+        .post(&url)
+        .header("Mcp-Method", "tools/call")
+        .header("Mcp-Name", "read_file")
+        .json(&json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": { "name": "delete_all" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], -32020, "{body}");
+    // No server-initiated stream, no sessions.
+    let r = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 405);
     check_audit(&b, parent["grant_id"].as_str().unwrap(), PARENT_DECISIONS).await;
     check_audit(&b, child["grant_id"].as_str().unwrap(), CHILD_DECISIONS).await;
 }
@@ -518,4 +533,137 @@ fn wait_for(port: u16) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The proxy over stdio, driven line by line: one request, its answer.
+struct RawProxy {
+    child: Running,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl RawProxy {
+    fn start(cfg: &Path, token: &str) -> Self {
+        let mut child = Command::new(LAPSE)
+            .args(["mcp-proxy", "--config", cfg.to_str().unwrap()])
+            .env("LAPSE_ACCESS_TOKEN", token)
+            .env("LAPSE_PROXY_TOKEN", PROXY_TOKEN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self {
+            child: Running(child),
+            stdin,
+            stdout,
+        }
+    }
+
+    fn line(&mut self, text: &str) -> Value {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{text}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    }
+
+    fn call(&mut self, id: u64, name: &str, args: Value) -> Value {
+        self.line(&json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call", "params": { "name": name, "arguments": args } }).to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_get_precise_errors_and_drift_can_end_the_task() {
+    let b = broker().await;
+    let (pk, ck) = (DpopKey::generate(), DpopKey::generate());
+    let (parent, child) = b.tokens(&pk, &ck).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = proxy_config(tmp.path(), &b.url, "stdio", None);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "staleness = \"5s\"",
+            "staleness = \"5s\"\non_drift = \"revoke\"",
+        ),
+    )
+    .unwrap();
+    let token = parent["access_token"].as_str().unwrap().to_owned();
+    let cfg2 = cfg.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut p = RawProxy::start(&cfg2, &token);
+        let mut a = vec![
+            p.line(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#),
+            p.line("{not json"),
+            p.line(r#"{"jsonrpc":"1.0","id":2,"method":"ping"}"#),
+            p.line(r#"{"jsonrpc":"2.0","id":3,"method":"resources/list"}"#),
+            p.line(r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"read_file","arguments":["/data/a"]}}"#),
+            p.line(r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"arguments":{}}}"#),
+            p.line(r#"{"jsonrpc":"2.0","id":6,"method":"ping"}"#),
+            p.call(7, "read_file", json!({ "path": "/data/ok.txt" })),
+            // Drift: a declared tool outside its constraints. With `on_drift =
+            // "revoke"` the whole task ends.
+            p.call(8, "read_file", json!({ "path": "/home/secrets" })),
+        ];
+        std::thread::sleep(Duration::from_millis(800));
+        a.push(p.call(9, "read_file", json!({ "path": "/data/ok.txt" })));
+        drop(p.stdin);
+        let _ = p.child.0.wait();
+        a
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answers[0]["result"]["protocolVersion"], "2025-06-18",
+        "a supported version is kept: {}",
+        answers[0]
+    );
+    assert_eq!(
+        answers[0]["result"]["capabilities"]["tools"]["listChanged"],
+        false
+    );
+    assert_eq!(answers[1]["error"]["code"], -32700, "{}", answers[1]);
+    assert_eq!(answers[2]["error"]["code"], -32600, "{}", answers[2]);
+    assert_eq!(answers[3]["error"]["code"], -32601, "{}", answers[3]);
+    assert_eq!(answers[4]["error"]["code"], -32602, "{}", answers[4]);
+    assert_eq!(answers[5]["error"]["code"], -32602, "{}", answers[5]);
+    assert_eq!(answers[6]["result"], json!({}), "{}", answers[6]);
+    assert_eq!(answers[7]["result"]["isError"], false, "{}", answers[7]);
+    assert_eq!(answers[8]["error"]["code"], -32602, "{}", answers[8]);
+    assert_eq!(answers[8]["error"]["data"]["drift"], true, "{}", answers[8]);
+    assert_eq!(
+        answers[9]["error"]["code"], -31003,
+        "the task was ended: {}",
+        answers[9]
+    );
+    // The drift signal ended the task: the parent and its sub-agent, audited.
+    for g in [&parent, &child] {
+        let id = g["grant_id"].as_str().unwrap();
+        let r: Value = b
+            .http
+            .get(format!("{}/v1/grants/{id}", b.url))
+            .bearer_auth(&b.admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["state"], "revoked", "{r}");
+    }
+    let kinds: Vec<String> = b
+        .audit_for(parent["grant_id"].as_str().unwrap())
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k == "signal.received" || k == "grant.revoked"),
+        "{kinds:?}"
+    );
 }

@@ -197,6 +197,16 @@ fn paths_and_schemas() -> Value {
             "uses": { "type": "array", "maxItems": 1000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at"], "properties": { "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" } } } } } } } } },
           "responses": { "200": { "description": "how many grants got a new last use", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
             "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing"), "503": e("store unavailable") } } },
+        "/v1/tool-calls": { "post": {
+          "summary": "The MCP proxy records the tool calls it decided: one `tool.called` audit entry per attempted call, all in one commit", "security": op_auth,
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["calls"], "properties": {
+            "calls": { "type": "array", "maxItems": 1000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at", "tool", "args_sha256", "decision"], "properties": {
+              "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" }, "tool": { "type": "string", "maxLength": 256 },
+              "args_sha256": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }, "decision": { "enum": ["allow", "deny"] },
+              "reason": { "type": "string", "maxLength": 2000 }, "policies": { "type": "array", "maxItems": 64, "items": { "type": "string" } },
+              "drift": { "type": "boolean", "description": "refused as outside the task's declared intent" }, "latency_us": { "type": "integer", "minimum": 0 } } } } } } } } },
+          "responses": { "200": { "description": "how many calls were recorded", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
+            "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing, or a grant of an audience this gate does not guard"), "404": e("no such grant"), "415": e("wrong content type"), "503": e("store unavailable") } } },
         "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
         "/.well-known/jwks.json": { "get": { "summary": "Keys that sign access tokens", "responses": { "200": { "description": "JWKS" } } } },
         "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
@@ -215,9 +225,14 @@ fn paths_and_schemas() -> Value {
             "request_id": { "type": "string" }, "approvals_required": { "type": "integer" }, "interval": { "type": "integer" } } },
           "TokenExchange": { "type": "object", "required": ["grant_type"], "properties": {
             "grant_type": { "const": "urn:ietf:params:oauth:grant-type:token-exchange" },
-            "subject_token": { "type": "string", "description": "identity token (OIDC workload JWT or SPIFFE JWT-SVID)" },
-            "subject_token_type": { "enum": ["urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"] },
-            "audience": { "type": "string" }, "scope": { "type": "string", "description": "space-separated actions" },
+            "subject_token": { "type": "string", "description": "identity token (OIDC workload JWT or SPIFFE JWT-SVID), or for a sub-agent the parent's Lapse access token (with a DPoP proof of its key)" },
+            "subject_token_type": { "enum": ["urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token", "urn:ietf:params:oauth:token-type:access_token"] },
+            "actor_token": { "type": "string", "description": "sub-agent only: the sub-agent's own identity token; its workload becomes `act.sub`" },
+            "actor_token_type": { "enum": ["urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"] },
+            "dpop_jkt": { "type": "string", "pattern": "^[A-Za-z0-9_-]{43}$", "description": "sub-agent only: the RFC 7638 thumbprint of the sub-agent's DPoP key, which the new token is bound to" },
+            "tools": { "type": "string", "description": "the task's declared tools as JSON: an array of ToolDecl" },
+            "audience": { "type": "string" }, "resource": { "type": "string", "description": "RFC 8707; the same as `audience`" },
+            "scope": { "type": "string", "description": "space-separated actions" },
             "task": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" }, "environment": { "type": "string" },
             "expires_in": { "type": "integer", "minimum": 1 },
             "break_glass": { "enum": ["true", "false"], "description": "decided by @break_glass policies only; issued at once with a hard short lifetime and a mandatory review" },
@@ -231,7 +246,13 @@ fn paths_and_schemas() -> Value {
           "AccessRequest": { "type": "object", "additionalProperties": false, "required": ["identity_token", "audience", "actions", "task"], "properties": {
             "identity_token": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1 },
             "task": { "type": "object", "additionalProperties": false, "required": ["id", "purpose"], "properties": { "id": { "type": "string" }, "purpose": { "type": "string" }, "ticket": { "type": "string" } } },
-            "ttl": { "type": "string", "pattern": "^[0-9]+[smhd]$", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" }, "justification": { "type": "string" } } },
+            "ttl": { "type": "string", "pattern": "^[0-9]+[smhd]$", "examples": ["10m"] }, "environment": { "type": "string" }, "break_glass": { "type": "boolean" }, "justification": { "type": "string" },
+            "tools": { "type": "array", "maxItems": 64, "items": { "$ref": "#/components/schemas/ToolDecl" } } } },
+          "ToolDecl": { "type": "object", "additionalProperties": false, "required": ["name"], "description": "a tool an agent's task may call through `lapse mcp-proxy`, with constraints on its arguments (every part given must hold)", "properties": {
+            "name": { "type": "string", "minLength": 1, "maxLength": 256 },
+            "args": { "type": "object", "maxProperties": 16, "additionalProperties": { "type": "object", "additionalProperties": false, "minProperties": 1, "properties": {
+              "prefix": { "type": "string", "minLength": 1, "maxLength": 256 }, "one_of": { "type": "array", "minItems": 1, "maxItems": 64, "items": { "type": ["string", "number", "boolean"] } },
+              "maximum": { "type": "number" }, "pattern": { "type": "string", "minLength": 1, "maxLength": 256, "description": "a regular expression the whole value must match" } } } } } },
           "PendingRequest": { "allOf": [ { "$ref": "#/components/schemas/Grant" }, { "type": "object", "properties": {
             "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] },
             "approvals": { "type": "array", "items": { "type": "object", "properties": { "by": { "type": "string" }, "at": { "type": "integer" }, "reason": { "type": "string" } } } },
@@ -246,7 +267,9 @@ fn paths_and_schemas() -> Value {
             "workload": { "type": "string" }, "issuer": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" } },
             "task": { "type": "object" }, "policies": { "type": "array", "items": { "type": "string" } }, "created_at": { "type": "integer", "description": "ms since epoch" },
             "expires_at": { "type": "integer" }, "max_expires_at": { "type": "integer" }, "ended_at": { "type": ["integer", "null"] }, "end": { "type": ["object", "null"] },
-            "jkt": { "type": "string" }, "renewals": { "type": "integer" }, "idle_secs": { "type": ["integer", "null"] }, "last_used_at": { "type": ["integer", "null"], "description": "unix ms of the latest use a gate reported" }, "audit": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } },
+            "jkt": { "type": "string" }, "renewals": { "type": "integer" }, "idle_secs": { "type": ["integer", "null"] }, "last_used_at": { "type": ["integer", "null"], "description": "unix ms of the latest use a gate reported" },
+            "tools": { "type": "array", "items": { "$ref": "#/components/schemas/ToolDecl" } }, "depth": { "type": "integer", "description": "hops of delegation (0: the workload's own grant)" },
+            "parent": { "type": ["string", "null"], "description": "the grant this one was delegated from" }, "act": { "description": "RFC 8693 actor chain" }, "delegations": { "type": "integer" }, "audit": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEntry" } } } },
           "Introspection": { "type": "object", "required": ["active"], "properties": { "active": { "type": "boolean" }, "scope": { "type": "string" }, "sub": { "type": "string" }, "aud": { "type": "string" }, "exp": { "type": "integer" }, "grant_id": { "type": "string" }, "task": { "type": "string" }, "cnf": { "type": "object" } } },
           "StandingReport": { "type": "object", "required": ["generated_at", "window", "ok", "findings", "proof", "targets"], "properties": {
             "generated_at": { "type": "integer" }, "window": { "type": "object", "properties": { "from": { "type": "integer" }, "to": { "type": "integer" } } },

@@ -228,3 +228,66 @@ async fn a_sub_agent_gets_less_and_ends_with_its_parent() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn completing_the_task_ends_everything_it_spawned() {
+    let s = common::start().await;
+    let key = DpopKey::generate();
+    let parent = agent_token(&s, &key).await;
+    let parent_token = parent["access_token"].as_str().unwrap();
+    let (st, child) = sub(
+        &s,
+        &key,
+        parent_token,
+        &[(
+            "tools",
+            r#"[{"name":"query","args":{"limit":{"maximum":10}}}]"#,
+        )],
+    )
+    .await;
+    assert_eq!(st, 200, "{child}");
+    let child_token = child["access_token"].as_str().unwrap();
+    // The child (bound to the parent's key here: no `dpop_jkt`) delegates again.
+    let (st, grandchild) = sub(&s, &key, child_token, &[("scope", "call")]).await;
+    assert_eq!(st, 200, "{grandchild}");
+    // The agent completes its own grant, as `lapse run` does when its command exits.
+    let id = parent["grant_id"].as_str().unwrap();
+    let url = format!("{}/v1/grants/{id}/complete", s.url);
+    let proof = key.proof("POST", &url, Some(parent_token), s.now());
+    let (st, v) = s
+        .send(
+            s.http
+                .post(&url)
+                .header("Authorization", format!("DPoP {parent_token}"))
+                .header("DPoP", proof)
+                .json(&json!({ "reason": "report written" })),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["state"], "completed");
+    for (what, t) in [
+        ("child", child_token),
+        ("grandchild", grandchild["access_token"].as_str().unwrap()),
+    ] {
+        assert!(!s.active(t).await, "the {what} ends with the task");
+    }
+    let (st, g) = s
+        .send(
+            s.http
+                .get(format!(
+                    "{}/v1/grants/{}",
+                    s.url,
+                    grandchild["grant_id"].as_str().unwrap()
+                ))
+                .bearer_auth(&s.admin),
+        )
+        .await;
+    assert_eq!(st, 200, "{g}");
+    assert_eq!(g["state"], "revoked", "{g}");
+    assert_eq!(g["depth"], 2, "{g}");
+    assert_eq!(g["parent"], child["grant_id"], "{g}");
+    assert!(
+        g["end"]["reason"].as_str().unwrap().contains(id),
+        "the reason names the grant whose end it followed: {g}"
+    );
+}
