@@ -2,7 +2,7 @@
 //! sub-agent's token costs.
 //!
 //! Per-call overhead: the same open-loop stream of `tools/call`s (each sent at its
-//! scheduled time, latency measured from then, so a stall shows) goes once
+//! scheduled time whatever is outstanding, latency from its write) goes once
 //! straight to an MCP server over stdio and once through `lapse mcp-proxy` over
 //! stdio to that server; the server is this binary's `mcp-upstream`, which answers
 //! at once, so the difference is the proxy (token and grant check, declared
@@ -25,6 +25,9 @@ use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Sub-agent exchanges per second (one workload: under its default rate limit).
+const EXCHANGE_RATE: f64 = 150.0;
 
 /// `lapse-bench mcp-upstream`: a stdio MCP server with one tool, `lookup`, that
 /// answers every call at once (the fastest possible upstream).
@@ -162,7 +165,11 @@ impl Peer {
                 }
             }
             let params = json!({ "name": "lookup", "arguments": { "key": format!("k-{i}") } });
-            self.send(i as u64 + 1, "tools/call", params, due).await?;
+            // Timed from the write, not the due time: the runtime's timer wakes up
+            // to a millisecond late, which would drown what is measured. The writer
+            // never waits for answers, so a slow peer still shows (pipe full).
+            self.send(i as u64 + 1, "tools/call", params, tokio::time::Instant::now())
+                .await?;
         }
         while received < calls {
             let Ok(Some((d, ok))) =
@@ -249,15 +256,22 @@ pub fn run(rate: f64, seconds: u64, exchanges: usize, json_out: bool) -> anyhow:
             form_value("urn:ietf:params:oauth:token-type:access_token"),
             child.jkt(),
         );
-        for _ in 0..exchanges {
-            let t = std::time::Instant::now();
+        // Paced under the broker's per-workload rate (200/s by default), latency
+        // from each exchange's due time.
+        let start = tokio::time::Instant::now();
+        for i in 0..exchanges {
+            let due = start + Duration::from_secs_f64(i as f64 / EXCHANGE_RATE);
+            tokio::time::sleep_until(due).await;
             exchange(&mut conn, &host, &key, &body).await?;
-            stats::record(&mut h, t.elapsed());
+            stats::record(&mut h, due.elapsed());
         }
         let s = stats::summary(&h);
         emit(
             json_out,
-            format!("sub-agent token exchange (c=1, {exchanges}): {}", s.line()),
+            format!(
+                "sub-agent token exchange ({exchanges} at {EXCHANGE_RATE}/s): {}",
+                s.line()
+            ),
             json!({ "bench": "mcp.delegate", "latency": s.json() }),
         );
 
