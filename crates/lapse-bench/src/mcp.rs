@@ -168,8 +168,13 @@ impl Peer {
             // Timed from the write, not the due time: the runtime's timer wakes up
             // to a millisecond late, which would drown what is measured. The writer
             // never waits for answers, so a slow peer still shows (pipe full).
-            self.send(i as u64 + 1, "tools/call", params, tokio::time::Instant::now())
-                .await?;
+            self.send(
+                i as u64 + 1,
+                "tools/call",
+                params,
+                tokio::time::Instant::now(),
+            )
+            .await?;
         }
         while received < calls {
             let Ok(Some((d, ok))) =

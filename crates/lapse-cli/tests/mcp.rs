@@ -192,6 +192,35 @@ impl Broker {
                 ],
             )
             .await;
+        // Widening is refused: a tool the parent never declared, a looser bound.
+        for wider in [
+            r#"[{"name":"delete_all"}]"#,
+            r#"[{"name":"transfer","args":{"amount":{"maximum":99999}}}]"#,
+        ] {
+            let url = format!("{}/oauth/token", self.url);
+            let r = self
+                .http
+                .post(&url)
+                .header("DPoP", parent.proof("POST", &url, None, now()))
+                .form(&[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token", p["access_token"].as_str().unwrap()),
+                    (
+                        "subject_token_type",
+                        "urn:ietf:params:oauth:token-type:access_token",
+                    ),
+                    ("tools", wider),
+                ])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{wider}");
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "invalid_scope", "{v}");
+        }
         (p, c)
     }
 

@@ -50,6 +50,7 @@ pub struct PolicyBundle {
     resource_type: EntityTypeName,
     action_type: EntityTypeName,
     args_type: EntityTypeName,
+    constraints_type: EntityTypeName,
     /// Number of policies, for logs and metrics.
     pub policy_count: usize,
     /// The files it was built from, so gates can build the same bundle.
@@ -255,6 +256,7 @@ impl PolicyBundle {
             resource_type: type_name("Resource")?,
             action_type: type_name("Action")?,
             args_type: type_name("ToolArgs")?,
+            constraints_type: type_name("ToolConstraints")?,
             schema_text,
             policy_count: policies.len(),
             info: policies
@@ -320,7 +322,7 @@ impl PolicyBundle {
             Ok(e) => e,
             Err(msg) => return Decision::deny(format!("cannot build policy input: {msg}"), vec![]),
         };
-        let context = match context(request, &self.args_type) {
+        let context = match context(request, &self.args_type, &self.constraints_type) {
             Ok(c) => c,
             Err(msg) => {
                 return Decision::deny(format!("cannot build policy context: {msg}"), vec![]);
@@ -460,7 +462,21 @@ impl PolicyBundle {
             ),
             Default::default(),
         );
-        let mut extra = vec![workload, resource];
+        let declared = Entity::new_with_tags(
+            EntityUid::from_type_name_and_id(
+                self.constraints_type.clone(),
+                EntityId::new("declared"),
+            ),
+            [],
+            [],
+            request.tools.iter().flat_map(|t| {
+                t.args
+                    .iter()
+                    .map(move |(arg, c)| (format!("{}:{arg}", t.name), arg_constraint(c)))
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut extra = vec![workload, resource, declared];
         if let Some(call) = &request.context.tool {
             extra.push(
                 Entity::new_with_tags(
@@ -507,7 +523,53 @@ fn tool_arg(v: &serde_json::Value) -> RestrictedExpression {
         .unwrap_or_else(|_| RestrictedExpression::new_string(String::new()))
 }
 
-fn context(request: &AccessRequest, args_type: &EntityTypeName) -> Result<Context, String> {
+/// One declared constraint as an `ArgConstraint` record.
+fn arg_constraint(c: &lapse_core::tools::ArgConstraint) -> RestrictedExpression {
+    let mut fields = Vec::new();
+    if let Some(p) = &c.prefix {
+        fields.push((
+            "prefix".to_owned(),
+            RestrictedExpression::new_string(p.clone()),
+        ));
+    }
+    if let Some(set) = &c.one_of {
+        fields.push((
+            "one_of".to_owned(),
+            RestrictedExpression::new_set(set.iter().map(|v| {
+                RestrictedExpression::new_string(match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+            })),
+        ));
+    }
+    if let Some(m) = c.maximum
+        && m.fract() == 0.0
+        && m.abs() < 9.0e15
+    {
+        // A whole number; the bound keeps the cast exact.
+        #[allow(clippy::cast_possible_truncation)]
+        fields.push((
+            "maximum".to_owned(),
+            RestrictedExpression::new_long(m as i64),
+        ));
+    }
+    if let Some(p) = &c.pattern {
+        fields.push((
+            "pattern".to_owned(),
+            RestrictedExpression::new_string(p.clone()),
+        ));
+    }
+    // Field names are distinct literals, so building the record cannot fail.
+    RestrictedExpression::new_record(fields)
+        .unwrap_or_else(|_| RestrictedExpression::new_string(String::new()))
+}
+
+fn context(
+    request: &AccessRequest,
+    args_type: &EntityTypeName,
+    constraints_type: &EntityTypeName,
+) -> Result<Context, String> {
     let c = &request.context;
     let ttl = i64::try_from(request.requested_ttl_secs).unwrap_or(i64::MAX);
     let tools = RestrictedExpression::new_set(
@@ -539,6 +601,13 @@ fn context(request: &AccessRequest, args_type: &EntityTypeName) -> Result<Contex
     Context::from_pairs(
         [
             ("tools".to_owned(), tools),
+            (
+                "constraints".to_owned(),
+                RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
+                    constraints_type.clone(),
+                    EntityId::new("declared"),
+                )),
+            ),
             (
                 "depth".to_owned(),
                 RestrictedExpression::new_long(i64::from(c.depth)),

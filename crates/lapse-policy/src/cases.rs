@@ -49,7 +49,8 @@ pub struct CaseFields {
     pub source: Option<IpAddr>,
     pub time: Option<String>,
     pub break_glass: Option<bool>,
-    /// Tools the task declares (names; constraints do not reach Cedar at request time).
+    /// Tools the task declares: names, or full declarations as JSON text (with
+    /// argument constraints, which Cedar sees as `context.constraints`).
     pub tools: Option<Vec<String>>,
     /// Delegation depth (0: the workload's own request).
     pub depth: Option<u32>,
@@ -211,10 +212,19 @@ fn request_of(defaults: &CaseFields, case: &Case) -> Result<AccessRequest, CaseE
         tools: pick!(tools)
             .unwrap_or_default()
             .into_iter()
-            .map(|name| lapse_core::ToolDecl {
-                name,
-                args: BTreeMap::new(),
+            .map(|t| {
+                if t.trim_start().starts_with('{') {
+                    serde_json::from_str(&t).map_err(|e| CaseError::Incomplete {
+                        case: case.name.clone(),
+                        message: format!("`tools` entry `{t}`: {e}"),
+                    })
+                } else {
+                    Ok(lapse_core::ToolDecl {
+                        name: t,
+                        args: BTreeMap::new(),
+                    })
+                }
             })
-            .collect(),
+            .collect::<Result<_, _>>()?,
     })
 }

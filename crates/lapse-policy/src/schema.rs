@@ -42,11 +42,28 @@ type RequestContext = {
   break_glass: Bool,
   // The tools an agent's task declares (empty for other requests).
   tools: Set<String>,
+  // The argument constraints the task declared, one tag per constrained argument,
+  // named `tool:argument`: `context.constraints.hasTag("transfer:amount") &&
+  // context.constraints.getTag("transfer:amount") has maximum &&
+  // context.constraints.getTag("transfer:amount").maximum <= 1000`.
+  constraints: ToolConstraints,
   // Hops of delegation: 0 for a workload's own request, 1 for its sub-agent's, …
   depth: Long,
   // Present only when a gate (the MCP proxy) decides one tool call:
   // `context has tool && context.tool.name == "transfer"`.
   tool?: ToolCall,
+};
+
+// A task's declared argument constraints (tags `tool:argument`).
+entity ToolConstraints tags ArgConstraint;
+
+// One declared constraint. `maximum` is set when the declared maximum is a whole
+// number; `one_of` holds strings as they are and other values as compact JSON.
+type ArgConstraint = {
+  prefix?: String,
+  one_of?: Set<String>,
+  maximum?: Long,
+  pattern?: String,
 };
 
 // One MCP tool call: the tool's name and its arguments.
