@@ -37,13 +37,24 @@ pub fn lapse_bin() -> anyhow::Result<PathBuf> {
 }
 
 impl DevServer {
+    /// `LAPSE_BENCH_SERVER_WRAPPER` (e.g. `heaptrack -o /tmp/lapse`) runs the server
+    /// under a profiler; it is then stopped with SIGINT, so the profiler can write.
     pub fn spawn() -> anyhow::Result<Self> {
         let tmp = tempfile::tempdir()?;
         let data = tmp.path().join("data");
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let wrapper = std::env::var("LAPSE_BENCH_SERVER_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = std::process::Command::new(w);
+                c.args(words).arg(lapse_bin()?);
+                c
+            }
+            None => std::process::Command::new(lapse_bin()?),
+        };
         let child = Child(
-            std::process::Command::new(lapse_bin()?)
-                .args(["serve", "--dev", "--listen", &addr.to_string(), "--data"])
+            cmd.args(["serve", "--dev", "--listen", &addr.to_string(), "--data"])
                 .arg(&data)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -69,7 +80,36 @@ impl DevServer {
         Ok(())
     }
 
+    /// The server's own process: under a wrapper, the wrapper's `lapse` child.
     pub fn pid(&self) -> u32 {
-        self.child.0.id()
+        let own = self.child.0.id();
+        std::process::Command::new("pgrep")
+            .args(["-P", &own.to_string(), "-x", "lapse"])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
+            .unwrap_or(own)
+    }
+}
+
+impl Drop for DevServer {
+    /// A wrapped server is interrupted first and given time to finish writing.
+    fn drop(&mut self) {
+        let own = self.child.0.id();
+        let pid = self.pid();
+        if pid == own {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }

@@ -53,8 +53,26 @@ const LATEST_HANDSHAKE: &str = "2025-11-25";
 /// The stateless revision (`server/discover`, `_meta` on every request).
 pub const MODERN_VERSION: &str = "2026-07-28";
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
-/// Most calls in one audit report (the broker takes 1,000).
-const CALLS_PER_REPORT: usize = 500;
+/// Most calls in one audit report (the broker takes 200), and most bytes of their
+/// JSON (the broker takes 64 KiB bodies; a record with a long reason is ~1.3 KiB).
+const CALLS_PER_REPORT: usize = 200;
+const REPORT_BYTES: usize = 48 * 1024;
+const USES_PER_REPORT: usize = lapse_gate::USES_PER_REPORT;
+
+/// How many of the queued records go in the next report: at most
+/// [`CALLS_PER_REPORT`] and [`REPORT_BYTES`] of JSON, and always at least one.
+fn batch_len(queue: &[Value]) -> usize {
+    let mut bytes = 0;
+    let n = queue
+        .iter()
+        .take(CALLS_PER_REPORT)
+        .take_while(|c| {
+            bytes += c.to_string().len() + 1;
+            bytes <= REPORT_BYTES
+        })
+        .count();
+    n.max(usize::from(!queue.is_empty()))
+}
 /// Most compiled tool declarations kept (one per token seen).
 const TOOLSETS_CAP: usize = 10_000;
 
@@ -644,7 +662,7 @@ impl Proxy {
         let mut sent = 0;
         loop {
             let batch: Vec<Value> = match self.unreported.lock() {
-                Ok(u) => u.iter().take(CALLS_PER_REPORT).cloned().collect(),
+                Ok(u) => u.iter().take(batch_len(&u)).cloned().collect(),
                 Err(_) => return Ok(sent),
             };
             if batch.is_empty() {
@@ -673,8 +691,10 @@ impl Proxy {
             Ok(mut u) => u.drain().collect(),
             Err(_) => vec![],
         };
-        if !uses.is_empty() {
-            let body = json!({ "uses": uses.iter().take(1000).map(|(g, at)| json!({ "grant": g, "at": at })).collect::<Vec<_>>() });
+        // In reports the broker takes (1,000 uses, 64 KiB); a failed one is only a
+        // lost `@idle` refresh, the calls' own records are above.
+        for chunk in uses.chunks(USES_PER_REPORT) {
+            let body = json!({ "uses": chunk.iter().map(|(g, at)| json!({ "grant": g, "at": at })).collect::<Vec<_>>() });
             let r = self
                 .http
                 .post(format!(
@@ -771,4 +791,27 @@ fn set_field(v: &mut Value, k: &str, x: Value) {
 
 fn clip(s: &str) -> String {
     s.chars().take(128).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_fit_what_the_broker_takes() {
+        let call = |reason: usize| json!({ "grant": "gr_0123456789abcdef0123456789abcdef", "at": 1, "tool": "read_file", "args_sha256": "0".repeat(64), "decision": "deny", "reason": "x".repeat(reason), "policies": ["p"], "drift": true, "latency_us": 10 });
+        let short: Vec<Value> = (0..1000).map(|_| call(10)).collect();
+        assert_eq!(batch_len(&short), CALLS_PER_REPORT);
+        let long: Vec<Value> = (0..1000).map(|_| call(1000)).collect();
+        let n = batch_len(&long);
+        assert!(n > 0 && n < CALLS_PER_REPORT, "{n}");
+        let body = json!({ "calls": &long[..n] }).to_string();
+        assert!(body.len() < 64 * 1024, "{} bytes", body.len());
+        assert_eq!(batch_len(&[]), 0);
+        assert_eq!(
+            batch_len(&[call(100_000)]),
+            1,
+            "an oversized record still goes, alone"
+        );
+    }
 }

@@ -200,13 +200,13 @@ fn paths_and_schemas() -> Value {
         "/v1/tool-calls": { "post": {
           "summary": "The MCP proxy records the tool calls it decided: one `tool.called` audit entry per attempted call, all in one commit", "security": op_auth,
           "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["calls"], "properties": {
-            "calls": { "type": "array", "maxItems": 1000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at", "tool", "args_sha256", "decision"], "properties": {
+            "calls": { "type": "array", "maxItems": 200, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at", "tool", "args_sha256", "decision"], "properties": {
               "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" }, "tool": { "type": "string", "maxLength": 256 },
               "args_sha256": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }, "decision": { "enum": ["allow", "deny"] },
               "reason": { "type": "string", "maxLength": 2000 }, "policies": { "type": "array", "maxItems": 64, "items": { "type": "string" } },
               "drift": { "type": "boolean", "description": "refused as outside the task's declared intent" }, "latency_us": { "type": "integer", "minimum": 0 } } } } } } } } },
           "responses": { "200": { "description": "how many calls were recorded", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
-            "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing, or a grant of an audience this gate does not guard"), "404": e("no such grant"), "415": e("wrong content type"), "503": e("store unavailable") } } },
+            "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing, or a grant of an audience this gate does not guard"), "404": e("no such grant"), "413": e("body over 64 KiB"), "415": e("wrong content type"), "503": e("store unavailable") } } },
         "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
         "/.well-known/jwks.json": { "get": { "summary": "Keys that sign access tokens", "responses": { "200": { "description": "JWKS" } } } },
         "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
