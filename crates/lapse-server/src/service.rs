@@ -791,7 +791,17 @@ impl Lapse {
         actor: &str,
         data: Value,
     ) -> Result<Grant, ApiError> {
-        let now = self.now();
+        let first = event(self.now(), kind, Some(&ended.id), actor, data);
+        self.end_with(grant, ended, vec![first]).await
+    }
+
+    /// [`Lapse::end`] with the audit events of the ending given whole.
+    pub(crate) async fn end_with(
+        &self,
+        grant: Grant,
+        ended: Grant,
+        events: Vec<AuditEvent>,
+    ) -> Result<Grant, ApiError> {
         let was_active = grant.state == GrantState::Active;
         // Grants delegated from this one end in the same commit. A descendant that
         // changed meanwhile (a use report) fails the commit; read them again then,
@@ -800,7 +810,7 @@ impl Lapse {
         let cascaded = loop {
             let cascaded = self.cascade(&grant, &ended).await?;
             let mut batch = WriteBatch {
-                events: vec![event(now, kind, Some(&ended.id), actor, data.clone())],
+                events: events.clone(),
                 grants: vec![GrantWrite::Update {
                     expected_version: grant.version,
                     grant: ended.clone(),
@@ -970,28 +980,15 @@ impl Lapse {
                     .clone()
                     .revoke(now, "lapse", &format!("renewal refused: {reason}"))
                     .map_err(lifecycle)?;
-                let id = ended.id;
-                let owed = ended.clone();
-                self.commit(WriteBatch {
-                    grants: vec![GrantWrite::Update {
-                        grant: ended,
-                        expected_version: grant.version,
-                    }],
-                    events: vec![
-                        decided,
-                        event(
-                            now,
-                            "grant.revoked",
-                            Some(&id),
-                            "lapse",
-                            json!({ "reason": format!("renewal refused: {reason}") }),
-                        ),
-                    ],
-                    ..Default::default()
-                })
-                .await?;
-                self.metrics.active_grants.dec();
-                self.destroy_owed(owed).await;
+                let revoked = event(
+                    now,
+                    "grant.revoked",
+                    Some(&ended.id),
+                    "lapse",
+                    json!({ "reason": format!("renewal refused: {reason}") }),
+                );
+                // Like every other end: with whatever was delegated from it.
+                self.end_with(grant, ended, vec![decided, revoked]).await?;
                 Err(ApiError::AccessDenied {
                     description: format!("renewal refused, grant ended: {reason}"),
                     policies: decision.policies,
