@@ -291,3 +291,68 @@ async fn completing_the_task_ends_everything_it_spawned() {
         "the reason names the grant whose end it followed: {g}"
     );
 }
+
+#[tokio::test]
+async fn a_refused_renewal_ends_what_was_delegated_too() {
+    let s = common::start().await;
+    let key = DpopKey::generate();
+    let parent = agent_token(&s, &key).await;
+    let id = parent["grant_id"].as_str().unwrap().to_owned();
+    let (st, child) = sub(&s, &key, parent["access_token"].as_str().unwrap(), &[]).await;
+    assert_eq!(st, 200, "{child}");
+    // Policy changes under the running task: agents may no longer call tools.
+    std::fs::write(
+        s.dir.join("policies").join("stop-agents.cedar"),
+        "@id(\"stop-agents\")\nforbid (principal, action == Action::\"call\", resource);",
+    )
+    .unwrap();
+    let url = format!("{}/v1/grants/{id}/renew", s.url);
+    let mut token = parent["access_token"].as_str().unwrap().to_owned();
+    let mut refused = None;
+    // Renewals pass until the edit is loaded; the first one after is refused.
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let proof = key.proof("POST", &url, Some(&token), s.now());
+        let (st, v) = s
+            .send(
+                s.http
+                    .post(&url)
+                    .header("Authorization", format!("DPoP {token}"))
+                    .header("DPoP", proof)
+                    .json(&json!({})),
+            )
+            .await;
+        match st {
+            200 => token = v["access_token"].as_str().unwrap().to_owned(),
+            _ => {
+                refused = Some((st, v));
+                break;
+            }
+        }
+    }
+    let (st, v) = refused.expect("the policy edit was never loaded");
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("renewal refused"),
+        "{v}"
+    );
+    assert!(
+        !s.active(child["access_token"].as_str().unwrap()).await,
+        "the child ends with its parent"
+    );
+    let (_, g) = s
+        .send(
+            s.http
+                .get(format!(
+                    "{}/v1/grants/{}",
+                    s.url,
+                    child["grant_id"].as_str().unwrap()
+                ))
+                .bearer_auth(&s.admin),
+        )
+        .await;
+    assert_eq!(g["state"], "revoked", "{g}");
+}
