@@ -444,22 +444,20 @@ impl Proxy {
         let started = Instant::now();
         let name = params.get("name").and_then(Value::as_str).unwrap_or("");
         let empty = Map::new();
-        let args = match params.get("arguments") {
-            None | Some(Value::Null) => &empty,
-            Some(Value::Object(m)) => m,
-            Some(_) => {
-                return Answer::reply(error(
-                    id,
-                    INVALID_PARAMS,
-                    "`arguments` must be an object",
-                    json!({}),
-                ));
-            }
+        let (args, malformed) = match params.get("arguments") {
+            None | Some(Value::Null) => (&empty, None),
+            Some(Value::Object(m)) => (m, None),
+            Some(_) => (&empty, Some("`arguments` must be an object")),
         };
-        let args_sha256 = args_digest(args);
-        if name.is_empty() {
-            return Answer::reply(error(id, INVALID_PARAMS, "`name` is required", json!({})));
-        }
+        let malformed = malformed.or(name.is_empty().then_some("`name` is required"));
+        let args_sha256 = match malformed {
+            // A malformed call is recorded by what was sent.
+            Some(_) => hex::encode(sha2::Sha256::digest(
+                serde_json::to_vec(params.get("arguments").unwrap_or(&Value::Null))
+                    .unwrap_or_default(),
+            )),
+            None => args_digest(args),
+        };
         let claims = match self.authenticate(auth).await {
             Ok(c) => c,
             Err(d) => {
@@ -475,6 +473,16 @@ impl Proxy {
                 return refused_token(id, d);
             }
         };
+        if let Some(why) = malformed {
+            self.record(
+                &claims.grant_id,
+                name,
+                &args_sha256,
+                Err((why, &[], false)),
+                started,
+            );
+            return Answer::reply(error(id, INVALID_PARAMS, why, json!({})));
+        }
         let source = match auth {
             Auth::Request { source, .. } | Auth::Verified { source, .. } => *source,
             Auth::Held(_) => IpAddr::from([127, 0, 0, 1]),
