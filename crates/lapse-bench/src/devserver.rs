@@ -83,8 +83,14 @@ impl DevServer {
     /// The server's own process: under a wrapper, the wrapper's `lapse` child.
     pub fn pid(&self) -> u32 {
         let own = self.child.0.id();
+        // The one process whose command line starts with the binary itself (a
+        // wrapper's own command line starts with the wrapper).
         std::process::Command::new("pgrep")
-            .args(["-P", &own.to_string(), "-x", "lapse"])
+            .args([
+                "-n",
+                "-f",
+                &format!("^[^ ]*lapse serve --dev --listen {}", self.addr),
+            ])
             .output()
             .ok()
             .and_then(|o| String::from_utf8(o.stdout).ok())

@@ -66,12 +66,14 @@ pub fn run(
     json_out: bool,
 ) -> anyhow::Result<()> {
     let server = crate::devserver::DevServer::spawn()?;
-    let (addr, data, pid) = (server.addr, server.data.clone(), server.pid());
+    let (addr, data) = (server.addr, server.data.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         server.ready().await?;
+        // After it listens: under a wrapper the server is a process of its own.
+        let pid = server.pid();
         let now = SystemClock.now().unix_seconds();
         // 1,000 workloads, their identity tokens valid for the whole run.
         let key = lapse_token::SigningKey::load(&data.join(lapse_server::dev::DEV_ISSUER_KEY))?;
