@@ -42,7 +42,9 @@ fn py_dir() -> PathBuf {
 fn python() -> PathBuf {
     static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PY.get_or_init(|| {
-        if let Ok(p) = std::env::var("LAPSE_MCP_PYTHON") {
+        if let Ok(p) = std::env::var("LAPSE_MCP_PYTHON")
+            && !p.is_empty()
+        {
             return PathBuf::from(p);
         }
         let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -224,28 +226,24 @@ impl Broker {
         (p, c)
     }
 
-    async fn audit_for(&self, grant: &str) -> Vec<Value> {
+    /// The grant as the broker shows it, with its own audit entries.
+    async fn grant(&self, id: &str) -> Value {
         let r = self
             .http
-            .get(format!("{}/v1/grants/{grant}", self.url))
+            .get(format!("{}/v1/grants/{id}", self.url))
             .bearer_auth(&self.admin)
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        let r = self
-            .http
-            .get(format!("{}/v1/audit?limit=1000", self.url))
-            .bearer_auth(&self.admin)
-            .send()
-            .await
-            .unwrap();
-        let v: Value = r.json().await.unwrap();
-        v["entries"]
+        r.json().await.unwrap()
+    }
+
+    async fn audit_for(&self, grant: &str) -> Vec<Value> {
+        self.grant(grant).await["audit"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|e| e["grant_id"] == grant)
             .map(|e| {
                 // `data` is the JSON text exactly as hashed.
                 let mut e = e.clone();
@@ -670,17 +668,7 @@ async fn bad_messages_get_precise_errors_and_drift_can_end_the_task() {
     );
     // The drift signal ended the task: the parent and its sub-agent, audited.
     for g in [&parent, &child] {
-        let id = g["grant_id"].as_str().unwrap();
-        let r: Value = b
-            .http
-            .get(format!("{}/v1/grants/{id}", b.url))
-            .bearer_auth(&b.admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = b.grant(g["grant_id"].as_str().unwrap()).await;
         assert_eq!(r["state"], "revoked", "{r}");
     }
     let kinds: Vec<String> = b

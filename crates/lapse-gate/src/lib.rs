@@ -31,7 +31,7 @@ use lapse_core::{
     AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
 };
 use lapse_token::AccessClaims;
-use lapse_verifier::{Denial, Request as Check, Verifier, VerifierConfig};
+use lapse_verifier::{Denial, Request as Check, Verifier};
 pub use policy::BrokerPolicy;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
@@ -44,7 +44,7 @@ pub const USES_PER_REPORT: usize = 500;
 pub struct Gate {
     cfg: GateConfig,
     pub verifier: Arc<Verifier>,
-    policy: BrokerPolicy,
+    policy: Arc<BrokerPolicy>,
     http: reqwest::Client,
     /// Grants used since the last report, with the latest use (unix ms).
     uses: std::sync::Mutex<std::collections::HashMap<String, i64>>,
@@ -68,33 +68,23 @@ impl Gate {
     /// Connects to the broker (keys, then policies) and is ready to decide.
     pub async fn new(cfg: GateConfig) -> Result<Arc<Self>, GateError> {
         let token = cfg.token()?;
-        let verifier = Verifier::new(VerifierConfig {
-            broker: cfg.broker.clone(),
-            issuer: cfg.issuer.clone().unwrap_or_else(|| cfg.broker.clone()),
-            audience: cfg.audience.clone(),
-            token: token.clone(),
-            staleness: Duration::from_secs(cfg.staleness.secs().max(1)),
+        let (verifier, policy) = policy::connect(&policy::BrokerLink {
+            broker: &cfg.broker,
+            issuer: cfg.issuer.as_deref(),
+            audience: &cfg.audience,
+            token: &token,
+            staleness: cfg.staleness,
             on_stale: cfg.on_stale,
-            dpop_max_age_secs: 60,
         })
         .await?;
-        let policy = BrokerPolicy::new(&cfg.broker, &token);
         let gate = Arc::new(Self {
             cfg,
-            verifier: Arc::new(verifier),
+            verifier,
             policy,
             http: lapse_identity::http_client(),
             uses: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
-        if let Err(e) = gate.refresh_policy().await {
-            tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
-        }
         Ok(gate)
-    }
-
-    /// Pulls the broker's policy files and swaps in a new bundle when they changed.
-    pub async fn refresh_policy(&self) -> Result<bool, String> {
-        self.policy.refresh().await
     }
 
     /// Sends the uses seen since the last report to the broker (for `@idle`), in
@@ -398,9 +388,6 @@ async fn check(
     }
 }
 
-/// How often the broker's keys are refetched even without an unknown `kid`.
-const KEY_REFRESH: Duration = Duration::from_secs(60);
-
 pub fn router(g: Arc<Gate>) -> Router {
     Router::new()
         .route(
@@ -417,27 +404,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let follow = tokio::spawn(gate.verifier.clone().follow());
-    let g = gate.clone();
-    let every = Duration::from_secs(gate.cfg.policy_refresh.secs().max(1));
-    let policies = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        let mut last_keys = tokio::time::Instant::now();
-        loop {
-            tick.tick().await;
-            if let Err(e) = g.refresh_policy().await {
-                tracing::warn!(error = %e, "gate could not refresh its policies; keeping the last good set");
-            }
-            // Keys are also refetched on an unknown kid; this catches a key the
-            // broker withdrew.
-            if last_keys.elapsed() >= KEY_REFRESH {
-                last_keys = tokio::time::Instant::now();
-                if let Err(e) = g.verifier.refresh_keys().await {
-                    tracing::warn!(error = %e, "gate could not refresh the broker's keys");
-                }
-            }
-        }
-    });
+    let following = policy::follow(
+        gate.verifier.clone(),
+        gate.policy.clone(),
+        Duration::from_secs(gate.cfg.policy_refresh.secs()),
+    );
     let g = gate.clone();
     let every = Duration::from_secs(gate.cfg.use_report.secs().max(1));
     let uses = tokio::spawn(async move {
@@ -457,8 +428,9 @@ pub async fn serve(
         None => None,
     };
     let r = lapse_tls::serve(tls, listener, router(gate), shutdown, || {}).await;
-    follow.abort();
-    policies.abort();
+    for f in following {
+        f.abort();
+    }
     uses.abort();
     let _ = last.report_uses().await;
     r

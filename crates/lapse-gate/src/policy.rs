@@ -1,10 +1,79 @@
-//! The broker's current Cedar policies, pulled by a gate and swapped in as they
-//! change, so a policy change reaches every gate without a restart.
+//! A gate's view of its broker: the verifier (keys, revocation feed) and the
+//! broker's current Cedar policies, pulled and swapped in as they change, so a
+//! policy change reaches every gate without a restart. Shared by `lapse gate` and
+//! `lapse mcp-proxy`.
 
 use arc_swap::ArcSwapOption;
+use lapse_core::TtlDuration;
 use lapse_policy::PolicyBundle;
+use lapse_verifier::{OnStale, Verifier, VerifierConfig, VerifierError};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often the broker's keys are refetched even without an unknown `kid`.
+const KEY_REFRESH: Duration = Duration::from_secs(60);
+
+/// What a gate needs to know about its broker.
+pub struct BrokerLink<'a> {
+    pub broker: &'a str,
+    /// The `iss` of Lapse tokens; `None`: the broker's URL.
+    pub issuer: Option<&'a str>,
+    pub audience: &'a str,
+    /// The gate's operator API token.
+    pub token: &'a str,
+    pub staleness: TtlDuration,
+    pub on_stale: OnStale,
+}
+
+/// Connects to the broker: keys first, then the policies (a gate without them
+/// refuses until they come).
+pub async fn connect(
+    link: &BrokerLink<'_>,
+) -> Result<(Arc<Verifier>, Arc<BrokerPolicy>), VerifierError> {
+    let verifier = Verifier::new(VerifierConfig {
+        broker: link.broker.to_owned(),
+        issuer: link.issuer.unwrap_or(link.broker).to_owned(),
+        audience: link.audience.to_owned(),
+        token: link.token.to_owned(),
+        staleness: Duration::from_secs(link.staleness.secs().max(1)),
+        on_stale: link.on_stale,
+        dpop_max_age_secs: 60,
+    })
+    .await?;
+    let policy = Arc::new(BrokerPolicy::new(link.broker, link.token));
+    if let Err(e) = policy.refresh().await {
+        tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
+    }
+    Ok((Arc::new(verifier), policy))
+}
+
+/// Keeps a gate's view current until aborted: the feed, the policies every
+/// `policy_every`, and the keys every minute (they are also refetched on an
+/// unknown `kid`; this catches a key the broker withdrew).
+pub fn follow(
+    verifier: Arc<Verifier>,
+    policy: Arc<BrokerPolicy>,
+    policy_every: Duration,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let feed = tokio::spawn(verifier.clone().follow());
+    let pulls = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(policy_every.max(Duration::from_secs(1)));
+        let mut last_keys = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            if let Err(e) = policy.refresh().await {
+                tracing::warn!(error = %e, "could not refresh the broker's policies; keeping the last good set");
+            }
+            if last_keys.elapsed() >= KEY_REFRESH {
+                last_keys = tokio::time::Instant::now();
+                if let Err(e) = verifier.refresh_keys().await {
+                    tracing::warn!(error = %e, "could not refresh the broker's keys");
+                }
+            }
+        }
+    });
+    vec![feed, pulls]
+}
 
 pub struct BrokerPolicy {
     url: String,

@@ -30,7 +30,7 @@ use config::{OnDrift, ProxyConfig};
 use lapse_core::{DecisionOutcome, ToolCall, ToolSet};
 use lapse_gate::BrokerPolicy;
 use lapse_token::AccessClaims;
-use lapse_verifier::{Denial, Verifier, VerifierConfig};
+use lapse_verifier::{Denial, Verifier};
 use serde_json::{Map, Value, json};
 use sha2::Digest;
 use std::collections::HashMap;
@@ -124,7 +124,7 @@ impl Answer {
 pub struct Proxy {
     cfg: ProxyConfig,
     pub verifier: Arc<Verifier>,
-    policy: BrokerPolicy,
+    policy: Arc<BrokerPolicy>,
     upstreams: Vec<Upstream>,
     /// Tool name → index of the upstream offering it.
     routes: RwLock<HashMap<String, usize>>,
@@ -168,14 +168,13 @@ impl Proxy {
     pub async fn new(cfg: ProxyConfig) -> Result<Arc<Self>, ProxyError> {
         let token = lapse_gate::config::secret("token", &cfg.token)
             .map_err(|e| ProxyError::Config(e.to_string()))?;
-        let verifier = Verifier::new(VerifierConfig {
-            broker: cfg.broker.clone(),
-            issuer: cfg.issuer.clone().unwrap_or_else(|| cfg.broker.clone()),
-            audience: cfg.audience.clone(),
-            token: token.clone(),
-            staleness: Duration::from_secs(cfg.staleness.secs().max(1)),
+        let (verifier, policy) = lapse_gate::policy::connect(&lapse_gate::policy::BrokerLink {
+            broker: &cfg.broker,
+            issuer: cfg.issuer.as_deref(),
+            audience: &cfg.audience,
+            token: &token,
+            staleness: cfg.staleness,
             on_stale: cfg.on_stale,
-            dpop_max_age_secs: 60,
         })
         .await?;
         let mut upstreams = Vec::new();
@@ -183,9 +182,9 @@ impl Proxy {
             upstreams.push(Upstream::start(u).await?);
         }
         let proxy = Arc::new(Self {
-            policy: BrokerPolicy::new(&cfg.broker, &token),
+            policy,
             cfg,
-            verifier: Arc::new(verifier),
+            verifier,
             upstreams,
             routes: RwLock::new(HashMap::new()),
             toolsets: Mutex::new(HashMap::new()),
@@ -196,9 +195,6 @@ impl Proxy {
             token,
         });
         proxy.list_upstream_tools().await?;
-        if let Err(e) = proxy.policy.refresh().await {
-            tracing::warn!(error = %e, "no policy from the broker yet; refusing calls until there is");
-        }
         Ok(proxy)
     }
 
@@ -209,18 +205,11 @@ impl Proxy {
     /// Starts following the feed and the policies, and reporting calls; the
     /// handles stop them.
     pub fn run_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        let follow = tokio::spawn(self.verifier.clone().follow());
-        let p = self.clone();
-        let every = Duration::from_secs(self.cfg.policy_refresh.secs().max(1));
-        let policies = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if let Err(e) = p.policy.refresh().await {
-                    tracing::warn!(error = %e, "could not refresh the policies; keeping the last good set");
-                }
-            }
-        });
+        let mut tasks = lapse_gate::policy::follow(
+            self.verifier.clone(),
+            self.policy.clone(),
+            Duration::from_secs(self.cfg.policy_refresh.secs()),
+        );
         let p = self.clone();
         let reports = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -231,7 +220,8 @@ impl Proxy {
                 }
             }
         });
-        vec![follow, policies, reports]
+        tasks.push(reports);
+        tasks
     }
 
     /// Every upstream's tools; routes each name to its server. A name two servers

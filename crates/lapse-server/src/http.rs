@@ -322,12 +322,7 @@ async fn token(
             "`actor_token` is not supported".into(),
         ));
     }
-    let ttl_secs = match p("expires_in") {
-        Some(v) => Some(v.parse::<u64>().map_err(|_| {
-            ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
-        })?),
-        None => None,
-    };
+    let ttl_secs = expires_in(p("expires_in"))?;
     let audience = p("audience")
         .or(p("resource"))
         .ok_or_else(|| ApiError::InvalidRequest("`audience` is required".into()))?;
@@ -360,6 +355,16 @@ async fn token(
     };
     let issued = s.exchange(input, &proof).await?;
     Ok(no_store(token_response(&issued), StatusCode::OK))
+}
+
+/// `expires_in`: requested seconds.
+fn expires_in(v: Option<&str>) -> Result<Option<u64>, ApiError> {
+    v.map(|v| {
+        v.parse::<u64>().map_err(|_| {
+            ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
+        })
+    })
+    .transpose()
 }
 
 /// `tools`: the task's declared tools, as JSON (`[{"name": …, "args": {…}}]`).
@@ -403,12 +408,7 @@ async fn delegate(
             )));
         }
     }
-    let ttl_secs = match p("expires_in") {
-        Some(v) => Some(v.parse::<u64>().map_err(|_| {
-            ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
-        })?),
-        None => None,
-    };
+    let ttl_secs = expires_in(p("expires_in"))?;
     let proof = s.verify_dpop(&dpop_headers(headers), "POST", "/oauth/token", None)?;
     let input = crate::delegation::DelegationInput {
         subject_token: p("subject_token").unwrap_or("").to_owned(),
