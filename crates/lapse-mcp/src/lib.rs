@@ -73,6 +73,60 @@ fn batch_len(queue: &[Value]) -> usize {
         .count();
     n.max(usize::from(!queue.is_empty()))
 }
+/// Audit records waiting for the broker. One flush at a time: the periodic
+/// report and the last one at shutdown would otherwise both send the head of
+/// the queue, and the broker would record those calls twice.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Vec<Value>>,
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl Outbox {
+    fn len(&self) -> usize {
+        // A poisoned queue reads as full, so allowed calls stop (fail closed).
+        self.queue.lock().map_or(usize::MAX, |q| q.len())
+    }
+
+    /// Queues a record unless `cap` are already waiting; false when dropped.
+    fn push(&self, rec: Value, cap: usize) -> bool {
+        match self.queue.lock() {
+            Ok(mut q) if q.len() < cap => {
+                q.push(rec);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends the queue, in order, in batches the broker takes. A batch leaves
+    /// the queue only once the broker has taken it; a failed one stays first.
+    async fn flush<F, Fut>(&self, mut send: F) -> Result<usize, String>
+    where
+        F: FnMut(Vec<Value>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let _one_at_a_time = self.flushing.lock().await;
+        let mut sent = 0;
+        loop {
+            let batch: Vec<Value> = match self.queue.lock() {
+                Ok(q) => q.iter().take(batch_len(&q)).cloned().collect(),
+                Err(_) => return Err("the audit queue is poisoned".into()),
+            };
+            if batch.is_empty() {
+                return Ok(sent);
+            }
+            let n = batch.len();
+            send(batch).await?;
+            if let Ok(mut q) = self.queue.lock() {
+                let n = n.min(q.len());
+                q.drain(..n);
+            }
+            sent += n;
+        }
+    }
+}
+
 /// Most compiled tool declarations kept (one per token seen).
 const TOOLSETS_CAP: usize = 10_000;
 
@@ -130,7 +184,7 @@ pub struct Proxy {
     routes: RwLock<HashMap<String, usize>>,
     toolsets: Mutex<HashMap<String, Arc<ToolSet>>>,
     /// Decided calls whose audit record the broker has not taken yet.
-    unreported: Mutex<Vec<Value>>,
+    unreported: Outbox,
     /// Grants used since the last report, with the latest use (unix ms).
     uses: Mutex<HashMap<String, i64>>,
     /// Tasks already reported for drift (once is enough).
@@ -188,7 +242,7 @@ impl Proxy {
             upstreams,
             routes: RwLock::new(HashMap::new()),
             toolsets: Mutex::new(HashMap::new()),
-            unreported: Mutex::new(Vec::new()),
+            unreported: Outbox::default(),
             uses: Mutex::new(HashMap::new()),
             drifted: Mutex::new(std::collections::HashSet::new()),
             http: lapse_identity::http_client(),
@@ -575,10 +629,7 @@ impl Proxy {
     }
 
     fn backlog_full(&self) -> bool {
-        self.unreported
-            .lock()
-            .map(|u| u.len() >= self.cfg.max_unreported)
-            .unwrap_or(true)
+        self.unreported.len() >= self.cfg.max_unreported
     }
 
     /// Queues the audit record of one decided call.
@@ -600,18 +651,17 @@ impl Proxy {
                 json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "deny", "reason": why.chars().take(1000).collect::<String>(), "policies": policies, "drift": drift, "latency_us": latency_us })
             }
         };
-        if let Ok(mut u) = self.unreported.lock() {
-            // Allowed calls stop at `max_unreported`; refusals may go on being
-            // answered past it, and their records stop at twice that.
-            if u.len() < self.cfg.max_unreported.saturating_mul(2) {
-                u.push(rec);
-            } else {
-                tracing::error!(
-                    grant,
-                    tool,
-                    "audit backlog full: a refused call's record was dropped"
-                );
-            }
+        // Allowed calls stop at `max_unreported`; refusals may go on being
+        // answered past it, and their records stop at twice that.
+        if !self
+            .unreported
+            .push(rec, self.cfg.max_unreported.saturating_mul(2))
+        {
+            tracing::error!(
+                grant,
+                tool,
+                "audit backlog full: a refused call's record was dropped"
+            );
         }
         if let Ok(mut u) = self.uses.lock() {
             u.insert(grant.to_owned(), at);
@@ -657,34 +707,25 @@ impl Proxy {
     /// Sends the queued audit records (and uses, for `@idle`) to the broker. A
     /// failed report is kept and sent next time, in order.
     pub async fn report(&self) -> Result<usize, String> {
-        let mut sent = 0;
-        loop {
-            let batch: Vec<Value> = match self.unreported.lock() {
-                Ok(u) => u.iter().take(batch_len(&u)).cloned().collect(),
-                Err(_) => return Ok(sent),
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let n = batch.len();
-            self.http
-                .post(format!(
-                    "{}/v1/tool-calls",
-                    self.cfg.broker.trim_end_matches('/')
-                ))
-                .bearer_auth(&self.token)
-                .json(&json!({ "calls": batch }))
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .map_err(|e| e.to_string())?;
-            if let Ok(mut u) = self.unreported.lock() {
-                let n = n.min(u.len());
-                u.drain(..n);
-            }
-            sent += n;
-        }
+        let url = format!("{}/v1/tool-calls", self.cfg.broker.trim_end_matches('/'));
+        let sent = self
+            .unreported
+            .flush(|batch| {
+                let req = self
+                    .http
+                    .post(&url)
+                    .bearer_auth(&self.token)
+                    .json(&json!({ "calls": batch }))
+                    .timeout(Duration::from_secs(5));
+                async move {
+                    req.send()
+                        .await
+                        .and_then(reqwest::Response::error_for_status)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await?;
         let uses: Vec<(String, i64)> = match self.uses.lock() {
             Ok(mut u) => u.drain().collect(),
             Err(_) => vec![],
@@ -744,7 +785,7 @@ impl Proxy {
 
     /// Calls decided but not yet recorded at the broker.
     pub fn unreported(&self) -> usize {
-        self.unreported.lock().map_or(0, |u| u.len())
+        self.unreported.len()
     }
 }
 
@@ -811,5 +852,52 @@ mod tests {
             1,
             "an oversized record still goes, alone"
         );
+    }
+
+    /// The shutdown report may start while the periodic one waits for the
+    /// broker: each record must still reach it once.
+    #[tokio::test]
+    async fn concurrent_flushes_send_each_record_once() {
+        let outbox = Outbox::default();
+        for i in 0..450 {
+            assert!(outbox.push(json!({ "n": i }), 1000));
+        }
+        let received = Mutex::new(Vec::new());
+        let send = |batch: Vec<Value>| {
+            let received = &received;
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                received.lock().map_err(|e| e.to_string())?.extend(batch);
+                Ok::<(), String>(())
+            }
+        };
+        let (a, b) = tokio::join!(outbox.flush(send), outbox.flush(send));
+        let total = a.unwrap() + b.unwrap();
+        let got: Vec<i64> = received
+            .into_inner()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["n"].as_i64())
+            .collect();
+        assert_eq!(got, (0..450).collect::<Vec<_>>(), "in order, each once");
+        assert_eq!(total, 450);
+        assert_eq!(outbox.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_stays_first_and_nothing_after_it_goes() {
+        let outbox = Outbox::default();
+        for i in 0..3 {
+            assert!(outbox.push(json!({ "n": i }), 3));
+        }
+        assert!(!outbox.push(json!({ "n": 3 }), 3), "cap reached");
+        let err = outbox
+            .flush(|_| async { Err::<(), String>("503".into()) })
+            .await;
+        assert_eq!(err, Err("503".into()));
+        assert_eq!(outbox.len(), 3);
+        let sent = outbox.flush(|_| async { Ok(()) }).await;
+        assert_eq!(sent, Ok(3));
+        assert_eq!(outbox.len(), 0);
     }
 }
