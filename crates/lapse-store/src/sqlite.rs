@@ -5,7 +5,10 @@
 //! batch does not sink the others), appends the audit entries with their chain
 //! hashes, re-signs the checkpoint, and commits once — one `fsync` for the group.
 //! WAL mode with `synchronous=FULL` makes each commit durable before any caller is
-//! answered. Reads use a small pool of separate connections and never block writes.
+//! answered. Reads run on a fixed set of reader threads, each owning its own
+//! connection, and never block writes. Fixed, not spawned per burst: threads and
+//! connections made and dropped under load left the allocator holding their
+//! memory, and a long soak's resident memory grew with every burst.
 
 use crate::audit::{
     AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
@@ -16,7 +19,7 @@ use crate::{
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -49,11 +52,14 @@ enum Job {
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
+/// A read, run on whichever reader thread takes it first.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
 pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
-    readers: Arc<Mutex<Vec<Connection>>>,
-    path: PathBuf,
-    busy_timeout: Duration,
+    /// Dropped with the store: the reader threads then end and close their
+    /// connections.
+    readers: mpsc::Sender<ReadJob>,
 }
 
 fn open_conn(
@@ -125,9 +131,32 @@ impl SqliteStore {
         }
         let mut conn = open_conn(path, busy_timeout, false)?;
         migrate(&mut conn)?;
-        let mut readers = Vec::new();
-        for _ in 0..READERS {
-            readers.push(open_conn(path, busy_timeout, true)?);
+        let (read_tx, read_rx) = mpsc::channel::<ReadJob>();
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for i in 0..READERS {
+            let reader = open_conn(path, busy_timeout, true)?;
+            let jobs = read_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("lapse-store-reader-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = match jobs.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        // A read that panics answers its caller with an error (its
+                        // reply is dropped) and must not take the reader with it.
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&reader);
+                        }));
+                        if ran.is_err() {
+                            tracing::error!("a store read panicked");
+                        }
+                    }
+                })
+                .map_err(|e| StoreError::Unavailable(format!("cannot start a reader: {e}")))?;
         }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -136,9 +165,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             writer: tx,
-            readers: Arc::new(Mutex::new(readers)),
-            path: path.to_owned(),
-            busy_timeout,
+            readers: read_tx,
         })
     }
 
@@ -146,26 +173,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let readers = self.readers.clone();
-        let path = self.path.clone();
-        let timeout = self.busy_timeout;
-        tokio::task::spawn_blocking(move || {
-            let conn = readers.lock().ok().and_then(|mut v| v.pop());
-            let conn = match conn {
-                Some(c) => c,
-                None => open_conn(&path, timeout, true)?,
-            };
-            let out = f(&conn);
-            // Connections opened for a burst beyond the pool are closed after it.
-            if let Ok(mut v) = readers.lock()
-                && v.len() < READERS
-            {
-                v.push(conn);
-            }
-            out
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+        let (tx, rx) = oneshot::channel();
+        self.readers
+            .send(Box::new(move |conn: &Connection| {
+                // The caller may have gone (its request timed out): nothing to tell.
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| StoreError::Unavailable("the readers have stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("a reader stopped during a read".into()))?
     }
 
     async fn send(
@@ -682,5 +698,83 @@ impl Store for SqliteStore {
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader tests never read a checkpoint's signature.
+    struct Unsigned;
+    impl AuditSigner for Unsigned {
+        fn sign(&self, _: &[u8]) -> (String, Vec<u8>) {
+            ("test".into(), vec![0; 64])
+        }
+    }
+
+    async fn store(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(
+            &dir.path().join("lapse.db"),
+            Arc::new(Unsigned),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("store opens")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_read_answers_with_an_error_and_keeps_its_reader() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = store(&dir).await;
+        for _ in 0..READERS * 2 {
+            let r: Result<(), _> = s.read(|_| panic!("a bug in a read")).await;
+            assert!(
+                matches!(r, Err(StoreError::Unavailable(ref m)) if m.contains("reader stopped")),
+                "{r:?}"
+            );
+        }
+        // Every reader survived: as many reads as there are readers, held open
+        // together, all run.
+        let barrier = Arc::new(std::sync::Barrier::new(READERS));
+        let reads = (0..READERS).map(|_| {
+            let b = barrier.clone();
+            s.read(move |c| {
+                b.wait();
+                Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)
+            })
+        });
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::future::join_all(reads),
+        )
+        .await
+        .expect("all readers alive");
+        assert!(out.iter().all(|r| matches!(r, Ok(1))), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn reads_beyond_the_readers_wait_their_turn_on_the_same_threads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = store(&dir).await;
+        let reads = (0..READERS * 25).map(|i| {
+            s.read(move |c| {
+                std::thread::sleep(Duration::from_millis(1));
+                let n: i64 = c.query_row("SELECT COUNT(*) FROM grants", [], |r| r.get(0))?;
+                Ok((i, n, std::thread::current().id()))
+            })
+        });
+        let out = futures_util::future::join_all(reads).await;
+        let mut threads = std::collections::HashSet::new();
+        for (i, r) in out.into_iter().enumerate() {
+            let (j, n, thread) = r.expect("read");
+            assert_eq!((j, n), (i, 0));
+            threads.insert(thread);
+        }
+        assert!(
+            threads.len() <= READERS,
+            "100 reads ran on {} threads, not on the store's {READERS} readers",
+            threads.len()
+        );
     }
 }
