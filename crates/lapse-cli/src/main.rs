@@ -13,6 +13,7 @@
 mod approvals;
 mod identity_source;
 mod keys;
+mod memory;
 mod operator;
 mod run;
 mod wait;
@@ -560,6 +561,7 @@ async fn serve(
     let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
         .await
         .map_err(|e| fail(1, e.to_string()))?;
+    memory::give_back_freed_memory_every(memory::TRIM_PERIOD);
     if let Some((path, _)) = &admin {
         println!(
             "\nLapse is running at {url} (dev mode; config in {cfg})\n\n\

@@ -1092,6 +1092,11 @@ impl Lapse {
         Ok(leading?)
     }
 
+    /// Grants read per page of a sweep, and pages per pass (a pass ends at most
+    /// 500, as many as one read did before; what is left waits for the next).
+    const SWEEP_PAGE: usize = 100;
+    const SWEEP_PAGES: usize = 5;
+
     pub async fn sweep(&self) -> Result<usize, ApiError> {
         let idle = self.sweep_idle().await?;
         let now = self.now();
@@ -1110,7 +1115,23 @@ impl Lapse {
                 }
             }
         }
-        let due = self.store.due(now, 500).await?;
+        // Read in pages: a whole pass's grants held at once were the largest
+        // allocation the broker made, and after a stall (a backlog of expiries)
+        // the allocator kept that high-water mark for good.
+        let mut n = 0;
+        for _ in 0..Self::SWEEP_PAGES {
+            let due = self.store.due(now, Self::SWEEP_PAGE).await?;
+            let full = due.len() == Self::SWEEP_PAGE;
+            n += self.expire_all(due, now).await?;
+            if !full {
+                break;
+            }
+        }
+        Ok(n + idle)
+    }
+
+    /// Ends each grant past its expiry, one commit each; returns how many.
+    async fn expire_all(&self, due: Vec<Grant>, now: Timestamp) -> Result<usize, ApiError> {
         let mut n = 0;
         for g in due {
             let was_active = g.state == GrantState::Active;
@@ -1150,7 +1171,7 @@ impl Lapse {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(n + idle)
+        Ok(n)
     }
 }
 

@@ -42,6 +42,8 @@ const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
 /// Page cache per reader connection, KiB.
 const READER_CACHE_KIB: i64 = 512;
+/// Page cache of the write connection, KiB.
+const WRITER_CACHE_KIB: i64 = 1024;
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 
@@ -79,6 +81,11 @@ fn open_conn(
     conn.busy_timeout(busy_timeout)?;
     if !read_only {
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // The writer appends at the right edge of each table and index and
+        // updates grants as they end; a bounded cache holds those pages, and
+        // SQLite's default (2 MiB) only filled slowly, over many minutes, as the
+        // database grew.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     } else {
         // Readers look rows up by key; the kernel's page cache serves the rest. A
         // small page cache per reader keeps the process's memory flat as the

@@ -1,6 +1,7 @@
 //! Remembers DPoP proof `jti`s until they could no longer pass the `iat` window, so
 //! a captured proof cannot be replayed.
 
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
@@ -11,7 +12,11 @@ const PRUNE_EVERY_SECS: i64 = 10;
 
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<String, i64>,
+    /// Keyed by the SHA-256 of the key, held inline: no allocation per proof
+    /// that lives for the whole window among the requests' short-lived ones
+    /// (which kept the allocator from giving memory back), and a fixed size per
+    /// entry whatever the `jti` a client sends.
+    map: HashMap<[u8; 32], i64>,
     pruned_at: i64,
 }
 
@@ -52,11 +57,12 @@ impl ReplayCache {
         let Some(shard) = self.shards.get(idx) else {
             return Seen::Full;
         };
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let mut shard = match shard.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(&exp) = shard.map.get(key)
+        if let Some(&exp) = shard.map.get(&digest)
             && exp > now_secs
         {
             return Seen::Replay;
@@ -70,7 +76,7 @@ impl ReplayCache {
                 return Seen::Full;
             }
         }
-        shard.map.insert(key.to_owned(), expires_secs);
+        shard.map.insert(digest, expires_secs);
         Seen::New
     }
 }
