@@ -510,6 +510,13 @@ async fn mcp_proxy(config: &Path, http: bool, token: Option<String>) -> Out {
         .await
         .map_err(|e| fail(7, e.to_string()))?;
     let background = proxy.run_background();
+    // Calls before the revocation feed is first heard would all be refused.
+    let within = std::time::Duration::from_secs(proxy.config().staleness.secs().max(1));
+    if !proxy.verifier.caught_up(within).await {
+        tracing::warn!(
+            "the broker's revocation feed has not answered; tool calls are refused until it does"
+        );
+    }
     let r = match listen {
         Some(listen) => {
             let listener = tokio::net::TcpListener::bind(listen)

@@ -534,6 +534,20 @@ impl Verifier {
         self.seq.fetch_max(e.seq, Ordering::AcqRel);
     }
 
+    /// Waits, up to `within`, until the feed has been heard from once; false if it
+    /// has not. Until then every check fails closed, so a process that answers as
+    /// soon as it starts (an MCP proxy reading stdin) waits here first.
+    pub async fn caught_up(&self, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        while self.heard_ms.load(Ordering::Acquire) == 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Notes that the feed was heard from at `now_ms` (an entry or a heartbeat).
     pub fn heard(&self, now_ms: i64) {
         self.heard_ms.fetch_max(now_ms, Ordering::AcqRel);

@@ -382,6 +382,33 @@ fn an_ended_grant_and_a_silent_feed() {
     assert_eq!(r.map(|_| ()), Err(Denial::FeedStale(6)));
 }
 
+#[tokio::test]
+async fn caught_up_waits_for_the_feed_to_be_heard_once() {
+    let v = std::sync::Arc::new(Verifier::offline(
+        VerifierConfig {
+            broker: ISS.into(),
+            issuer: ISS.into(),
+            audience: AUD.into(),
+            token: "gate-token".into(),
+            staleness: Duration::from_secs(5),
+            on_stale: OnStale::Deny,
+            dpop_max_age_secs: 60,
+        },
+        HashMap::new(),
+    ));
+    assert!(
+        !v.caught_up(Duration::from_millis(50)).await,
+        "never heard: not caught up"
+    );
+    let later = v.clone();
+    let hears = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        later.heard(NOW * 1000);
+    });
+    assert!(v.caught_up(Duration::from_secs(10)).await);
+    hears.await.expect("task");
+}
+
 #[test]
 fn denials_map_to_statuses_and_error_codes() {
     assert_eq!(Denial::MissingToken.status(), 401);
