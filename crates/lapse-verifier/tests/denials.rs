@@ -23,22 +23,23 @@ struct World {
     v: Verifier,
 }
 
+fn config() -> VerifierConfig {
+    VerifierConfig {
+        broker: ISS.into(),
+        issuer: ISS.into(),
+        audience: AUD.into(),
+        token: "gate-token".into(),
+        staleness: Duration::from_secs(5),
+        on_stale: OnStale::Deny,
+        dpop_max_age_secs: 60,
+    }
+}
+
 fn world() -> World {
     let broker = SigningKey::generate();
     let mut keys = HashMap::new();
     keys.insert(broker.kid().to_owned(), broker.public().clone());
-    let v = Verifier::offline(
-        VerifierConfig {
-            broker: ISS.into(),
-            issuer: ISS.into(),
-            audience: AUD.into(),
-            token: "gate-token".into(),
-            staleness: Duration::from_secs(5),
-            on_stale: OnStale::Deny,
-            dpop_max_age_secs: 60,
-        },
-        keys,
-    );
+    let v = Verifier::offline(config(), keys);
     v.heard(NOW * 1000);
     World {
         broker,
@@ -384,18 +385,7 @@ fn an_ended_grant_and_a_silent_feed() {
 
 #[tokio::test]
 async fn caught_up_waits_for_the_feed_to_be_heard_once() {
-    let v = std::sync::Arc::new(Verifier::offline(
-        VerifierConfig {
-            broker: ISS.into(),
-            issuer: ISS.into(),
-            audience: AUD.into(),
-            token: "gate-token".into(),
-            staleness: Duration::from_secs(5),
-            on_stale: OnStale::Deny,
-            dpop_max_age_secs: 60,
-        },
-        HashMap::new(),
-    ));
+    let v = std::sync::Arc::new(Verifier::offline(config(), HashMap::new()));
     assert!(
         !v.caught_up(Duration::from_millis(50)).await,
         "never heard: not caught up"
