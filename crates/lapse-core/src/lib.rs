@@ -12,6 +12,7 @@ pub mod grant;
 pub mod ids;
 pub mod request;
 pub mod review;
+pub mod table;
 pub mod tools;
 pub mod ttl;
 

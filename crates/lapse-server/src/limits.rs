@@ -219,7 +219,7 @@ impl Limiter {
         *swept = now;
         drop(swept);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        buckets.retain(|_, b| {
+        lapse_core::table::prune(&mut *buckets, |_, b| {
             b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec < burst
         });
     }

@@ -493,7 +493,7 @@ impl Verifier {
             .map_err(token_denial)?;
         if let Ok(mut m) = self.verified.write() {
             if m.len() >= VERIFIED_CAP {
-                m.retain(|_, c| c.exp > now_secs);
+                lapse_core::table::prune(&mut *m, |_, c| c.exp > now_secs);
                 if m.len() >= VERIFIED_CAP {
                     m.clear();
                 }
@@ -528,7 +528,7 @@ impl Verifier {
                 .insert(e.grant_id.clone(), (e.state.clone(), e.exp));
             // Entries whose tokens have expired on their own can go.
             if ended.by_grant.len() % 1024 == 0 {
-                ended.by_grant.retain(|_, (_, exp)| *exp > now_ms);
+                lapse_core::table::prune(&mut ended.by_grant, |_, (_, exp)| *exp > now_ms);
             }
         }
         self.seq.fetch_max(e.seq, Ordering::AcqRel);
