@@ -64,13 +64,15 @@ enum Cmd {
         rate: f64,
         #[arg(long, default_value_t = 10)]
         minutes: u64,
-        /// Unmeasured seconds first (caches, allocator, SQLite pages settle).
-        #[arg(long, default_value_t = 30)]
+        /// Unmeasured seconds first, so that the start is measured in steady
+        /// state: the DPoP replay window (65 s) full, and the first grants already
+        /// expiring (longer than `--ttl`).
+        #[arg(long, default_value_t = 90)]
         warmup: u64,
-        /// Seconds each grant asks for (`expires_in`); the dev policy's default if
-        /// unset. Short grants make the sweeper's expiries part of the steady state.
-        #[arg(long)]
-        ttl: Option<u64>,
+        /// Seconds each grant asks for (`expires_in`): the sweeper ends as many
+        /// grants a second as are issued once one TTL has passed.
+        #[arg(long, default_value_t = 60)]
+        ttl: u64,
     },
     /// What `lapse mcp-proxy` adds to a tool call over stdio (open-loop at `rate`),
     /// and sub-agent token exchange latency (needs the release `lapse` binary beside

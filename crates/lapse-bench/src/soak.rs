@@ -62,9 +62,15 @@ pub fn run(
     rate: f64,
     minutes: u64,
     warmup_secs: u64,
-    grant_ttl: Option<u64>,
+    grant_ttl: u64,
     json_out: bool,
 ) -> anyhow::Result<()> {
+    if warmup_secs <= grant_ttl.max(65) {
+        eprintln!(
+            "warning: a {warmup_secs} s warm-up ends before the {grant_ttl} s grants (or the 65 s DPoP replay window) turn over: \
+             the first minutes measure the broker filling up, not a steady state"
+        );
+    }
     let server = crate::devserver::DevServer::spawn()?;
     let (addr, data) = (server.addr, server.data.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -93,9 +99,7 @@ pub fn run(
                 .collect::<Result<_, _>>()?,
         );
         let conns = 8usize;
-        let expires_in: Arc<str> = grant_ttl
-            .map_or(String::new(), |t| format!("&expires_in={t}"))
-            .into();
+        let expires_in: Arc<str> = format!("&expires_in={grant_ttl}").into();
         let total = (rate * (warmup_secs + minutes * 60) as f64) as usize;
         let errors = Arc::new(AtomicU64::new(0));
         let start = tokio::time::Instant::now() + Duration::from_millis(100);

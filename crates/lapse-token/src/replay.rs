@@ -67,14 +67,17 @@ impl ReplayCache {
         {
             return Seen::Replay;
         }
-        if shard.map.len() >= self.max_per_shard
-            || now_secs.saturating_sub(shard.pruned_at) >= PRUNE_EVERY_SECS
-        {
+        if now_secs.saturating_sub(shard.pruned_at) >= PRUNE_EVERY_SECS {
+            // Rebuilt, not only retained: see `lapse_core::table`.
             lapse_core::table::prune(&mut shard.map, |_, exp| *exp > now_secs);
             shard.pruned_at = now_secs;
-            if shard.map.len() >= self.max_per_shard {
-                return Seen::Full;
-            }
+        } else if shard.map.len() >= self.max_per_shard {
+            // Full between sweeps (a flood): make room without rebuilding the
+            // table on every insert; the next sweep rebuilds it.
+            shard.map.retain(|_, exp| *exp > now_secs);
+        }
+        if shard.map.len() >= self.max_per_shard {
+            return Seen::Full;
         }
         shard.map.insert(digest, expires_secs);
         Seen::New
