@@ -15,6 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// How long the dev broker remembers a DPoP proof: `dpop_max_age` (60 s) plus the
+/// 5 s allowed clock skew. Until a warm-up has outlasted it, the replay cache is
+/// still filling.
+const REPLAY_WINDOW_SECS: u64 = 65;
+
 /// The server's resident set size in KiB (`VmRSS`).
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -65,9 +70,9 @@ pub fn run(
     grant_ttl: u64,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    if warmup_secs <= grant_ttl.max(65) {
+    if warmup_secs <= grant_ttl.max(REPLAY_WINDOW_SECS) {
         eprintln!(
-            "warning: a {warmup_secs} s warm-up ends before the {grant_ttl} s grants (or the 65 s DPoP replay window) turn over: \
+            "warning: a {warmup_secs} s warm-up ends before the {grant_ttl} s grants (or the {REPLAY_WINDOW_SECS} s DPoP replay window) turn over: \
              the first minutes measure the broker filling up, not a steady state"
         );
     }
