@@ -870,26 +870,54 @@ impl Lapse {
         reason: &str,
         data: Value,
     ) -> Result<Grant, ApiError> {
-        let ended = grant
-            .clone()
-            .complete(self.now(), by, reason)
-            .map_err(lifecycle)?;
-        self.end(grant, ended, "grant.completed", by, data).await
+        self.end_by(
+            grant,
+            |g, now| g.complete(now, by, reason),
+            "grant.completed",
+            by,
+            data,
+        )
+        .await
     }
 
     pub async fn revoke(&self, grant: Grant, by: &str, reason: &str) -> Result<Grant, ApiError> {
-        let ended = grant
-            .clone()
-            .revoke(self.now(), by, reason)
-            .map_err(lifecycle)?;
-        self.end(
+        self.end_by(
             grant,
-            ended,
+            |g, now| g.revoke(now, by, reason),
             "grant.revoked",
             by,
             json!({ "reason": reason }),
         )
         .await
+    }
+
+    /// Ends `grant` by `transition`. A use report committed since the caller read
+    /// the grant moves its version and fails the commit, yet the ending still
+    /// holds: the grant is read again and the transition re-applied (a few times;
+    /// a grant that ended meanwhile fails the transition with its own 409).
+    async fn end_by(
+        &self,
+        mut grant: Grant,
+        transition: impl Fn(Grant, Timestamp) -> Result<Grant, lapse_core::LifecycleError>,
+        kind: &str,
+        actor: &str,
+        data: Value,
+    ) -> Result<Grant, ApiError> {
+        let mut attempt = 0;
+        loop {
+            let (id, version) = (grant.id, grant.version);
+            let ended = transition(grant.clone(), self.now()).map_err(lifecycle)?;
+            match self.end(grant, ended, kind, actor, data.clone()).await {
+                Err(ApiError::Conflict(m)) if attempt < 3 => {
+                    attempt += 1;
+                    match self.store.grant(id).await? {
+                        Some(current) if current.version != version => grant = current,
+                        _ => return Err(ApiError::Conflict(m)),
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Renewal re-decides the original request now. Anything but a plain allow ends

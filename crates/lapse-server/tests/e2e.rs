@@ -24,6 +24,8 @@ struct Server {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     http: reqwest::Client,
+    /// The service behind the listener, for races HTTP cannot time.
+    lapse: Arc<lapse_server::service::Lapse>,
 }
 
 async fn start_in(dir: PathBuf, clock: FakeClock, addr: &str) -> Server {
@@ -52,6 +54,7 @@ async fn start_in(dir: PathBuf, clock: FakeClock, addr: &str) -> Server {
         stop: Some(tx),
         task,
         http: lapse_identity::http_client(),
+        lapse,
     }
 }
 
@@ -486,6 +489,46 @@ async fn dpop_replay_mismatch_and_missing_proofs_are_refused() {
         "a refused call changes nothing"
     );
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ending_holds_when_a_use_was_reported_meanwhile() {
+    // An operator's revoke or the workload's complete reads the grant, then
+    // commits; a gate's use report landing in between moved the grant's version,
+    // and the ending failed with 409 (seen in CI: an MCP proxy's use report beat
+    // an operator's revoke).
+    let (_tmp, s) = start().await;
+    let key = DpopKey::generate();
+    let gate = s
+        .lapse
+        .operator(Some(&format!("Bearer {}", s.admin)))
+        .unwrap();
+    for ending in ["revoked", "completed"] {
+        let (st, v) = s
+            .exchange(&key, &s.identity(CI), "orders-db", "read", &[])
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let id: lapse_core::GrantId = v["grant_id"].as_str().unwrap().parse().unwrap();
+        let read = s.lapse.find(id, "grant").await.unwrap();
+        let used = s
+            .lapse
+            .record_uses(&gate, &[(id, s.clock.now().millis())])
+            .await
+            .unwrap();
+        assert_eq!(used, 1, "the use moved the grant on");
+        let ended = match ending {
+            "revoked" => s.lapse.revoke(read, "admin", "test").await,
+            _ => {
+                s.lapse
+                    .complete(read, CI, "done", json!({ "reason": "done" }))
+                    .await
+            }
+        }
+        .unwrap_or_else(|e| panic!("{ending}: {e:?}"));
+        assert_eq!(ended.state.as_str(), ending);
+        assert!(ended.last_used_at.is_some(), "the reported use is kept");
+    }
+    s.audit_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
