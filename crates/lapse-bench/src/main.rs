@@ -129,6 +129,9 @@ enum GateCmd {
         requests: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Grants whose requests take turns (1: one workload's requests back to back).
+        #[arg(long, default_value_t = 1)]
+        tokens: usize,
     },
     /// Revoke sent → every following gate refuses.
     Propagation {
@@ -216,7 +219,11 @@ fn main() -> anyhow::Result<()> {
             ttl,
         } => soak::run(rate, minutes, warmup, ttl, cli.json),
         Cmd::Gate { cmd } => match cmd {
-            GateCmd::Decide { requests, runs } => gate::decide(requests, runs, cli.json),
+            GateCmd::Decide {
+                requests,
+                runs,
+                tokens,
+            } => gate::decide(requests, runs, tokens, cli.json),
             GateCmd::Propagation {
                 gates,
                 samples,

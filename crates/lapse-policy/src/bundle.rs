@@ -11,6 +11,7 @@ use cedar_policy::{
 use lapse_core::{AccessRequest, Decision, DecisionOutcome, TtlDuration};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::rc::Rc;
 use std::str::FromStr;
 
 /// One file of a policy folder.
@@ -40,10 +41,14 @@ pub struct PolicyInfo {
 
 /// A loaded policy folder. Immutable: a reload builds a new bundle and swaps it in.
 pub struct PolicyBundle {
+    /// Unique in this process: inputs built by another bundle are never reused.
+    id: u64,
     schema_text: String,
     info: HashMap<String, PolicyInfo>,
     index: PolicyIndex,
-    action_entities: Entities,
+    /// Each action's entity, its groups already closed transitively by the schema:
+    /// a request needs only its own actions', not a copy of every action's.
+    action_entities: HashMap<String, Entity>,
     actions: Vec<String>,
     authorizer: Authorizer,
     workload_type: EntityTypeName,
@@ -251,7 +256,9 @@ impl PolicyBundle {
                 message: e.to_string(),
             })
         };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             workload_type: type_name("Workload")?,
             resource_type: type_name("Resource")?,
             action_type: type_name("Action")?,
@@ -264,7 +271,13 @@ impl PolicyBundle {
                 .map(|(_, i)| (i.id.clone(), i))
                 .collect(),
             index,
-            action_entities,
+            action_entities: action_uids
+                .iter()
+                .filter_map(|uid| {
+                    let e = action_entities.get(uid)?.clone();
+                    Some((uid.id().unescaped().to_owned(), e))
+                })
+                .collect(),
             actions,
             authorizer: Authorizer::new(),
             sources: files.to_vec(),
@@ -318,16 +331,11 @@ impl PolicyBundle {
         if request.actions.is_empty() {
             return Decision::deny("no actions requested", vec![]);
         }
-        let entities = match self.entities(request) {
-            Ok(e) => e,
-            Err(msg) => return Decision::deny(format!("cannot build policy input: {msg}"), vec![]),
+        let inputs = match self.inputs(request) {
+            Ok(i) => i,
+            Err(d) => return d,
         };
-        let context = match context(request, &self.args_type, &self.constraints_type) {
-            Ok(c) => c,
-            Err(msg) => {
-                return Decision::deny(format!("cannot build policy context: {msg}"), vec![]);
-            }
-        };
+        let (entities, context) = (&inputs.entities, &inputs.context);
         let principal = EntityUid::from_type_name_and_id(
             self.workload_type.clone(),
             EntityId::new(&request.workload.id),
@@ -358,9 +366,7 @@ impl PolicyBundle {
                 Ok(r) => r,
                 Err(e) => return Decision::deny(format!("invalid policy request: {e}"), vec![]),
             };
-            let response = self
-                .authorizer
-                .is_authorized(&cedar_request, set, &entities);
+            let response = self.authorizer.is_authorized(&cedar_request, set, entities);
             let diag = response.diagnostics();
             // Cedar's reason set has no order; sort so a decision (and its audit
             // record) is the same however the policies were grouped.
@@ -431,6 +437,36 @@ impl PolicyBundle {
         }
     }
 
+    /// Cedar's entities and context for `request`: built, or the ones this thread
+    /// built last if that was for the same request to this bundle. Building them
+    /// is most of a decision's policy time (Cedar evaluates every attribute), and a
+    /// gate sees the same token's requests back to back; the key is the whole
+    /// request, so anything that differs (even the second) builds afresh.
+    fn inputs(&self, request: &AccessRequest) -> Result<Rc<Inputs>, Decision> {
+        let hit = LAST_INPUTS.with(|m| {
+            m.borrow()
+                .as_ref()
+                .filter(|i| i.bundle == self.id && i.request == *request)
+                .cloned()
+        });
+        if let Some(i) = hit {
+            return Ok(i);
+        }
+        let entities = self
+            .entities(request)
+            .map_err(|msg| Decision::deny(format!("cannot build policy input: {msg}"), vec![]))?;
+        let context = context(request, &self.args_type, &self.constraints_type)
+            .map_err(|msg| Decision::deny(format!("cannot build policy context: {msg}"), vec![]))?;
+        let i = Rc::new(Inputs {
+            bundle: self.id,
+            request: request.clone(),
+            entities,
+            context,
+        });
+        LAST_INPUTS.with(|m| *m.borrow_mut() = Some(Rc::clone(&i)));
+        Ok(i)
+    }
+
     fn entities(&self, request: &AccessRequest) -> Result<Entities, String> {
         let w = &request.workload;
         let workload = Entity::new_with_tags(
@@ -476,9 +512,9 @@ impl PolicyBundle {
             }),
         )
         .map_err(|e| e.to_string())?;
-        let mut extra = vec![workload, resource, declared];
+        let mut all = vec![workload, resource, declared];
         if let Some(call) = &request.context.tool {
-            extra.push(
+            all.push(
                 Entity::new_with_tags(
                     EntityUid::from_type_name_and_id(self.args_type.clone(), EntityId::new("call")),
                     [],
@@ -488,10 +524,17 @@ impl PolicyBundle {
                 .map_err(|e| e.to_string())?,
             );
         }
-        self.action_entities
-            .clone()
-            .add_entities(extra, None)
-            .map_err(|e| e.to_string())
+        let mut added: Vec<&str> = Vec::with_capacity(request.actions.len());
+        for action in &request.actions {
+            // An unknown action is denied by the caller; a repeated one is added once.
+            if !added.contains(&action.as_str())
+                && let Some(e) = self.action_entities.get(action)
+            {
+                added.push(action);
+                all.push(e.clone());
+            }
+        }
+        Entities::from_entities(all, None).map_err(|e| e.to_string())
     }
 }
 
@@ -565,6 +608,45 @@ fn arg_constraint(c: &lapse_core::tools::ArgConstraint) -> RestrictedExpression 
         .unwrap_or_else(|_| RestrictedExpression::new_string(String::new()))
 }
 
+type Memo<K> = std::cell::RefCell<Option<(K, RestrictedExpression)>>;
+
+/// What [`PolicyBundle::decide`] hands Cedar for one request.
+struct Inputs {
+    /// [`PolicyBundle::id`] of the bundle they were built by.
+    bundle: u64,
+    request: AccessRequest,
+    entities: Entities,
+    context: Context,
+}
+
+thread_local! {
+    static LAST_INPUTS: std::cell::RefCell<Option<Rc<Inputs>>> = const { std::cell::RefCell::new(None) };
+    // Cedar's `new_ip` and `new_datetime` parse their extension's name with its
+    // grammar on every call: a third of a gate's policy time. A gate's thread sees
+    // the same client address and the same second request after request.
+    static LAST_IP: Memo<std::net::IpAddr> = const { std::cell::RefCell::new(None) };
+    static LAST_TIME: Memo<lapse_core::Timestamp> = const { std::cell::RefCell::new(None) };
+}
+
+/// `make()`, or the expression this thread last made for the same `key`.
+fn memo<K: PartialEq + Clone + 'static>(
+    cell: &'static std::thread::LocalKey<Memo<K>>,
+    key: &K,
+    make: impl FnOnce() -> RestrictedExpression,
+) -> RestrictedExpression {
+    cell.with(|m| {
+        let mut m = m.borrow_mut();
+        match &*m {
+            Some((k, e)) if k == key => e.clone(),
+            _ => {
+                let e = make();
+                *m = Some((key.clone(), e.clone()));
+                e
+            }
+        }
+    })
+}
+
 fn context(
     request: &AccessRequest,
     args_type: &EntityTypeName,
@@ -631,11 +713,15 @@ fn context(
             ),
             (
                 "source".to_owned(),
-                RestrictedExpression::new_ip(c.source.to_string()),
+                memo(&LAST_IP, &c.source, || {
+                    RestrictedExpression::new_ip(c.source.to_string())
+                }),
             ),
             (
                 "time".to_owned(),
-                RestrictedExpression::new_datetime(c.time.rfc3339()),
+                memo(&LAST_TIME, &c.time, || {
+                    RestrictedExpression::new_datetime(c.time.rfc3339())
+                }),
             ),
             (
                 "break_glass".to_owned(),

@@ -315,3 +315,127 @@ fn index_matches_unindexed_evaluation() -> Result<(), PolicyError> {
     assert_eq!(compared, 75);
     Ok(())
 }
+
+/// A request carries only its own actions' entities: groups must still hold, through
+/// more than one level, in a policy's scope and in its conditions alike.
+#[test]
+fn action_groups_hold_through_levels() -> Result<(), PolicyError> {
+    let schema = r#"
+        action "mutate";
+        action "write", "delete" in ["mutate"] appliesTo { principal: Workload, resource: Resource, context: RequestContext };
+        action "purge" in ["delete"] appliesTo { principal: Workload, resource: Resource, context: RequestContext };
+        action "read" appliesTo { principal: Workload, resource: Resource, context: RequestContext };
+    "#;
+    for policy in [
+        "@id(\"g\")\npermit (principal, action in Action::\"mutate\", resource);",
+        "@id(\"g\")\npermit (principal, action, resource) when { action in Action::\"mutate\" };",
+    ] {
+        let b = PolicyBundle::from_sources(&[
+            SourceFile {
+                name: "a.cedarschema".into(),
+                text: schema.into(),
+            },
+            SourceFile {
+                name: "p.cedar".into(),
+                text: policy.into(),
+            },
+        ])?;
+        for a in ["write", "delete", "purge"] {
+            let d = b.decide(&request("spiffe://t/job", "r", &[a]));
+            assert!(d.is_allow(), "{a} is in `mutate` under {policy}: {d:?}");
+            assert_eq!(d.policies, vec!["g".to_owned()]);
+        }
+        assert!(
+            b.decide(&request(
+                "spiffe://t/job",
+                "r",
+                &["write", "purge", "write"]
+            ))
+            .is_allow(),
+            "a repeated action is still one action"
+        );
+        for actions in [&["read"][..], &["write", "read"]] {
+            let d = b.decide(&request("spiffe://t/job", "r", actions));
+            assert_eq!(d.outcome_label(), "deny", "{actions:?} under {policy}");
+        }
+    }
+    Ok(())
+}
+
+/// Decisions on one thread reuse the policy input built for the previous request
+/// only when nothing differs: each variation below, decided right after the request
+/// it varies, must get its own answer, and so must the same request to another
+/// bundle.
+#[test]
+fn each_decision_sees_its_own_request_and_bundle() -> Result<(), PolicyError> {
+    let schema = r#"
+        action "mutate";
+        action "write" in ["mutate"] appliesTo { principal: Workload, resource: Resource, context: RequestContext };
+        action "read" appliesTo { principal: Workload, resource: Resource, context: RequestContext };
+    "#;
+    let flat = schema.replace(r#"action "write" in ["mutate"]"#, r#"action "write""#);
+    let policy = r#"@id("p")
+permit (principal, action, resource == Resource::"r") when {
+  action in Action::"mutate" &&
+  principal.hasTag("repository") && principal.getTag("repository") == "acme/shop" &&
+  context.source.isInRange(ip("10.0.0.0/8")) &&
+  context.time < datetime("2026-11-19T00:00:00Z") &&
+  context.ttl <= 3600 && context.task == "T-1"
+};"#;
+    let mk = |schema: &str| {
+        PolicyBundle::from_sources(&[
+            SourceFile {
+                name: "a.cedarschema".into(),
+                text: schema.into(),
+            },
+            SourceFile {
+                name: "p.cedar".into(),
+                text: policy.into(),
+            },
+        ])
+    };
+    let (grouped, flat) = (mk(schema)?, mk(&flat)?);
+    let base = request("spiffe://t/job", "r", &["write"]);
+    let variations: Vec<(&str, Box<dyn Fn(&mut AccessRequest)>)> = vec![
+        (
+            "claim",
+            Box::new(|r| {
+                r.workload
+                    .claims
+                    .insert("repository".into(), "acme/other".into());
+            }),
+        ),
+        (
+            "source",
+            Box::new(|r| r.context.source = [192, 168, 0, 1].into()),
+        ),
+        (
+            "time",
+            Box::new(|r| {
+                r.context.time = Timestamp::from_unix_seconds(1_795_000_000 + 3 * 86_400);
+            }),
+        ),
+        ("ttl", Box::new(|r| r.requested_ttl_secs = 3601)),
+        ("task", Box::new(|r| r.task.id = "T-2".into())),
+        ("audience", Box::new(|r| r.audience = "r2".into())),
+        ("action", Box::new(|r| r.actions = vec!["read".into()])),
+    ];
+    for (what, vary) in &variations {
+        assert!(
+            grouped.decide(&base).is_allow(),
+            "the base request is allowed"
+        );
+        let mut r = base.clone();
+        vary(&mut r);
+        assert_eq!(grouped.decide(&r).outcome_label(), "deny", "{what} differs");
+        assert!(grouped.decide(&base).is_allow(), "and back after {what}");
+    }
+    assert!(grouped.decide(&base).is_allow());
+    assert_eq!(
+        flat.decide(&base).outcome_label(),
+        "deny",
+        "another bundle, where `write` is not in `mutate`"
+    );
+    assert!(grouped.decide(&base).is_allow());
+    Ok(())
+}
