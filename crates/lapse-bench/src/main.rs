@@ -148,8 +148,14 @@ enum GateCmd {
     Nginx {
         #[arg(long, default_value_t = 2000.0)]
         rate: f64,
+        /// Seconds of load on each server per run.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Each run alternates plain and gated this many times.
+        #[arg(long, default_value_t = 10)]
+        slices: usize,
     },
 }
 
@@ -229,7 +235,12 @@ fn main() -> anyhow::Result<()> {
                 samples,
                 across_replicas,
             } => gate::propagation(gates, samples, across_replicas, cli.json),
-            GateCmd::Nginx { rate, seconds } => gate::through_nginx(rate, seconds, cli.json),
+            GateCmd::Nginx {
+                rate,
+                seconds,
+                runs,
+                slices,
+            } => gate::through_nginx(rate, seconds, runs, slices, cli.json),
         },
         Cmd::Console {
             pending,
