@@ -608,8 +608,6 @@ fn arg_constraint(c: &lapse_core::tools::ArgConstraint) -> RestrictedExpression 
         .unwrap_or_else(|_| RestrictedExpression::new_string(String::new()))
 }
 
-type Memo<K> = std::cell::RefCell<Option<(K, RestrictedExpression)>>;
-
 /// What [`PolicyBundle::decide`] hands Cedar for one request.
 struct Inputs {
     /// [`PolicyBundle::id`] of the bundle they were built by.
@@ -619,31 +617,37 @@ struct Inputs {
     context: Context,
 }
 
+type Memo<K> = std::cell::RefCell<HashMap<K, RestrictedExpression>>;
+
+/// Entries a thread keeps per memo before it starts over.
+const MEMO_CAP: usize = 1024;
+
 thread_local! {
     static LAST_INPUTS: std::cell::RefCell<Option<Rc<Inputs>>> = const { std::cell::RefCell::new(None) };
     // Cedar's `new_ip` and `new_datetime` parse their extension's name with its
     // grammar on every call: a third of a gate's policy time. A gate's thread sees
-    // the same client address and the same second request after request.
-    static LAST_IP: Memo<std::net::IpAddr> = const { std::cell::RefCell::new(None) };
-    static LAST_TIME: Memo<lapse_core::Timestamp> = const { std::cell::RefCell::new(None) };
+    // the same client addresses and the same second request after request.
+    static IPS: Memo<std::net::IpAddr> = std::cell::RefCell::new(HashMap::new());
+    static TIMES: Memo<lapse_core::Timestamp> = std::cell::RefCell::new(HashMap::new());
 }
 
-/// `make()`, or the expression this thread last made for the same `key`.
-fn memo<K: PartialEq + Clone + 'static>(
+/// `make()`, or the expression this thread made before for the same `key`.
+fn memo<K: std::hash::Hash + Eq + Clone + 'static>(
     cell: &'static std::thread::LocalKey<Memo<K>>,
     key: &K,
     make: impl FnOnce() -> RestrictedExpression,
 ) -> RestrictedExpression {
     cell.with(|m| {
         let mut m = m.borrow_mut();
-        match &*m {
-            Some((k, e)) if k == key => e.clone(),
-            _ => {
-                let e = make();
-                *m = Some((key.clone(), e.clone()));
-                e
-            }
+        if let Some(e) = m.get(key) {
+            return e.clone();
         }
+        if m.len() >= MEMO_CAP {
+            m.clear();
+        }
+        let e = make();
+        m.insert(key.clone(), e.clone());
+        e
     })
 }
 
@@ -713,13 +717,13 @@ fn context(
             ),
             (
                 "source".to_owned(),
-                memo(&LAST_IP, &c.source, || {
+                memo(&IPS, &c.source, || {
                     RestrictedExpression::new_ip(c.source.to_string())
                 }),
             ),
             (
                 "time".to_owned(),
-                memo(&LAST_TIME, &c.time, || {
+                memo(&TIMES, &c.time, || {
                     RestrictedExpression::new_datetime(c.time.rfc3339())
                 }),
             ),
@@ -859,4 +863,27 @@ fn annotation_line(text: &str, key: &str, value: &str) -> usize {
     text.lines()
         .position(|l| l.contains(&needle) && l.contains(value))
         .map_or(1, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// The memo gives each address its own expression, and a thread seeing ever
+    /// new addresses keeps at most `MEMO_CAP` of them.
+    #[test]
+    fn the_address_memo_is_right_and_bounded() {
+        for round in 0..3u32 {
+            for i in 0..(MEMO_CAP as u32 + 10) {
+                let ip = std::net::IpAddr::from((round << 24 | i).to_be_bytes());
+                let e = memo(&IPS, &ip, || RestrictedExpression::new_ip(ip.to_string()));
+                let again = memo(&IPS, &ip, || panic!("{ip} was just made"));
+                let (e, again) = (format!("{e:?}"), format!("{again:?}"));
+                assert_eq!(e, again);
+                assert!(e.contains(&format!("{ip:?}")), "{e} for {ip}");
+                assert!(IPS.with(|m| m.borrow().len()) <= MEMO_CAP);
+            }
+        }
+    }
 }
