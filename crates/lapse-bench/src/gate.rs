@@ -40,11 +40,11 @@ fn gate_config(
 
 /// One `read` token on `orders-db` and the key it is bound to.
 async fn token(server: &Server) -> anyhow::Result<(DpopKey, String, String)> {
-    tokens(server, 1).await?.pop().context("no token")
+    issue_tokens(server, 1).await?.pop().context("no token")
 }
 
 /// `n` grants, each for its own workload (`ci/job-0` …) and DPoP key.
-async fn tokens(server: &Server, n: usize) -> anyhow::Result<Vec<(DpopKey, String, String)>> {
+async fn issue_tokens(server: &Server, n: usize) -> anyhow::Result<Vec<(DpopKey, String, String)>> {
     let keys: Vec<DpopKey> = (0..n).map(|_| DpopKey::generate()).collect();
     let now = SystemClock.now().unix_seconds();
     let ids = identity_tokens(&server.dir, n, now)?;
@@ -92,7 +92,7 @@ pub fn decide(requests: usize, runs: usize, tokens: usize, json_out: bool) -> an
     let (gate, holders) = bg.block_on(async {
         let gate = lapse_gate::Gate::new(cfg).await?;
         tokio::spawn(gate.verifier.clone().follow());
-        let holders: Vec<(DpopKey, String)> = self::tokens(&server, tokens)
+        let holders: Vec<(DpopKey, String)> = issue_tokens(&server, tokens)
             .await?
             .into_iter()
             .map(|(k, t, _)| (k, t))

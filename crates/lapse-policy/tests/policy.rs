@@ -53,6 +53,20 @@ fn request(workload: &str, audience: &str, actions: &[&str]) -> AccessRequest {
     }
 }
 
+/// A bundle of one schema fragment and one policy file.
+fn bundle_of(schema: &str, policies: &str) -> Result<PolicyBundle, PolicyError> {
+    PolicyBundle::from_sources(&[
+        SourceFile {
+            name: "a.cedarschema".into(),
+            text: schema.into(),
+        },
+        SourceFile {
+            name: "p.cedar".into(),
+            text: policies.into(),
+        },
+    ])
+}
+
 #[test]
 fn example_policy_tests_pass() -> Result<(), Box<dyn std::error::Error>> {
     let b = bundle();
@@ -288,20 +302,8 @@ fn index_matches_unindexed_evaluation() -> Result<(), PolicyError> {
             "@id(\"p{i}\")\n{effect} (principal, action, resource) when {{ action == Action::\"{a}\" && resource == Resource::\"{r}\" && {cond} }};\n"
         ));
     }
-    let mk = |text: &str| {
-        PolicyBundle::from_sources(&[
-            SourceFile {
-                name: "a.cedarschema".into(),
-                text: schema.into(),
-            },
-            SourceFile {
-                name: "p.cedar".into(),
-                text: text.into(),
-            },
-        ])
-    };
-    let indexed = mk(&scoped)?;
-    let flat = mk(&unscoped)?;
+    let indexed = bundle_of(schema, &scoped)?;
+    let flat = bundle_of(schema, &unscoped)?;
     let mut compared = 0;
     for w in 0..5 {
         for r in resources.iter().chain(["elsewhere"].iter()) {
@@ -330,16 +332,7 @@ fn action_groups_hold_through_levels() -> Result<(), PolicyError> {
         "@id(\"g\")\npermit (principal, action in Action::\"mutate\", resource);",
         "@id(\"g\")\npermit (principal, action, resource) when { action in Action::\"mutate\" };",
     ] {
-        let b = PolicyBundle::from_sources(&[
-            SourceFile {
-                name: "a.cedarschema".into(),
-                text: schema.into(),
-            },
-            SourceFile {
-                name: "p.cedar".into(),
-                text: policy.into(),
-            },
-        ])?;
+        let b = bundle_of(schema, policy)?;
         for a in ["write", "delete", "purge"] {
             let d = b.decide(&request("spiffe://t/job", "r", &[a]));
             assert!(d.is_allow(), "{a} is in `mutate` under {policy}: {d:?}");
@@ -382,19 +375,7 @@ permit (principal, action, resource == Resource::"r") when {
   context.time < datetime("2026-11-19T00:00:00Z") &&
   context.ttl <= 3600 && context.task == "T-1"
 };"#;
-    let mk = |schema: &str| {
-        PolicyBundle::from_sources(&[
-            SourceFile {
-                name: "a.cedarschema".into(),
-                text: schema.into(),
-            },
-            SourceFile {
-                name: "p.cedar".into(),
-                text: policy.into(),
-            },
-        ])
-    };
-    let (grouped, flat) = (mk(schema)?, mk(&flat)?);
+    let (grouped, flat) = (bundle_of(schema, policy)?, bundle_of(&flat, policy)?);
     let base = request("spiffe://t/job", "r", &["write"]);
     let variations: Vec<(&str, Box<dyn Fn(&mut AccessRequest)>)> = vec![
         (
