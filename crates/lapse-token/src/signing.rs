@@ -41,7 +41,11 @@ pub enum KeyFileError {
 
 impl SigningKey {
     pub fn generate() -> Self {
-        Self::from_dalek(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng))
+        use rand::RngCore;
+        // The seed is the private key: wiped when it goes out of scope.
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(seed.as_mut());
+        Self::from_dalek(ed25519_dalek::SigningKey::from_bytes(&seed))
     }
 
     fn from_dalek(key: ed25519_dalek::SigningKey) -> Self {
