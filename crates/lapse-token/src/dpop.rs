@@ -115,6 +115,31 @@ pub fn verify(
     req: &DpopRequirements<'_>,
     replay: &ReplayCache,
 ) -> Result<DpopProof, TokenError> {
+    parse(proof, req.keys)?
+        .check_signature()?
+        .accept(req, replay)
+}
+
+/// A proof whose form and key have been read; its signature is not checked yet.
+/// The three steps of [`verify`] apart, so that many proofs' signatures can be
+/// checked together ([`check_signatures`]).
+#[derive(Debug)]
+pub struct Parsed<'a> {
+    unverified: Unverified<'a>,
+    jwk: Jwk,
+    key: PublicKey,
+}
+
+/// A proof whose signature holds, made only by [`Parsed::check_signature`] or
+/// [`check_signatures`]: its claims are still to be checked ([`Signed::accept`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Signed {
+    jwk: Jwk,
+    payload: Vec<u8>,
+}
+
+/// Reads a proof's form (`typ`, `jwk`) and its key, through `keys` if given.
+pub fn parse<'a>(proof: &'a str, keys: Option<&KeyCache>) -> Result<Parsed<'a>, TokenError> {
     let unverified =
         Unverified::parse(proof).map_err(|e| bad(&format!("is not a valid JWS: {e}")))?;
     if !unverified
@@ -130,76 +155,122 @@ pub fn verify(
         .jwk
         .clone()
         .ok_or_else(|| bad("has no `jwk` header"))?;
-    let key = match req.keys {
+    let key = match keys {
         Some(cache) => cache.get_or_parse(&jwk),
         None => PublicKey::from_jwk(&jwk),
     }
     .map_err(|e| bad(&format!("key is unusable: {e}")))?;
-    let payload = unverified
-        .verify(&key)
-        .map_err(|e| bad_as(DpopFault::Signature, &format!("does not verify: {e}")))?;
-    let claims: ProofClaims =
-        jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
-    let jti = claims.jti.ok_or_else(|| bad("has no `jti`"))?;
-    if jti.is_empty() || jti.len() > MAX_JTI_LEN {
-        return Err(bad("`jti` must be 1 to 256 characters"));
+    Ok(Parsed {
+        unverified,
+        jwk,
+        key,
+    })
+}
+
+fn signature_fault(e: TokenError) -> TokenError {
+    bad_as(DpopFault::Signature, &format!("does not verify: {e}"))
+}
+
+impl Parsed<'_> {
+    pub fn check_signature(self) -> Result<Signed, TokenError> {
+        let payload = self.unverified.verify(&self.key).map_err(signature_fault)?;
+        Ok(Signed {
+            jwk: self.jwk,
+            payload,
+        })
     }
-    let htm = claims.htm.ok_or_else(|| bad("has no `htm`"))?;
-    if htm != req.htm {
-        return Err(bad_as(
-            DpopFault::Method,
-            &format!(
-                "`htm` `{}` does not match the request method `{}`",
-                clip(&htm),
-                req.htm
-            ),
-        ));
-    }
-    let htu = claims.htu.ok_or_else(|| bad("has no `htu`"))?;
-    if !same_htu(&htu, req.htu) {
-        return Err(bad_as(
-            DpopFault::Url,
-            &format!(
-                "`htu` `{}` does not match the request URL `{}`",
-                clip(&htu),
-                req.htu
-            ),
-        ));
-    }
-    let iat = claims.iat.ok_or_else(|| bad("has no `iat`"))?;
-    if iat < req.now_secs.saturating_sub(req.max_age_secs) {
-        return Err(bad_as(DpopFault::Stale, "is too old (`iat`)"));
-    }
-    if iat > req.now_secs.saturating_add(req.max_skew_secs) {
-        return Err(bad_as(DpopFault::Future, "is from the future (`iat`)"));
-    }
-    match (req.access_token, claims.ath.as_deref()) {
-        (Some(token), Some(ath)) => {
-            if b64::sha256(token) != ath {
-                return Err(bad_as(
-                    DpopFault::AccessTokenHash,
-                    "`ath` does not match the access token",
-                ));
-            }
+}
+
+/// [`Parsed::check_signature`] for many proofs, with Ed25519 signatures checked as
+/// one batch ([`jws::verify_many`]); answers in the same order.
+pub fn check_signatures(proofs: Vec<Parsed<'_>>) -> Vec<Result<Signed, TokenError>> {
+    let items: Vec<_> = proofs.iter().map(|p| (&p.unverified, &p.key)).collect();
+    let results = jws::verify_many(&items);
+    proofs
+        .into_iter()
+        .zip(results)
+        .map(|(p, r)| {
+            r.map(|payload| Signed {
+                jwk: p.jwk,
+                payload,
+            })
+            .map_err(signature_fault)
+        })
+        .collect()
+}
+
+impl Signed {
+    /// Checks the claims against `req` (method, URL, age, access-token hash) and
+    /// records the `jti`: a proof is accepted once.
+    pub fn accept(
+        self,
+        req: &DpopRequirements<'_>,
+        replay: &ReplayCache,
+    ) -> Result<DpopProof, TokenError> {
+        let Self { jwk, payload } = self;
+        let claims: ProofClaims =
+            jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
+        let jti = claims.jti.ok_or_else(|| bad("has no `jti`"))?;
+        if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+            return Err(bad("`jti` must be 1 to 256 characters"));
         }
-        (Some(_), None) => {
+        let htm = claims.htm.ok_or_else(|| bad("has no `htm`"))?;
+        if htm != req.htm {
             return Err(bad_as(
-                DpopFault::AccessTokenHash,
-                "has no `ath` for the access token",
+                DpopFault::Method,
+                &format!(
+                    "`htm` `{}` does not match the request method `{}`",
+                    clip(&htm),
+                    req.htm
+                ),
             ));
         }
-        (None, _) => {}
-    }
-    let jkt = thumbprint(&jwk)?;
-    // Only proofs that passed every other check take room in the replay cache.
-    let expires = iat
-        .saturating_add(req.max_age_secs)
-        .saturating_add(req.max_skew_secs)
-        .max(req.now_secs + 1);
-    match replay.check_and_insert(&format!("{jkt}:{jti}"), expires, req.now_secs) {
-        Seen::New => Ok(DpopProof { jkt, jti, iat }),
-        Seen::Replay => Err(TokenError::DpopReplay),
-        Seen::Full => Err(TokenError::ReplayCacheFull),
+        let htu = claims.htu.ok_or_else(|| bad("has no `htu`"))?;
+        if !same_htu(&htu, req.htu) {
+            return Err(bad_as(
+                DpopFault::Url,
+                &format!(
+                    "`htu` `{}` does not match the request URL `{}`",
+                    clip(&htu),
+                    req.htu
+                ),
+            ));
+        }
+        let iat = claims.iat.ok_or_else(|| bad("has no `iat`"))?;
+        if iat < req.now_secs.saturating_sub(req.max_age_secs) {
+            return Err(bad_as(DpopFault::Stale, "is too old (`iat`)"));
+        }
+        if iat > req.now_secs.saturating_add(req.max_skew_secs) {
+            return Err(bad_as(DpopFault::Future, "is from the future (`iat`)"));
+        }
+        match (req.access_token, claims.ath.as_deref()) {
+            (Some(token), Some(ath)) => {
+                if b64::sha256(token) != ath {
+                    return Err(bad_as(
+                        DpopFault::AccessTokenHash,
+                        "`ath` does not match the access token",
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(bad_as(
+                    DpopFault::AccessTokenHash,
+                    "has no `ath` for the access token",
+                ));
+            }
+            (None, _) => {}
+        }
+        let jkt = thumbprint(&jwk)?;
+        // Only proofs that passed every other check take room in the replay cache.
+        let expires = iat
+            .saturating_add(req.max_age_secs)
+            .saturating_add(req.max_skew_secs)
+            .max(req.now_secs + 1);
+        match replay.check_and_insert(&format!("{jkt}:{jti}"), expires, req.now_secs) {
+            Seen::New => Ok(DpopProof { jkt, jti, iat }),
+            Seen::Replay => Err(TokenError::DpopReplay),
+            Seen::Full => Err(TokenError::ReplayCacheFull),
+        }
     }
 }
 
@@ -338,6 +409,138 @@ mod tests {
             })
         ));
         Ok(())
+    }
+
+    /// A compact JWS over `header` and `claims`, signed by `sign`.
+    fn jws(
+        header: &serde_json::Value,
+        claims: &serde_json::Value,
+        sign: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> String {
+        let input = format!(
+            "{}.{}",
+            b64::encode(header.to_string()),
+            b64::encode(claims.to_string())
+        );
+        let sig = sign(input.as_bytes());
+        format!("{input}.{}", b64::encode(sig))
+    }
+
+    fn proof_claims() -> serde_json::Value {
+        let jti: [u8; 16] = rand::random();
+        serde_json::json!({ "jti": b64::encode(jti), "htm": "POST", "htu": URL, "iat": 1000 })
+    }
+
+    #[test]
+    fn signatures_checked_together_answer_as_each_alone() -> Result<(), TokenError> {
+        use p256::ecdsa::signature::Signer as _;
+        let keys: Vec<DpopKey> = (0..6).map(|_| DpopKey::generate()).collect();
+        let good: Vec<String> = keys
+            .iter()
+            .map(|k| k.proof("POST", URL, None, 1000))
+            .collect();
+        // One key's header and claims, another key's signature.
+        let forged = jws(
+            &serde_json::json!({ "typ": DPOP_TYP, "alg": "EdDSA", "jwk": keys[0].jwk }),
+            &proof_claims(),
+            |m| keys[1].signing_key().sign(m),
+        );
+        // A key for EdDSA under a header that says ES256.
+        let mismatched = jws(
+            &serde_json::json!({ "typ": DPOP_TYP, "alg": "ES256", "jwk": keys[2].jwk }),
+            &proof_claims(),
+            |m| keys[2].signing_key().sign(m),
+        );
+        // ES256 keys are not batched; a good and a forged one among the Ed25519 ones.
+        let es = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+        let point = es.verifying_key().to_encoded_point(false);
+        let es_jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256",
+            "x": b64::encode(point.x().map(|x| x.to_vec()).unwrap_or_default()),
+            "y": b64::encode(point.y().map(|y| y.to_vec()).unwrap_or_default()),
+        });
+        let es_header = serde_json::json!({ "typ": DPOP_TYP, "alg": "ES256", "jwk": es_jwk });
+        let es_sign = |m: &[u8]| -> Vec<u8> {
+            let s: p256::ecdsa::Signature = es.sign(m);
+            s.to_bytes().to_vec()
+        };
+        let es_good = jws(&es_header, &proof_claims(), es_sign);
+        let es_forged = {
+            let other = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+            jws(&es_header, &proof_claims(), |m| {
+                let s: p256::ecdsa::Signature = other.sign(m);
+                s.to_bytes().to_vec()
+            })
+        };
+        let mixed: Vec<&str> = vec![
+            &good[0],
+            &forged,
+            &good[1],
+            &es_good,
+            &good[2],
+            &mismatched,
+            &good[3],
+            &es_forged,
+            &good[4],
+            &good[5],
+        ];
+        let expect_ok = [
+            true, false, true, true, true, false, true, false, true, true,
+        ];
+        for proofs in [mixed, good.iter().map(String::as_str).collect()] {
+            let parsed = proofs
+                .iter()
+                .map(|p| parse(p, None))
+                .collect::<Result<Vec<_>, _>>()?;
+            let together = check_signatures(parsed);
+            assert_eq!(together.len(), proofs.len());
+            for (i, (t, p)) in together.into_iter().zip(&proofs).enumerate() {
+                let alone = parse(p, None)?.check_signature();
+                assert_eq!(t, alone, "proof {i} answered differently in a batch");
+                if proofs.len() == expect_ok.len() {
+                    assert_eq!(t.is_ok(), expect_ok[i], "proof {i}: {t:?}");
+                    if let Err(e) = &t {
+                        assert!(
+                            matches!(
+                                e,
+                                TokenError::Dpop {
+                                    fault: DpopFault::Signature,
+                                    ..
+                                }
+                            ),
+                            "proof {i}: {e:?}"
+                        );
+                    }
+                } else {
+                    let accepted = t?.accept(&reqs(1000), &ReplayCache::new(10))?;
+                    assert_eq!(accepted.jkt, keys[i].jkt(), "proof {i} kept its own key");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_small_order_key_is_refused() {
+        // The identity point (y = 1): every signature with s·B = R verifies under it.
+        let mut x = [0u8; 32];
+        x[0] = 1;
+        let jwk = Jwk {
+            kty: "OKP".into(),
+            crv: Some("Ed25519".into()),
+            x: Some(b64::encode(x)),
+            y: None,
+            n: None,
+            e: None,
+            kid: None,
+            alg: None,
+            use_: None,
+            d: None,
+        };
+        assert_eq!(
+            PublicKey::from_jwk(&jwk).map(|_| ()),
+            Err(TokenError::InvalidKey("Ed25519 key of small order".into()))
+        );
     }
 
     #[test]

@@ -78,9 +78,15 @@ impl PublicKey {
                 let x: [u8; 32] = field(&jwk.x, "x")?
                     .try_into()
                     .map_err(|_| TokenError::InvalidKey("Ed25519 `x` must be 32 bytes".into()))?;
-                ed25519_dalek::VerifyingKey::from_bytes(&x)
-                    .map(Self::Ed25519)
-                    .map_err(|_| TokenError::InvalidKey("invalid Ed25519 point".into()))
+                let key = ed25519_dalek::VerifyingKey::from_bytes(&x)
+                    .map_err(|_| TokenError::InvalidKey("invalid Ed25519 point".into()))?;
+                // A small-order key verifies signatures nobody made; `verify_strict`
+                // refuses them, and batch verification (jws::verify_many) relies on
+                // their never getting that far.
+                if key.is_weak() {
+                    return Err(TokenError::InvalidKey("Ed25519 key of small order".into()));
+                }
+                Ok(Self::Ed25519(key))
             }
             ("EC", Some("P-256")) => {
                 let x = field(&jwk.x, "x")?;
