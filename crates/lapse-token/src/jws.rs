@@ -143,48 +143,41 @@ impl<'a> Unverified<'a> {
 /// never get here: [`PublicKey::from_jwk`] refuses them. So a batch proves
 /// possession of the key exactly as one verification does.
 pub fn verify_many(items: &[(&Unverified<'_>, &PublicKey)]) -> Vec<Result<Vec<u8>, TokenError>> {
-    let mut out: Vec<Option<Result<Vec<u8>, TokenError>>> = Vec::with_capacity(items.len());
-    let mut batch: Vec<usize> = Vec::new();
+    // `None`: in the Ed25519 batch, answered once the batch is checked.
+    let mut answers: Vec<Option<Result<Vec<u8>, TokenError>>> = Vec::with_capacity(items.len());
+    let mut messages: Vec<&[u8]> = Vec::new();
     let mut signatures = Vec::new();
     let mut keys = Vec::new();
-    for (i, (u, key)) in items.iter().enumerate() {
+    for (u, key) in items {
         if let Err(e) = u.algorithm_matches(key) {
-            out.push(Some(Err(e)));
-            continue;
-        }
-        if let PublicKey::Ed25519(k) = *key
+            answers.push(Some(Err(e)));
+        } else if let PublicKey::Ed25519(k) = *key
             && let Ok(sig) = ed25519_dalek::Signature::from_slice(&u.signature)
         {
-            batch.push(i);
+            messages.push(u.signing_input.as_bytes());
             signatures.push(sig);
             keys.push(*k);
-            out.push(None);
+            answers.push(None);
         } else {
-            out.push(Some(
-                key.verify(u.signing_input.as_bytes(), &u.signature)
-                    .and_then(|()| u.payload()),
-            ));
+            answers.push(Some(alone(u, key)));
         }
     }
-    let batch_holds = batch.len() > 1 && {
-        let messages: Vec<&[u8]> = batch
-            .iter()
-            .map(|&i| items[i].0.signing_input.as_bytes())
-            .collect();
-        ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
-    };
-    for &i in &batch {
-        let (u, key) = &items[i];
-        out[i] = Some(if batch_holds {
-            u.payload()
-        } else {
-            key.verify(u.signing_input.as_bytes(), &u.signature)
-                .and_then(|()| u.payload())
-        });
-    }
-    out.into_iter()
-        .map(|r| r.unwrap_or(Err(TokenError::BadSignature)))
+    let batch_holds =
+        messages.len() > 1 && ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
+    items
+        .iter()
+        .zip(answers)
+        .map(|((u, key), answer)| match answer {
+            Some(done) => done,
+            None if batch_holds => u.payload(),
+            None => alone(u, key),
+        })
         .collect()
+}
+
+fn alone(u: &Unverified<'_>, key: &PublicKey) -> Result<Vec<u8>, TokenError> {
+    key.verify(u.signing_input.as_bytes(), &u.signature)?;
+    u.payload()
 }
 
 /// Reads claims JSON into `T`.
