@@ -132,6 +132,11 @@ enum GateCmd {
         /// Grants whose requests take turns (1: one workload's requests back to back).
         #[arg(long, default_value_t = 1)]
         tokens: usize,
+        /// Decisions in flight on the one thread, as a server with that many
+        /// requests open has (1: one after another, called directly). Above 1,
+        /// their DPoP signatures are checked in batches.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
     },
     /// Revoke sent → every following gate refuses.
     Propagation {
@@ -229,7 +234,8 @@ fn main() -> anyhow::Result<()> {
                 requests,
                 runs,
                 tokens,
-            } => gate::decide(requests, runs, tokens, cli.json),
+                concurrency,
+            } => gate::decide(requests, runs, tokens, concurrency, cli.json),
             GateCmd::Propagation {
                 gates,
                 samples,

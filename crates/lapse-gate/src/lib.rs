@@ -31,7 +31,7 @@ use lapse_core::{
     AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
 };
 use lapse_token::AccessClaims;
-use lapse_verifier::{Denial, Request as Check, Verifier};
+use lapse_verifier::{Batcher, Denial, Request as Check, Verifier};
 pub use policy::BrokerPolicy;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +44,8 @@ pub const USES_PER_REPORT: usize = 500;
 pub struct Gate {
     cfg: GateConfig,
     pub verifier: Arc<Verifier>,
+    /// Concurrent requests' DPoP signatures checked together.
+    batcher: Arc<Batcher>,
     policy: Arc<BrokerPolicy>,
     http: reqwest::Client,
     /// Grants used since the last report, with the latest use (unix ms).
@@ -79,6 +81,7 @@ impl Gate {
         .await?;
         let gate = Arc::new(Self {
             cfg,
+            batcher: Arc::new(Batcher::new(Arc::clone(&verifier))),
             verifier,
             policy,
             http: lapse_identity::http_client(),
@@ -127,6 +130,11 @@ impl Gate {
         Ok(sent)
     }
 
+    /// DPoP-checking batches so far and the requests in them ([`Batcher::counts`]).
+    pub fn batch_counts(&self) -> (u64, u64) {
+        self.batcher.counts()
+    }
+
     /// The action `method path` needs, by the first matching rule.
     pub fn action_for(&self, method: &str, path: &str) -> Option<&str> {
         self.cfg
@@ -158,7 +166,7 @@ impl Gate {
         let now = now_secs();
         let client_cert = client_cert(self.cfg.proxy, headers);
         let allowed = self
-            .verifier
+            .batcher
             .verify(&Check {
                 method,
                 url: &url,
@@ -186,9 +194,9 @@ impl Gate {
                     u.insert(c.grant_id.clone(), now.saturating_mul(1000));
                 }
                 Ok(Allowed {
-                    workload: c.sub,
-                    task: c.task,
-                    grant: c.grant_id,
+                    workload: c.sub.clone(),
+                    task: c.task.clone(),
+                    grant: c.grant_id.clone(),
                     action: action.to_owned(),
                 })
             }

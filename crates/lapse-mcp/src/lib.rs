@@ -358,7 +358,7 @@ impl Proxy {
                     .await?
             }
         };
-        Ok(allowed.claims)
+        Ok(Arc::unwrap_or_clone(allowed.claims))
     }
 
     /// The grant a refused token names, when its signature holds (to attach the
@@ -372,7 +372,7 @@ impl Proxy {
         self.verifier
             .token_claims(token, now_secs())
             .ok()
-            .map(|c| c.grant_id)
+            .map(|c| c.grant_id.clone())
     }
 
     /// Answers one JSON-RPC message from the agent.

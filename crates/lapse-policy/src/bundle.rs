@@ -335,6 +335,17 @@ impl PolicyBundle {
             Ok(i) => i,
             Err(d) => return d,
         };
+        // Cedar's answer is a function of the policies and the inputs alone, so
+        // the same request to the same bundle has the same decision.
+        if let Some(d) = inputs.decision.get() {
+            return d.clone();
+        }
+        let d = self.evaluate(request, &inputs);
+        let _ = inputs.decision.set(d.clone());
+        d
+    }
+
+    fn evaluate(&self, request: &AccessRequest, inputs: &Inputs) -> Decision {
         let (entities, context) = (&inputs.entities, &inputs.context);
         let principal = EntityUid::from_type_name_and_id(
             self.workload_type.clone(),
@@ -437,11 +448,12 @@ impl PolicyBundle {
         }
     }
 
-    /// Cedar's entities and context for `request`: built, or the ones this thread
-    /// built last if that was for the same request to this bundle. Building them
-    /// is most of a decision's policy time (Cedar evaluates every attribute), and a
-    /// gate sees the same token's requests back to back; the key is the whole
-    /// request, so anything that differs (even the second) builds afresh.
+    /// Cedar's entities and context for `request` (and, once made, the decision):
+    /// built, or the ones this thread built last if that was for the same request
+    /// to this bundle. Building them is most of a decision's policy time (Cedar
+    /// evaluates every attribute), and a gate sees the same token's requests back
+    /// to back; the key is the whole request, so anything that differs (even the
+    /// second) builds afresh.
     fn inputs(&self, request: &AccessRequest) -> Result<Rc<Inputs>, Decision> {
         let hit = LAST_INPUTS.with(|m| {
             m.borrow()
@@ -462,6 +474,7 @@ impl PolicyBundle {
             request: request.clone(),
             entities,
             context,
+            decision: std::cell::OnceCell::new(),
         });
         LAST_INPUTS.with(|m| *m.borrow_mut() = Some(Rc::clone(&i)));
         Ok(i)
@@ -615,6 +628,8 @@ struct Inputs {
     request: AccessRequest,
     entities: Entities,
     context: Context,
+    /// The decision for `request`, once made.
+    decision: std::cell::OnceCell<Decision>,
 }
 
 type Memo<K> = std::cell::RefCell<HashMap<K, RestrictedExpression>>;

@@ -28,10 +28,27 @@ pub struct DpopRequirements<'a> {
 }
 
 /// Proof keys already parsed (an Ed25519 point decompressed, a P-256 point
-/// checked), by their JWK members. Bounded: when full it starts over.
+/// checked), with their RFC 7638 thumbprints, by their JWK members. Bounded: when
+/// full it starts over.
 #[derive(Default)]
 pub struct KeyCache {
-    keys: std::sync::RwLock<std::collections::HashMap<String, PublicKey>>,
+    keys: std::sync::RwLock<std::collections::HashMap<String, ProofKey>>,
+}
+
+/// A proof's key and its thumbprint (what `cnf.jkt` binds a token to).
+#[derive(Debug, Clone)]
+struct ProofKey {
+    key: PublicKey,
+    jkt: String,
+}
+
+impl ProofKey {
+    fn of(jwk: &Jwk) -> Result<Self, TokenError> {
+        Ok(Self {
+            key: PublicKey::from_jwk(jwk)?,
+            jkt: thumbprint(jwk)?,
+        })
+    }
 }
 
 const KEY_CACHE_CAP: usize = 50_000;
@@ -48,7 +65,7 @@ impl KeyCache {
         Self::default()
     }
 
-    fn get_or_parse(&self, jwk: &Jwk) -> Result<PublicKey, TokenError> {
+    fn get_or_parse(&self, jwk: &Jwk) -> Result<ProofKey, TokenError> {
         // Everything that determines the key; `kid` and other members do not.
         let id = format!(
             "{}|{}|{}|{}|{}|{}",
@@ -64,7 +81,7 @@ impl KeyCache {
         {
             return Ok(k);
         }
-        let k = PublicKey::from_jwk(jwk)?;
+        let k = ProofKey::of(jwk)?;
         if let Ok(mut m) = self.keys.write() {
             if m.len() >= KEY_CACHE_CAP {
                 m.clear();
@@ -126,15 +143,15 @@ pub fn verify(
 #[derive(Debug)]
 pub struct Parsed<'a> {
     unverified: Unverified<'a>,
-    jwk: Jwk,
-    key: PublicKey,
+    key: ProofKey,
 }
 
 /// A proof whose signature holds, made only by [`Parsed::check_signature`] or
 /// [`check_signatures`]: its claims are still to be checked ([`Signed::accept`]).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Signed {
-    jwk: Jwk,
+    /// The key's thumbprint.
+    jkt: String,
     payload: Vec<u8>,
 }
 
@@ -153,18 +170,14 @@ pub fn parse<'a>(proof: &'a str, keys: Option<&KeyCache>) -> Result<Parsed<'a>, 
     let jwk = unverified
         .header
         .jwk
-        .clone()
+        .as_ref()
         .ok_or_else(|| bad("has no `jwk` header"))?;
     let key = match keys {
-        Some(cache) => cache.get_or_parse(&jwk),
-        None => PublicKey::from_jwk(&jwk),
+        Some(cache) => cache.get_or_parse(jwk),
+        None => ProofKey::of(jwk),
     }
     .map_err(|e| bad(&format!("key is unusable: {e}")))?;
-    Ok(Parsed {
-        unverified,
-        jwk,
-        key,
-    })
+    Ok(Parsed { unverified, key })
 }
 
 fn signature_fault(e: TokenError) -> TokenError {
@@ -173,9 +186,12 @@ fn signature_fault(e: TokenError) -> TokenError {
 
 impl Parsed<'_> {
     pub fn check_signature(self) -> Result<Signed, TokenError> {
-        let payload = self.unverified.verify(&self.key).map_err(signature_fault)?;
+        let payload = self
+            .unverified
+            .verify(&self.key.key)
+            .map_err(signature_fault)?;
         Ok(Signed {
-            jwk: self.jwk,
+            jkt: self.key.jkt,
             payload,
         })
     }
@@ -184,14 +200,14 @@ impl Parsed<'_> {
 /// [`Parsed::check_signature`] for many proofs, with Ed25519 signatures checked as
 /// one batch ([`jws::verify_many`]); answers in the same order.
 pub fn check_signatures(proofs: Vec<Parsed<'_>>) -> Vec<Result<Signed, TokenError>> {
-    let items: Vec<_> = proofs.iter().map(|p| (&p.unverified, &p.key)).collect();
+    let items: Vec<_> = proofs.iter().map(|p| (&p.unverified, &p.key.key)).collect();
     let results = jws::verify_many(&items);
     proofs
         .into_iter()
         .zip(results)
         .map(|(p, r)| {
             r.map(|payload| Signed {
-                jwk: p.jwk,
+                jkt: p.key.jkt,
                 payload,
             })
             .map_err(signature_fault)
@@ -207,7 +223,7 @@ impl Signed {
         req: &DpopRequirements<'_>,
         replay: &ReplayCache,
     ) -> Result<DpopProof, TokenError> {
-        let Self { jwk, payload } = self;
+        let Self { jkt, payload } = self;
         let claims: ProofClaims =
             jws::claims(&payload).map_err(|_| bad("claims are not a JSON object"))?;
         let jti = claims.jti.ok_or_else(|| bad("has no `jti`"))?;
@@ -260,7 +276,6 @@ impl Signed {
             }
             (None, _) => {}
         }
-        let jkt = thumbprint(&jwk)?;
         // Only proofs that passed every other check take room in the replay cache.
         let expires = iat
             .saturating_add(req.max_age_secs)
@@ -281,6 +296,10 @@ fn clip(s: &str) -> String {
 /// RFC 9449 section 4.3 step 9: compare without query and fragment, after syntax-based
 /// normalisation (case of scheme and host, default ports).
 pub fn same_htu(claimed: &str, expected: &str) -> bool {
+    // What a client that signs the URL it calls sends: no need to parse either.
+    if claimed == expected {
+        return true;
+    }
     let (Ok(a), Ok(b)) = (url::Url::parse(claimed), url::Url::parse(expected)) else {
         return false;
     };

@@ -459,3 +459,168 @@ fn a_token_verified_once_still_expires_on_time() {
         "the cached claims are checked against the clock"
     );
 }
+
+/// A request's `Authorization`, `DPoP` headers and action, owned.
+type Owned = (String, Vec<String>, &'static str);
+
+/// What a check answered, comparable: the grant allowed, or the denial.
+fn outcome(r: Result<lapse_verifier::Allowed, Denial>) -> Result<String, Denial> {
+    r.map(|a| a.claims.grant_id.clone())
+}
+
+/// Requests of every kind, good and bad, in one list: the same list checked in one
+/// batch and one by one (on a second verifier with the same keys, so that replay
+/// caches start alike) answers the same, and each answer is the right one.
+fn mixed_requests(w: &World) -> (Vec<Owned>, Vec<Result<String, Denial>>) {
+    let t = token(w, &claims(w));
+    let auth = format!("DPoP {t}");
+    let proof = |at: i64| w.key.proof("GET", URL, Some(&t), at);
+    let first = proof(NOW);
+    let (rest, _) = first.rsplit_once('.').unwrap();
+    let resigned = format!(
+        "{rest}.{}",
+        lapse_token::b64::encode(SigningKey::generate().sign(rest.as_bytes()))
+    );
+    let thief = DpopKey::generate();
+    let reqs = vec![
+        (auth.clone(), vec![first.clone()], "read"),
+        (auth.clone(), vec![resigned], "read"),
+        (auth.clone(), vec![proof(NOW)], "write"),
+        (auth.clone(), vec![first], "read"),
+        (auth.clone(), vec![], "read"),
+        (
+            auth.clone(),
+            vec![
+                w.key
+                    .proof("GET", "https://orders.example/x", Some(&t), NOW),
+            ],
+            "read",
+        ),
+        (
+            auth.clone(),
+            vec![thief.proof("GET", URL, Some(&t), NOW)],
+            "read",
+        ),
+        (auth.clone(), vec![proof(NOW)], "admin"),
+        (auth.clone(), vec![proof(NOW - 1)], "read"),
+        ("DPoP not-a-jwt".into(), vec![proof(NOW)], "read"),
+        (auth, vec![proof(NOW)], "read"),
+    ];
+    let ok = || Ok("gr_1".to_owned());
+    let expected = vec![
+        ok(),
+        Err(Denial::InvalidProof {
+            fault: DpopFault::Signature,
+            detail: String::new(),
+        }),
+        ok(),
+        Err(Denial::ProofReplayed),
+        Err(Denial::MissingProof),
+        Err(Denial::InvalidProof {
+            fault: DpopFault::Url,
+            detail: String::new(),
+        }),
+        Err(Denial::ProofKeyMismatch),
+        Err(Denial::ActionNotGranted("admin".into())),
+        ok(),
+        Err(Denial::MalformedToken(String::new())),
+        ok(),
+    ];
+    (reqs, expected)
+}
+
+/// Equal, except that details (free text) are not compared.
+fn same_kind(a: &Result<String, Denial>, b: &Result<String, Denial>) -> bool {
+    match (a, b) {
+        (
+            Err(Denial::InvalidProof { fault: x, .. }),
+            Err(Denial::InvalidProof { fault: y, .. }),
+        ) => x == y,
+        (Err(Denial::MalformedToken(_)), Err(Denial::MalformedToken(_))) => true,
+        _ => a == b,
+    }
+}
+
+fn view<'a>(r: &'a Owned, proofs: &'a [&'a str]) -> Request<'a> {
+    Request {
+        method: "GET",
+        url: URL,
+        authorization: Some(&r.0),
+        dpop: proofs,
+        action: r.2,
+        client_cert: None,
+        now_secs: NOW,
+    }
+}
+
+#[test]
+fn requests_checked_in_one_batch_answer_as_each_alone() {
+    let w = world();
+    let twin = Verifier::offline(config(), {
+        let mut keys = HashMap::new();
+        keys.insert(w.broker.kid().to_owned(), w.broker.public().clone());
+        keys
+    });
+    twin.heard(NOW * 1000);
+    let (reqs, expected) = mixed_requests(&w);
+    let proofs: Vec<Vec<&str>> = reqs
+        .iter()
+        .map(|r| r.1.iter().map(String::as_str).collect())
+        .collect();
+    let views: Vec<Request<'_>> = reqs.iter().zip(&proofs).map(|(r, p)| view(r, p)).collect();
+    let together: Vec<_> = w.v.check_many(&views).into_iter().map(outcome).collect();
+    let alone: Vec<_> = views.iter().map(|r| outcome(twin.check(r))).collect();
+    assert_eq!(together.len(), reqs.len());
+    for (i, ((t, a), e)) in together.iter().zip(&alone).zip(&expected).enumerate() {
+        assert_eq!(t, a, "request {i}: in a batch and alone");
+        assert!(same_kind(t, e), "request {i}: {t:?}, expected {e:?}");
+    }
+}
+
+/// Concurrent requests through a [`Batcher`] get their own answers, and do share
+/// batches: on one thread, 40 requests started together take fewer than 40 calls.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_requests_share_batches_and_keep_their_answers() {
+    let w = world();
+    let (reqs, expected) = mixed_requests(&w);
+    // The mixed list, then 29 more good requests of their own.
+    let t = token(&w, &claims(&w));
+    let mut all = reqs;
+    let mut want = expected;
+    for _ in 0..29 {
+        all.push((
+            format!("DPoP {t}"),
+            vec![w.key.proof("GET", URL, Some(&t), NOW)],
+            "read",
+        ));
+        want.push(Ok("gr_1".into()));
+    }
+    let batcher = std::sync::Arc::new(lapse_verifier::Batcher::new(std::sync::Arc::new(w.v)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, r) in all.into_iter().enumerate() {
+        let b = std::sync::Arc::clone(&batcher);
+        // Tasks start in the order spawned, so request 3 (request 0's proof again)
+        // queues after request 0 and is the replay.
+        tasks.spawn(async move {
+            let proofs: Vec<&str> = r.1.iter().map(String::as_str).collect();
+            (i, outcome(b.verify(&view(&r, &proofs)).await))
+        });
+    }
+    let mut got = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (i, answer) = done.unwrap();
+        assert!(
+            same_kind(&answer, &want[i]),
+            "request {i}: {answer:?}, expected {:?}",
+            want[i]
+        );
+        got += 1;
+    }
+    assert_eq!(got, 40);
+    let (batches, requests) = batcher.counts();
+    assert_eq!(requests, 40);
+    assert!(
+        batches < 10,
+        "40 concurrent requests took {batches} batches"
+    );
+}
