@@ -209,6 +209,33 @@ pub fn decide(
         ),
         json!({ "bench": "gate.ed25519_verify", "per_sec": per_sec, "latency": sv.json() }),
     );
+    // And the same verifications 16 at a time, as one batch (what the gate's
+    // batcher does when requests queue).
+    let jwts: Vec<String> = (0..lapse_verifier::MAX_BATCH)
+        .map(|i| k.sign_jwt("dpop+jwt", &json!({ "jti": i })))
+        .collect::<Result<_, _>>()?;
+    let parsed: Vec<lapse_token::jws::Unverified<'_>> = jwts
+        .iter()
+        .map(|t| lapse_token::jws::Unverified::parse(t))
+        .collect::<Result<_, _>>()?;
+    let items: Vec<_> = parsed.iter().map(|u| (u, k.public())).collect();
+    let rounds = 20_000 / items.len();
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        if lapse_token::jws::verify_many(&items).iter().any(Result::is_err) {
+            bail!("a batch does not verify");
+        }
+    }
+    let batched = (rounds * items.len()) as f64 / t0.elapsed().as_secs_f64();
+    emit(
+        json_out,
+        format!(
+            "Ed25519 verifications in batches of {}, one thread: {batched:.0}/s ({:.2}x one at a time)",
+            items.len(),
+            batched / per_sec
+        ),
+        json!({ "bench": "gate.ed25519_verify_batch", "batch": items.len(), "per_sec": batched }),
+    );
     let r = stats::median_f64(rates);
     let p = stats::median_f64(p99s);
     emit(
