@@ -222,7 +222,10 @@ pub fn decide(
     let rounds = 20_000 / items.len();
     let t0 = Instant::now();
     for _ in 0..rounds {
-        if lapse_token::jws::verify_many(&items).iter().any(Result::is_err) {
+        if lapse_token::jws::verify_many(&items)
+            .iter()
+            .any(Result::is_err)
+        {
             bail!("a batch does not verify");
         }
     }

@@ -410,9 +410,10 @@ impl Verifier {
 
     /// [`Verifier::check`] for many requests, answers in the same order, with the
     /// Ed25519 signatures of their DPoP proofs checked as one batch (about half the
-    /// cost each: BENCHMARKS.md). Every answer is the one `check` would give, and
-    /// requests are taken in order, so of two carrying the same proof the first is
-    /// accepted and the second is a replay.
+    /// cost each: BENCHMARKS.md). Every answer is the one `check` would give (but
+    /// for signatures a key's own holder crafted: `lapse_token::jws::verify_many`),
+    /// and requests are taken in order, so of two carrying the same proof the first
+    /// is accepted and the second is a replay.
     pub fn check_many(&self, reqs: &[Request<'_>]) -> Vec<Result<Allowed, Denial>> {
         // `None`: waits for its proof's signature.
         let mut early: Vec<Option<Denial>> = Vec::with_capacity(reqs.len());
