@@ -449,15 +449,19 @@ impl PolicyBundle {
     }
 
     /// Cedar's entities and context for `request` (and, once made, the decision):
-    /// built, or the ones this thread built last if that was for the same request
-    /// to this bundle. Building them is most of a decision's policy time (Cedar
-    /// evaluates every attribute), and a gate sees the same token's requests back
-    /// to back; the key is the whole request, so anything that differs (even the
-    /// second) builds afresh.
+    /// built, or the ones this thread built before for the same request to this
+    /// bundle. Building them is most of a decision's policy time (Cedar evaluates
+    /// every attribute), and a gate sees each busy token's requests many times a
+    /// second, interleaved with other tokens'. The map is looked up by a hash of
+    /// the fields that tell requests apart most cheaply, and an entry is used only
+    /// if its whole request is equal, so anything that differs (even the second)
+    /// builds afresh.
     fn inputs(&self, request: &AccessRequest) -> Result<Rc<Inputs>, Decision> {
-        let hit = LAST_INPUTS.with(|m| {
+        let key = inputs_key(self.id, request);
+        let hit = INPUTS.with(|m| {
             m.borrow()
-                .as_ref()
+                .by_key
+                .get(&key)
                 .filter(|i| i.bundle == self.id && i.request == *request)
                 .cloned()
         });
@@ -476,7 +480,18 @@ impl PolicyBundle {
             context,
             decision: std::cell::OnceCell::new(),
         });
-        LAST_INPUTS.with(|m| *m.borrow_mut() = Some(Rc::clone(&i)));
+        INPUTS.with(|m| {
+            let mut m = m.borrow_mut();
+            // A request of another time makes every kept one useless (their times
+            // differ from every request to come); a full map keeps what it has.
+            if m.time != Some(request.context.time) {
+                m.by_key.clear();
+                m.time = Some(request.context.time);
+            }
+            if m.by_key.len() < INPUTS_CAP {
+                m.by_key.insert(key, Rc::clone(&i));
+            }
+        });
         Ok(i)
     }
 
@@ -637,8 +652,35 @@ type Memo<K> = std::cell::RefCell<HashMap<K, RestrictedExpression>>;
 /// Entries a thread keeps per memo before it starts over.
 const MEMO_CAP: usize = 1024;
 
+/// Policy inputs a thread keeps for one request time. Each is about 20 KiB (Cedar's
+/// entities and context; BENCHMARKS.md), so at most about 5 MiB per thread; a gate
+/// thread serving up to this many busy grants builds each grant's once a second,
+/// and beyond that the first this many of each second.
+const INPUTS_CAP: usize = 256;
+
+/// Where a request's inputs are looked for; equal requests have equal keys.
+fn inputs_key(bundle: u64, r: &AccessRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bundle.hash(&mut h);
+    r.workload.id.hash(&mut h);
+    r.task.id.hash(&mut h);
+    r.audience.hash(&mut h);
+    r.actions.hash(&mut h);
+    r.context.time.hash(&mut h);
+    r.context.source.hash(&mut h);
+    h.finish()
+}
+
+/// A thread's kept policy inputs: all of one request time (the gate's is the second).
+#[derive(Default)]
+struct InputsMemo {
+    time: Option<lapse_core::Timestamp>,
+    by_key: HashMap<u64, Rc<Inputs>>,
+}
+
 thread_local! {
-    static LAST_INPUTS: std::cell::RefCell<Option<Rc<Inputs>>> = const { std::cell::RefCell::new(None) };
+    static INPUTS: std::cell::RefCell<InputsMemo> = std::cell::RefCell::new(InputsMemo::default());
     // Cedar's `new_ip` and `new_datetime` parse their extension's name with its
     // grammar on every call: a third of a gate's policy time. A gate's thread sees
     // the same client addresses and the same second request after request.
@@ -884,6 +926,57 @@ fn annotation_line(text: &str, key: &str, value: &str) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    fn request(workload: &str, task: &str) -> AccessRequest {
+        AccessRequest {
+            workload: lapse_core::WorkloadIdentity {
+                id: workload.into(),
+                issuer: "https://issuer.test".into(),
+                subject: workload.into(),
+                claims: BTreeMap::new(),
+            },
+            task: lapse_core::Task {
+                id: task.into(),
+                purpose: "test".into(),
+                ticket: String::new(),
+            },
+            audience: "orders-db".into(),
+            actions: vec!["read".into()],
+            requested_ttl_secs: 600,
+            context: lapse_core::RequestContext {
+                environment: String::new(),
+                source: std::net::IpAddr::from([10, 0, 0, 1]),
+                time: lapse_core::Timestamp::from_unix_seconds(1_795_000_000),
+                break_glass: false,
+                depth: 0,
+                tool: None,
+            },
+            tools: Vec::new(),
+        }
+    }
+
+    /// Interleaved requests keep their inputs (a gate serves many grants at once),
+    /// and a thread seeing ever new requests keeps at most `INPUTS_CAP` of them.
+    #[test]
+    fn policy_inputs_are_kept_per_request_and_bounded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policies");
+        let b = PolicyBundle::load_dir(&dir).expect("the example policies load");
+        let (one, two) = (
+            request("spiffe://t/a", "T-1"),
+            request("spiffe://t/b", "T-1"),
+        );
+        let first = b.inputs(&one).expect("inputs");
+        let other = b.inputs(&two).expect("inputs");
+        assert!(!Rc::ptr_eq(&first, &other));
+        assert!(Rc::ptr_eq(&first, &b.inputs(&one).expect("inputs")));
+        assert!(Rc::ptr_eq(&other, &b.inputs(&two).expect("inputs")));
+        for i in 0..(INPUTS_CAP + 10) {
+            let r = request("spiffe://t/a", &format!("T-{i}"));
+            let made = b.inputs(&r).expect("inputs");
+            assert_eq!(made.request, r);
+            assert!(INPUTS.with(|m| m.borrow().by_key.len()) <= INPUTS_CAP);
+        }
+    }
 
     /// The memo gives each address its own expression, and a thread seeing ever
     /// new addresses keeps at most `MEMO_CAP` of them.
