@@ -544,18 +544,7 @@ mod tests {
         // The identity point (y = 1): every signature with s·B = R verifies under it.
         let mut x = [0u8; 32];
         x[0] = 1;
-        let jwk = Jwk {
-            kty: "OKP".into(),
-            crv: Some("Ed25519".into()),
-            x: Some(b64::encode(x)),
-            y: None,
-            n: None,
-            e: None,
-            kid: None,
-            alg: None,
-            use_: None,
-            d: None,
-        };
+        let jwk = Jwk::ed25519(&x);
         assert_eq!(
             PublicKey::from_jwk(&jwk).map(|_| ()),
             Err(TokenError::InvalidKey("Ed25519 key of small order".into()))

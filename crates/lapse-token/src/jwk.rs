@@ -32,6 +32,24 @@ pub struct Jwk {
     pub d: Option<String>,
 }
 
+impl Jwk {
+    /// The public JWK of an Ed25519 key with public bytes `x`, no other members.
+    pub fn ed25519(x: &[u8]) -> Self {
+        Self {
+            kty: "OKP".into(),
+            crv: Some("Ed25519".into()),
+            x: Some(b64::encode(x)),
+            y: None,
+            n: None,
+            e: None,
+            kid: None,
+            alg: None,
+            use_: None,
+            d: None,
+        }
+    }
+}
+
 /// A public key parsed once, ready to verify. Never re-parsed per request.
 #[derive(Clone)]
 pub enum PublicKey {

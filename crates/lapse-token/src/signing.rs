@@ -49,18 +49,7 @@ impl SigningKey {
     }
 
     fn from_dalek(key: ed25519_dalek::SigningKey) -> Self {
-        let jwk_nokid = Jwk {
-            kty: "OKP".into(),
-            crv: Some("Ed25519".into()),
-            x: Some(b64::encode(key.verifying_key().as_bytes())),
-            y: None,
-            n: None,
-            e: None,
-            kid: None,
-            alg: None,
-            use_: None,
-            d: None,
-        };
+        let jwk_nokid = Jwk::ed25519(key.verifying_key().as_bytes());
         // The kid is the key's own RFC 7638 thumbprint: stable and collision-free.
         let kid = crate::jwk::thumbprint(&jwk_nokid).unwrap_or_default();
         let jwk = Jwk {

@@ -82,21 +82,13 @@ impl Batcher {
         let threads = tokio::runtime::Handle::try_current()
             .map(|h| h.metrics().num_workers())
             .unwrap_or(1);
-        Self::with_workers(verifier, threads)
-    }
-
-    pub fn with_workers(verifier: Arc<Verifier>, max_workers: usize) -> Self {
         Self {
             verifier,
             queue: Mutex::new(Queue::default()),
-            max_workers: max_workers.max(1),
+            max_workers: threads.max(1),
             batches: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         }
-    }
-
-    pub fn verifier(&self) -> &Arc<Verifier> {
-        &self.verifier
     }
 
     /// Batches checked and the requests in them, since the start.
