@@ -15,6 +15,10 @@ pub enum StoreError {
     /// A one-time value (a DPoP proof's `jti`) was already spent.
     #[error("`{0}` was already used")]
     Replay(String),
+    /// A leader-only write from a term that has ended: another process took the
+    /// lease over (or this one lost it) since the write's fence was issued.
+    #[error("leader term {0} has ended; the write was refused")]
+    Fenced(u64),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store configuration: {0}")]

@@ -45,6 +45,11 @@ pub struct WriteBatch {
     /// none (replicas starting together seed it once); a rotation expects the ring
     /// it read (two rotations at once cannot leave a key that never retires).
     pub keys_expected: Option<Vec<String>>,
+    /// The leader term this write belongs to (a generation from [`Store::try_lead`]):
+    /// the batch fails with [`StoreError::Fenced`] unless the store's lease still
+    /// has this generation when it commits, so a replica that stalled past its lease
+    /// and lost it cannot write as leader afterwards. `None`: not a leader-only write.
+    pub fence: Option<u64>,
 }
 
 /// A spent one-time value, kept until `expires_at` (ms), after which it could not
@@ -120,6 +125,29 @@ impl GrantCursor {
     }
 }
 
+/// `CREATED_MS.ID`: how a cursor travels in `?before=` (API, console, CLI).
+impl std::fmt::Display for GrantCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_at.millis(), self.id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a paging cursor (expected `CREATED_MS.GRANT_ID`)")]
+pub struct CursorParseError(String);
+
+impl std::str::FromStr for GrantCursor {
+    type Err = CursorParseError;
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let bad = || CursorParseError(raw.chars().take(80).collect());
+        let (ms, id) = raw.split_once('.').ok_or_else(bad)?;
+        Ok(Self {
+            created_at: Timestamp::from_millis(ms.parse().map_err(|_| bad())?),
+            id: id.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies `batch` atomically and durably. Fails with [`StoreError::Conflict`]
@@ -152,12 +180,16 @@ pub trait Store: Send + Sync + 'static {
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Forgets spent nonces that expired before `now`; returns how many.
     async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError>;
-    /// Whether this process should run the singleton jobs (sweeper, cleanup,
-    /// reconciler) now. Backends shared by several replicas elect one; the others
-    /// keep asking and take over when it goes away. Correctness never depends on it
-    /// (every write is version-checked); it keeps replicas from doing the work twice.
-    async fn try_lead(&self) -> Result<bool, StoreError> {
-        Ok(true)
+    /// Takes or renews the lease on the singleton jobs (sweeper, cleanup,
+    /// reconciler) for `lease`, and answers the term's generation, or `None` while
+    /// another process holds an unexpired lease. Backends shared by several replicas
+    /// elect one; the others keep asking and take over once the lease lapses
+    /// unrenewed (a stalled leader loses it within `lease`). Each new term has a
+    /// higher generation, which leader-only writes carry as their
+    /// [`WriteBatch::fence`]. A backend that one process owns always leads.
+    async fn try_lead(&self, lease: std::time::Duration) -> Result<Option<u64>, StoreError> {
+        let _ = lease;
+        Ok(Some(0))
     }
     /// Wakes when another process sharing the store appended to the revocation
     /// feed (`None`: no other process can, or the backend cannot tell).

@@ -30,13 +30,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::types::ToSql;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../migrations/postgres/0002_leader_lease.sql")),
+];
 const MAX_GROUP: usize = 512;
 const POOL_SIZE: usize = 16;
 /// `pg_advisory_xact_lock` key that serialises migrations of replicas starting together.
 const MIGRATION_LOCK: i64 = 0x6c61_7073_655f_6d67; // "lapse_mg"
-/// `pg_try_advisory_lock` key held by the replica that runs the singleton jobs.
-const LEADER_LOCK: i64 = 0x6c61_7073_655f_6c64; // "lapse_ld"
 const FEED_CHANNEL: &str = "lapse_feed";
 /// How much longer the client waits than the server's own statement and lock
 /// timeouts, so that the server's error (not a dropped future) ends a stuck commit.
@@ -52,12 +53,10 @@ enum Job {
 pub struct PgStore {
     pool: Pool,
     writer: mpsc::UnboundedSender<Job>,
-    config: tokio_postgres::Config,
-    tls: lapse_pg::Tls,
     timeout: Duration,
     feed: watch::Receiver<u64>,
-    /// The session that asks for the leader lock, and whether it holds it.
-    leader: tokio::sync::Mutex<Option<(tokio_postgres::Client, bool)>>,
+    /// This process's name on the leader lease (random per open).
+    holder: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -103,6 +102,12 @@ fn to_i64(v: u64) -> i64 {
 
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// A name for this process on the leader lease: the pid for people reading the
+/// row, a random part so two opens (or two hosts) never share one.
+fn holder_id() -> String {
+    format!("{}/{}", std::process::id(), uuid::Uuid::new_v4().simple())
 }
 
 impl PgStore {
@@ -172,16 +177,14 @@ impl PgStore {
         };
         let tasks = vec![
             tokio::spawn(writer.run(rx)),
-            tokio::spawn(listen(config.clone(), tls.clone(), feed_tx)),
+            tokio::spawn(listen(config, tls, feed_tx)),
         ];
         Ok(Self {
             pool,
             writer: tx,
-            config,
-            tls,
             timeout,
             feed: feed_rx,
-            leader: tokio::sync::Mutex::new(None),
+            holder: holder_id(),
             tasks,
         })
     }
@@ -441,6 +444,11 @@ impl Writer {
         } else {
             Vec::new()
         };
+        let term = if batches.iter().any(|b| b.fence.is_some()) {
+            Some(leader_term(&tx).await?)
+        } else {
+            None
+        };
         let (existing, spent) = tokio::try_join!(
             async {
                 if ids.is_empty() {
@@ -481,10 +489,11 @@ impl Writer {
         let mut row_index: HashMap<String, usize> = HashMap::new();
         let mut results = Vec::with_capacity(batches.len());
         for b in batches {
-            let checked = match &b.keys_expected {
-                Some(expected) if !crate::same_kids(&kids, expected) => Err(StoreError::Conflict(
-                    "the signing key ring changed meanwhile".into(),
-                )),
+            let checked = match (&b.keys_expected, b.fence) {
+                (_, Some(fence)) if term != Some(fence) => Err(StoreError::Fenced(fence)),
+                (Some(expected), _) if !crate::same_kids(&kids, expected) => Err(
+                    StoreError::Conflict("the signing key ring changed meanwhile".into()),
+                ),
                 _ => check(b, &view, &spent_set),
             };
             match checked {
@@ -707,6 +716,19 @@ impl Writer {
 
 /// Checks one batch against the committed state as amended by the batches before
 /// it in the group; returns the grants whose ending goes on the feed.
+/// The leader lease's current generation, read `FOR SHARE` so a takeover (which
+/// updates the row) waits until this transaction, and the fenced writes in it, end.
+async fn leader_term(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT generation FROM leader_lease WHERE id = 1 FOR SHARE",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(to_u64(row.try_get(0).map_err(pg_err)?))
+}
+
 fn check<'a>(
     b: &'a WriteBatch,
     view: &HashMap<String, (String, u64)>,
@@ -1095,52 +1117,36 @@ impl Store for PgStore {
             .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
     }
 
-    async fn try_lead(&self) -> Result<bool, StoreError> {
-        let mut leader = self.leader.lock().await;
-        if leader.as_ref().is_some_and(|(c, _)| c.is_closed()) {
-            // The session is gone, and the lock with it: another replica may lead.
-            *leader = None;
-        }
-        if leader.is_none() {
-            let (client, conn) =
-                tokio::time::timeout(self.timeout, self.config.connect(self.tls.clone()))
-                    .await
-                    .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
-                    .map_err(pg_err)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            *leader = Some((client, false));
-        }
-        let Some((client, held)) = leader.as_mut() else {
-            return Ok(false);
+    async fn try_lead(&self, lease: Duration) -> Result<Option<u64>, StoreError> {
+        // One statement: renew our own lease, or take one that lapsed (a new term,
+        // a higher generation); no row when another holds an unexpired lease. The
+        // row lock orders it after any leader-only write that checked the old
+        // generation (they read it `FOR SHARE`), so no write of an old term can
+        // land after the new one began.
+        let ms = to_i64(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        let work = async {
+            let c = self.client().await?;
+            let stmt = c
+                .prepare_cached(
+                    "UPDATE leader_lease SET \
+                       generation = CASE WHEN holder = $1 AND expires_at > clock_timestamp() \
+                                         THEN generation ELSE generation + 1 END, \
+                       holder = $1, \
+                       expires_at = clock_timestamp() + make_interval(secs => $2::bigint / 1000.0) \
+                     WHERE id = 1 AND (holder = $1 OR expires_at <= clock_timestamp()) \
+                     RETURNING generation",
+                )
+                .await
+                .map_err(pg_err)?;
+            let rows = c.query(&stmt, &[&self.holder, &ms]).await.map_err(pg_err)?;
+            match rows.first() {
+                Some(r) => Ok(Some(to_u64(r.try_get(0).map_err(pg_err)?))),
+                None => Ok(None),
+            }
         };
-        // A holder checks its session is alive; the others ask for the lock again.
-        let sql = if *held {
-            "SELECT TRUE"
-        } else {
-            "SELECT pg_try_advisory_lock($1)"
-        };
-        let args: &[&(dyn ToSql + Sync)] = if *held { &[] } else { &[&LEADER_LOCK] };
-        let asked = tokio::time::timeout(self.timeout, client.query_one(sql, args)).await;
-        match asked {
-            Ok(Ok(row)) => {
-                let got: bool = row.try_get(0).map_err(pg_err)?;
-                if got && !*held {
-                    tracing::info!("this replica now runs the sweeper and reconciler");
-                }
-                *held = got;
-                Ok(got)
-            }
-            Ok(Err(e)) => {
-                *leader = None;
-                Err(pg_err(e))
-            }
-            Err(_) => {
-                *leader = None;
-                Err(StoreError::Unavailable("postgres: timed out".into()))
-            }
-        }
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
     }
 
     fn feed_changes(&self) -> Option<watch::Receiver<u64>> {

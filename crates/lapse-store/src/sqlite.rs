@@ -413,6 +413,13 @@ fn apply(
             Err(e) => return Err(e.into()),
         }
     }
+    // One process owns the file and leads for good, in the one term `try_lead`
+    // answers (0): any other fence is not a term of this store's.
+    if let Some(fence) = batch.fence
+        && fence != 0
+    {
+        return Err(StoreError::Fenced(fence));
+    }
     if let Some(expected) = &batch.keys_expected {
         let mut stmt = conn.prepare_cached("SELECT kid FROM signing_keys")?;
         let kids: Vec<String> = stmt

@@ -921,6 +921,73 @@ async fn a_nul_in_text_fails_only_its_batch(kind: Kind) -> Result<(), StoreError
     Ok(())
 }
 
+/// A leader-only write of `fence`'s term: one grant and its audit entry.
+async fn fenced_write(store: &dyn Store, fence: Option<u64>) -> (Grant, Result<(), StoreError>) {
+    let g = grant(1000);
+    let r = store
+        .commit(WriteBatch {
+            events: vec![event("grant.issued", &g)],
+            grants: vec![GrantWrite::Insert(g.clone())],
+            fence,
+            ..Default::default()
+        })
+        .await;
+    (g, r)
+}
+
+/// One replica leads at a time; one that stops renewing (a frozen process) loses
+/// the lease once it lapses, another takes a new, higher term, and a write the
+/// old leader makes afterwards in its old term is refused with nothing written.
+async fn a_lapsed_lease_passes_on_and_fences_the_old_term(kind: Kind) -> Result<(), StoreError> {
+    let f = Fixture::new(kind).await;
+    let lease = Duration::from_millis(800);
+    let Some(first) = f.store.try_lead(lease).await? else {
+        panic!("an unheld lease is taken");
+    };
+    let (_, r) = fenced_write(f.store.as_ref(), Some(first)).await;
+    r?;
+    if kind == Kind::Sqlite {
+        // One process owns the file and leads in one term for good.
+        assert_eq!(f.store.try_lead(lease).await?, Some(first));
+        let (g, r) = fenced_write(f.store.as_ref(), Some(first + 1)).await;
+        assert!(matches!(r, Err(StoreError::Fenced(_))), "{r:?}");
+        assert_eq!(f.store.grant(g.id).await?, None);
+        return Ok(());
+    }
+    let others = [f.open().await?, f.open().await?, f.open().await?];
+    for o in &others {
+        assert_eq!(o.try_lead(lease).await?, None, "held by another");
+    }
+    // Renewing keeps the term.
+    assert_eq!(f.store.try_lead(lease).await?, Some(first));
+    // The leader freezes: no renewal. Once its lease lapsed, exactly one of the
+    // others, asking at once, takes a new term.
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let asked = futures_util::future::join_all(others.iter().map(|o| o.try_lead(lease))).await;
+    let terms: Vec<u64> = asked
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(terms.len(), 1, "one new leader: {terms:?}");
+    let second = terms[0];
+    assert!(second > first, "a new term: {first} -> {second}");
+    // The old leader wakes: it cannot lead while the new one renews, and what it
+    // writes in its old term is refused, alone and whole.
+    assert_eq!(f.store.try_lead(lease).await?, None);
+    let before = verify(&f).await.entries;
+    let (late, r) = fenced_write(f.store.as_ref(), Some(first)).await;
+    assert!(matches!(r, Err(StoreError::Fenced(t)) if t == first), "{r:?}");
+    assert_eq!(f.store.grant(late.id).await?, None);
+    let after = verify(&f).await;
+    assert!(after.ok() && after.entries == before, "{after:?}");
+    // Writes that are not leader-only do not depend on the lease.
+    let (_, r) = fenced_write(f.store.as_ref(), None).await;
+    r?;
+    Ok(())
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -952,4 +1019,5 @@ conformance!(
     a_nonce_is_spent_once,
     the_key_ring_is_stored,
     a_nul_in_text_fails_only_its_batch,
+    a_lapsed_lease_passes_on_and_fences_the_old_term,
 );
