@@ -112,6 +112,29 @@ pub struct Existing {
     pub sessions: i64,
 }
 
+/// Something inside Lapse's namespace in the target that Lapse did not make. No
+/// grant accounts for it and no reconciler removes it (Lapse drops only what
+/// carries its marker), so it is standing access: the standing-privilege report
+/// lists it for a person to decide.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stray {
+    pub name: String,
+    pub kind: StrayKind,
+    /// Lapse's group roles it belongs to.
+    pub groups: Vec<String>,
+    pub can_login: bool,
+    pub sessions: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrayKind {
+    /// Named like the credentials Lapse generates, without Lapse's marker.
+    LookAlike,
+    /// A member of one of Lapse's group roles that is not a credential Lapse made.
+    GroupMember,
+}
+
 #[async_trait]
 pub trait CredentialProvider: Send + Sync + 'static {
     /// `postgres`, …
@@ -134,4 +157,9 @@ pub trait CredentialProvider: Send + Sync + 'static {
     async fn destroy(&self, name: &str) -> Result<Destroyed, ProviderError>;
     /// Every credential in the target marked as made by Lapse for this target.
     async fn list(&self) -> Result<Vec<Existing>, ProviderError>;
+    /// What looks like Lapse's but is not: see [`Stray`]. Providers whose targets
+    /// have no such namespace find nothing.
+    async fn strays(&self) -> Result<Vec<Stray>, ProviderError> {
+        Ok(Vec::new())
+    }
 }

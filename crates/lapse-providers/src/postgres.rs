@@ -6,6 +6,15 @@
 //! of its actions. Creating a credential is then one transaction of four statements
 //! in one round trip, and revoking privileges is dropping the role.
 //!
+//! The groups' privileges follow the schemas as they are at each issue: before a
+//! credential is created, one query looks for relations of its actions' schemas
+//! that the groups lack privileges on (tables made after Lapse started, by any
+//! owner, and the sequences behind `serial` columns), and only when it finds some
+//! are they granted. `ALTER DEFAULT PRIVILEGES` would not do: it applies only to
+//! objects created by the role it names, and the admin can name only roles it is
+//! a member of. Relations the admin holds no grant option on are skipped (and
+//! logged): the admin cannot pass on what it was not given.
+//!
 //! The password reaches PostgreSQL only as a SCRAM-SHA-256 verifier computed here,
 //! so the server neither hashes nor logs it. `VALID UNTIL` is the grant's expiry,
 //! so PostgreSQL refuses new logins after it even if Lapse is down.
@@ -16,12 +25,15 @@
 //!
 //! Least privilege for the admin connection (documented in README):
 //! `CREATEROLE`, membership in `pg_signal_backend`, the configured privileges on
-//! the configured schemas `WITH GRANT OPTION`, and (PostgreSQL 15+)
+//! the configured schemas' tables and USAGE, SELECT on their sequences, all
+//! `WITH GRANT OPTION` (for tables made later: default privileges set by their
+//! owner), and (PostgreSQL 15+)
 //! `GRANT SET ON PARAMETER log_statement` when statement logging is on.
 
 use crate::sql::{self, QuoteError};
 use crate::{
-    CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret,
+    CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret, Stray,
+    StrayKind,
 };
 use async_trait::async_trait;
 use lapse_core::{GrantId, Timestamp};
@@ -42,6 +54,24 @@ pub const TABLE_PRIVILEGES: &[&str] = &[
     "REFERENCES",
     "TRIGGER",
 ];
+
+/// The sequence privileges a table privilege needs. A `serial` column's default
+/// calls `nextval`, on INSERT and on `UPDATE … SET col = DEFAULT` (USAGE); reading
+/// a table's data as pg_dump does reads its sequences' state (SELECT). No table
+/// privilege needs `setval` (UPDATE on a sequence). Identity columns need nothing:
+/// PostgreSQL does not check privileges on their sequences.
+fn sequence_privileges(table_privilege: &str) -> &'static [&'static str] {
+    match table_privilege {
+        "SELECT" => &["SELECT"],
+        "INSERT" | "UPDATE" => &["USAGE"],
+        _ => &[],
+    }
+}
+
+/// Taken (per database, for one transaction) by every provider granting privileges
+/// to its groups: PostgreSQL refuses concurrent GRANTs on one object ("tuple
+/// concurrently updated") instead of queueing them.
+const GRANT_LOCK: i64 = 0x6c61_7073_655f_6772; // "lapse_gr"
 
 const MARKER: &str = "lapse:";
 
@@ -295,6 +325,16 @@ pub struct PostgresProvider {
     dbname: String,
 }
 
+/// A LIKE pattern matching strings that start with `s`.
+fn like_prefix(s: &str) -> String {
+    format!(
+        "{}%",
+        s.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
+}
+
 fn q(e: QuoteError) -> ProviderError {
     ProviderError::Config(e.to_string())
 }
@@ -409,8 +449,10 @@ impl PostgresProvider {
         )
     }
 
-    /// Makes (or brings up to date) the group roles and their privileges. Runs once
-    /// per process before the first credential; idempotent.
+    /// Makes (or brings up to date) the group roles and their USAGE on the schemas.
+    /// Runs once per process before the first credential; idempotent. Privileges on
+    /// the schemas' relations are kept current on every issue
+    /// ([`Self::sync_privileges`]).
     pub async fn prepare(&self) -> Result<(), ProviderError> {
         self.prepared
             .get_or_try_init(|| async {
@@ -450,18 +492,6 @@ impl PostgresProvider {
                             sql::ident(s).map_err(q)?
                         ));
                     }
-                    for p in grants {
-                        let privs: Vec<String> = p
-                            .privileges
-                            .iter()
-                            .map(|x| x.to_ascii_uppercase())
-                            .collect();
-                        script.push_str(&format!(
-                            "GRANT {} ON ALL TABLES IN SCHEMA {} TO {g};\n",
-                            privs.join(", "),
-                            sql::ident(&p.schema).map_err(q)?
-                        ));
-                    }
                     script.push_str("COMMIT;");
                     if let Err(e) = c.batch_execute(&script).await {
                         let _ = c.batch_execute("ROLLBACK").await;
@@ -472,6 +502,132 @@ impl PostgresProvider {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Grants the groups of `actions` what they lack on the relations of their
+    /// schemas as they are now: the configured table privileges on tables, views,
+    /// materialized views and foreign and partitioned tables, and what those need
+    /// on sequences ([`sequence_privileges`]). One query when nothing is missing
+    /// (the usual case); one more transaction when something is. [`Self::create`]
+    /// runs it first; exposed so an operator tool (or a test) can run it alone.
+    pub async fn sync_privileges(&self, actions: &[String]) -> Result<(), ProviderError> {
+        self.prepare().await?;
+        let c = self.pool.get().await?;
+        self.grant_current(&c, actions).await
+    }
+
+    async fn grant_current(
+        &self,
+        c: &tokio_postgres::Client,
+        actions: &[String],
+    ) -> Result<(), ProviderError> {
+        let mut wanted: BTreeSet<(&str, &str, &str, String)> = BTreeSet::new();
+        for g in self
+            .cfg
+            .grants
+            .iter()
+            .filter(|g| actions.contains(&g.action))
+        {
+            let Some(group) = self.groups.get(&g.action) else {
+                continue;
+            };
+            for p in &g.privileges {
+                let p = p.to_ascii_uppercase();
+                for s in sequence_privileges(&p) {
+                    wanted.insert((group, &g.schema, "sequence", (*s).to_owned()));
+                }
+                wanted.insert((group, &g.schema, "table", p));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut cols: [Vec<&str>; 4] = Default::default();
+        for (group, schema, kind, privilege) in &wanted {
+            let [g, s, k, p] = &mut cols;
+            g.push(group);
+            s.push(schema);
+            k.push(kind);
+            p.push(privilege);
+        }
+        let [groups, schemas, kinds, privileges] = &cols;
+        // Both privilege functions error on the other kind of relation: the
+        // CASEs keep each to its own (CASE evaluates in order).
+        let rows = c
+            .query(
+                "SELECT w.grp, n.nspname::text, c.relname::text, w.kind, w.priv,
+                        CASE WHEN w.kind = 'table'
+                             THEN has_table_privilege(c.oid, w.priv || ' WITH GRANT OPTION')
+                             ELSE has_sequence_privilege(c.oid, w.priv || ' WITH GRANT OPTION')
+                        END
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS w(grp, schema, kind, priv)
+                 JOIN pg_namespace n ON n.nspname = w.schema
+                 JOIN pg_class c ON c.relnamespace = n.oid
+                 WHERE CASE
+                         WHEN w.kind = 'table' AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+                           THEN NOT has_table_privilege(w.grp, c.oid, w.priv)
+                         WHEN w.kind = 'sequence' AND c.relkind = 'S'
+                           THEN NOT has_sequence_privilege(w.grp, c.oid, w.priv)
+                         ELSE false
+                       END",
+                &[groups, schemas, kinds, privileges],
+            )
+            .await
+            .map_err(self.step("look up missing privileges"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // (kind, schema, relation, group) -> privileges
+        let mut grants: BTreeMap<(String, String, String, String), Vec<String>> = BTreeMap::new();
+        let mut cannot: BTreeSet<String> = BTreeSet::new();
+        for r in &rows {
+            let (group, schema, rel, kind, privilege): (String, String, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            if r.get::<_, Option<bool>>(5) == Some(true) {
+                grants
+                    .entry((kind, schema, rel, group))
+                    .or_default()
+                    .push(privilege);
+            } else {
+                cannot.insert(format!("{privilege} on {schema}.{rel}"));
+            }
+        }
+        if !cannot.is_empty() {
+            tracing::warn!(
+                target = %self.cfg.audience,
+                missing = ?cannot,
+                "the admin role holds no grant option on these, so grants cannot use them"
+            );
+        }
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let mut script = format!("BEGIN;\nSELECT pg_advisory_xact_lock({GRANT_LOCK});\n");
+        for ((kind, schema, rel, group), privileges) in &grants {
+            script.push_str(&format!(
+                "GRANT {} ON {} {}.{} TO {};\n",
+                privileges.join(", "),
+                if kind == "sequence" {
+                    "SEQUENCE"
+                } else {
+                    "TABLE"
+                },
+                sql::ident(schema).map_err(q)?,
+                sql::ident(rel).map_err(q)?,
+                sql::ident(group).map_err(q)?
+            ));
+        }
+        script.push_str("COMMIT;");
+        if let Err(e) = c.batch_execute(&script).await {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(self.step("grant privileges to group roles")(e));
+        }
+        tracing::info!(
+            target = %self.cfg.audience,
+            relations = grants.len(),
+            "granted the group roles privileges on relations they lacked"
+        );
+        Ok(())
     }
 
     async fn sessions(&self, c: &tokio_postgres::Client, name: &str) -> Result<i64, ProviderError> {
@@ -517,14 +673,17 @@ impl CredentialProvider for PostgresProvider {
         if let Some(g) = &self.cfg.login_group {
             groups.push(sql::ident(g).map_err(q)?);
         }
-        // Key stretching is CPU-bound: keep it off the async workers.
+        let c = self.pool.get().await?;
+        // Key stretching is CPU-bound: keep it off the async workers. Meanwhile the
+        // admin connection brings the groups' privileges up to date.
         let password = secret.clone();
         let iterations = self.cfg.scram_iterations;
-        let verifier = tokio::task::spawn_blocking(move || {
+        let stretch = tokio::task::spawn_blocking(move || {
             crate::scram::verifier(password.expose(), iterations)
-        })
-        .await
-        .map_err(|e| ProviderError::Step {
+        });
+        let (verifier, granted) = tokio::join!(stretch, self.grant_current(&c, &spec.actions));
+        granted?;
+        let verifier = verifier.map_err(|e| ProviderError::Step {
             target: self.cfg.audience.clone(),
             step: "compute SCRAM verifier",
             message: e.to_string(),
@@ -556,7 +715,6 @@ impl CredentialProvider for PostgresProvider {
             ));
         }
         script.push_str("COMMIT;");
-        let c = self.pool.get().await?;
         if let Err(e) = c.batch_execute(&script).await {
             let _ = c.batch_execute("ROLLBACK").await;
             return Err(self.step("create role")(e));
@@ -655,13 +813,7 @@ impl CredentialProvider for PostgresProvider {
 
     async fn list(&self) -> Result<Vec<Existing>, ProviderError> {
         let c = self.pool.get().await?;
-        let base = self.marker_base();
-        let like = format!(
-            "{}%",
-            base.replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        let like = like_prefix(&self.marker_base());
         let rows = c
             .query(
                 "SELECT r.rolname::text, r.rolcanlogin,
@@ -691,6 +843,55 @@ impl CredentialProvider for PostgresProvider {
                         .map(|v| v as i64),
                     sessions: r.get(4),
                 }
+            })
+            .collect())
+    }
+
+    /// Roles named like this provider's credentials (`<prefix>_gr_<32 hex>`)
+    /// without the marker of a Lapse installation using this prefix, and members of
+    /// this provider's group roles that are not credentials it made (the admin
+    /// itself excepted: PostgreSQL 16 makes it a member of the roles it creates).
+    async fn strays(&self) -> Result<Vec<Stray>, ProviderError> {
+        let c = self.pool.get().await?;
+        let name_pattern = format!("^{}_gr_[0-9a-f]{{32}}$", self.cfg.role_prefix);
+        let installation = like_prefix(&format!("{MARKER}prefix={};", self.cfg.role_prefix));
+        let ours = like_prefix(&self.marker_base());
+        let groups: Vec<&str> = self.groups.values().map(String::as_str).collect();
+        let rows = c
+            .query(
+                "SELECT * FROM (
+                   SELECT r.rolname::text AS name, r.rolcanlogin,
+                          (SELECT count(*) FROM pg_stat_activity a WHERE a.usename = r.rolname),
+                          r.rolname ~ $1 AND r.rolname <> ALL($2)
+                            AND coalesce(shobj_description(r.oid, 'pg_authid'), '') NOT LIKE $3
+                            AS look_alike,
+                          ARRAY(SELECT g.rolname::text FROM pg_auth_members m
+                                JOIN pg_roles g ON g.oid = m.roleid
+                                WHERE m.member = r.oid AND g.rolname = ANY($2)
+                                ORDER BY 1) AS groups,
+                          r.rolname <> current_user
+                            AND coalesce(shobj_description(r.oid, 'pg_authid'), '') NOT LIKE $4
+                            AS foreign_member
+                   FROM pg_roles r
+                 ) s
+                 WHERE look_alike OR (foreign_member AND cardinality(groups) > 0)
+                 ORDER BY name",
+                &[&name_pattern, &groups, &installation, &ours],
+            )
+            .await
+            .map_err(self.step("list look-alike roles and group members"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Stray {
+                name: r.get(0),
+                can_login: r.get(1),
+                sessions: r.get(2),
+                kind: if r.get::<_, bool>(3) {
+                    StrayKind::LookAlike
+                } else {
+                    StrayKind::GroupMember
+                },
+                groups: r.get(4),
             })
             .collect())
     }

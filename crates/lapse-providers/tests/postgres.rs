@@ -1,0 +1,487 @@
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+//! The PostgreSQL provider on its own against the real PostgreSQL server on the
+//! machine (`LAPSE_TEST_PG_URL`, default the local server as `postgres`): what a
+//! generated role can do with the privileges its groups were given.
+//!
+//! Each test gets its own database, admin role (CREATEROLE, not superuser) and role
+//! prefix. Generated roles join `lapse_test_login`, which `pg_hba.conf` asks for a
+//! password (SCRAM), so logging in as a generated role really uses its password.
+
+use lapse_core::{Clock, GrantId, SystemClock};
+use lapse_providers::postgres::{PostgresConfig, PostgresProvider, PrivilegeConfig};
+use lapse_providers::{CredentialProvider, CredentialSpec, Handout, Secret, StrayKind};
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+const LOGIN_GROUP: &str = "lapse_test_login";
+
+fn pg_url() -> String {
+    std::env::var("LAPSE_TEST_PG_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed at `{url}` (set LAPSE_TEST_PG_URL): {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+/// Makes sure members of `lapse_test_login` log in with their password (the same
+/// rule the server's PostgreSQL tests add).
+async fn ensure_password_auth(su: &tokio_postgres::Client) {
+    let exists = su
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&LOGIN_GROUP])
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        let _ = su
+            .batch_execute(&format!("CREATE ROLE {LOGIN_GROUP} NOLOGIN"))
+            .await;
+    }
+    let rule = format!("+{LOGIN_GROUP}");
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_hba_file_rules WHERE $1 = ANY(user_name) AND auth_method = 'scram-sha-256'",
+            &[&rule],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if n > 0 {
+        return;
+    }
+    let path: String = su.query_one("SHOW hba_file", &[]).await.unwrap().get(0);
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    if !old.contains(&rule) {
+        let line = format!(
+            "# Added by Lapse's tests: roles Lapse generates in tests must log in with their password.\nhost all {rule} 127.0.0.1/32 scram-sha-256\n"
+        );
+        let tmp = format!("{path}.lapse-tmp");
+        std::fs::write(&tmp, format!("{line}{old}"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .unwrap_or_else(|e| panic!("cannot add the password rule to {path}: {e}"));
+    }
+    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+static SETUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A database with schema `orders`, an admin role holding what the README asks
+/// for, and an application role `owner` that creates tables later (with the
+/// default privileges a DBA sets so the admin may pass them on).
+struct Target {
+    su: tokio_postgres::Client,
+    /// Superuser connection to the test database.
+    db_su: tokio_postgres::Client,
+    db: String,
+    admin: String,
+    owner: String,
+    prefix: String,
+    url_file: std::path::PathBuf,
+}
+
+impl Target {
+    async fn new() -> Self {
+        let _one_at_a_time = SETUP.lock().await;
+        let su = connect(&pg_url()).await;
+        ensure_password_auth(&su).await;
+        let sfx = format!("{:08x}", rand::random::<u32>());
+        let db = format!("lapse_p_{sfx}");
+        let admin = format!("lapse_padm_{sfx}");
+        let owner = format!("lapse_pown_{sfx}");
+        su.batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        su.batch_execute(&format!(
+            "CREATE ROLE {admin} LOGIN CREATEROLE; GRANT pg_signal_backend TO {admin};
+             GRANT SET ON PARAMETER log_statement TO {admin};
+             CREATE ROLE {owner} NOLOGIN;"
+        ))
+        .await
+        .unwrap();
+        let in_db = format!("{} dbname={db}", pg_url().replace("dbname=postgres", ""));
+        let db_su = connect(&in_db).await;
+        db_su
+            .batch_execute(&format!(
+                "CREATE SCHEMA orders AUTHORIZATION {owner};
+                 SET ROLE {owner};
+                 CREATE TABLE orders.items (id int PRIMARY KEY, name text NOT NULL);
+                 INSERT INTO orders.items VALUES (1, 'widget');
+                 CREATE TABLE orders.events (id serial PRIMARY KEY, note text NOT NULL);
+                 CREATE TABLE orders.notes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text NOT NULL);
+                 GRANT USAGE ON SCHEMA orders TO {admin} WITH GRANT OPTION;
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA orders TO {admin} WITH GRANT OPTION;
+                 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA orders TO {admin} WITH GRANT OPTION;
+                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA orders
+                   GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {admin} WITH GRANT OPTION;
+                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA orders
+                   GRANT USAGE, SELECT ON SEQUENCES TO {admin} WITH GRANT OPTION;
+                 RESET ROLE;"
+            ))
+            .await
+            .unwrap();
+        let url_file = std::env::temp_dir().join(format!("lapse-provider-test-{sfx}.url"));
+        std::fs::write(
+            &url_file,
+            format!("host=127.0.0.1 port=5432 user={admin} dbname={db}"),
+        )
+        .unwrap();
+        Self {
+            su,
+            db_su,
+            db,
+            admin,
+            owner,
+            prefix: format!("lp{sfx}"),
+            url_file,
+        }
+    }
+
+    fn provider(&self) -> PostgresProvider {
+        PostgresProvider::new(PostgresConfig {
+            audience: "orders-db".into(),
+            admin_url: format!("file:{}", self.url_file.display()),
+            role_prefix: self.prefix.clone(),
+            connection_limit: 2,
+            login_group: Some(LOGIN_GROUP.into()),
+            log_statement: "none".into(),
+            public_host: None,
+            public_port: None,
+            pool_size: 2,
+            scram_iterations: 1,
+            grants: vec![
+                PrivilegeConfig {
+                    action: "read".into(),
+                    schema: "orders".into(),
+                    privileges: vec!["SELECT".into()],
+                },
+                PrivilegeConfig {
+                    action: "write".into(),
+                    schema: "orders".into(),
+                    privileges: vec![
+                        "SELECT".into(),
+                        "INSERT".into(),
+                        "UPDATE".into(),
+                        "DELETE".into(),
+                    ],
+                },
+            ],
+        })
+        .unwrap()
+    }
+
+    /// Runs `sql` in the test database as the application owner.
+    async fn as_owner(&self, sql: &str) {
+        self.db_su
+            .batch_execute(&format!("SET ROLE {}; {sql}; RESET ROLE;", self.owner))
+            .await
+            .unwrap();
+    }
+
+    async fn cleanup(self) {
+        let roles: Vec<String> = self
+            .su
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1 || '\\_%'",
+                &[&self.prefix],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(self.db_su);
+        let _ = self
+            .su
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db))
+            .await;
+        for r in roles {
+            let _ = self
+                .su
+                .batch_execute(&format!("DROP ROLE IF EXISTS \"{r}\""))
+                .await;
+        }
+        for r in [&self.admin, &self.owner] {
+            let _ = self
+                .su
+                .batch_execute(&format!("DROP ROLE IF EXISTS {r}"))
+                .await;
+        }
+        let _ = std::fs::remove_file(&self.url_file);
+    }
+}
+
+async fn issue(p: &PostgresProvider, actions: &[&str]) -> Handout {
+    let grant = GrantId::generate();
+    let spec = CredentialSpec {
+        grant,
+        name: p.name_for(grant),
+        actions: actions.iter().map(|a| (*a).to_owned()).collect(),
+        valid_until: SystemClock.now().plus_secs(300),
+    };
+    p.create(&spec, &Secret::generate())
+        .await
+        .unwrap_or_else(|e| panic!("create {actions:?}: {e}"))
+}
+
+/// Logs in as the handed-out role, with its password.
+async fn login(h: &Handout) -> tokio_postgres::Client {
+    connect(&format!(
+        "host={} port={} dbname={} user={} password={}",
+        h.host, h.port, h.dbname, h.username, h.password
+    ))
+    .await
+}
+
+fn denied(r: Result<impl Sized, tokio_postgres::Error>) -> String {
+    match r {
+        Ok(_) => panic!("expected permission denied, it succeeded"),
+        Err(e) => {
+            let m = e.as_db_error().map(|d| d.message().to_owned());
+            let m = m.unwrap_or_else(|| e.to_string());
+            assert!(m.contains("permission denied"), "{m}");
+            m
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_grants_insert_into_serial_and_identity_columns() {
+    let t = Target::new().await;
+    let p = t.provider();
+
+    let w = issue(&p, &["write"]).await;
+    let c = login(&w).await;
+    let id: i32 = c
+        .query_one(
+            "INSERT INTO orders.events (note) VALUES ('serial') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert into a serial column: {e:?}"))
+        .get(0);
+    assert_eq!(id, 1);
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO orders.notes (note) VALUES ('identity') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert into an identity column: {e:?}"))
+        .get(0);
+    assert_eq!(id, 1);
+    // UPDATE … SET id = DEFAULT also draws from the sequence.
+    c.execute("UPDATE orders.events SET id = DEFAULT WHERE id = 1", &[])
+        .await
+        .unwrap_or_else(|e| panic!("update to a serial default: {e:?}"));
+    // Sequence privileges follow the action, no further: setval is not part of
+    // any table privilege.
+    denied(
+        c.query_one("SELECT setval('orders.events_id_seq', 100)", &[])
+            .await,
+    );
+
+    // A read grant reads the sequence's state (as pg_dump does) but draws nothing.
+    let r = issue(&p, &["read"]).await;
+    let rc = login(&r).await;
+    let last: i64 = rc
+        .query_one("SELECT last_value FROM orders.events_id_seq", &[])
+        .await
+        .unwrap_or_else(|e| panic!("read a sequence: {e:?}"))
+        .get(0);
+    assert_eq!(last, 2);
+    denied(
+        rc.query_one("SELECT nextval('orders.events_id_seq')", &[])
+            .await,
+    );
+    denied(
+        rc.execute("INSERT INTO orders.events (note) VALUES ('no')", &[])
+            .await,
+    );
+
+    drop((c, rc));
+    for h in [&w, &r] {
+        p.destroy(&h.username).await.unwrap();
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_created_after_the_first_issue_are_usable_by_the_next() {
+    let t = Target::new().await;
+    let p = t.provider();
+
+    let first = issue(&p, &["read"]).await;
+    let fc = login(&first).await;
+    fc.query_one("SELECT count(*) FROM orders.items", &[])
+        .await
+        .unwrap();
+
+    // After the provider prepared itself: the application adds a table (with a
+    // serial column), and a superuser adds one the admin was given nothing on.
+    t.as_owner("CREATE TABLE orders.late (id serial PRIMARY KEY, v text); INSERT INTO orders.late (v) VALUES ('late')")
+        .await;
+    t.db_su
+        .batch_execute("CREATE TABLE orders.hidden (secret text)")
+        .await
+        .unwrap();
+
+    // The same provider (no restart): the next grant reads the new table, and
+    // the table the admin cannot pass on does not stop it from being issued.
+    let next = issue(&p, &["read"]).await;
+    let nc = login(&next).await;
+    let v: String = nc
+        .query_one("SELECT v FROM orders.late", &[])
+        .await
+        .unwrap_or_else(|e| panic!("read a table made after the first issue: {e:?}"))
+        .get(0);
+    assert_eq!(v, "late");
+    denied(nc.query_one("SELECT * FROM orders.hidden", &[]).await);
+    // Privileges are the group's: the first grant sees the new table too.
+    fc.query_one("SELECT v FROM orders.late", &[])
+        .await
+        .unwrap_or_else(|e| panic!("the earlier grant, same group: {e:?}"));
+
+    // A write grant inserts into it, drawing from its (new) sequence.
+    let w = issue(&p, &["write"]).await;
+    let wc = login(&w).await;
+    let id: i32 = wc
+        .query_one("INSERT INTO orders.late (v) VALUES ('w') RETURNING id", &[])
+        .await
+        .unwrap_or_else(|e| panic!("insert into a new serial table: {e:?}"))
+        .get(0);
+    assert_eq!(id, 2);
+
+    drop((fc, nc, wc));
+    for h in [&first, &next, &w] {
+        p.destroy(&h.username).await.unwrap();
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alikes_and_hand_added_group_members_are_strays() {
+    let t = Target::new().await;
+    let p = t.provider();
+    let ours = issue(&p, &["read"]).await;
+    assert!(
+        p.strays().await.unwrap().is_empty(),
+        "Lapse's own credential and the admin are not strays"
+    );
+
+    let read = &p.groups()["read"];
+    let write = &p.groups()["write"];
+    let look_alike = format!("{}_gr_{}", t.prefix, "0123456789abcdef0123456789abcdef");
+    let member = format!("{}_alice", t.prefix);
+    t.su.batch_execute(&format!(
+        "CREATE ROLE \"{look_alike}\" LOGIN PASSWORD 'x' IN ROLE \"{read}\", \"{write}\";
+         CREATE ROLE \"{member}\" LOGIN;
+         GRANT \"{write}\" TO \"{member}\";
+         -- Named like a credential, joins nothing: still inside Lapse's namespace.
+         CREATE ROLE \"{}_gr_{}\" NOLOGIN;",
+        t.prefix, "fedcba9876543210fedcba9876543210"
+    ))
+    .await
+    .unwrap();
+
+    let strays = p.strays().await.unwrap();
+    let found: Vec<(&str, StrayKind, Vec<&str>, bool)> = strays
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.kind,
+                s.groups.iter().map(String::as_str).collect(),
+                s.can_login,
+            )
+        })
+        .collect();
+    let idle = format!("{}_gr_fedcba9876543210fedcba9876543210", t.prefix);
+    let mut groups = vec![read.as_str(), write.as_str()];
+    groups.sort();
+    assert_eq!(
+        found,
+        vec![
+            (
+                member.as_str(),
+                StrayKind::GroupMember,
+                vec![write.as_str()],
+                true
+            ),
+            (look_alike.as_str(), StrayKind::LookAlike, groups, true),
+            (idle.as_str(), StrayKind::LookAlike, vec![], false),
+        ],
+        "{strays:?}"
+    );
+    // Lapse's own credential is listed as its own, never as a stray.
+    assert!(
+        p.list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.name == ours.username)
+    );
+
+    p.destroy(&ours.username).await.unwrap();
+    t.cleanup().await;
+}
+
+/// The cost of keeping privileges current on every issue: the check alone (what
+/// an issue pays when nothing is missing) with 3, 203 and 1,003 tables (each with a
+/// sequence) in the schema, and whole issues for scale. Prints the figures:
+/// `cargo test -p lapse-providers --test postgres privilege_sync_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn privilege_sync_cost() {
+    let t = Target::new().await;
+    let p = t.provider();
+    let write = vec!["write".to_owned()];
+    let mut names = Vec::new();
+    let mut tables = 3;
+    for add in [0, 200, 800] {
+        let mut ddl = String::new();
+        for i in tables..tables + add {
+            ddl.push_str(&format!(
+                "CREATE TABLE orders.t{i} (id serial PRIMARY KEY, v text);"
+            ));
+        }
+        if add > 0 {
+            t.as_owner(&ddl).await;
+        }
+        tables += add;
+        // The first run after new tables grants them.
+        let start = Instant::now();
+        p.sync_privileges(&write).await.unwrap();
+        let granting = start.elapsed();
+        let n = 200;
+        let start = Instant::now();
+        for _ in 0..n {
+            p.sync_privileges(&write).await.unwrap();
+        }
+        let check = start.elapsed() / n;
+        let n = 20;
+        let start = Instant::now();
+        for _ in 0..n {
+            names.push(issue(&p, &["write"]).await.username);
+        }
+        let whole = start.elapsed() / n;
+        eprintln!(
+            "{tables} tables: check {check:?} per issue (mean of 200), whole issue {whole:?} (mean of 20), granting {add} new tables once {granting:?}"
+        );
+    }
+    for n in names {
+        p.destroy(&n).await.unwrap();
+    }
+    t.cleanup().await;
+}
