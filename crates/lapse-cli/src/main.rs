@@ -267,6 +267,8 @@ impl AccessArgs {
 
 #[derive(Subcommand)]
 enum GrantsCmd {
+    /// Newest first, one page at a time (`--before` the last page's cursor), or
+    /// every page with `--all`.
     List {
         #[command(flatten)]
         server: Server,
@@ -276,6 +278,17 @@ enum GrantsCmd {
         workload: Option<String>,
         #[arg(long)]
         task: Option<String>,
+        #[arg(long)]
+        audience: Option<String>,
+        /// Grants per page (the server caps it at 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this cursor (a page's `next`).
+        #[arg(long)]
+        before: Option<String>,
+        /// Follow the cursors to the last page.
+        #[arg(long)]
+        all: bool,
     },
     Show {
         id: String,
@@ -839,32 +852,54 @@ async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {
             state,
             workload,
             task,
+            audience,
+            limit,
+            mut before,
+            all,
         } => {
-            let mut q = vec![];
-            if let Some(s) = state {
-                q.push(("state", s));
-            }
-            if let Some(w) = workload {
-                q.push(("workload", w));
-            }
-            if let Some(t) = task {
-                q.push(("task", t));
+            let mut q = vec![("limit", limit.to_string())];
+            for (k, v) in [
+                ("state", state),
+                ("workload", workload),
+                ("task", task),
+                ("audience", audience),
+            ] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
             }
             let url = format!("{}/v1/grants", server.url.trim_end_matches('/'));
-            let v = answer(
-                client()
-                    .get(&url)
-                    .bearer_auth(operator_token(&server)?)
-                    .query(&q)
-                    .send()
-                    .await,
-            )
-            .await?;
+            let token = operator_token(&server)?;
+            let mut listed = Vec::new();
+            let next = loop {
+                let mut page = q.clone();
+                if let Some(b) = &before {
+                    page.push(("before", b.clone()));
+                }
+                let v = answer(
+                    client()
+                        .get(&url)
+                        .bearer_auth(&token)
+                        .query(&page)
+                        .send()
+                        .await,
+                )
+                .await?;
+                listed.extend(v["grants"].as_array().into_iter().flatten().cloned());
+                let next = v["next"].as_str().map(str::to_owned);
+                match next {
+                    Some(n) if all => before = Some(n),
+                    other => break other,
+                }
+            };
             if json_out {
-                println!("{v}");
+                println!("{}", json!({ "grants": listed, "next": next }));
             } else {
-                for g in v["grants"].as_array().into_iter().flatten() {
+                for g in &listed {
                     print_grant(g);
+                }
+                if let Some(n) = next {
+                    eprintln!("more grants: --before {n} (or --all)");
                 }
             }
         }
@@ -1028,9 +1063,14 @@ pub(crate) async fn open_store(
     let path = config.unwrap_or_else(|| data.join("lapse.toml"));
     let cfg = Config::load(&path).map_err(|e| fail(1, e.to_string()))?;
     let ring = match (&cfg.key_encryption_key, private) {
-        (None, _) => KeyRing::single(
-            lapse_token::SigningKey::load(&cfg.signing_key).map_err(|e| fail(1, e.to_string()))?,
-        ),
+        (None, _) => {
+            let path = cfg.signing_key.as_deref().ok_or_else(|| {
+                fail(1, lapse_server::keyring::KeyRingError::NoKeyFile.to_string())
+            })?;
+            KeyRing::single(
+                lapse_token::SigningKey::load(path).map_err(|e| fail(1, e.to_string()))?,
+            )
+        }
         (Some(_), true) => KeyRing::new(&cfg).map_err(|e| fail(1, e.to_string()))?,
         // The key-encryption key authenticates the keys when it is at hand.
         (Some(_), false) => KeyRing::new(&cfg).unwrap_or_else(|_| KeyRing::public_only()),

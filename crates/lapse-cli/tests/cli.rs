@@ -155,6 +155,40 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["proof"]["issued_in_window"], 1, "{r}");
     assert_eq!(r["proof"]["ended"], 1, "the revoked grant has its end: {r}");
+    // Listing pages: one grant a page, then every page with --all, the same
+    // grants as one big page, in the same order.
+    let list = |extra: &[&str]| {
+        let mut args = vec!["grants", "list", "--url", &url, "--token", admin];
+        args.extend_from_slice(extra);
+        lapse(&args)
+    };
+    let ids = |o: &Output| -> Vec<String> {
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let whole = list(&["--json"]);
+    assert_eq!(code(&whole), 0, "{}", show(&whole));
+    let whole = ids(&whole);
+    assert!(whole.len() >= 2, "{whole:?}");
+    let first = list(&["--json", "--limit", "1"]);
+    assert_eq!(ids(&first), whole[..1]);
+    let v: Value = serde_json::from_slice(&first.stdout).unwrap();
+    let next = v["next"].as_str().unwrap().to_owned();
+    let second = list(&["--json", "--limit", "1", "--before", &next]);
+    assert_eq!(ids(&second), whole[1..2]);
+    let all = list(&["--json", "--limit", "1", "--all"]);
+    assert_eq!(ids(&all), whole, "{}", show(&all));
+    let human = list(&["--limit", "1"]);
+    assert!(
+        String::from_utf8_lossy(&human.stderr).contains(&format!("--before {next}")),
+        "{}",
+        show(&human)
+    );
     let bad_token = lapse(&["grants", "list", "--url", &url, "--token", "lapse_op_wrong"]);
     assert_ne!(code(&bad_token), 0, "{}", show(&bad_token));
     drop(server);

@@ -166,6 +166,10 @@ impl Cluster {
                         format!("listen = \"{addr}\"\n{shared}")
                     } else if let (true, Some(db)) = (l.starts_with("store = "), &c.db) {
                         format!("store = \"{}\"", db.url)
+                    } else if c.db.is_some() && l.starts_with("signing_key = ") {
+                        // With the ring in the store no key file is needed (the
+                        // first replica seeds the ring with a new key).
+                        String::new()
                     } else {
                         l.to_owned()
                     }
@@ -362,9 +366,12 @@ impl Cluster {
     async fn leaders(&self) -> Vec<usize> {
         let mut v = Vec::new();
         for i in 0..self.replicas.len() {
+            // A paused replica does not answer: it does not lead as far as anyone
+            // can tell.
             if let Ok(resp) = self
                 .http
                 .get(format!("{}/readyz", self.url(i)))
+                .timeout(Duration::from_secs(1))
                 .send()
                 .await
                 && let Ok(body) = resp.json::<Value>().await
@@ -615,6 +622,80 @@ async fn a_replica_killed_mid_burst_loses_nothing_and_another_takes_over_the_swe
         assert!(Instant::now() < deadline, "never swept: {g}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// A leader frozen with SIGSTOP keeps its database session (its kernel still
+/// answers keepalives) but stops renewing its lease: the other replica takes the
+/// sweeper over within the lease and ends a short grant on time; woken with
+/// SIGCONT, the old leader knows its term lapsed and does not lead again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_loses_the_lease_and_another_sweeps() {
+    let c = Cluster::start(2, "leader_lease = \"2s\"").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let l = c.leaders().await;
+        if l.len() == 1 {
+            break l[0];
+        }
+        assert!(Instant::now() < deadline, "leaders: {l:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let other = 1 - leader;
+    let key = DpopKey::generate();
+    let (form, proof) = c.exchange_request(&key, "T-paused", &[("expires_in", "2")]);
+    let (st, v) = c.send_exchange(other, &form, &proof).await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["grant_id"].as_str().unwrap().to_owned();
+    let pid = c.replicas[leader].child.id();
+    signal(pid, "-STOP");
+    let paused = Instant::now();
+    // The lease (2 s) lapses and the other replica, asking five times a lease,
+    // takes it: well within 2 s + one renewal period + slack.
+    loop {
+        if c.leaders().await == vec![other] {
+            break;
+        }
+        assert!(
+            paused.elapsed() < Duration::from_secs(5),
+            "no takeover {:?} after the leader froze",
+            paused.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took_over = paused.elapsed();
+    loop {
+        let (_, g) = c.admin_get(other, &format!("/v1/grants/{id}")).await;
+        if g["state"] == "expired" {
+            break;
+        }
+        assert!(
+            paused.elapsed() < Duration::from_secs(8),
+            "the 2 s grant was never swept while the leader was frozen: {g}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(pid, "-CONT");
+    // Woken, it renews nothing (the lease is the other's) and acts on nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(c.leaders().await, vec![other], "after SIGCONT");
+    let (_, g) = c.admin_get(leader, &format!("/v1/grants/{id}")).await;
+    let ends: Vec<&Value> = g["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "grant.expired")
+        .collect();
+    assert_eq!(ends.len(), 1, "expired once: {g}");
+    c.audit_verifies();
+    eprintln!("takeover after {took_over:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,8 +35,11 @@ pub struct Config {
     /// How long a request that needs approval stays approvable.
     #[serde(default = "default_approval_window")]
     pub approval_window: TtlDuration,
-    /// PKCS#8 PEM Ed25519 key that signs tokens and audit checkpoints; created if absent.
-    pub signing_key: PathBuf,
+    /// PKCS#8 PEM Ed25519 key that signs tokens and audit checkpoints; created if
+    /// absent. Required without `key_encryption_key`; with it, only read to seed an
+    /// empty ring (so tokens signed before the move keep verifying), else optional.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
     /// Where the key-encryption key is (`env:NAME` or `file:PATH`). Set, the signing
     /// key ring lives in the store, shared by every replica and rotatable; unset,
     /// `signing_key` is the one key.
@@ -49,6 +52,11 @@ pub struct Config {
     /// How often each replica re-reads the key ring from the store.
     #[serde(default = "default_key_refresh")]
     pub key_refresh: TtlDuration,
+    /// How long the replica that runs the singleton jobs (sweeper, cleanup,
+    /// reconciler) holds the role without renewing it: one that stalls loses it
+    /// within this, and another takes over. Renewed five times per lease.
+    #[serde(default = "default_leader_lease")]
+    pub leader_lease: TtlDuration,
     /// How long a store operation may wait for a lock before failing closed.
     #[serde(default = "default_store_timeout")]
     pub store_timeout: TtlDuration,
@@ -210,6 +218,9 @@ fn default_key_publish_delay() -> TtlDuration {
 fn default_key_refresh() -> TtlDuration {
     TtlDuration::from_secs(10)
 }
+fn default_leader_lease() -> TtlDuration {
+    TtlDuration::from_secs(5)
+}
 fn default_store_timeout() -> TtlDuration {
     TtlDuration::from_secs(5)
 }
@@ -265,7 +276,9 @@ impl Config {
             }
         };
         fix(&mut self.policies);
-        fix(&mut self.signing_key);
+        if let Some(k) = &mut self.signing_key {
+            fix(k);
+        }
         if let Some(t) = &mut self.tls {
             fix(&mut t.cert);
             fix(&mut t.key);
@@ -297,6 +310,28 @@ impl Config {
             return Err(
                 "at least one `[[issuer]]` is required: workloads must prove who they are".into(),
             );
+        }
+        match &self.key_encryption_key {
+            None if self.signing_key.is_none() => {
+                return Err(
+                    "`signing_key` is required unless `key_encryption_key` keeps the key ring in the store"
+                        .into(),
+                );
+            }
+            // A replica publishes a new key for `key_publish_delay` before signing
+            // with it; another that re-reads the ring less often would meet tokens
+            // signed with a key it has never seen.
+            Some(_) if self.key_publish_delay.secs() <= self.key_refresh.secs() => {
+                return Err(format!(
+                    "`key_publish_delay` ({}s) must be longer than `key_refresh` ({}s): every replica must have published a new key before any signs with it",
+                    self.key_publish_delay.secs(),
+                    self.key_refresh.secs()
+                ));
+            }
+            _ => {}
+        }
+        if self.leader_lease.secs() == 0 {
+            return Err("`leader_lease` must be at least 1s".into());
         }
         let mut names = std::collections::HashSet::new();
         for op in &self.operators {
@@ -414,6 +449,62 @@ audience = "lapse"
         assert_eq!(c.key_encryption_key.as_deref(), Some("env:LAPSE_KEK"));
         assert_eq!(c.public_url(), "http://localhost:7800");
         assert_eq!(c.listen.to_string(), "0.0.0.0:7800");
+        assert_eq!(
+            c.signing_key, None,
+            "the ring in the store needs no key file"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_file_or_a_key_ring_is_required() {
+        let no_key = MIN.replace("signing_key = \"key.pem\"\n", "");
+        let e = Config::parse(&no_key).err().unwrap_or_default();
+        assert!(e.contains("`signing_key` is required"), "{e}");
+        let ring = no_key.replace(
+            "max_ttl = \"15m\"",
+            "max_ttl = \"15m\"\nkey_encryption_key = \"env:K\"",
+        );
+        assert!(Config::parse(&ring).is_ok());
+    }
+
+    #[test]
+    fn a_new_key_must_be_published_longer_than_replicas_take_to_read_it() {
+        let ring = MIN.replace(
+            "max_ttl = \"15m\"",
+            "max_ttl = \"15m\"\nkey_encryption_key = \"env:K\"\nkey_refresh = \"30s\"",
+        );
+        for (delay, ok) in [("10s", false), ("30s", false), ("31s", true)] {
+            let text = ring.replace(
+                "key_refresh",
+                &format!("key_publish_delay = \"{delay}\"\nkey_refresh"),
+            );
+            let r = Config::parse(&text);
+            assert_eq!(r.is_ok(), ok, "{delay}: {r:?}");
+            if let Err(e) = r {
+                assert!(
+                    e.contains("`key_publish_delay` (") && e.contains("`key_refresh` (30s)"),
+                    "{e}"
+                );
+            }
+        }
+        // A single key file never rotates: the two do not matter then.
+        let single = MIN.replace(
+            "max_ttl = \"15m\"",
+            "max_ttl = \"15m\"\nkey_publish_delay = \"1s\"",
+        );
+        assert!(Config::parse(&single).is_ok());
+    }
+
+    #[test]
+    fn the_leader_lease_defaults_to_five_seconds_and_is_never_zero() -> Result<(), String> {
+        assert_eq!(Config::parse(MIN)?.leader_lease.secs(), 5);
+        let zero = MIN.replace(
+            "max_ttl = \"15m\"",
+            "max_ttl = \"15m\"\nleader_lease = \"0s\"",
+        );
+        let e = Config::parse(&zero).err().unwrap_or_default();
+        assert!(e.contains("`leader_lease`"), "{e}");
         Ok(())
     }
 

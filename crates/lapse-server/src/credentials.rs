@@ -223,6 +223,11 @@ impl Lapse {
                 if owed {
                     continue;
                 }
+                // What this pass read may predate a stall in which another replica
+                // took over and issued the credential it would now remove.
+                if !self.still_in_term() {
+                    return Ok(actions);
+                }
                 let d = p.destroy(&ex.name).await;
                 let data = match &d {
                     Ok(d) => {

@@ -630,7 +630,12 @@ struct ListQuery {
     audience: Option<String>,
     task: Option<String>,
     limit: Option<usize>,
+    /// Keyset paging: only grants older than this cursor (a page's `next`).
+    before: Option<String>,
 }
+
+/// Most grants one page of `GET /v1/grants` holds.
+const GRANTS_PAGE_MAX: usize = 1000;
 
 async fn list_grants(
     State(s): State<AppState>,
@@ -646,19 +651,38 @@ async fn list_grants(
         ),
         None => None,
     };
-    let grants = s
+    let before = match q.before.as_deref() {
+        Some(c) => Some(
+            c.parse::<lapse_store::GrantCursor>()
+                .map_err(|e| ApiError::InvalidRequest(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(100).min(GRANTS_PAGE_MAX);
+    // One more than the page, to know whether another page follows.
+    let mut grants = s
         .store
         .grants(GrantFilter {
             state,
             workload: q.workload,
             task: q.task,
             audience: q.audience,
-            before: None,
-            limit: q.limit.unwrap_or(100).min(1000),
+            before,
+            limit: limit + 1,
         })
         .await?;
+    let more = grants.len() > limit;
+    grants.truncate(limit);
+    // The cursor of the page's last grant when more follow: pass it as `before`.
+    let next = more
+        .then(|| {
+            grants
+                .last()
+                .map(|g| lapse_store::GrantCursor::of(g).to_string())
+        })
+        .flatten();
     Ok(no_store(
-        json!({ "grants": grants.iter().map(grant_view).collect::<Vec<_>>() }),
+        json!({ "grants": grants.iter().map(grant_view).collect::<Vec<_>>(), "next": next }),
         StatusCode::OK,
     ))
 }
@@ -1163,7 +1187,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
         "policy": if policy { "loaded" } else { "missing" },
         "store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
         // Whether this replica runs the sweeper and reconciler (one does at a time).
-        "leader": s.leading.load(std::sync::atomic::Ordering::Relaxed),
+        "leader": s.leading(),
     });
     let status = if ready {
         StatusCode::OK

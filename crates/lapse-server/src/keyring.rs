@@ -38,6 +38,8 @@ pub enum KeyRingError {
     Record { kid: String, why: String },
     #[error("the key ring is empty")]
     Empty,
+    #[error("no `signing_key` file and no `key_encryption_key`: nothing can sign")]
+    NoKeyFile,
     #[error("rotation needs a key ring in the store: set `key_encryption_key` in the config")]
     NotShared,
     #[error(transparent)]
@@ -175,9 +177,10 @@ impl KeyRing {
     pub fn new(cfg: &Config) -> Result<Self, KeyRingError> {
         match &cfg.key_encryption_key {
             None => {
-                let (key, created) = SigningKey::load_or_generate(&cfg.signing_key)?;
+                let path = cfg.signing_key.as_deref().ok_or(KeyRingError::NoKeyFile)?;
+                let (key, created) = SigningKey::load_or_generate(path)?;
                 if created {
-                    tracing::info!(kid = key.kid(), path = %cfg.signing_key.display(), "generated a new signing key");
+                    tracing::info!(kid = key.kid(), path = %path.display(), "generated a new signing key");
                 }
                 Ok(Self::single(key))
             }
@@ -202,14 +205,16 @@ impl KeyRing {
             return Ok(());
         };
         if store.keys().await?.is_empty() {
-            let key = match SigningKey::load(&cfg.signing_key) {
-                Ok(k) => k,
-                Err(lapse_token::signing::KeyFileError::Read { source, .. })
+            let file = cfg.signing_key.as_deref().map(SigningKey::load);
+            let key = match file {
+                None => SigningKey::generate(),
+                Some(Ok(k)) => k,
+                Some(Err(lapse_token::signing::KeyFileError::Read { source, .. }))
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
                     SigningKey::generate()
                 }
-                Err(e) => return Err(e.into()),
+                Some(Err(e)) => return Err(e.into()),
             };
             let record = seal_record(kek, &key, now, now, None)?;
             // The seeding commit's checkpoint is signed by the key it adds.

@@ -150,10 +150,12 @@ pub async fn serve(
         .map_or(Duration::from_millis(500), |d| {
             Duration::from_secs(d.secs().max(1))
         });
-    // The sweeper, cleanup and reconciler run on one replica at a time (the
-    // store elects it); the others keep asking, and one takes over within a sweep
-    // period when the leader goes away.
+    // The sweeper, cleanup and reconciler run on one replica at a time: the one
+    // holding the store's leader lease. It renews five times per lease; the others
+    // ask as often and one takes over once a lease lapses unrenewed.
+    let lease = Duration::from_secs(lapse.cfg.leader_lease.secs().max(1));
     let mut background = vec![
+        tokio::spawn(lead_loop(lapse.clone(), lease / 5)),
         tokio::spawn(every_as_leader(
             lapse.clone(),
             sweep_period,
@@ -230,7 +232,21 @@ pub async fn serve(
     result
 }
 
-/// [`every`] for the singleton jobs: a pass runs only while this replica leads.
+/// Keeps asking for (or renewing) the leader lease every `period`. Its own task,
+/// so a long sweep or reconcile never delays a renewal.
+async fn lead_loop(lapse: Arc<Lapse>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = lapse.lead().await {
+            tracing::warn!(error = %e, "leader lease: the store did not answer; not leading until it does");
+        }
+    }
+}
+
+/// [`every`] for the singleton jobs: a pass runs only in a leader term this replica
+/// holds, and its writes are fenced with that term.
 async fn every_as_leader<F, Fut>(lapse: Arc<Lapse>, period: Duration, what: &'static str, pass: F)
 where
     F: Fn(Arc<Lapse>) -> Fut,
@@ -239,12 +255,7 @@ where
     every(period, what, || {
         let l = lapse.clone();
         let run = pass(l.clone());
-        async move {
-            if !l.lead().await? {
-                return Ok(0);
-            }
-            run.await
-        }
+        async move { l.run_as_leader(run).await.unwrap_or(Ok(0)) }
     })
     .await
 }

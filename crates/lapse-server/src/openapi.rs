@@ -99,8 +99,10 @@ fn paths_and_schemas() -> Value {
             { "name": "state", "in": "query", "schema": { "type": "string", "enum": ["pending", "active", "completed", "expired", "revoked", "denied"] } },
             { "name": "workload", "in": "query", "schema": { "type": "string" } },
             { "name": "task", "in": "query", "schema": { "type": "string" } },
-            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "at most this many (larger values are clamped)" } ],
-          "responses": { "200": { "description": "grants", "content": { "application/json": { "schema": { "type": "object", "properties": { "grants": { "type": "array", "items": { "$ref": "#/components/schemas/Grant" } } } } } } },
+            { "name": "audience", "in": "query", "schema": { "type": "string" } },
+            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "at most this many (default 100; larger than 1000 is clamped)" },
+            { "name": "before", "in": "query", "schema": { "type": "string" }, "description": "a page's `next`: the grants older than it (keyset paging, stable while grants are added)" } ],
+          "responses": { "200": { "description": "one page of grants", "content": { "application/json": { "schema": { "type": "object", "required": ["grants", "next"], "properties": { "grants": { "type": "array", "items": { "$ref": "#/components/schemas/Grant" } }, "next": { "type": ["string", "null"], "description": "pass as `before` for the next page; null on the last" } } } } } },
             "400": e("bad query"), "401": e("operator token required"), "403": e("role missing") } } },
         "/v1/grants/{id}": { "get": {
           "summary": "One grant with its audit entries", "security": op_auth, "parameters": [gid],

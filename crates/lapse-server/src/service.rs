@@ -26,6 +26,19 @@ use std::sync::Arc;
 
 const NONCE_PRUNE_PERIOD_MS: i64 = 10_000;
 
+tokio::task_local! {
+    /// The leader term a leader-only pass runs in (see [`Lapse::run_as_leader`]).
+    static LEADER_FENCE: u64;
+}
+
+/// A leader term as this replica holds it.
+#[derive(Debug, Clone, Copy)]
+struct Term {
+    generation: u64,
+    /// When it lapses by this process's monotonic clock.
+    until: std::time::Instant,
+}
+
 /// How far in the future a DPoP proof's `iat` may be.
 const DPOP_MAX_SKEW_SECS: i64 = 5;
 
@@ -76,8 +89,9 @@ pub struct Lapse {
     pub providers: HashMap<String, Arc<dyn CredentialProvider>>,
     /// Bumped after every commit that ends a grant: wakes the revocation-feed streams.
     pub feed_bumps: tokio::sync::watch::Sender<u64>,
-    /// Whether this replica runs the sweeper, cleanup and reconciler now.
-    pub leading: std::sync::atomic::AtomicBool,
+    /// The leader term this replica holds (it runs the sweeper, cleanup and
+    /// reconciler while it does), with when it lapses by this process's clock.
+    leadership: std::sync::Mutex<Option<Term>>,
     /// TLS on the listener, when configured.
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Rate limits and caps (`[limits]`).
@@ -186,7 +200,7 @@ impl Lapse {
             feed_bumps: tokio::sync::watch::channel(0).0,
             closing: tokio::sync::watch::channel(false).0,
             nonces_pruned_at: std::sync::atomic::AtomicI64::new(0),
-            leading: std::sync::atomic::AtomicBool::new(false),
+            leadership: std::sync::Mutex::new(None),
             limits: crate::limits::Limits::new(limits),
             tls: None,
         }
@@ -231,6 +245,10 @@ impl Lapse {
             .grants
             .iter()
             .any(|w| matches!(w, GrantWrite::Update { grant, .. } if grant.state.is_ended()));
+        if batch.fence.is_none() {
+            // Within a leader-only pass every write is of that term.
+            batch.fence = LEADER_FENCE.try_with(|f| *f).ok();
+        }
         self.store.commit(batch).await?;
         if ends {
             self.feed_bumps.send_modify(|n| *n = n.wrapping_add(1));
@@ -1109,15 +1127,82 @@ impl Lapse {
         Ok(n)
     }
 
-    /// Asks the store whether this replica runs the singleton jobs now.
+    /// Takes or renews the leader lease (`leader_lease`) and remembers the term.
+    /// The term is taken to lapse `leader_lease` after the request was sent —
+    /// never later than the store's own lease, which starts when the store
+    /// answers — so a process that stalls stops acting as leader, by its own
+    /// monotonic clock, no later than another may take over.
     pub async fn lead(&self) -> Result<bool, ApiError> {
-        let leading = self.store.try_lead().await;
-        let now = *leading.as_ref().unwrap_or(&false);
-        let was = self.leading.swap(now, std::sync::atomic::Ordering::Relaxed);
-        if was && !now {
-            tracing::warn!("this replica no longer runs the sweeper and reconciler");
+        let lease = std::time::Duration::from_secs(self.cfg.leader_lease.secs().max(1));
+        let asked = std::time::Instant::now();
+        let answer = self.store.try_lead(lease).await;
+        let term = match &answer {
+            Ok(Some(generation)) => Some(Term {
+                generation: *generation,
+                until: asked + lease,
+            }),
+            _ => None,
+        };
+        let was = {
+            let mut held = self
+                .leadership
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *held, term)
+        };
+        match (&was, &term) {
+            (None, Some(t)) => {
+                tracing::info!(
+                    generation = t.generation,
+                    "this replica now runs the sweeper and reconciler"
+                );
+            }
+            (Some(w), Some(t)) if w.generation != t.generation => {
+                tracing::warn!(
+                    generation = t.generation,
+                    "the leader term lapsed and a new one began"
+                );
+            }
+            (Some(_), None) => {
+                tracing::warn!("this replica no longer runs the sweeper and reconciler");
+            }
+            _ => {}
         }
-        Ok(leading?)
+        Ok(answer?.is_some())
+    }
+
+    /// The generation of the leader term this replica holds now, if it holds one
+    /// that has not lapsed: what leader-only writes carry as their fence.
+    pub fn fence(&self) -> Option<u64> {
+        let held = self
+            .leadership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.filter(|t| std::time::Instant::now() < t.until)
+            .map(|t| t.generation)
+    }
+
+    /// Whether this replica runs the sweeper, cleanup and reconciler now.
+    pub fn leading(&self) -> bool {
+        self.fence().is_some()
+    }
+
+    /// Whether a leader-only pass may still act: outside one, always; inside, while
+    /// the term it began in has not lapsed. For actions on targets, which the
+    /// store's fence cannot refuse.
+    pub(crate) fn still_in_term(&self) -> bool {
+        LEADER_FENCE
+            .try_with(|f| *f)
+            .map_or(true, |f| self.fence() == Some(f))
+    }
+
+    /// Runs a leader-only pass in the term this replica holds, or skips it (`None`)
+    /// when it holds none. Every commit of the pass carries the term as its fence:
+    /// if the process stalls mid-pass and another replica takes over, what the
+    /// pass writes after it wakes is refused.
+    pub async fn run_as_leader<T>(&self, pass: impl Future<Output = T>) -> Option<T> {
+        let generation = self.fence()?;
+        Some(LEADER_FENCE.scope(generation, pass).await)
     }
 
     /// Grants read per page of a sweep, and pages per pass (a pass ends at most

@@ -838,3 +838,78 @@ async fn openapi_names_only_routed_paths() {
     assert_eq!(meta["token_endpoint"], format!("{}/oauth/token", s.url));
     s.stop().await;
 }
+
+/// `GET /v1/grants` pages with a cursor: every grant once, newest first, the
+/// last page says so, and a grant issued while paging does not shift the pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_are_listed_page_by_page_with_a_cursor() {
+    let (_tmp, s) = start().await;
+    let key = DpopKey::generate();
+    let mut issued = Vec::new();
+    for _ in 0..7 {
+        let (st, v) = s
+            .exchange(&key, &s.identity(CI), "orders-db", "read", &[])
+            .await;
+        assert_eq!(st, 200, "{v}");
+        issued.push(v["grant_id"].as_str().unwrap().to_owned());
+    }
+    let get = |q: String| {
+        let rb = s
+            .http
+            .get(format!("{}/v1/grants?{q}", s.url))
+            .bearer_auth(&s.admin);
+        s.send(rb)
+    };
+    let (st, all) = get("limit=100".into()).await;
+    assert_eq!(st, 200, "{all}");
+    assert_eq!(all["next"], Value::Null, "one page holds them: {all}");
+    let newest_first: Vec<String> = all["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut expected = issued.clone();
+    expected.reverse();
+    assert_eq!(newest_first, expected);
+
+    let mut paged = Vec::new();
+    let mut pages = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let q = match &before {
+            Some(c) => format!("limit=3&before={c}"),
+            None => "limit=3".into(),
+        };
+        let (st, page) = get(q).await;
+        assert_eq!(st, 200, "{page}");
+        let ids: Vec<String> = page["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["id"].as_str().unwrap().to_owned())
+            .collect();
+        pages.push(ids.len());
+        paged.extend(ids);
+        if pages.len() == 1 {
+            // Issued after the first page was read: newer than the cursor.
+            let (st, v) = s
+                .exchange(&key, &s.identity(CI), "orders-db", "read", &[])
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+        match page["next"].as_str() {
+            Some(c) => before = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages.len() < 10, "paging never ended: {pages:?}");
+    }
+    assert_eq!(pages, [3, 3, 1]);
+    assert_eq!(paged, expected, "each grant once, in order");
+
+    for bad in ["nonsense", "12.gr_zz", "1.2.3"] {
+        let (st, v) = get(format!("before={bad}")).await;
+        assert_eq!(st, 400, "{bad}: {v}");
+        assert_eq!(v["error"], "invalid_request", "{v}");
+    }
+}

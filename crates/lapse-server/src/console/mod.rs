@@ -344,21 +344,18 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> &'a str {
         .map_or("", |(_, v)| v.as_str())
 }
 
-/// Paging cursor `CREATED_MS.ID`.
+/// Paging cursor `CREATED_MS.ID` ([`GrantCursor`]'s text form).
 fn parse_cursor(raw: &str) -> Result<Option<GrantCursor>, ApiError> {
     if raw.is_empty() {
         return Ok(None);
     }
-    let bad = || ApiError::InvalidRequest("`before` is not a paging cursor".into());
-    let (ms, id) = raw.split_once('.').ok_or_else(bad)?;
-    Ok(Some(GrantCursor {
-        created_at: lapse_core::Timestamp::from_millis(ms.parse().map_err(|_| bad())?),
-        id: id.parse().map_err(|_| bad())?,
-    }))
+    raw.parse()
+        .map(Some)
+        .map_err(|_| ApiError::InvalidRequest("`before` is not a paging cursor".into()))
 }
 
 fn cursor_of(g: &lapse_core::Grant) -> String {
-    format!("{}.{}", g.created_at.millis(), g.id)
+    GrantCursor::of(g).to_string()
 }
 
 /// The `?done=` banners a redirect after a POST may ask for; nothing from the
