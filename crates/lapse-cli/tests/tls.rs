@@ -232,7 +232,7 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
         assert_eq!(r.status(), 401);
         let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
         assert!(
-            challenge.starts_with("DPoP error=\"invalid_request\""),
+            challenge == "DPoP algs=\"EdDSA ES256 RS256\"",
             "{challenge}"
         );
     });

@@ -4,6 +4,7 @@ use crate::GateError;
 use lapse_core::TtlDuration;
 use lapse_verifier::OnStale;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +46,21 @@ pub struct GateConfig {
     /// How often uses are reported to the broker (for `@idle` windows).
     #[serde(default = "default_use_report")]
     pub use_report: TtlDuration,
+    /// How old a DPoP proof may be (its `iat`), between [`DPOP_MAX_AGE_MIN`] and
+    /// [`DPOP_MAX_AGE_MAX`]; default 60 s. Each gate remembers the proofs it
+    /// accepted for this long, so a proof replayed to another replica of the gate
+    /// within it is accepted there once (THREATS.md): shorter narrows that window,
+    /// but refuses clients whose clocks are further behind.
+    #[serde(default = "default_dpop_max_age")]
+    pub dpop_max_age: TtlDuration,
+    /// Match rules on paths whose percent-encoded *unreserved* characters
+    /// (RFC 3986 section 2.3: letters, digits, `-`, `.`, `_`, `~`) are decoded, so
+    /// `/orders/%7Ealice` matches as `/orders/~alice`. Off by default: any
+    /// percent-encoding is refused. Any other encoding (`%2F`, `%25`, `%3B`, …) is
+    /// refused either way, and a decoded path is checked like any other (a `%2E%2E`
+    /// segment is a `..` segment).
+    #[serde(default)]
+    pub decode_unreserved: bool,
     /// Method and path to action, first match wins; no match is refused.
     #[serde(rename = "rule")]
     pub rules: Vec<Rule>,
@@ -67,6 +83,16 @@ fn default_use_report() -> TtlDuration {
 fn default_policy_refresh() -> TtlDuration {
     TtlDuration::from_secs(2)
 }
+fn default_dpop_max_age() -> TtlDuration {
+    TtlDuration::from_secs(60)
+}
+
+/// The shortest `dpop_max_age`: the verifier allows proofs 5 s from the future
+/// (clock skew); a window shorter than that refuses honest clients.
+pub const DPOP_MAX_AGE_MIN: TtlDuration = TtlDuration::from_secs(5);
+/// The longest `dpop_max_age`: a proof is replayable to other replicas for this
+/// long, and every replica remembers each accepted proof for as long.
+pub const DPOP_MAX_AGE_MAX: TtlDuration = TtlDuration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -110,16 +136,99 @@ impl Rule {
     }
 }
 
-/// A path the rules can be trusted on: absolute, and without anything that makes
-/// a proxy and an upstream disagree on what is addressed — dot segments, empty
-/// segments, backslashes, any percent-encoding (`/orders/%61dmin` is
-/// `/orders/admin` upstream) and matrix parameters (`;`).
+/// Why the gate will not match rules on a path: each is a way a proxy and an
+/// upstream could disagree on what is addressed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathFault {
+    #[error("the path does not start with `/`")]
+    NotAbsolute,
+    #[error("the path holds a byte that is not visible ASCII")]
+    NotVisible,
+    #[error("the path holds `{0}`, which proxies and services read differently")]
+    Ambiguous(char),
+    #[error(
+        "the path holds an empty segment (`//`), which proxies and services resolve differently"
+    )]
+    EmptySegment,
+    #[error(
+        "the path holds a dot segment (`.` or `..`), which proxies and services resolve differently"
+    )]
+    DotSegment,
+    #[error(
+        "the path is percent-encoded (`{0}`) and this gate matches rules on unencoded paths only (`decode_unreserved` lets it decode letters, digits and `-._~`)"
+    )]
+    Encoded(String),
+    #[error(
+        "the path holds `{0}`, an encoding the gate never decodes (only letters, digits and `-._~` are, with `decode_unreserved`)"
+    )]
+    EncodedReserved(String),
+    #[error("the path holds `{0}`, which is not a percent-encoding (`%` and two hex digits)")]
+    BadEncoding(String),
+}
+
+/// The path rules are matched on, or why there is none: absolute, visible ASCII,
+/// without anything that makes a proxy and an upstream disagree on what is
+/// addressed — dot segments, empty segments, backslashes, matrix parameters (`;`)
+/// and percent-encoding (`/orders/%61dmin` is `/orders/admin` upstream). With
+/// `decode_unreserved`, encoded unreserved characters (RFC 3986 section 2.3) are
+/// decoded first, which every upstream reads the same way (section 6.2.2.2), and
+/// the decoded path is checked as any other; `%2F` and every other encoding stay
+/// refused.
+pub fn rule_path(path: &str, decode_unreserved: bool) -> Result<Cow<'_, str>, PathFault> {
+    if !path.starts_with('/') {
+        return Err(PathFault::NotAbsolute);
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(PathFault::NotVisible);
+    }
+    if let Some(c) = path.chars().find(|c| matches!(c, ';' | '\\')) {
+        return Err(PathFault::Ambiguous(c));
+    }
+    let path = match path.find('%') {
+        None => Cow::Borrowed(path),
+        Some(at) if !decode_unreserved => {
+            let escape: String = path.get(at..).unwrap_or_default().chars().take(3).collect();
+            return Err(PathFault::Encoded(escape));
+        }
+        Some(_) => Cow::Owned(decode_unreserved_escapes(path)?),
+    };
+    if path.contains("//") {
+        return Err(PathFault::EmptySegment);
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Err(PathFault::DotSegment);
+    }
+    Ok(path)
+}
+
+/// `path` with every `%XX` of an unreserved character decoded; any other escape
+/// refused. `path` is visible ASCII.
+fn decode_unreserved_escapes(path: &str) -> Result<String, PathFault> {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        out.push_str(rest.get(..at).unwrap_or_default());
+        let escape = rest
+            .get(at..at + 3)
+            .unwrap_or_else(|| rest.get(at..).unwrap_or_default());
+        let decoded = escape
+            .strip_prefix('%')
+            .filter(|hex| hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .ok_or_else(|| PathFault::BadEncoding(escape.to_owned()))?;
+        if !(decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'.' | b'_' | b'~')) {
+            return Err(PathFault::EncodedReserved(escape.to_owned()));
+        }
+        out.push(char::from(decoded));
+        rest = rest.get(at + escape.len()..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A path the rules can be trusted on as it is ([`rule_path`] without decoding).
 pub fn plain_path(path: &str) -> bool {
-    path.starts_with('/')
-        && !path.contains("//")
-        && !path.split('/').any(|s| s == "." || s == "..")
-        && !path.contains(['%', ';', '\\'])
-        && path.bytes().all(|b| b.is_ascii_graphic())
+    rule_path(path, false).is_ok()
 }
 
 impl GateConfig {
@@ -145,6 +254,13 @@ impl GateConfig {
             return Err(
                 "`staleness` must be at least 2s: the feed's heartbeat comes every second".into(),
             );
+        }
+        if cfg.dpop_max_age < DPOP_MAX_AGE_MIN || cfg.dpop_max_age > DPOP_MAX_AGE_MAX {
+            return Err(format!(
+                "`dpop_max_age` must be between {}s and {}s: shorter refuses clients within the allowed clock skew, longer widens the window a proof can be replayed to another gate in",
+                DPOP_MAX_AGE_MIN.secs(),
+                DPOP_MAX_AGE_MAX.secs()
+            ));
         }
         if !cfg.external_url.starts_with("https://") && !cfg.external_url.starts_with("http://") {
             return Err("`external_url` must be an http(s) URL".into());
@@ -218,6 +334,35 @@ mod tests {
             "/a b",
         ] {
             assert!(!plain_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn unreserved_escapes_decode_only_when_asked_and_nothing_else_does() {
+        let decoded = |p| rule_path(p, true).map(Cow::into_owned);
+        assert_eq!(decoded("/orders/%7Ealice"), Ok("/orders/~alice".into()));
+        assert_eq!(decoded("/orders/%61dmin"), Ok("/orders/admin".into()));
+        assert_eq!(decoded("/a%2d%2E%5f%7e%30"), Ok("/a-._~0".into()));
+        assert_eq!(
+            rule_path("/orders/%7Ealice", false),
+            Err(PathFault::Encoded("%7E".into()))
+        );
+        for (p, fault) in [
+            ("/orders%2Fadmin", PathFault::EncodedReserved("%2F".into())),
+            ("/orders/%2f", PathFault::EncodedReserved("%2f".into())),
+            ("/orders/%252F", PathFault::EncodedReserved("%25".into())),
+            ("/orders/%3Bx", PathFault::EncodedReserved("%3B".into())),
+            ("/orders/%20", PathFault::EncodedReserved("%20".into())),
+            ("/orders/%C3%A9", PathFault::EncodedReserved("%C3".into())),
+            ("/orders/%zz", PathFault::BadEncoding("%zz".into())),
+            ("/orders/%4", PathFault::BadEncoding("%4".into())),
+            ("/orders/%", PathFault::BadEncoding("%".into())),
+            // Decoded dot segments are dot segments.
+            ("/orders/%2e%2e/admin", PathFault::DotSegment),
+            ("/orders/%2E/x", PathFault::DotSegment),
+            ("/orders/a;b", PathFault::Ambiguous(';')),
+        ] {
+            assert_eq!(rule_path(p, true), Err(fault), "{p}");
         }
     }
 }

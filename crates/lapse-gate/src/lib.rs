@@ -11,7 +11,12 @@
 //! Cedar policies for this request (pulled and swapped in as they change). It
 //! answers 200 with `X-Lapse-Workload`, `X-Lapse-Task`, `X-Lapse-Grant` and
 //! `X-Lapse-Action` for the upstream, or 401/403 with a `WWW-Authenticate`, or 503
-//! when it cannot decide (no policy yet, feed stale): never allow by default.
+//! with `Retry-After` when it cannot decide (no keys or policy from the broker yet,
+//! feed stale): never allow by default. A gate whose broker is down when it starts
+//! listens all the same, refusing with 503 until it has what it needs.
+//!
+//! `/healthz` is liveness (the process answers); `/readyz` says whether the gate
+//! can decide (keys, policy, a fresh feed); `/metrics` is Prometheus text.
 //!
 //! A token bound to a client certificate (RFC 8705 `cnf.x5t#S256`, issued to a
 //! workload that authenticated with its X.509-SVID) passes only with that
@@ -20,13 +25,14 @@
 //! (`X-Forwarded-Tls-Client-Cert`), Envoy `x-forwarded-client-cert` (`Hash=`).
 
 pub mod config;
+pub mod metrics;
 pub mod policy;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use config::{GateConfig, Proxy};
+use config::{GateConfig, PathFault, Proxy};
 use lapse_core::{
     AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
 };
@@ -36,7 +42,11 @@ pub use policy::BrokerPolicy;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Seconds a client is told to wait (`Retry-After`) when the gate cannot decide.
+pub const RETRY_AFTER_SECS: u64 = 2;
 
 /// Uses per report to the broker (it takes at most 1,000 in one).
 pub const USES_PER_REPORT: usize = 500;
@@ -50,6 +60,99 @@ pub struct Gate {
     http: reqwest::Client,
     /// Grants used since the last report, with the latest use (unix ms).
     uses: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// The broker's keys have been fetched once (they are only ever replaced by
+    /// a non-empty set after).
+    keys: AtomicBool,
+    metrics: metrics::Metrics,
+}
+
+/// Why the gate refuses a request: the verifier's denials and the gate's own.
+/// The one place a refusal becomes a status, an error code and a challenge.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Denied(#[from] Denial),
+    #[error("the gate does not judge this path: {0}")]
+    Path(#[from] PathFault),
+}
+
+impl Refusal {
+    /// 401, 403 or 503 ([`Denial::status`]); a path the gate will not judge is 403:
+    /// forward-auth proxies pass only 401 and 403 on to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Denied(d) => StatusCode::from_u16(d.status()).unwrap_or(StatusCode::FORBIDDEN),
+            Self::Path(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The RFC 6750 / RFC 9449 `error` code; none for a request without any
+    /// credentials (RFC 6750 section 3.1: the client may not know it needs one).
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::Denied(Denial::MissingToken) => None,
+            Self::Denied(d) => Some(d.code()),
+            Self::Path(_) => Some("invalid_request"),
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge: the scheme and algorithms alone for a
+    /// request without credentials, with the error and its description otherwise.
+    pub fn www_authenticate(&self) -> String {
+        let Some(code) = self.code() else {
+            return format!("DPoP algs=\"{ALGS}\"");
+        };
+        format!(
+            "DPoP error=\"{code}\", error_description=\"{}\", algs=\"{ALGS}\"",
+            header_text(&self.to_string())
+        )
+    }
+
+    fn outcome(&self) -> &'static str {
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            "unavailable"
+        } else {
+            "deny"
+        }
+    }
+}
+
+/// The DPoP algorithms the gate accepts, as its challenges name them.
+const ALGS: &str = "EdDSA ES256 RS256";
+
+/// `s` as a quoted-string's content in a header: visible ASCII and spaces, no
+/// quotes or backslashes (a claim or path quoted in a refusal could carry them).
+fn header_text(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '"' && *c != '\\')
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// What the gate needs to decide, and whether it has it (`/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The broker's signing keys.
+    pub keys: bool,
+    /// The broker's policies.
+    pub policy: bool,
+    /// The revocation feed was heard from within the staleness bound.
+    pub feed_fresh: bool,
+    /// A stale feed defers to introspection (`on_stale = "introspect"`).
+    pub introspects: bool,
+}
+
+impl Readiness {
+    /// The gate can decide: keys, policy, and a fresh feed (or introspection).
+    pub fn ready(&self) -> bool {
+        self.keys && self.policy && (self.feed_fresh || self.introspects)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,18 +170,24 @@ fn now_secs() -> i64 {
 }
 
 impl Gate {
-    /// Connects to the broker (keys, then policies) and is ready to decide.
+    /// Asks the broker for its keys, then its policies, once. A broker that does
+    /// not answer is no error: the gate then refuses every request (503) until
+    /// [`serve`] has fetched what it needs. Fails only on the gate's own config
+    /// (its token cannot be read).
     pub async fn new(cfg: GateConfig) -> Result<Arc<Self>, GateError> {
         let token = cfg.token()?;
-        let (verifier, policy) = policy::connect(&policy::BrokerLink {
-            broker: &cfg.broker,
-            issuer: cfg.issuer.as_deref(),
-            audience: &cfg.audience,
-            token: &token,
-            staleness: cfg.staleness,
-            on_stale: cfg.on_stale,
-        })
-        .await?;
+        let (verifier, policy, keys) = policy::open(
+            &policy::BrokerLink {
+                broker: &cfg.broker,
+                issuer: cfg.issuer.as_deref(),
+                audience: &cfg.audience,
+                token: &token,
+                staleness: cfg.staleness,
+                on_stale: cfg.on_stale,
+            },
+            i64::try_from(cfg.dpop_max_age.secs()).unwrap_or(policy::DPOP_MAX_AGE_SECS),
+        )
+        .await;
         let gate = Arc::new(Self {
             cfg,
             batcher: Arc::new(Batcher::new(Arc::clone(&verifier))),
@@ -86,6 +195,8 @@ impl Gate {
             policy,
             http: lapse_identity::http_client(),
             uses: std::sync::Mutex::new(std::collections::HashMap::new()),
+            keys: AtomicBool::new(keys),
+            metrics: metrics::Metrics::new(),
         });
         Ok(gate)
     }
@@ -130,6 +241,18 @@ impl Gate {
         Ok(sent)
     }
 
+    /// What the gate has of what it needs to decide.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            keys: self.keys.load(Ordering::Acquire),
+            policy: self.policy.current().is_some(),
+            // On the clock decisions use (whole seconds), so `/readyz` and the
+            // answers agree.
+            feed_fresh: self.verifier.fresh(now_secs().saturating_mul(1000)),
+            introspects: self.cfg.on_stale == lapse_verifier::OnStale::Introspect,
+        }
+    }
+
     /// DPoP-checking batches so far and the requests in them ([`Batcher::counts`]).
     pub fn batch_counts(&self) -> (u64, u64) {
         self.batcher.counts()
@@ -151,12 +274,19 @@ impl Gate {
         method: &str,
         uri: &str,
         peer: IpAddr,
-    ) -> Result<Allowed, Denial> {
-        let path = uri.split(['?', '#']).next().unwrap_or_default();
-        if !config::plain_path(path) {
-            return Err(Denial::NoRule);
+    ) -> Result<Allowed, Refusal> {
+        // Until the broker has answered, nothing can be decided: closed.
+        if !self.keys.load(Ordering::Acquire) {
+            return Err(Denial::Unavailable("no signing keys from the broker yet".into()).into());
         }
-        let action = self.action_for(method, path).ok_or(Denial::NoRule)?;
+        let bundle = self
+            .policy
+            .current()
+            .ok_or_else(|| Denial::Unavailable("no policy from the broker yet".into()))?;
+        let path = uri.split(['?', '#']).next().unwrap_or_default();
+        let matched = config::rule_path(path, self.cfg.decode_unreserved)?;
+        let action = self.action_for(method, &matched).ok_or(Denial::NoRule)?;
+        // The proof names the URL as the client addressed it, encoded or not.
         let url = format!("{}{path}", self.external_base());
         let dpop: Vec<&str> = headers
             .get_all("dpop")
@@ -178,12 +308,15 @@ impl Gate {
                 client_cert: client_cert.as_deref(),
                 now_secs: now,
             })
-            .await?;
+            .await
+            .map_err(|d| match d {
+                // Not stale: not heard from yet (the gate has just started).
+                Denial::FeedStale(_) if self.verifier.heard_at_ms().is_none() => {
+                    Denial::Unavailable("the revocation feed has not been heard from yet".into())
+                }
+                d => d,
+            })?;
         let c = allowed.claims;
-        let bundle = self
-            .policy
-            .current()
-            .ok_or_else(|| Denial::Unavailable("no policy from the broker yet".into()))?;
         let source = client_ip(self.cfg.proxy, headers).unwrap_or(peer);
         let request = request_of(&c, action, source, now);
         // Approval was given when the token was issued; what matters now is that
@@ -200,7 +333,9 @@ impl Gate {
                     action: action.to_owned(),
                 })
             }
-            DecisionOutcome::Deny { reasons } => Err(Denial::PolicyDenied(reasons.join("; "))),
+            DecisionOutcome::Deny { reasons } => {
+                Err(Denial::PolicyDenied(reasons.join("; ")).into())
+            }
         }
     }
 
@@ -354,17 +489,37 @@ async fn check(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
+    let started = Instant::now();
     let headers = req.headers().clone();
     let Some((method, uri)) = original(g.cfg.proxy, &headers, &req) else {
         // Not a forwarded request this gate understands: never allow.
         let d = Denial::NoRule;
+        g.metrics.decided(
+            metrics::DecisionLabels {
+                outcome: "deny",
+                code: d.code(),
+            },
+            started.elapsed(),
+        );
         return (
             StatusCode::FORBIDDEN,
             axum::Json(json!({ "error": d.code(), "error_description": "the request does not carry the original method and URI the configured proxy sends" })),
         )
             .into_response();
     };
-    match g.decide(&headers, &method, &uri, peer.ip()).await {
+    let decided = g.decide(&headers, &method, &uri, peer.ip()).await;
+    let labels = match &decided {
+        Ok(_) => metrics::DecisionLabels {
+            outcome: "allow",
+            code: "none",
+        },
+        Err(r) => metrics::DecisionLabels {
+            outcome: r.outcome(),
+            code: r.code().unwrap_or("no_credentials"),
+        },
+    };
+    g.metrics.decided(labels, started.elapsed());
+    match decided {
         Ok(a) => {
             let mut r = StatusCode::OK.into_response();
             let h = r.headers_mut();
@@ -380,20 +535,77 @@ async fn check(
             }
             r
         }
-        Err(d) => {
-            tracing::info!(%method, uri = %uri.chars().take(200).collect::<String>(), denial = %d, "gate refused");
-            let status = StatusCode::from_u16(d.status()).unwrap_or(StatusCode::FORBIDDEN);
-            let mut r = (
-                status,
-                axum::Json(json!({ "error": d.code(), "error_description": d.to_string() })),
-            )
-                .into_response();
-            if let Ok(v) = HeaderValue::from_str(&d.www_authenticate()) {
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-            }
-            r
+        Err(refusal) => {
+            tracing::info!(%method, uri = %uri.chars().take(200).collect::<String>(), refusal = %refusal, "gate refused");
+            refused(&refusal)
         }
     }
+}
+
+/// The answer to a refused request: status, challenge, `Retry-After` on a 503.
+fn refused(refusal: &Refusal) -> Response {
+    let status = refusal.status();
+    let body = match refusal.code() {
+        Some(code) => json!({ "error": code, "error_description": refusal.to_string() }),
+        None => json!({ "error_description": refusal.to_string() }),
+    };
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&refusal.www_authenticate()) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    r
+}
+
+/// `/readyz`: 200 when the gate can decide, 503 (with what it lacks) when not.
+async fn readyz(State(g): State<Arc<Gate>>) -> Response {
+    let r = g.readiness();
+    let feed = match (r.feed_fresh, r.introspects) {
+        (true, _) => "fresh",
+        (false, true) => "stale (introspecting)",
+        (false, false) => "stale",
+    };
+    let body = json!({
+        "ready": r.ready(),
+        "keys": r.keys,
+        "policy": r.policy,
+        "feed": feed,
+    });
+    if r.ready() {
+        (StatusCode::OK, axum::Json(body)).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    }
+}
+
+/// `/metrics`: the gauges read now, with the counters.
+async fn metrics(State(g): State<Arc<Gate>>) -> Response {
+    let r = g.readiness();
+    let m = &g.metrics;
+    m.ready.set(i64::from(r.ready()));
+    m.feed_fresh.set(i64::from(r.feed_fresh));
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "unix milliseconds fit an f64's 53 bits"
+    )]
+    let heard = g
+        .verifier
+        .heard_at_ms()
+        .map_or(0.0, |ms| ms as f64 / 1000.0);
+    m.feed_heard.set(heard);
+    m.feed_seq
+        .set(i64::try_from(g.verifier.seq()).unwrap_or(i64::MAX));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
 }
 
 pub fn router(g: Arc<Gate>) -> Router {
@@ -402,8 +614,33 @@ pub fn router(g: Arc<Gate>) -> Router {
             "/healthz",
             axum::routing::get(|| async { axum::Json(json!({ "status": "ok" })) }),
         )
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(check)
         .with_state(g)
+}
+
+/// Resolves at the first SIGTERM or SIGINT: what `lapse gate` stops on, so
+/// [`serve`] can stop gracefully and send its last use report.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Serves until `shutdown`, following the feed and the policies meanwhile.
@@ -412,11 +649,19 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let following = policy::follow(
+    let mut following = policy::follow(
         gate.verifier.clone(),
         gate.policy.clone(),
         Duration::from_secs(gate.cfg.policy_refresh.secs()),
     );
+    if !gate.keys.load(Ordering::Acquire) {
+        let g = gate.clone();
+        following.push(tokio::spawn(async move {
+            policy::fetch_keys(&g.verifier).await;
+            g.keys.store(true, Ordering::Release);
+            tracing::info!("gate has the broker's keys");
+        }));
+    }
     let g = gate.clone();
     let every = Duration::from_secs(gate.cfg.use_report.secs().max(1));
     let uses = tokio::spawn(async move {
@@ -440,7 +685,10 @@ pub async fn serve(
         f.abort();
     }
     uses.abort();
-    let _ = last.report_uses().await;
+    match last.report_uses().await {
+        Ok(n) => tracing::info!(uses = n, "gate stopped; final use report sent"),
+        Err(e) => tracing::warn!(error = %e, "gate stopped; the final use report failed"),
+    }
     r
 }
 

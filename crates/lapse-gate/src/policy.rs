@@ -25,26 +25,68 @@ pub struct BrokerLink<'a> {
     pub on_stale: OnStale,
 }
 
+/// How old a DPoP proof may be unless configured otherwise.
+pub const DPOP_MAX_AGE_SECS: i64 = 60;
+
 /// Connects to the broker: keys first, then the policies (a gate without them
-/// refuses until they come).
+/// refuses until they come). Fails when the keys cannot be fetched.
 pub async fn connect(
     link: &BrokerLink<'_>,
 ) -> Result<(Arc<Verifier>, Arc<BrokerPolicy>), VerifierError> {
-    let verifier = Verifier::new(VerifierConfig {
+    let verifier = Verifier::new(verifier_config(link, DPOP_MAX_AGE_SECS)).await?;
+    let policy = Arc::new(BrokerPolicy::new(link.broker, link.token));
+    if let Err(e) = policy.refresh().await {
+        tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
+    }
+    Ok((Arc::new(verifier), policy))
+}
+
+/// A gate's view of a broker that may not answer yet: tries the keys and the
+/// policies once, and answers whether the keys came. A gate that got neither
+/// refuses everything (503) until [`follow`] and [`fetch_keys`] get them.
+pub async fn open(
+    link: &BrokerLink<'_>,
+    dpop_max_age_secs: i64,
+) -> (Arc<Verifier>, Arc<BrokerPolicy>, bool) {
+    let verifier = Verifier::offline(verifier_config(link, dpop_max_age_secs), Default::default());
+    let keys = match verifier.refresh_keys().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no keys from the broker yet; refusing until there are");
+            false
+        }
+    };
+    let policy = Arc::new(BrokerPolicy::new(link.broker, link.token));
+    if let Err(e) = policy.refresh().await {
+        tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
+    }
+    (Arc::new(verifier), policy, keys)
+}
+
+/// Fetches the broker's keys until it answers, with backoff (250 ms doubling to
+/// 5 s).
+pub async fn fetch_keys(verifier: &Verifier) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match verifier.refresh_keys().await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "still no keys from the broker; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn verifier_config(link: &BrokerLink<'_>, dpop_max_age_secs: i64) -> VerifierConfig {
+    VerifierConfig {
         broker: link.broker.to_owned(),
         issuer: link.issuer.unwrap_or(link.broker).to_owned(),
         audience: link.audience.to_owned(),
         token: link.token.to_owned(),
         staleness: Duration::from_secs(link.staleness.secs().max(1)),
         on_stale: link.on_stale,
-        dpop_max_age_secs: 60,
-    })
-    .await?;
-    let policy = Arc::new(BrokerPolicy::new(link.broker, link.token));
-    if let Err(e) = policy.refresh().await {
-        tracing::warn!(error = %e, "no policy from the broker yet; refusing until there is");
+        dpop_max_age_secs,
     }
-    Ok((Arc::new(verifier), policy))
 }
 
 /// Keeps a gate's view current until aborted: the feed, the policies every

@@ -632,6 +632,19 @@ impl Verifier {
         true
     }
 
+    /// When the feed was last heard from (unix ms), `None` if never: for a gate's
+    /// readiness and metrics.
+    pub fn heard_at_ms(&self) -> Option<i64> {
+        let heard = self.heard_ms.load(Ordering::Acquire);
+        (heard != 0).then_some(heard)
+    }
+
+    /// Whether the feed has been heard from within the staleness bound at `now_ms`
+    /// (a check would not fail with [`Denial::FeedStale`]).
+    pub fn fresh(&self, now_ms: i64) -> bool {
+        self.silent_for(now_ms).is_none()
+    }
+
     /// Notes that the feed was heard from at `now_ms` (an entry or a heartbeat).
     pub fn heard(&self, now_ms: i64) {
         self.heard_ms.fetch_max(now_ms, Ordering::AcqRel);

@@ -33,8 +33,16 @@ pub struct Broker {
 /// Starts a broker in the dev configuration; `adjust` may change its config and
 /// dev folder (policies) first.
 pub async fn broker(adjust: impl FnOnce(&mut Config, &Path)) -> Broker {
-    let tmp = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    broker_on(listener, adjust).await
+}
+
+/// As [`broker`], listening on `listener` (an address a gate was told of before).
+pub async fn broker_on(
+    listener: tokio::net::TcpListener,
+    adjust: impl FnOnce(&mut Config, &Path),
+) -> Broker {
+    let tmp = tempfile::tempdir().unwrap();
     let addr = listener.local_addr().unwrap();
     let dir = tmp.path().join("broker");
     let (mut cfg, _, admin) = dev::prepare(&dir, addr).unwrap();
