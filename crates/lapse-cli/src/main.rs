@@ -492,11 +492,11 @@ async fn gate(config: &Path) -> Out {
         .await
         .map_err(|e| fail(1, format!("cannot listen on {listen}: {e}")))?;
     tracing::info!(%listen, "lapse gate listening");
-    lapse_gate::serve(gate, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
-    .map_err(|e| fail(1, e.to_string()))
+    // SIGTERM too (what service managers send): a gate stops gracefully and sends
+    // its last use report.
+    lapse_gate::serve(gate, listener, lapse_gate::stop_signal())
+        .await
+        .map_err(|e| fail(1, e.to_string()))
 }
 
 async fn mcp_proxy(config: &Path, http: bool, token: Option<String>) -> Out {

@@ -445,7 +445,8 @@ fn lapse_gate_runs_from_its_config_file_and_refuses_by_default() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(http_get(port, "/healthz", &[]).0, 200);
-    // nginx's auth_request without a token: 401 with a DPoP challenge.
+    // nginx's auth_request without a token: 401 with a bare DPoP challenge (no
+    // error code: RFC 6750 section 3.1).
     let (st, head) = http_get(
         port,
         "/check",
@@ -457,7 +458,7 @@ fn lapse_gate_runs_from_its_config_file_and_refuses_by_default() {
     assert_eq!(st, 401, "{head}");
     assert!(
         head.to_ascii_lowercase()
-            .contains("www-authenticate: dpop error=\"invalid_request\""),
+            .contains("www-authenticate: dpop algs=\"eddsa es256 rs256\""),
         "{head}"
     );
     // A path no rule maps is refused before anything else, as is a `..` path.
