@@ -1,5 +1,7 @@
 //! The standing-privilege report: everything that looks like access outliving its
-//! task, from the store, the audit chain and the targets themselves.
+//! task, from the store, the audit chain and the targets themselves (including
+//! what sits in Lapse's namespace there without being Lapse's: look-alike roles
+//! and hand-added members of its group roles).
 //!
 //! It also proves, for a window, that every credential issued in it has its end
 //! recorded (or is still inside its lifetime): the audit chain is verified first,
@@ -8,6 +10,7 @@
 use crate::error::ApiError;
 use crate::service::Lapse;
 use lapse_core::{CredentialState, GrantState, Timestamp};
+use lapse_providers::StrayKind;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -253,6 +256,50 @@ impl Lapse {
                     ..Finding::new(
                         "target_unreachable",
                         format!("cannot list credentials: {e}"),
+                    )
+                }),
+            }
+            // What sits in Lapse's namespace without being Lapse's: no grant ends
+            // it and the reconciler leaves it alone, so a person has to.
+            match p.strays().await {
+                Ok(strays) => findings.extend(strays.into_iter().map(|s| {
+                    let (kind, what) = match s.kind {
+                        StrayKind::LookAlike => (
+                            "look_alike_role",
+                            "named like Lapse's credentials but not made by Lapse",
+                        ),
+                        StrayKind::GroupMember => (
+                            "unexpected_group_member",
+                            "a member of Lapse's group roles that Lapse did not make",
+                        ),
+                    };
+                    let groups = if s.groups.is_empty() {
+                        "no Lapse group".to_owned()
+                    } else {
+                        s.groups
+                            .iter()
+                            .map(|g| format!("`{g}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    Finding {
+                        target: Some(target.clone()),
+                        credential: Some(s.name),
+                        ..Finding::new(
+                            kind,
+                            format!(
+                                "{what} (login {}, {} session(s), in {groups})",
+                                if s.can_login { "allowed" } else { "refused" },
+                                s.sessions
+                            ),
+                        )
+                    }
+                })),
+                Err(e) => findings.push(Finding {
+                    target: Some(target.clone()),
+                    ..Finding::new(
+                        "target_unreachable",
+                        format!("cannot list look-alike roles and group members: {e}"),
                     )
                 }),
             }
