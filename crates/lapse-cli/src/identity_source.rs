@@ -140,10 +140,13 @@ impl IdentitySource {
         }
     }
 
-    /// Variables that hold identity material: the command must not inherit them,
-    /// so that it cannot ask for more access than this one task's.
+    /// Variables that hold identity material or say where it is: the command must
+    /// not inherit them, so that it cannot ask for more access than this one task's
+    /// (with `LAPSE_IDENTITY_FILE`, a nested `lapse run` would get a grant of its own).
+    /// The file itself stays readable to a command running as the same user.
     pub fn secret_vars(&self, a: &IdentityArgs) -> Vec<String> {
         vec![
+            "LAPSE_IDENTITY_FILE".into(),
             a.identity_env.clone(),
             a.gitlab_token_var.clone(),
             GITHUB_URL.into(),
