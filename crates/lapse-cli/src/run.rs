@@ -5,11 +5,20 @@
 //! the command with the grant's credentials in its environment, and ends the grant
 //! the moment the command exits. If the grant ends first (revoked, expired, renewal
 //! refused), the command is terminated: SIGTERM, then SIGKILL after `--grace`.
+//! Whatever the command leaves running when it exits is ended the same way, so no
+//! process outlives it holding the grant's credentials.
+//!
+//! Supervision never waits on the network: the broker is asked about the grant by a
+//! task of its own, which reports to the supervision loop through a channel. The
+//! loop only waits for the command, for signals, for those reports and for the
+//! grant's expiry by the local clock, so a slow or frozen broker delays neither
+//! forwarded signals nor the stop at expiry.
 //!
 //! Exit codes: the command's own; 128+N when a signal N ended it; 111 when the grant
 //! ended first and the command was stopped; before the command starts, the CLI's
 //! codes (1 failure, 2 usage, 3 denied, 4 approval needed, 7 unavailable); 126/127
-//! when the command cannot be executed / is not found.
+//! when the command cannot be executed / is not found. With `--exit-code-base N`,
+//! every code of Lapse's own (all but the command's) is N higher.
 
 use crate::identity_source::{IdentityArgs, IdentitySource};
 use crate::{AccessArgs, Fail, fail};
@@ -18,16 +27,27 @@ use lapse_token::DpopKey;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::str::FromStr;
 use std::time::Duration;
 use tokio::process::Command;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The grant ended before the command did, and the command was stopped.
 pub const EXIT_GRANT_ENDED: u8 = 111;
+
+/// How long completing the grant may take once the command has exited; after
+/// that, the grant ends at its expiry.
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one status or renewal call may take (it runs in the poll task, never
+/// in the supervision loop).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -46,15 +66,25 @@ pub struct RunArgs {
     /// (a live line on a terminal, plain lines otherwise); without it, exit 4.
     #[arg(long)]
     wait: Option<TtlDuration>,
-    /// How long the command has between SIGTERM and SIGKILL when its grant ends.
+    /// How long the command (and what it left running) has between SIGTERM and
+    /// SIGKILL: `250ms`, `10s`, `1m`.
     #[arg(long, default_value = "10s")]
-    grace: TtlDuration,
-    /// How often to ask the broker whether the grant still holds.
+    grace: Span,
+    /// How often to ask the broker whether the grant still holds: `250ms`, `1s`.
     #[arg(long, default_value = "1s")]
-    poll: TtlDuration,
+    poll: Span,
     /// Rename a variable given to the command, e.g. `PGPASSWORD=DB_PASSWORD`; repeatable.
     #[arg(long = "env-name", value_name = "FROM=TO")]
     env_names: Vec<String>,
+    /// Add N to every exit code of Lapse's own (not the command's): denied is N+3,
+    /// approval needed N+4, broker unavailable N+7, grant ended N+111, … (0-128).
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
+    exit_code_base: u8,
+    /// Write how `lapse run` ended to this file as JSON:
+    /// `{"phase": "before-command"|"command", "exit": CODE, "error": MESSAGE|null}`.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
     /// Print nothing of its own unless something goes wrong.
     #[arg(long, short)]
     quiet: bool,
@@ -63,7 +93,53 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// A positive span of time with millisecond precision, written `250ms`, `10s`,
+/// `2m` or `1h`. Local to `lapse run`: config files keep whole-second
+/// [`TtlDuration`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(Duration);
+
+impl FromStr for Span {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || {
+            format!(
+                "invalid duration `{s}`: expected a whole number followed by ms, s, m or h, e.g. `250ms`, `10s`"
+            )
+        };
+        let t = s.trim();
+        let at = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        let (digits, unit) = t.split_at(at);
+        let n: u64 = digits.parse().map_err(|_| err())?;
+        let ms_per = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(err()),
+        };
+        let ms = n.checked_mul(ms_per).ok_or_else(err)?;
+        if ms == 0 {
+            return Err(format!("invalid duration `{s}`: must be more than zero"));
+        }
+        Ok(Self(Duration::from_millis(ms)))
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
 /// The grant as `lapse run` holds it.
+#[derive(Clone)]
 struct Held {
     base: String,
     id: String,
@@ -86,6 +162,7 @@ impl Held {
         method: reqwest::Method,
         action: &str,
         body: Option<Value>,
+        timeout: Duration,
     ) -> Result<reqwest::Response, reqwest::Error> {
         let url = format!("{}/v1/grants/{}/{action}", self.base, self.id);
         let proof = self.key.proof(
@@ -98,7 +175,7 @@ impl Held {
             .request(method, &url)
             .header("Authorization", format!("DPoP {}", self.token))
             .header("DPoP", proof)
-            .timeout(Duration::from_secs(10));
+            .timeout(timeout);
         if let Some(b) = body {
             rb = rb.json(&b);
         }
@@ -112,11 +189,67 @@ fn say(quiet: bool, msg: &str) {
     }
 }
 
+/// How a run that got as far as the command ended.
+enum Done {
+    /// The command exited with this code (128+N for a signal N).
+    Exited(u8),
+    /// The grant ended first and the command was stopped.
+    Stopped(String),
+    /// The command could not be waited for.
+    Lost(Fail),
+}
+
+/// Where `--status-file` writes.
+struct StatusFile(Option<PathBuf>);
+
+impl StatusFile {
+    /// Writes the record whole (a temporary file renamed over the path), so a
+    /// reader never sees half of one.
+    fn write(&self, phase: &str, exit: Option<u8>, error: Option<&str>) -> Result<(), String> {
+        let Some(path) = &self.0 else {
+            return Ok(());
+        };
+        let record = json!({ "phase": phase, "exit": exit, "error": error });
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, format!("{record}\n"))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("--status-file `{}`: {e}", path.display()))
+    }
+}
+
 /// Runs the command; returns the exit code `lapse run` must exit with.
 pub async fn run(a: RunArgs) -> Result<u8, Fail> {
+    let base = a.exit_code_base;
+    let status = StatusFile(a.status_file.clone());
+    let ours = |code: u8| code.saturating_add(base);
+    let (phase, failed) = match supervise(a, &status).await {
+        Ok(Done::Exited(code)) => {
+            if let Err(e) = status.write("command", Some(code), None) {
+                eprintln!("lapse run: {e}");
+            }
+            return Ok(code);
+        }
+        Ok(Done::Stopped(why)) => (
+            "command",
+            Fail(
+                ours(EXIT_GRANT_ENDED),
+                format!("the grant ended before the command: {why}"),
+            ),
+        ),
+        Ok(Done::Lost(Fail(code, msg))) => ("command", Fail(ours(code), msg)),
+        Err(Fail(code, msg)) => ("before-command", Fail(ours(code), msg)),
+    };
+    if let Err(e) = status.write(phase, Some(failed.0), Some(&failed.1)) {
+        eprintln!("lapse run: {e}");
+    }
+    Err(failed)
+}
+
+async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
     // Our handlers go in first: a signal that arrives while the grant is being
     // obtained or the command started is held and passed on, never lost or fatal.
-    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
+    let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<Signal>();
     for (kind, sig) in [
         (SignalKind::terminate(), Signal::SIGTERM),
         (SignalKind::hangup(), Signal::SIGHUP),
@@ -210,6 +343,15 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
             return Err(e);
         }
     };
+    if let Err(e) = status_file.write("command", None, None) {
+        complete(
+            &http,
+            &held,
+            json!({ "reason": format!("`lapse run`: {e}") }),
+        )
+        .await;
+        return Err(fail(1, e));
+    }
     let mut cmd = Command::new(program);
     cmd.args(args);
     for v in source.secret_vars(&a.identity) {
@@ -219,12 +361,17 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
     // Signals for the command reach it through us. Without a terminal (CI), the
     // command gets a process group of its own, so that ending it ends everything
     // it started (a shell's children too). On a terminal it stays in ours so that
-    // it can read the terminal; SIGINT and SIGQUIT from the terminal then already
-    // reach it, and forwarding them would deliver them twice.
+    // it can read the terminal and job control (Ctrl-Z, `fg`) works on the whole
+    // job; SIGINT and SIGQUIT from the terminal then already reach it, and
+    // forwarding them would deliver them twice.
     let from_terminal = std::io::stdin().is_terminal();
     if !from_terminal {
         cmd.process_group(0);
     }
+    // What the command leaves running when it exits is re-parented to us, not to
+    // init, so that we find it and end it even when it is not in the command's
+    // group (on a terminal, or after `setsid`).
+    adopt_orphans();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -249,17 +396,30 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
             pid: Pid::from_raw(p),
             group: !from_terminal,
         });
-    // 3. Watch both: the command ending, and the grant ending.
-    let poll = Duration::from_secs(a.poll.secs().max(1));
-    let mut ticker = tokio::time::interval(poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let group = target.as_ref().filter(|t| t.group).map(|t| t.pid);
+    let grace = a.grace.0;
+
+    // 3. Watch both: the command ending, and the grant ending. The broker is asked
+    //    by a task of its own; this loop never waits on the network.
+    let (poll_tx, mut poll_rx) = mpsc::unbounded_channel::<Report>();
+    let poller = tokio::spawn(watch_grant(http.clone(), held.clone(), a.poll.0, poll_tx));
     let ended: String = loop {
         tokio::select! {
             status = child.wait() => {
-                let status = status.map_err(|e| fail(1, format!("waiting for the command: {e}")))?;
+                poller.abort();
+                let status = match status {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let body = json!({ "reason": "`lapse run`: the command could not be waited for" });
+                        tokio::join!(complete(&http, &held, body), end_leftovers(group, grace, false));
+                        return Ok(Done::Lost(fail(1, format!("waiting for the command: {e}"))));
+                    }
+                };
                 let (code, body) = outcome(status);
-                complete(&http, &held, body).await;
-                return Ok(code);
+                // The grant is completed while what the command left running is
+                // ended: neither waits for the other.
+                tokio::join!(complete(&http, &held, body), end_leftovers(group, grace, false));
+                return Ok(Done::Exited(code));
             }
             Some(sig) = sig_rx.recv() => {
                 let doubled = from_terminal && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
@@ -267,13 +427,19 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
                     t.signal(sig);
                 }
             }
-            _ = ticker.tick() => {
-                if let Some(why) = check(&http, &mut held).await {
-                    break why;
-                }
+            () = tokio::time::sleep_until(held.expires_at) => {
+                break "the grant expired".to_owned();
             }
+            Some(report) = poll_rx.recv() => match report {
+                Report::Lease { token, expires_at } => {
+                    held.token = token;
+                    held.expires_at = expires_at;
+                }
+                Report::Ended(why) => break why,
+            },
         }
     };
+    poller.abort();
 
     // 4. The grant ended first: stop the command.
     say(
@@ -283,15 +449,15 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
     if let Some(t) = &target {
         t.signal(Signal::SIGTERM);
     }
-    let grace = Duration::from_secs(a.grace.secs());
-    let status = match tokio::time::timeout(grace, child.wait()).await {
+    let deadline = Instant::now() + grace;
+    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(s) => s.ok(),
         Err(_) => {
             say(
                 false,
                 &format!(
-                    "the command did not exit within {}s of SIGTERM; sending SIGKILL",
-                    grace.as_secs()
+                    "the command did not exit within {} of SIGTERM; sending SIGKILL",
+                    a.grace
                 ),
             );
             match &target {
@@ -306,10 +472,177 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
     if let Some(s) = status {
         say(a.quiet, &format!("the command ended ({})", describe(s)));
     }
-    Err(fail(
-        EXIT_GRANT_ENDED,
-        format!("the grant ended before the command: {ended}"),
-    ))
+    // The group (if any) has had its SIGTERM; what is left of it, and what was
+    // left outside it, gets the rest of the grace period.
+    end_leftovers(
+        group,
+        deadline.saturating_duration_since(Instant::now()),
+        true,
+    )
+    .await;
+    Ok(Done::Stopped(ended))
+}
+
+/// What the poll task tells the supervision loop.
+enum Report {
+    /// The grant holds, with this token (renewal changes it) until this instant.
+    Lease { token: String, expires_at: Instant },
+    /// The grant has ended.
+    Ended(String),
+}
+
+/// Asks the broker about the grant every `poll`, renewing it when due, and reports
+/// what changed. Runs until the grant ends or the loop stops listening.
+async fn watch_grant(
+    http: reqwest::Client,
+    mut held: Held,
+    poll: Duration,
+    tx: mpsc::UnboundedSender<Report>,
+) {
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let before = (held.token.clone(), held.expires_at);
+        let ended = check(&http, &mut held).await;
+        let report = match ended {
+            Some(why) => Report::Ended(why),
+            None if before != (held.token.clone(), held.expires_at) => Report::Lease {
+                token: held.token.clone(),
+                expires_at: held.expires_at,
+            },
+            None => continue,
+        };
+        let last = matches!(report, Report::Ended(_));
+        if tx.send(report).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Makes `lapse run` the reaper of its descendants' orphans (Linux), so that what
+/// the command leaves behind can be found as our children.
+fn adopt_orphans() {
+    #[cfg(target_os = "linux")]
+    {
+        // Without it, the command's own process group is still ended.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    }
+}
+
+/// One process the command left running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Leftover {
+    pid: Pid,
+    /// Whether it is in the command's process group.
+    in_group: bool,
+}
+
+/// What the command left running: members of its process group (when it has one)
+/// and processes re-parented to us, not counting zombies (ours are reaped here).
+/// `None` when `/proc` cannot be read.
+fn leftovers(group: Option<Pid>) -> Option<Vec<Leftover>> {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let me = std::process::id().to_string();
+    let group = group.map(|g| g.as_raw().to_string());
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp …`; comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split(' ');
+        let (Some(state), Some(ppid), Some(pgrp)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let ours = ppid == me;
+        let in_group = group.as_deref() == Some(pgrp);
+        if matches!(state, "Z" | "X") {
+            if ours {
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            }
+            continue;
+        }
+        if ours || in_group {
+            out.push(Leftover {
+                pid: Pid::from_raw(pid),
+                in_group,
+            });
+        }
+    }
+    Some(out)
+}
+
+/// Ends what the command left running: SIGTERM, then SIGKILL once `grace` has
+/// passed. `group_termed`: the command's group has had its SIGTERM already.
+async fn end_leftovers(group: Option<Pid>, grace: Duration, group_termed: bool) {
+    const EVERY: Duration = Duration::from_millis(50);
+    let deadline = Instant::now() + grace;
+    let Some(mut left) = leftovers(group) else {
+        // No `/proc`: the group is all we know of.
+        if let Some(g) = group
+            && killpg(g, None::<Signal>).is_ok()
+        {
+            if !group_termed {
+                let _ = killpg(g, Signal::SIGTERM);
+            }
+            while Instant::now() < deadline && killpg(g, None::<Signal>).is_ok() {
+                tokio::time::sleep(EVERY).await;
+            }
+            let _ = killpg(g, Signal::SIGKILL);
+        }
+        return;
+    };
+    if left.is_empty() {
+        return;
+    }
+    eprintln!(
+        "lapse run: the command left {} process(es) running; ending them",
+        left.len()
+    );
+    let mut termed: BTreeSet<Pid> = BTreeSet::new();
+    loop {
+        for l in &left {
+            if !(group_termed && l.in_group) && termed.insert(l.pid) {
+                let _ = kill(l.pid, Signal::SIGTERM);
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(EVERY.min(deadline.saturating_duration_since(Instant::now()))).await;
+        left = leftovers(group).unwrap_or_default();
+        if left.is_empty() {
+            return;
+        }
+    }
+    eprintln!(
+        "lapse run: {} process(es) left by the command did not exit after SIGTERM; sending SIGKILL",
+        left.len()
+    );
+    // Until none is left: a process killed may have children of its own, which
+    // are re-parented to us in turn.
+    for _ in 0..20 {
+        if let Some(g) = group {
+            let _ = killpg(g, Signal::SIGKILL);
+        }
+        for l in &left {
+            let _ = kill(l.pid, Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = leftovers(group).unwrap_or_default();
+        if left.is_empty() {
+            return;
+        }
+    }
 }
 
 /// Where signals for the command go: its process group when it has its own.
@@ -351,7 +684,13 @@ async fn check(http: &reqwest::Client, held: &mut Held) -> Option<String> {
     if held.renewing && due && remaining > Duration::ZERO {
         let body = json!({ "ttl": format!("{}s", held.ttl_secs) });
         match held
-            .call(http, reqwest::Method::POST, "renew", Some(body))
+            .call(
+                http,
+                reqwest::Method::POST,
+                "renew",
+                Some(body),
+                CALL_TIMEOUT,
+            )
             .await
         {
             Ok(r) if r.status().is_success() => {
@@ -391,7 +730,10 @@ async fn check(http: &reqwest::Client, held: &mut Held) -> Option<String> {
     if Instant::now() >= held.expires_at {
         return Some("the grant expired".into());
     }
-    match held.call(http, reqwest::Method::GET, "status", None).await {
+    match held
+        .call(http, reqwest::Method::GET, "status", None, CALL_TIMEOUT)
+        .await
+    {
         Ok(r) if r.status().is_success() => {
             let v: Value = r.json().await.unwrap_or(Value::Null);
             if v["live"].as_bool() == Some(true) {
@@ -420,7 +762,13 @@ async fn check(http: &reqwest::Client, held: &mut Held) -> Option<String> {
 
 async fn complete(http: &reqwest::Client, held: &Held, body: Value) {
     match held
-        .call(http, reqwest::Method::POST, "complete", Some(body))
+        .call(
+            http,
+            reqwest::Method::POST,
+            "complete",
+            Some(body),
+            COMPLETE_TIMEOUT,
+        )
         .await
     {
         Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT => {}

@@ -988,3 +988,374 @@ fn renewal_stops_at_the_maximum_lifetime_and_the_command_keeps_access_until_then
     assert!(took >= Duration::from_secs(7), "{took:?}");
     assert!(took < Duration::from_secs(14), "{took:?}");
 }
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_default()
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// Sends `sig` to `pid` with kill(1).
+fn send_signal(pid: u32, sig: &str) {
+    let s = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success(), "kill -{sig} {pid}");
+}
+
+/// Reads one line of a running child's output, failing after `within`.
+fn line_within(rx: &std::sync::mpsc::Receiver<String>, within: Duration) -> Option<String> {
+    rx.recv_timeout(within).ok()
+}
+
+/// Every stdout line of `child`, as it comes, on a channel.
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l.trim().to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn a_frozen_broker_delays_neither_forwarded_signals_nor_the_stop_at_expiry() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let env = [("LAPSE_IDENTITY_TOKEN", identity.as_str())];
+
+    // The broker stops answering (SIGSTOP: connections are accepted by the kernel,
+    // nothing replies) while `lapse run` polls it; SIGTERM still reaches the
+    // command at once.
+    let mut child = b
+        .run(&[READ, &["--poll", "1s", "--grace", "1s"]].concat(), &env)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 42' TERM; echo \"$LAPSE_GRANT_ID\"; while :; do sleep 0.1; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut child);
+    line_within(&lines, Duration::from_secs(10)).expect("the command started");
+    send_signal(b.child.id(), "STOP");
+    // A status call is now in flight and unanswered.
+    std::thread::sleep(Duration::from_millis(2500));
+    let t = Instant::now();
+    send_signal(child.id(), "TERM");
+    let got = line_within(&lines, Duration::from_secs(15));
+    let took = t.elapsed();
+    assert_eq!(got.as_deref(), Some("got-term"));
+    assert!(took < Duration::from_millis(1500), "SIGTERM took {took:?}");
+    // Completing the grant cannot reach the broker; the command's code still
+    // comes back once that gives up.
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+    send_signal(b.child.id(), "CONT");
+
+    // Frozen again: the grant's expiry (6 s) stops the command on time by the local
+    // clock, however long the status call hangs.
+    let mut child = b
+        .run(
+            &[READ, &["--ttl", "6s", "--poll", "1s", "--grace", "1s"]].concat(),
+            &env,
+        )
+        .args(["--", "sh", "-c", "echo $$; exec sleep 60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut child);
+    let pid = line_within(&lines, Duration::from_secs(10)).expect("the command started");
+    let issued = Instant::now();
+    send_signal(b.child.id(), "STOP");
+    while running(&pid) && issued.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = issued.elapsed();
+    send_signal(b.child.id(), "CONT");
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(EXIT_GRANT_ENDED), "{err}");
+    assert!(err.contains("expired"), "{err}");
+    assert!(
+        stopped < Duration::from_millis(7500),
+        "stopped {stopped:?} after the grant was issued (ttl 6s): {err}"
+    );
+}
+
+#[test]
+fn millisecond_poll_and_grace_stop_a_revoked_command_within_a_second() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let env = [("LAPSE_IDENTITY_TOKEN", identity.as_str())];
+    // Zero, and what is not a duration, are usage errors; nothing runs.
+    for bad in [
+        ["--poll", "0"],
+        ["--poll", "0ms"],
+        ["--grace", "0s"],
+        ["--poll", "1.5s"],
+    ] {
+        let o = b
+            .run(&[READ, &bad].concat(), &env)
+            .args(["--", "sh", "-c", "echo ran"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", show(&o));
+        assert!(o.stdout.is_empty(), "{bad:?}: {}", show(&o));
+    }
+    // A command that ignores SIGTERM: a 250 ms poll and a 250 ms grace end it well
+    // within a second of the revocation.
+    let mut child = b
+        .run(
+            &[READ, &["--poll", "250ms", "--grace", "250ms"]].concat(),
+            &env,
+        )
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo \"$LAPSE_GRANT_ID\"; while :; do sleep 0.05; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let grant = first_lines(&mut child, 1).remove(0);
+    let t = Instant::now();
+    let r = b.post(
+        &format!("/v1/grants/{grant}/revoke"),
+        json!({ "reason": "fast stop" }),
+    );
+    assert_eq!(r["state"], "revoked", "{r}");
+    let status = child.wait().unwrap();
+    let took = t.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(EXIT_GRANT_ENDED), "{err}");
+    assert!(err.contains("within 250ms of SIGTERM"), "{err}");
+    // poll (250 ms) + grace (250 ms) + slack for a loaded machine; whole seconds
+    // could not go below 2 s.
+    assert!(took < Duration::from_millis(1500), "{took:?}: {err}");
+}
+
+#[test]
+fn what_the_command_leaves_running_ends_with_it() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let env = [("LAPSE_IDENTITY_TOKEN", identity.as_str())];
+    // Without a terminal: a background `sleep` that handles SIGTERM, and one that
+    // ignores it (SIGKILL after the grace). The command's own code comes back.
+    let t = Instant::now();
+    let o = b
+        .run(&[READ, &["--grace", "1s"]].concat(), &env)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "sleep 300 >/dev/null 2>&1 & echo $!; \
+             (trap '' TERM; exec sleep 300) >/dev/null 2>&1 & echo $!; exit 5",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert_eq!(o.status.code(), Some(5), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let pids: Vec<&str> = out.lines().collect();
+    assert_eq!(pids.len(), 2, "{}", show(&o));
+    for pid in &pids {
+        assert!(!running(pid), "{pid} outlived the command: {}", show(&o));
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("left 2 process(es)"), "{err}");
+    assert!(err.contains("SIGKILL"), "{err}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+
+    // On a terminal (script(1) gives it one), where the command shares `lapse run`'s
+    // process group: what it leaves is found all the same, and a process that left
+    // the group with setsid too. (`nohup`: the terminal's hangup must not do it.)
+    let cmdline = format!(
+        "{LAPSE} run {} -- sh -c 'nohup sleep 300 >/dev/null 2>&1 & echo bg=$!; setsid sleep 300 >/dev/null 2>&1 & echo bg=$!; sleep 0.2'",
+        READ.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LAPSE_URL", &b.url)
+        .env("LAPSE_IDENTITY_TOKEN", &identity)
+        .current_dir(b.dir.parent().unwrap())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("script(1) is needed for this test: {e}"));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let pids: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("bg="))
+        .collect();
+    assert_eq!(pids.len(), 2, "{}", show(&o));
+    for pid in &pids {
+        assert!(!running(pid), "{pid} outlived the command: {}", show(&o));
+    }
+}
+
+#[test]
+fn the_command_cannot_get_a_grant_of_its_own_from_the_identity_file() {
+    let b = Broker::start("");
+    let file = b.dir.join("projected-token");
+    std::fs::write(&file, b.dev_identity()).unwrap();
+    // The command sees no LAPSE_IDENTITY_FILE, and a `lapse run` inside it finds no
+    // identity (exit 2) instead of obtaining a second, independent grant.
+    let nested = format!(
+        "env | grep '^LAPSE_IDENTITY' ; {LAPSE} run {} -- true; echo nested=$?",
+        READ.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let o = b
+        .run(READ, &[("LAPSE_IDENTITY_FILE", file.to_str().unwrap())])
+        .args(["--", "sh", "-c", &nested])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("LAPSE_IDENTITY_FILE"), "{}", show(&o));
+    assert!(out.contains("nested=2"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no identity token found"),
+        "{}",
+        show(&o)
+    );
+    let active = b.get("/v1/grants?state=active");
+    assert_eq!(active["grants"], json!([]), "{active}");
+}
+
+#[test]
+fn exit_code_base_and_status_file_tell_lapse_from_the_command() {
+    let b = Broker::start("");
+    let identity = b.dev_identity();
+    let env = [("LAPSE_IDENTITY_TOKEN", identity.as_str())];
+    let status_path = b.dir.join("status.json");
+    let status_file = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(&status_path).unwrap()).unwrap()
+    };
+    let access = |scope: &'static str| {
+        vec![
+            "--audience",
+            "orders-db",
+            "--scope",
+            scope,
+            "--task",
+            "T-codes",
+            "--purpose",
+            "exit codes",
+            "--exit-code-base",
+            "100",
+            "--status-file",
+            status_path.to_str().unwrap(),
+        ]
+    };
+    // Denied: 100+3, before the command.
+    let o = b
+        .run(&access("write"), &env)
+        .args(["--", "sh", "-c", "echo ran"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(103), "{}", show(&o));
+    let s = status_file();
+    assert_eq!(s["phase"], "before-command", "{s}");
+    assert_eq!(s["exit"], 103, "{s}");
+    assert!(
+        s["error"].as_str().unwrap().contains("access_denied"),
+        "{s}"
+    );
+    // Approval needed: 100+4.
+    let o = b
+        .run(&access("admin"), &env)
+        .args(["--", "sh", "-c", "echo ran"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(104), "{}", show(&o));
+    assert_eq!(status_file()["exit"], 104);
+    // The command's own 3 stays 3, and is recorded as the command's.
+    let o = b
+        .run(&access("read"), &env)
+        .args(["--", "sh", "-c", "exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_eq!(
+        status_file(),
+        json!({ "phase": "command", "exit": 3, "error": null })
+    );
+    // A command that cannot be found: 100+127.
+    let o = b
+        .run(&access("read"), &env)
+        .args(["--", "/nonexistent/command"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(227), "{}", show(&o));
+    assert_eq!(status_file()["phase"], "before-command");
+    // The grant ends first: 100+111, during the command.
+    let mut child = b
+        .run(&[&access("read")[..], &["--poll", "250ms"]].concat(), &env)
+        .args(["--", "sh", "-c", "echo \"$LAPSE_GRANT_ID\"; exec sleep 30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let grant = first_lines(&mut child, 1).remove(0);
+    let s = status_file();
+    assert_eq!(
+        s,
+        json!({ "phase": "command", "exit": null, "error": null }),
+        "while the command runs"
+    );
+    b.post(
+        &format!("/v1/grants/{grant}/revoke"),
+        json!({ "reason": "incident 7" }),
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(211));
+    let s = status_file();
+    assert_eq!(s["phase"], "command", "{s}");
+    assert_eq!(s["exit"], 211, "{s}");
+    assert!(s["error"].as_str().unwrap().contains("incident 7"), "{s}");
+    // A base that would push codes past 255 is refused.
+    let o = b
+        .run(&["--exit-code-base", "200"], &env)
+        .args(READ)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+}
