@@ -526,4 +526,9 @@ impl AuditSigner for KeyRing {
             .map(|k| (k.kid().to_owned(), k.sign(message)))
             .unwrap_or_default()
     }
+
+    fn verifies(&self, kid: &str, message: &[u8], signature: &[u8]) -> bool {
+        self.any(kid)
+            .is_some_and(|p| p.verify(message, signature).is_ok())
+    }
 }

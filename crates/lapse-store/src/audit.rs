@@ -75,6 +75,77 @@ pub trait AuditSigner: Send + Sync + 'static {
     /// Signs with the key that signs now: its key id and the signature (one call,
     /// so a key rotation cannot fall between them).
     fn sign(&self, message: &[u8]) -> (String, Vec<u8>);
+    /// Whether `signature` over `message` verifies with key `kid` (any key the
+    /// signer knows, current or retired). The writer checks a checkpoint it did not
+    /// write itself before it appends after it: it never signs a head it has not
+    /// verified.
+    fn verifies(&self, kid: &str, message: &[u8], signature: &[u8]) -> bool;
+}
+
+/// The signed head a writer appends after, checked against the log's last entry.
+///
+/// `last` is the last stored entry (`seq`, `hash`); `known` is the head this
+/// writer signed itself last (no signature check is needed then). Fails — and the
+/// writer must refuse to append — when entries follow the checkpoint (appended
+/// behind Lapse's back: signing a new head over them would launder them), when the
+/// log ends before it (truncated), when the two disagree, or when the checkpoint's
+/// signature does not verify.
+pub fn trusted_head(
+    checkpoint: Option<&Checkpoint>,
+    last: Option<(u64, &str)>,
+    known: Option<&(u64, String)>,
+    verifies: impl Fn(&str, &[u8], &[u8]) -> bool,
+) -> Result<(u64, String), String> {
+    let refuse = |why: String| {
+        Err(format!(
+            "{why}; refusing to append to the audit log (run `lapse audit verify`)"
+        ))
+    };
+    let (cp_seq, cp_hash) = match checkpoint {
+        // A fresh store (the PostgreSQL schema starts with an unsigned row at 0).
+        None | Some(Checkpoint { seq: 0, .. }) => {
+            return match last {
+                None => Ok((0, GENESIS.to_owned())),
+                Some((seq, _)) => refuse(format!(
+                    "the audit log holds entries up to {seq} but no signed checkpoint"
+                )),
+            };
+        }
+        Some(cp) => (cp.seq, cp.hash.as_str()),
+    };
+    match last {
+        Some((seq, _)) if seq > cp_seq => {
+            return refuse(format!(
+                "entries {}..={seq} follow the signed checkpoint ({cp_seq}) and were not written by Lapse",
+                cp_seq + 1
+            ));
+        }
+        Some((seq, hash)) if seq == cp_seq && hash == cp_hash => {}
+        Some((seq, _)) if seq == cp_seq => {
+            return refuse(format!(
+                "the last entry ({seq}) does not match the signed checkpoint's hash"
+            ));
+        }
+        _ => {
+            return refuse(format!(
+                "the log ends before the signed checkpoint ({cp_seq}): entries were deleted"
+            ));
+        }
+    }
+    if known.is_some_and(|(s, h)| *s == cp_seq && h == cp_hash) {
+        return Ok((cp_seq, cp_hash.to_owned()));
+    }
+    let Some(cp) = checkpoint else {
+        return refuse("no checkpoint".into());
+    };
+    let sig = hex::decode(&cp.signature).unwrap_or_default();
+    if verifies(&cp.kid, &checkpoint_message(cp.seq, &cp.hash), &sig) {
+        Ok((cp_seq, cp_hash.to_owned()))
+    } else {
+        refuse(format!(
+            "the checkpoint at entry {cp_seq} is not signed by a key of the ring"
+        ))
+    }
 }
 
 /// The result of verifying a chain.
@@ -115,6 +186,23 @@ impl ChainVerifier {
             checkpoint,
             at_checkpoint: None,
         }
+    }
+
+    /// The checkpoint to check the chain's end against, when it is read after the
+    /// entries (so that a commit between the two reads cannot pass for a forged
+    /// tail). Call it after the last [`ChainVerifier::push`].
+    pub fn set_checkpoint(&mut self, checkpoint: Option<Checkpoint>) {
+        let last = self.last();
+        self.at_checkpoint = match &checkpoint {
+            Some(cp) if cp.seq == last && last > 0 => Some(self.prev.clone()),
+            _ => None,
+        };
+        self.checkpoint = checkpoint;
+    }
+
+    /// The sequence number of the last entry pushed (0 before any).
+    pub fn last(&self) -> u64 {
+        self.expected_seq - 1
     }
 
     /// Feeds the next entry; returns false once the chain is known bad.
@@ -180,6 +268,19 @@ impl ChainVerifier {
                                 cp.seq
                             ),
                         ));
+                    } else if cp.seq < last {
+                        // Every commit re-signs the head in the transaction that
+                        // appends: a tail no checkpoint covers was written behind
+                        // Lapse's back (or read before the checkpoint was: callers
+                        // read the checkpoint after the entries).
+                        self.first_bad = Some((
+                            cp.seq + 1,
+                            format!(
+                                "entries {}..={last} follow the signed checkpoint ({}): they are not signed, and Lapse did not write them",
+                                cp.seq + 1,
+                                cp.seq
+                            ),
+                        ));
                     } else if self.at_checkpoint.as_deref() != Some(cp.hash.as_str()) {
                         self.first_bad = Some((cp.seq, "the chain does not pass through the signed checkpoint's hash (the chain was rewritten)".into()));
                     }
@@ -194,8 +295,8 @@ impl ChainVerifier {
     }
 }
 
-/// Verifies a chain end to end. Entries past the checkpoint (appended after it was
-/// read) are checked by their links only.
+/// Verifies a chain end to end. Read the checkpoint after the entries: an entry
+/// past it is reported as an unsigned tail.
 pub fn verify<'a>(
     entries: impl IntoIterator<Item = &'a AuditEntry>,
     checkpoint: Option<&Checkpoint>,
@@ -208,4 +309,130 @@ pub fn verify<'a>(
         }
     }
     v.finish(verify_sig)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn cp(seq: u64, hash: &str, signature: &str) -> Checkpoint {
+        Checkpoint {
+            seq,
+            hash: hash.into(),
+            kid: "k".into(),
+            signature: signature.into(),
+            at: 0,
+        }
+    }
+
+    /// Signatures are the hex of "ok" in these cases.
+    fn good(_: &str, _: &[u8], s: &[u8]) -> bool {
+        s == b"ok"
+    }
+
+    #[test]
+    fn a_writer_appends_only_after_a_signed_head_that_ends_the_log() {
+        let ok = hex::encode("ok");
+        let signed = cp(3, "h3", &ok);
+        // The log ends at the signed head: append after it.
+        assert_eq!(
+            trusted_head(Some(&signed), Some((3, "h3")), None, good),
+            Ok((3, "h3".into()))
+        );
+        // A fresh store, with or without the unsigned genesis row.
+        assert_eq!(
+            trusted_head(None, None, None, good),
+            Ok((0, GENESIS.into()))
+        );
+        assert_eq!(
+            trusted_head(Some(&cp(0, GENESIS, "")), None, None, good),
+            Ok((0, GENESIS.into()))
+        );
+        let refused = |r: Result<(u64, String), String>, what: &str| {
+            let e = r.err().unwrap_or_else(|| panic!("accepted: {what}"));
+            assert!(e.contains("refusing to append"), "{e}");
+            e
+        };
+        let e = refused(
+            trusted_head(Some(&signed), Some((4, "h4")), None, good),
+            "a tail",
+        );
+        assert!(e.contains("entries 4..=4 follow"), "{e}");
+        refused(
+            trusted_head(Some(&signed), Some((2, "h2")), None, good),
+            "a truncated log",
+        );
+        refused(
+            trusted_head(Some(&signed), None, None, good),
+            "an emptied log",
+        );
+        refused(
+            trusted_head(Some(&signed), Some((3, "other")), None, good),
+            "a last entry that is not the signed one",
+        );
+        refused(
+            trusted_head(None, Some((1, "h1")), None, good),
+            "entries without a checkpoint",
+        );
+        refused(
+            trusted_head(Some(&cp(0, GENESIS, "")), Some((1, "h1")), None, good),
+            "entries after the genesis row",
+        );
+        let e = refused(
+            trusted_head(Some(&cp(3, "h3", "bad")), Some((3, "h3")), None, good),
+            "a bad signature",
+        );
+        assert!(e.contains("not signed by a key"), "{e}");
+        // The head this writer signed itself needs no second check...
+        let known = (3, "h3".to_owned());
+        assert_eq!(
+            trusted_head(
+                Some(&cp(3, "h3", "bad")),
+                Some((3, "h3")),
+                Some(&known),
+                good
+            ),
+            Ok((3, "h3".into()))
+        );
+        // ...but it vouches for nothing else.
+        refused(
+            trusted_head(Some(&signed), Some((4, "h4")), Some(&known), good),
+            "a tail after the known head",
+        );
+    }
+
+    #[test]
+    fn a_tail_past_the_checkpoint_read_after_it_does_not_verify() {
+        let mut prev = GENESIS.to_owned();
+        let mut entries = Vec::new();
+        for seq in 1..=3 {
+            let hash = entry_hash(seq, 0, "k", None, "a", "{}", &prev);
+            entries.push(AuditEntry {
+                seq,
+                at: 0,
+                kind: "k".into(),
+                grant_id: None,
+                actor: "a".into(),
+                data: "{}".into(),
+                prev_hash: prev.clone(),
+                hash: hash.clone(),
+            });
+            prev = hash;
+        }
+        let ok = hex::encode("ok");
+        let at = |n: usize| cp(n as u64, &entries[n - 1].hash, &ok);
+        assert!(verify(&entries, Some(&at(3)), good).ok());
+        let r = verify(&entries, Some(&at(2)), good);
+        let (seq, why) = r.first_bad.unwrap();
+        assert_eq!(seq, 3);
+        assert!(why.contains("follow the signed checkpoint"), "{why}");
+        // The same when the checkpoint is set after the entries were pushed.
+        let mut v = ChainVerifier::new(None);
+        for e in &entries {
+            assert!(v.push(e));
+        }
+        v.set_checkpoint(Some(at(3)));
+        assert!(v.finish(good).ok());
+    }
 }

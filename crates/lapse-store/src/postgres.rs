@@ -32,7 +32,10 @@ use tokio_postgres::types::ToSql;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
-    (2, include_str!("../migrations/postgres/0002_leader_lease.sql")),
+    (
+        2,
+        include_str!("../migrations/postgres/0002_leader_lease.sql"),
+    ),
 ];
 const MAX_GROUP: usize = 512;
 const POOL_SIZE: usize = 16;
@@ -174,6 +177,7 @@ impl PgStore {
             pool: pool.clone(),
             signer,
             timeout: timeout + CLIENT_GRACE,
+            known: std::sync::Mutex::new(None),
         };
         let tasks = vec![
             tokio::spawn(writer.run(rx)),
@@ -315,6 +319,9 @@ struct Writer {
     pool: Pool,
     signer: Arc<dyn AuditSigner>,
     timeout: Duration,
+    /// The head this writer signed (or verified) last: its signature needs no
+    /// second check while no other replica has appended since.
+    known: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 /// One grant row as written at the end of a group (the last write to it wins; the
@@ -406,16 +413,7 @@ impl Writer {
         batches: &[WriteBatch],
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let tx = client.transaction().await.map_err(pg_err)?;
-        let head = tx
-            .query_one(
-                "SELECT seq, hash, feed_seq FROM audit_checkpoint WHERE id = 1 FOR UPDATE",
-                &[],
-            )
-            .await
-            .map_err(pg_err)?;
-        let mut seq = to_u64(head.try_get(0).map_err(pg_err)?);
-        let mut hash: String = head.try_get(1).map_err(pg_err)?;
-        let mut feed_seq = to_u64(head.try_get(2).map_err(pg_err)?);
+        let (mut seq, mut hash, mut feed_seq) = self.read_head(&tx).await?;
 
         // What is committed, read under the lock every writer takes first.
         let ids: Vec<String> = batches
@@ -710,7 +708,61 @@ impl Writer {
         )
         .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((seq, hash));
         Ok(results)
+    }
+
+    /// Locks the head row (every writer of every replica queues here) and answers
+    /// the head to append after — the signed checkpoint, checked against the last
+    /// entry ([`crate::audit::trusted_head`]) — and the feed's head.
+    async fn read_head(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(u64, String, u64), StoreError> {
+        let row = tx
+            .query_one(
+                "SELECT seq, hash, feed_seq, kid, signature FROM audit_checkpoint WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        // A statement of its own, after the lock: its snapshot sees what the
+        // writer before committed (a subquery of the locking statement would not).
+        let tail = tx
+            .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
+            .await
+            .map_err(pg_err)?;
+        let checkpoint = Checkpoint {
+            seq: to_u64(row.try_get(0).map_err(pg_err)?),
+            hash: row.try_get(1).map_err(pg_err)?,
+            kid: row.try_get(3).map_err(pg_err)?,
+            signature: row.try_get(4).map_err(pg_err)?,
+            at: 0,
+        };
+        let feed_seq = to_u64(row.try_get(2).map_err(pg_err)?);
+        let last = match tail {
+            Some(r) => Some((
+                to_u64(r.try_get(0).map_err(pg_err)?),
+                r.try_get::<_, String>(1).map_err(pg_err)?,
+            )),
+            None => None,
+        };
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (seq, hash) = crate::audit::trusted_head(
+            Some(&checkpoint),
+            last.as_ref().map(|(s, h)| (*s, h.as_str())),
+            known.as_ref(),
+            |k, m, s| self.signer.verifies(k, m, s),
+        )
+        .map_err(StoreError::Corrupt)?;
+        Ok((seq, hash, feed_seq))
     }
 }
 

@@ -168,7 +168,14 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("lapse-store-writer".into())
-            .spawn(move || Writer { conn, signer }.run(rx))
+            .spawn(move || {
+                Writer {
+                    conn,
+                    signer,
+                    known: None,
+                }
+                .run(rx)
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             writer: tx,
@@ -204,22 +211,55 @@ impl SqliteStore {
     }
 }
 
-fn read_head(conn: &Connection) -> Result<(u64, String), StoreError> {
-    let row: Option<(i64, String)> = conn
+fn read_checkpoint(c: &Connection) -> Result<Option<Checkpoint>, StoreError> {
+    c.query_row(
+        "SELECT seq, hash, kid, signature, at FROM audit_checkpoint WHERE id = 1",
+        [],
+        |r| {
+            Ok(Checkpoint {
+                seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                hash: r.get(1)?,
+                kid: r.get(2)?,
+                signature: r.get(3)?,
+                at: r.get(4)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(StoreError::from)
+}
+
+/// The head to append after: the signed checkpoint, checked against the last
+/// entry ([`crate::audit::trusted_head`]). `known` is the head this writer signed
+/// last, whose signature needs no check.
+fn read_head(
+    conn: &Connection,
+    signer: &dyn AuditSigner,
+    known: Option<&(u64, String)>,
+) -> Result<(u64, String), StoreError> {
+    let last: Option<(i64, String)> = conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| {
-        (u64::try_from(s).unwrap_or(0), h)
-    }))
+    let checkpoint = read_checkpoint(conn)?;
+    let last = last.map(|(s, h)| (u64::try_from(s).unwrap_or(0), h));
+    crate::audit::trusted_head(
+        checkpoint.as_ref(),
+        last.as_ref().map(|(s, h)| (*s, h.as_str())),
+        known,
+        |k, m, sig| signer.verifies(k, m, sig),
+    )
+    .map_err(StoreError::Corrupt)
 }
 
 struct Writer {
     conn: Connection,
     signer: Arc<dyn AuditSigner>,
+    /// The head this writer signed last.
+    known: Option<(u64, String)>,
 }
 
 impl Writer {
@@ -251,35 +291,40 @@ impl Writer {
     }
 
     fn group(&mut self, jobs: Vec<Job>) {
+        // Every job's reply is kept out here, so a failure before a job is reached
+        // (the head refused, the database locked) still answers it.
         let mut replies: Vec<(Reply, Result<(), StoreError>)> = Vec::new();
+        let mut batches = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Ping(reply) => replies.push((reply, Ok(()))),
+                Job::Prune(..) => {}
+                Job::Commit(batch, reply) => batches.push((batch, reply)),
+            }
+        }
         let mut head = (0, GENESIS.to_owned());
-        let outcome = (|| -> Result<(), StoreError> {
+        let outcome = (|| -> Result<Vec<Result<(), StoreError>>, StoreError> {
             let mut tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // Another process may share the file: the head is read under the write
             // lock, never trusted from memory, so two writers cannot fork the chain.
-            head = read_head(&tx)?;
+            head = read_head(&tx, self.signer.as_ref(), self.known.as_ref())?;
             let mut appended = false;
-            for job in jobs {
-                match job {
-                    Job::Ping(reply) => replies.push((reply, Ok(()))),
-                    Job::Prune(..) => {}
-                    Job::Commit(batch, reply) => {
-                        let sp = tx.savepoint()?;
-                        let mut h = head.clone();
-                        match apply(&sp, &batch, &mut h) {
-                            Ok(()) => {
-                                sp.commit()?;
-                                appended |= !batch.events.is_empty();
-                                head = h;
-                                replies.push((reply, Ok(())));
-                            }
-                            Err(e) => {
-                                drop(sp); // rolls the savepoint back
-                                replies.push((reply, Err(e)));
-                            }
-                        }
+            let mut results = Vec::with_capacity(batches.len());
+            for (batch, _) in &batches {
+                let sp = tx.savepoint()?;
+                let mut h = head.clone();
+                match apply(&sp, batch, &mut h) {
+                    Ok(()) => {
+                        sp.commit()?;
+                        appended |= !batch.events.is_empty();
+                        head = h;
+                        results.push(Ok(()));
+                    }
+                    Err(e) => {
+                        drop(sp); // rolls the savepoint back
+                        results.push(Err(e));
                     }
                 }
             }
@@ -294,17 +339,25 @@ impl Writer {
                 )?;
             }
             tx.commit()?;
-            Ok(())
+            Ok(results)
         })();
         match outcome {
-            Ok(()) => {
+            Ok(results) => {
+                self.known = Some(head);
                 for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+                for ((_, reply), result) in batches.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; nothing in this group was written");
-                for (reply, _) in replies {
+                let answers = replies
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .chain(batches.into_iter().map(|(_, r)| r));
+                for reply in answers {
                     let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
             }
@@ -660,24 +713,7 @@ impl Store for SqliteStore {
     }
 
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT seq, hash, kid, signature, at FROM audit_checkpoint WHERE id = 1",
-                [],
-                |r| {
-                    Ok(Checkpoint {
-                        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                        hash: r.get(1)?,
-                        kid: r.get(2)?,
-                        signature: r.get(3)?,
-                        at: r.get(4)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(StoreError::from)
-        })
-        .await
+        self.read(read_checkpoint).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -724,6 +760,9 @@ mod tests {
     impl AuditSigner for Unsigned {
         fn sign(&self, _: &[u8]) -> (String, Vec<u8>) {
             ("test".into(), vec![0; 64])
+        }
+        fn verifies(&self, _: &str, _: &[u8], _: &[u8]) -> bool {
+            false
         }
     }
 

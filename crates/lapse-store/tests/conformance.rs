@@ -27,6 +27,9 @@ impl AuditSigner for Signer {
     fn sign(&self, m: &[u8]) -> (String, Vec<u8>) {
         (self.0.kid().to_owned(), self.0.sign(m))
     }
+    fn verifies(&self, kid: &str, m: &[u8], sig: &[u8]) -> bool {
+        kid == self.0.kid() && self.0.public().verify(m, sig).is_ok()
+    }
 }
 
 fn grant(now: i64) -> Grant {
@@ -921,6 +924,66 @@ async fn a_nul_in_text_fails_only_its_batch(kind: Kind) -> Result<(), StoreError
     Ok(())
 }
 
+/// An entry appended behind the store's back with a correct link and hash (what
+/// anyone with write access to the database can compute) is reported as an
+/// unsigned tail, and no writer — the running one or a restarted one — appends
+/// after it, so it never gets signed into a checkpoint.
+async fn a_forged_tail_is_reported_and_never_signed(kind: Kind) -> Result<(), StoreError> {
+    let f = Fixture::new(kind).await;
+    seed(&f, 2).await;
+    let entries = f.store.audit(0, 100).await?;
+    let last = entries.last().cloned().unwrap_or_else(|| panic!("seeded"));
+    let cp = f.store.checkpoint().await?;
+    let (seq, at, data) = (last.seq + 1, last.at + 1, r#"{"reason":"done"}"#);
+    let hash = audit::entry_hash(seq, at, "grant.completed", None, "forger", data, &last.hash);
+    f.tamper(&format!(
+        "INSERT INTO audit (seq, at, kind, grant_id, actor, data, prev_hash, hash) \
+         VALUES ({seq}, {at}, 'grant.completed', NULL, 'forger', '{data}', '{}', '{hash}')",
+        last.hash
+    ))
+    .await;
+    let r = verify(&f).await;
+    let (bad, why) = r.first_bad.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(bad, seq, "{why}");
+    assert!(why.contains("follow the signed checkpoint"), "{why}");
+    let refused = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.contains("not written by Lapse"), "{m}");
+        }
+        other => panic!("appended after a forged tail: {other:?}"),
+    };
+    let (g, r) = fenced_write(f.store.as_ref(), None).await;
+    refused(r);
+    assert_eq!(f.store.grant(g.id).await?, None);
+    let reopened = f.open().await?;
+    let (_, r) = fenced_write(reopened.as_ref(), None).await;
+    refused(r);
+    assert_eq!(
+        f.store.checkpoint().await?,
+        cp,
+        "the checkpoint was not re-signed"
+    );
+    // A checkpoint whose signature does not verify is not appended after either.
+    f.tamper(&format!("DELETE FROM audit WHERE seq = {seq}"))
+        .await;
+    f.tamper(&format!(
+        "UPDATE audit_checkpoint SET signature = '{}' WHERE id = 1",
+        "00".repeat(64)
+    ))
+    .await;
+    let r = reopened
+        .commit(WriteBatch {
+            events: vec![event("grant.issued", &grant(1000))],
+            ..Default::default()
+        })
+        .await;
+    match r {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("not signed by a key"), "{m}"),
+        other => panic!("appended after a forged checkpoint: {other:?}"),
+    }
+    Ok(())
+}
+
 /// A leader-only write of `fence`'s term: one grant and its audit entry.
 async fn fenced_write(store: &dyn Store, fence: Option<u64>) -> (Grant, Result<(), StoreError>) {
     let g = grant(1000);
@@ -978,7 +1041,10 @@ async fn a_lapsed_lease_passes_on_and_fences_the_old_term(kind: Kind) -> Result<
     assert_eq!(f.store.try_lead(lease).await?, None);
     let before = verify(&f).await.entries;
     let (late, r) = fenced_write(f.store.as_ref(), Some(first)).await;
-    assert!(matches!(r, Err(StoreError::Fenced(t)) if t == first), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::Fenced(t)) if t == first),
+        "{r:?}"
+    );
     assert_eq!(f.store.grant(late.id).await?, None);
     let after = verify(&f).await;
     assert!(after.ok() && after.entries == before, "{after:?}");
@@ -1020,4 +1086,5 @@ conformance!(
     the_key_ring_is_stored,
     a_nul_in_text_fails_only_its_batch,
     a_lapsed_lease_passes_on_and_fences_the_old_term,
+    a_forged_tail_is_reported_and_never_signed,
 );

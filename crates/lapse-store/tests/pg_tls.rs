@@ -21,6 +21,9 @@ impl AuditSigner for Signer {
     fn sign(&self, m: &[u8]) -> (String, Vec<u8>) {
         (self.0.kid().to_owned(), self.0.sign(m))
     }
+    fn verifies(&self, kid: &str, m: &[u8], sig: &[u8]) -> bool {
+        kid == self.0.kid() && self.0.public().verify(m, sig).is_ok()
+    }
 }
 
 async fn open(url: &str) -> Result<PgStore, StoreError> {
