@@ -217,7 +217,13 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len() as u64, entries);
+    // The entries, then the signed checkpoint they end at.
+    assert_eq!(lines.len() as u64, entries + 1);
+    assert_eq!(
+        lines.last().unwrap()["checkpoint"]["seq"],
+        entries,
+        "{lines:?}"
+    );
     let kinds: Vec<&str> = lines.iter().filter_map(|e| e["kind"].as_str()).collect();
     for k in [
         "access.decided",
@@ -227,6 +233,87 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
     ] {
         assert!(kinds.contains(&k), "`{k}` missing from {kinds:?}");
     }
+
+    // The export verifies offline: against the store's key ring, or a JWKS.
+    let export_s = export.to_str().unwrap();
+    let offline = lapse(&["audit", "verify", "--data", data_s, "--file", export_s]);
+    assert_eq!(code(&offline), 0, "{}", show(&offline));
+    let key = lapse_token::SigningKey::load(&data.join("signing.pem")).unwrap();
+    let jwks = tmp.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::json!({ "keys": [key.jwk()] }).to_string(),
+    )
+    .unwrap();
+    let jwks_s = jwks.to_str().unwrap();
+    let offline = lapse(&["audit", "verify", "--file", export_s, "--jwks", jwks_s]);
+    assert_eq!(code(&offline), 0, "{}", show(&offline));
+    // An entry appended to the export with a correct link and hash is a tail the
+    // checkpoint does not cover; an export cut before its checkpoint is refused.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let (body, trailer) = text.trim_end().rsplit_once('\n').unwrap();
+    let last: lapse_store::AuditEntry = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    let forged_hash = lapse_store::audit::entry_hash(
+        last.seq + 1,
+        last.at,
+        "grant.completed",
+        None,
+        "forger",
+        "{}",
+        &last.hash,
+    );
+    let forged = lapse_store::AuditEntry {
+        seq: last.seq + 1,
+        kind: "grant.completed".into(),
+        grant_id: None,
+        actor: "forger".into(),
+        data: "{}".into(),
+        prev_hash: last.hash.clone(),
+        hash: forged_hash,
+        ..last
+    };
+    let tampered = tmp.path().join("tampered.jsonl");
+    std::fs::write(
+        &tampered,
+        format!(
+            "{body}\n{}\n{trailer}\n",
+            serde_json::to_string(&forged).unwrap()
+        ),
+    )
+    .unwrap();
+    let t = lapse(&[
+        "audit",
+        "verify",
+        "--file",
+        tampered.to_str().unwrap(),
+        "--jwks",
+        jwks_s,
+    ]);
+    assert_eq!(code(&t), 5, "{}", show(&t));
+    assert!(
+        String::from_utf8_lossy(&t.stdout).contains("follow the signed checkpoint"),
+        "{}",
+        show(&t)
+    );
+    std::fs::write(&tampered, format!("{body}\n")).unwrap();
+    let t = lapse(&[
+        "audit",
+        "verify",
+        "--file",
+        tampered.to_str().unwrap(),
+        "--jwks",
+        jwks_s,
+    ]);
+    assert_eq!(code(&t), 5, "{}", show(&t));
+    // Keys other than the signer's do not vouch for it.
+    let other = lapse_token::SigningKey::generate();
+    std::fs::write(
+        &jwks,
+        serde_json::json!({ "keys": [other.jwk()] }).to_string(),
+    )
+    .unwrap();
+    let t = lapse(&["audit", "verify", "--file", export_s, "--jwks", jwks_s]);
+    assert_eq!(code(&t), 5, "{}", show(&t));
 
     // Someone edits one entry in the database: exit 5, naming that entry.
     let victim = lines

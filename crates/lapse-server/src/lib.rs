@@ -334,22 +334,45 @@ pub async fn verify_audit(
 pub async fn verify_audit_visiting(
     store: &dyn Store,
     keys: &keyring::KeyRing,
-    mut visit: impl FnMut(&lapse_store::AuditEntry),
+    visit: impl FnMut(&lapse_store::AuditEntry),
 ) -> Result<VerifyReport, lapse_store::StoreError> {
-    let mut v = lapse_store::audit::ChainVerifier::new(store.checkpoint().await?);
-    let mut intact = true;
-    let mut after = 0;
-    loop {
-        let page = store.audit(after, 5000).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for e in &page {
-            intact = intact && v.push(e);
-            visit(e);
-        }
-    }
+    let mut v = lapse_store::audit::ChainVerifier::new(None);
+    let mut visit = visit;
+    let checkpoint = read_audit(store, |e| {
+        v.push(e);
+        visit(e);
+    })
+    .await?;
+    v.set_checkpoint(checkpoint);
     // The checkpoint may be signed by any key the ring ever had.
     Ok(v.finish(|k, m, s| keys.any(k).is_some_and(|p| p.verify(m, s).is_ok())))
+}
+
+/// Shows every audit entry to `visit`, in order, then answers the signed
+/// checkpoint, read after the entries: every commit appends and re-signs in one
+/// transaction, so a checkpoint read later covers at least every entry read, and
+/// an entry past it is a tail Lapse did not write. A checkpoint ahead of the
+/// entries read means commits landed meanwhile: read on (a few rounds; past them,
+/// a checkpoint the log never reaches is a truncation, which verification reports).
+pub async fn read_audit(
+    store: &dyn Store,
+    mut visit: impl FnMut(&lapse_store::AuditEntry),
+) -> Result<Option<lapse_store::Checkpoint>, lapse_store::StoreError> {
+    let mut after = 0;
+    let mut checkpoint = None;
+    for _ in 0..4 {
+        loop {
+            let page = store.audit(after, 5000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            page.iter().for_each(&mut visit);
+        }
+        checkpoint = store.checkpoint().await?;
+        if checkpoint.as_ref().is_none_or(|cp| cp.seq <= after) {
+            break;
+        }
+    }
+    Ok(checkpoint)
 }
 
 /// Sets `key` on a JSON object (a no-op on anything else, which callers never pass).

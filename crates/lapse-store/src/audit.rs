@@ -311,6 +311,55 @@ pub fn verify<'a>(
     v.finish(verify_sig)
 }
 
+/// The last line of an export (`lapse audit export`): the signed checkpoint the
+/// entries above it end at. Every other line is one [`AuditEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportTrailer {
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Verifies an export offline: its entries as a chain, ending at the checkpoint of
+/// its last line, signed by a key `verify_sig` knows (take the keys from a source
+/// other than the export). A line that is neither, or a missing trailer (a cut-off
+/// export), is an error naming the line.
+pub fn verify_export(
+    text: &str,
+    verify_sig: impl Fn(&str, &[u8], &[u8]) -> bool,
+) -> Result<VerifyReport, String> {
+    let mut v = ChainVerifier::new(None);
+    let mut trailer = None;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        if trailer.is_some() {
+            return Err(format!(
+                "line {}: the checkpoint line must be the last",
+                i + 1
+            ));
+        }
+        if line.starts_with("{\"checkpoint\"") {
+            let t: ExportTrailer = serde_json::from_str(line)
+                .map_err(|e| format!("line {}: not a checkpoint: {e}", i + 1))?;
+            trailer = Some(t);
+        } else {
+            let e: AuditEntry = serde_json::from_str(line)
+                .map_err(|e| format!("line {}: not an audit entry: {e}", i + 1))?;
+            v.push(&e);
+        }
+    }
+    let Some(trailer) = trailer else {
+        return Err(
+            "no checkpoint line: the export is cut off, or older than checkpoints in exports"
+                .into(),
+        );
+    };
+    v.set_checkpoint(trailer.checkpoint);
+    Ok(v.finish(verify_sig))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
