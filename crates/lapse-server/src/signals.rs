@@ -108,6 +108,33 @@ impl Lapse {
                     .is_none_or(|w| *w == g.request.workload.id)
                 && s.task.as_ref().is_none_or(|t| *t == g.request.task.id)
         });
+        // A sender bound to audiences speaks for those only: grants on others that
+        // its subject matches are left alone, and the record says how many.
+        let (matched, out_of_scope): (Vec<Grant>, Vec<Grant>) = matched
+            .into_iter()
+            .partition(|g| op.covers_audience(&g.request.audience));
+        if matched.is_empty() && !out_of_scope.is_empty() && s.grant.is_some() {
+            self.commit(WriteBatch {
+                events: vec![event(
+                    self.now(),
+                    "signal.refused",
+                    None,
+                    &op.name,
+                    json!({
+                        "type": kind,
+                        "subject": { "workload": s.workload, "task": s.task, "grant": s.grant },
+                        "reason": "the grant's audience is outside the sender's `audiences`",
+                    }),
+                )],
+                ..Default::default()
+            })
+            .await?;
+            return Err(ApiError::Forbidden(format!(
+                "operator `{}` may signal only grants on its audiences ({})",
+                op.name,
+                op.audiences.join(", ")
+            )));
+        }
         let why = format!(
             "signal `{kind}` from `{}`{}",
             op.name,
@@ -131,6 +158,8 @@ impl Lapse {
                     "reason": crate::service::clip(&signal.reason),
                     "event_timestamp": signal.event_timestamp,
                     "matched": matched.len(),
+                    // Matched the subject but on audiences the sender is not bound to.
+                    "out_of_scope": out_of_scope.len(),
                 }),
             )],
             ..Default::default()
