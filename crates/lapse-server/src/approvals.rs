@@ -64,17 +64,19 @@ impl Lapse {
             None
         };
         let Some(why) = why else { return Ok(()) };
-        self.commit(WriteBatch {
-            grants: vec![],
-            events: vec![event(
-                self.now(),
-                "approval.refused",
-                Some(&grant.id),
-                &op.name,
-                json!({ "reason": why }),
-            )],
-            ..Default::default()
-        })
+        self.commit_about(
+            WriteBatch {
+                events: vec![event(
+                    self.now(),
+                    "approval.refused",
+                    Some(&grant.id),
+                    &op.name,
+                    json!({ "reason": why }),
+                )],
+                ..Default::default()
+            },
+            &[grant],
+        )
         .await?;
         Err(ApiError::Forbidden(why))
     }

@@ -240,17 +240,25 @@ impl Lapse {
                 } else {
                     "credential.orphan_remove_failed"
                 };
-                self.commit(WriteBatch {
-                    grants: vec![],
-                    events: vec![event(
-                        now,
-                        kind,
-                        ex.grant.as_ref(),
-                        "lapse-reconciler",
-                        data,
-                    )],
-                    ..Default::default()
-                })
+                // The grant the orphan belonged to, if it is still on record, so a
+                // break-glass grant's entry is marked like its others.
+                let owner = match ex.grant {
+                    Some(id) => self.store.grant(id).await?,
+                    None => None,
+                };
+                self.commit_about(
+                    WriteBatch {
+                        events: vec![event(
+                            now,
+                            kind,
+                            ex.grant.as_ref(),
+                            "lapse-reconciler",
+                            data,
+                        )],
+                        ..Default::default()
+                    },
+                    &owner.iter().collect::<Vec<_>>(),
+                )
                 .await?;
                 actions += 1;
             }

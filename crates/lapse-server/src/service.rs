@@ -219,22 +219,27 @@ impl Lapse {
     }
 
     /// Commits through the store, marking every audit entry of a break-glass grant
-    /// as such (`"break_glass": true` in its data).
-    pub(crate) async fn commit(
+    /// as such (`"break_glass": true` in its data). Entries about a grant the batch
+    /// does not write must be committed with [`Lapse::commit_about`].
+    pub(crate) async fn commit(&self, batch: WriteBatch) -> Result<(), lapse_store::StoreError> {
+        self.commit_about(batch, &[]).await
+    }
+
+    /// [`Lapse::commit`] for a batch whose entries name grants it does not write
+    /// (a refused approval, a tool-call report): `about` are those grants, so their
+    /// entries are marked as break-glass too.
+    pub(crate) async fn commit_about(
         &self,
         mut batch: WriteBatch,
+        about: &[&Grant],
     ) -> Result<(), lapse_store::StoreError> {
-        let marked: std::collections::HashSet<String> = batch
-            .grants
-            .iter()
-            .filter_map(|w| match w {
-                GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. }
-                    if g.request.context.break_glass =>
-                {
-                    Some(g.id.to_string())
-                }
-                _ => None,
-            })
+        let written = batch.grants.iter().map(|w| match w {
+            GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g,
+        });
+        let marked: std::collections::HashSet<String> = written
+            .chain(about.iter().copied())
+            .filter(|g| g.request.context.break_glass)
+            .map(|g| g.id.to_string())
             .collect();
         for e in &mut batch.events {
             if e.grant_id.as_ref().is_some_and(|id| marked.contains(id)) {

@@ -7,7 +7,7 @@
 
 use crate::error::ApiError;
 use crate::service::{Lapse, Operator, event};
-use lapse_core::{GrantId, Timestamp};
+use lapse_core::{Grant, GrantId, Timestamp};
 use lapse_store::WriteBatch;
 use serde::Deserialize;
 use serde_json::json;
@@ -55,7 +55,7 @@ impl Lapse {
             )));
         }
         let now = self.now();
-        let mut audiences: HashMap<GrantId, String> = HashMap::new();
+        let mut grants: HashMap<GrantId, Grant> = HashMap::new();
         let mut events = Vec::with_capacity(r.calls.len());
         for c in r.calls {
             let id: GrantId = c
@@ -77,12 +77,13 @@ impl Lapse {
                     "`tool`, `reason` or `policies` is too long".into(),
                 ));
             }
-            let audience = match audiences.get(&id) {
-                Some(a) => a.clone(),
+            let audience = match grants.get(&id) {
+                Some(g) => g.request.audience.clone(),
                 None => {
                     let g = self.find(id, "grant").await?;
-                    audiences.insert(id, g.request.audience.clone());
-                    g.request.audience
+                    let audience = g.request.audience.clone();
+                    grants.insert(id, g);
+                    audience
                 }
             };
             if !op.covers_audience(&audience) {
@@ -111,10 +112,14 @@ impl Lapse {
         }
         let n = events.len();
         if n > 0 {
-            self.commit(WriteBatch {
-                events,
-                ..Default::default()
-            })
+            let about: Vec<&Grant> = grants.values().collect();
+            self.commit_about(
+                WriteBatch {
+                    events,
+                    ..Default::default()
+                },
+                &about,
+            )
             .await?;
         }
         Ok(n)

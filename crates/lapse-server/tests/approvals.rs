@@ -396,4 +396,13 @@ async fn break_glass_is_issued_at_once_short_marked_and_reviewed() {
             .any(|(k, who)| k == "approval.refused" && who == "bob"),
         "{kinds:?}"
     );
+    // Every entry about the grant is marked, the refusal (which writes no grant
+    // row) included.
+    let g = s.admin_get(&format!("/v1/grants/{id}")).await;
+    for e in g["audit"].as_array().unwrap() {
+        let data: Value = serde_json::from_str(e["data"].as_str().unwrap()).unwrap();
+        let marked =
+            data["break_glass"] == true || data["request"]["context"]["break_glass"] == true;
+        assert!(marked, "unmarked audit entry: {e}");
+    }
 }
