@@ -98,7 +98,17 @@ struct Broker {
     dir: PathBuf,
     admin: String,
     http: reqwest::Client,
+    /// Stops the broker gracefully (its feed streams end).
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     _tmp: tempfile::TempDir,
+}
+
+impl Broker {
+    fn stop(&self) {
+        if let Some(tx) = self.stop.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 async fn broker() -> Broker {
@@ -118,14 +128,19 @@ async fn broker() -> Broker {
     let lapse = lapse_server::build(cfg, Arc::new(lapse_core::SystemClock))
         .await
         .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = lapse_server::serve(lapse, listener, std::future::pending()).await;
+        let _ = lapse_server::serve(lapse, listener, async {
+            let _ = stopped.await;
+        })
+        .await;
     });
     Broker {
         url: format!("http://{addr}"),
         dir: dir.canonicalize().unwrap(),
         admin,
         http: lapse_identity::http_client(),
+        stop: std::sync::Mutex::new(Some(stop)),
         _tmp: tmp,
     }
 }
@@ -539,6 +554,43 @@ async fn over_http(modern: bool) {
     assert_eq!(r.status(), 405);
     check_audit(&b, parent["grant_id"].as_str().unwrap(), PARENT_DECISIONS).await;
     check_audit(&b, child["grant_id"].as_str().unwrap(), CHILD_DECISIONS).await;
+    if modern {
+        return;
+    }
+    // The broker goes away: once the feed is silent past `staleness` (5 s), a call
+    // with a good token is answered "unavailable, retry" (-31503, as over stdio),
+    // never "refused" (-31003).
+    let fresh_key = DpopKey::generate();
+    let (fresh, _) = b.tokens(&fresh_key, &DpopKey::generate()).await;
+    let token = fresh["access_token"].as_str().unwrap();
+    b.stop();
+    let call = |n: i64| {
+        let proof = fresh_key.proof("POST", &url, Some(token), now());
+        reqwest::Client::new()
+            .post(&url)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Authorization", format!("DPoP {token}"))
+            .header("DPoP", proof)
+            .json(&json!({ "jsonrpc": "2.0", "id": n, "method": "tools/call", "params": { "name": "read_file", "arguments": { "path": "/data/notes.txt" } } }))
+            .send()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut n = 10;
+    let body = loop {
+        let r = call(n).await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(json!(null));
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never unavailable: {status} {body}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(body["error"]["code"], -31503, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,7 +186,7 @@ async fn message(
             let status = StatusCode::from_u16(d.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             let mut r = json_rpc(
                 status,
-                &json!({ "jsonrpc": "2.0", "id": id, "error": { "code": crate::REFUSED, "message": d.to_string(), "data": { "error": d.code() } } }),
+                &json!({ "jsonrpc": "2.0", "id": id, "error": { "code": crate::denial_code(&d), "message": d.to_string(), "data": { "error": d.code() } } }),
             );
             let challenge = format!(
                 "{}, resource_metadata=\"{}\"",

@@ -797,13 +797,19 @@ fn args_digest(args: &Map<String, Value>) -> String {
     ))
 }
 
-/// A refused token as a JSON-RPC error, with the denial for an HTTP transport.
-fn refused_token(id: &Value, d: Denial) -> Answer {
-    let code = if matches!(d, Denial::Unavailable(_) | Denial::FeedStale(_)) {
+/// The JSON-RPC error code for a refused token, the same on every transport: a
+/// client retries [`UNAVAILABLE`] later and gives up on [`REFUSED`].
+pub(crate) fn denial_code(d: &Denial) -> i64 {
+    if matches!(d, Denial::Unavailable(_) | Denial::FeedStale(_)) {
         UNAVAILABLE
     } else {
         REFUSED
-    };
+    }
+}
+
+/// A refused token as a JSON-RPC error, with the denial for an HTTP transport.
+fn refused_token(id: &Value, d: Denial) -> Answer {
+    let code = denial_code(&d);
     Answer {
         message: Some(error(
             id,
