@@ -45,11 +45,42 @@ pub struct WriteBatch {
     /// none (replicas starting together seed it once); a rotation expects the ring
     /// it read (two rotations at once cannot leave a key that never retires).
     pub keys_expected: Option<Vec<String>>,
+    /// Quarantines set or lifted.
+    pub quarantines: Vec<QuarantineChange>,
     /// The leader term this write belongs to (a generation from [`Store::try_lead`]):
     /// the batch fails with [`StoreError::Fenced`] unless the store's lease still
     /// has this generation when it commits, so a replica that stalled past its lease
     /// and lost it cannot write as leader afterwards. `None`: not a leader-only write.
     pub fence: Option<u64>,
+}
+
+/// A persisted block on a workload: no new grants or renewals for it while it
+/// stands, on `audiences` (every audience when empty), until an operator lifts it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quarantine {
+    pub workload: String,
+    /// Empty: every audience. A sender bound to audiences quarantines on those.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub reason: String,
+    /// Who set it (the signal's sender).
+    pub by: String,
+    /// ms since the epoch.
+    pub since: i64,
+}
+
+impl Quarantine {
+    pub fn covers(&self, audience: &str) -> bool {
+        self.audiences.is_empty() || self.audiences.iter().any(|a| a == audience)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuarantineChange {
+    /// Sets (or replaces) the workload's quarantine.
+    Set(Quarantine),
+    /// Lifts the workload's quarantine; lifting none is no change.
+    Lift(String),
 }
 
 /// A spent one-time value, kept until `expires_at` (ms), after which it could not
@@ -178,6 +209,10 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// The signing key ring, oldest first.
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// The quarantine standing on `workload`, if any.
+    async fn quarantine(&self, workload: &str) -> Result<Option<Quarantine>, StoreError>;
+    /// Every quarantine standing, by workload.
+    async fn quarantines(&self) -> Result<Vec<Quarantine>, StoreError>;
     /// Forgets spent nonces that expired before `now`; returns how many.
     async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError>;
     /// Takes or renews the lease on the singleton jobs (sweeper, cleanup,
@@ -266,7 +301,16 @@ pub(crate) fn validate(batch: &WriteBatch) -> Result<(), StoreError> {
     for n in &batch.nonces {
         nul("a nonce", &n.value)?;
     }
+    for q in &batch.quarantines {
+        let (QuarantineChange::Set(Quarantine { workload, .. }) | QuarantineChange::Lift(workload)) =
+            q;
+        nul("a quarantined workload", workload)?;
+    }
     Ok(())
+}
+
+pub(crate) fn quarantine_from_body(body: &str) -> Result<Quarantine, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("quarantine record: {e}")))
 }
 
 /// Whether two lists of key ids hold the same ids.

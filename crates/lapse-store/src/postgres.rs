@@ -19,7 +19,8 @@
 
 use crate::audit::{AuditEntry, AuditSigner, Checkpoint, checkpoint_message, entry_hash};
 use crate::{
-    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Store, StoreError, WriteBatch, redact_url,
+    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Quarantine, QuarantineChange, Store, StoreError,
+    WriteBatch, quarantine_from_body, redact_url,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -35,6 +36,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         2,
         include_str!("../migrations/postgres/0002_leader_lease.sql"),
+    ),
+    (
+        3,
+        include_str!("../migrations/postgres/0003_quarantines.sql"),
     ),
 ];
 const MAX_GROUP: usize = 512;
@@ -339,6 +344,7 @@ struct Plan<'a> {
     events: Vec<&'a crate::AuditEvent>,
     nonces: Vec<&'a crate::Nonce>,
     keys: Vec<&'a KeyRecord>,
+    quarantines: Vec<&'a QuarantineChange>,
 }
 
 impl Writer {
@@ -526,6 +532,7 @@ impl Writer {
                         plan.nonces.push(n);
                     }
                     plan.keys.extend(&b.keys);
+                    plan.quarantines.extend(&b.quarantines);
                     for k in &b.keys {
                         if !kids.contains(&k.kid) {
                             kids.push(k.kid.clone());
@@ -673,6 +680,27 @@ impl Writer {
             }
             Ok(())
         };
+        let write_quarantines = async {
+            for q in &plan.quarantines {
+                match q {
+                    QuarantineChange::Set(q) => {
+                        // Serialising a plain struct cannot fail.
+                        let body = serde_json::to_string(q).unwrap_or_default();
+                        t.execute(
+                            "INSERT INTO quarantines (workload, body) VALUES ($1, $2)
+                             ON CONFLICT (workload) DO UPDATE SET body = excluded.body",
+                            &[&q.workload, &body],
+                        )
+                        .await?;
+                    }
+                    QuarantineChange::Lift(w) => {
+                        t.execute("DELETE FROM quarantines WHERE workload = $1", &[w])
+                            .await?;
+                    }
+                }
+            }
+            Ok(())
+        };
         let write_head = async {
             if !audit_rows.seq.is_empty() || !feed_rows.seq.is_empty() {
                 let (kid, sig) = self.signer.sign(&checkpoint_message(seq, &hash));
@@ -704,6 +732,7 @@ impl Writer {
             write_feed,
             write_nonces,
             write_keys,
+            write_quarantines,
             write_head
         )
         .map_err(pg_err)?;
@@ -1155,6 +1184,41 @@ impl Store for PgStore {
             })
         })
         .collect()
+    }
+
+    async fn quarantine(&self, workload: &str) -> Result<Option<Quarantine>, StoreError> {
+        let work = async {
+            let c = self.client().await?;
+            let stmt = c
+                .prepare_cached("SELECT body FROM quarantines WHERE workload = $1")
+                .await
+                .map_err(pg_err)?;
+            match c.query_opt(&stmt, &[&workload]).await.map_err(pg_err)? {
+                Some(r) => Ok(Some(quarantine_from_body(
+                    &r.try_get::<_, String>(0).map_err(pg_err)?,
+                )?)),
+                None => Ok(None),
+            }
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+    }
+
+    async fn quarantines(&self) -> Result<Vec<Quarantine>, StoreError> {
+        let work = async {
+            let c = self.client().await?;
+            let rows = c
+                .query("SELECT body FROM quarantines ORDER BY workload", &[])
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| quarantine_from_body(&r.try_get::<_, String>(0).map_err(pg_err)?))
+                .collect()
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
     }
 
     async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError> {

@@ -14,7 +14,8 @@ use crate::audit::{
     AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
 };
 use crate::{
-    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Store, StoreError, WriteBatch, same_kids,
+    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Quarantine, QuarantineChange, Store, StoreError,
+    WriteBatch, quarantine_from_body, same_kids,
 };
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
@@ -37,6 +38,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/sqlite/0004_feed.sql")),
     (5, include_str!("../migrations/sqlite/0005_idle.sql")),
     (6, include_str!("../migrations/sqlite/0006_nonces_keys.sql")),
+    (7, include_str!("../migrations/sqlite/0007_quarantines.sql")),
 ];
 const MAX_GROUP: usize = 512;
 const READERS: usize = 4;
@@ -492,6 +494,23 @@ fn apply(
         )?
         .execute(params![k.kid, k.alg, k.public, k.sealed, k.created_at, k.activates_at, k.retires_at])?;
     }
+    for q in &batch.quarantines {
+        match q {
+            QuarantineChange::Set(q) => {
+                let body =
+                    serde_json::to_string(q).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                conn.prepare_cached(
+                    "INSERT INTO quarantines (workload, body) VALUES (?1, ?2)
+                     ON CONFLICT (workload) DO UPDATE SET body = excluded.body",
+                )?
+                .execute(params![q.workload, body])?;
+            }
+            QuarantineChange::Lift(w) => {
+                conn.prepare_cached("DELETE FROM quarantines WHERE workload = ?1")?
+                    .execute(params![w])?;
+            }
+        }
+    }
     for ev in &batch.events {
         append(conn, ev, head)?;
     }
@@ -737,6 +756,29 @@ impl Store for SqliteStore {
                 })
             })?;
             rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    async fn quarantine(&self, workload: &str) -> Result<Option<Quarantine>, StoreError> {
+        let w = workload.to_owned();
+        self.read(move |c| {
+            let body: Option<String> = c
+                .prepare_cached("SELECT body FROM quarantines WHERE workload = ?1")?
+                .query_row(params![w], |r| r.get(0))
+                .optional()?;
+            body.map(|b| quarantine_from_body(&b)).transpose()
+        })
+        .await
+    }
+
+    async fn quarantines(&self) -> Result<Vec<Quarantine>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT body FROM quarantines ORDER BY workload")?;
+            let bodies: Vec<String> = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            bodies.iter().map(|b| quarantine_from_body(b)).collect()
         })
         .await
     }

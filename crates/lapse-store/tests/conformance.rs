@@ -984,6 +984,51 @@ async fn a_forged_tail_is_reported_and_never_signed(kind: Kind) -> Result<(), St
     Ok(())
 }
 
+/// A quarantine is stored with its audit entry, seen by every handle on the store,
+/// replaced by a newer one and gone once lifted.
+async fn quarantines_are_stored_replaced_and_lifted(kind: Kind) -> Result<(), StoreError> {
+    use lapse_store::{Quarantine, QuarantineChange};
+    let f = Fixture::new(kind).await;
+    let other = f.open().await?;
+    let q = |reason: &str, audiences: &[&str]| Quarantine {
+        workload: "spiffe://t/w".into(),
+        audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+        reason: reason.into(),
+        by: "sensor".into(),
+        since: 1000,
+    };
+    let g = grant(1000);
+    let set = |q: Quarantine| WriteBatch {
+        events: vec![event("workload.quarantined", &g)],
+        quarantines: vec![QuarantineChange::Set(q)],
+        ..Default::default()
+    };
+    assert_eq!(other.quarantine("spiffe://t/w").await?, None);
+    f.store.commit(set(q("compromised", &[]))).await?;
+    assert_eq!(
+        other.quarantine("spiffe://t/w").await?,
+        Some(q("compromised", &[]))
+    );
+    assert_eq!(other.quarantine("spiffe://t/other").await?, None);
+    f.store.commit(set(q("still", &["orders-db"]))).await?;
+    assert_eq!(other.quarantines().await?, vec![q("still", &["orders-db"])]);
+    assert!(q("still", &["orders-db"]).covers("orders-db"));
+    assert!(!q("still", &["orders-db"]).covers("mcp-tools"));
+    assert!(q("all", &[]).covers("mcp-tools"));
+    other
+        .commit(WriteBatch {
+            events: vec![event("workload.released", &g)],
+            quarantines: vec![QuarantineChange::Lift("spiffe://t/w".into())],
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(f.store.quarantine("spiffe://t/w").await?, None);
+    assert_eq!(f.store.quarantines().await?, vec![]);
+    let r = verify(&f).await;
+    assert!(r.ok() && r.entries == 3, "{r:?}");
+    Ok(())
+}
+
 /// A leader-only write of `fence`'s term: one grant and its audit entry.
 async fn fenced_write(store: &dyn Store, fence: Option<u64>) -> (Grant, Result<(), StoreError>) {
     let g = grant(1000);
@@ -1087,4 +1132,5 @@ conformance!(
     a_nul_in_text_fails_only_its_batch,
     a_lapsed_lease_passes_on_and_fences_the_old_term,
     a_forged_tail_is_reported_and_never_signed,
+    quarantines_are_stored_replaced_and_lifted,
 );
