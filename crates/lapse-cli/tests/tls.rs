@@ -177,10 +177,23 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
             dir.join("proxies.pem").display()
         );
     let gate_toml = dir.join("gate.toml");
-    std::fs::write(&gate_toml, gate_cfg).unwrap();
-    // Without the CA the gate cannot fetch the broker's keys and will not start.
-    let o = lapse(&["gate", "--config", gate_toml.to_str().unwrap()], &[]);
-    assert_eq!(o.status.code(), Some(7), "{}", show(&o));
+    std::fs::write(&gate_toml, &gate_cfg).unwrap();
+    // Without the CA the gate cannot fetch the broker's keys: it starts closed.
+    let closed_port = free_port();
+    let closed_toml = dir.join("closed-gate.toml");
+    std::fs::write(
+        &closed_toml,
+        gate_cfg.replace(
+            &format!("127.0.0.1:{gport}"),
+            &format!("127.0.0.1:{closed_port}"),
+        ),
+    )
+    .unwrap();
+    let _closed = start(
+        &["gate", "--config", closed_toml.to_str().unwrap()],
+        closed_port,
+        &dir.join("closed-gate.log"),
+    );
     let _gate = start(
         &[
             "--ca-file",
@@ -235,5 +248,18 @@ fn a_private_ca_is_trusted_only_where_configured_and_the_gate_serves_mtls() {
             challenge == "DPoP algs=\"EdDSA ES256 RS256\"",
             "{challenge}"
         );
+        // The gate that does not trust the broker's CA is up but closed.
+        let closed = format!("https://127.0.0.1:{closed_port}");
+        let r = proxy.get(format!("{closed}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let r = proxy
+            .get(format!("{closed}/check"))
+            .header("X-Original-Method", "GET")
+            .header("X-Original-URI", "/orders/1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "2");
     });
 }
