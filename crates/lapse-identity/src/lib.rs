@@ -3,8 +3,12 @@
 //! A workload proves what it is with an identity token from a configured issuer.
 //! [`IdentityVerifier::verify`] picks the issuer by the token's `iss`, verifies the
 //! signature with that issuer's JWKS (refetched once, rate-limited, when the `kid`
-//! is unknown), checks `aud`, `exp` and `nbf` with a small leeway, and names the
-//! workload with the issuer's template over the claims.
+//! is unknown), checks `aud`, `exp`, `nbf` and `iat` with the issuer's leeway, and
+//! names the workload with the issuer's template over the claims.
+//!
+//! A refusal says why in a short stable word ([`IdentityError::reason`]) and
+//! [`claimed_origin`] reads the issuer and `kid` a token claims, so the broker can
+//! record failed authentications without ever recording the token.
 
 mod jwks;
 mod template;
@@ -69,7 +73,7 @@ pub struct IssuerConfig {
     /// The audience identity tokens must carry for Lapse.
     pub audience: String,
     pub workload: WorkloadTemplate,
-    /// Tolerance for `exp`/`nbf`, in seconds.
+    /// Tolerance for `exp`/`nbf`/`iat`, in seconds.
     pub leeway_secs: i64,
 }
 
@@ -89,12 +93,72 @@ pub enum IdentityError {
     Template(String),
     #[error("keys of issuer `{issuer}` are unavailable: {reason}")]
     KeysUnavailable { issuer: String, reason: String },
+    /// `iat` later than now plus the leeway: a clock far off, or a token minted
+    /// ahead to be used later (which `exp` alone would not bound).
+    #[error("identity token was issued {ahead_secs} s in the future (`iat`)")]
+    IssuedInFuture { ahead_secs: i64 },
+    #[error("identity token `iat` is not a number")]
+    BadIssuedAt,
 }
 
 impl IdentityError {
     /// Whether the failure is ours (keys unreachable) rather than the token's.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::KeysUnavailable { .. })
+    }
+
+    /// Why, in one stable word for logs, audit entries and metric labels: never
+    /// anything from the token itself.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Token(t) => match t {
+                TokenError::Malformed(_) => "malformed",
+                TokenError::UnsupportedAlgorithm(_) | TokenError::AlgorithmMismatch { .. } => {
+                    "bad_algorithm"
+                }
+                TokenError::BadSignature => "bad_signature",
+                TokenError::UnknownKey(_) | TokenError::AmbiguousKey => "unknown_kid",
+                TokenError::Expired => "expired",
+                TokenError::NotYetValid => "not_yet_valid",
+                TokenError::MissingClaim(_) => "missing_claim",
+                _ => "invalid",
+            },
+            Self::UnknownIssuer(_) => "unknown_issuer",
+            Self::NoIssuer => "no_issuer",
+            Self::WrongAudience(_) => "wrong_audience",
+            Self::NoSubject => "no_subject",
+            Self::Template(_) => "workload_template",
+            Self::KeysUnavailable { .. } => "keys_unavailable",
+            Self::IssuedInFuture { .. } => "issued_in_future",
+            Self::BadIssuedAt => "bad_iat",
+        }
+    }
+}
+
+/// The issuer and key id a token claims, read without verifying anything: for
+/// naming a refused token in logs and audit. Each is clipped and stripped of
+/// control characters, since whoever sent the token chose them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimedOrigin {
+    pub issuer: Option<String>,
+    pub kid: Option<String>,
+}
+
+/// [`ClaimedOrigin`] of `token`; both `None` when it is not a JWS at all.
+pub fn claimed_origin(token: &str) -> ClaimedOrigin {
+    fn tidy(s: &str, max: usize) -> String {
+        s.chars().filter(|c| !c.is_control()).take(max).collect()
+    }
+    let Ok(unverified) = Unverified::parse(token) else {
+        return ClaimedOrigin::default();
+    };
+    let issuer = unverified
+        .untrusted_payload()
+        .and_then(|p| serde_json::from_slice::<Value>(&p).ok())
+        .and_then(|c| c.get("iss").and_then(Value::as_str).map(|s| tidy(s, 128)));
+    ClaimedOrigin {
+        issuer,
+        kid: unverified.header.kid.as_deref().map(|k| tidy(k, 64)),
     }
 }
 
@@ -245,6 +309,23 @@ impl IdentityVerifier {
         let exp = claims.get("exp").and_then(Value::as_i64);
         let nbf = claims.get("nbf").and_then(Value::as_i64);
         jws::check_times(now_secs, exp, nbf, issuer.config.leeway_secs)?;
+        // `exp` bounds how long a token lives only if it was not minted ahead of
+        // time; an `iat` past the leeway means it was (or the issuer's clock is
+        // wrong), so it is refused. Absent `iat` is allowed: JWT-SVIDs need not
+        // carry one.
+        match claims.get("iat") {
+            None => {}
+            Some(v) => {
+                let iat = v
+                    .as_i64()
+                    .or_else(|| v.as_f64().map(|f| f as i64))
+                    .ok_or(IdentityError::BadIssuedAt)?;
+                let ahead = iat.saturating_sub(now_secs);
+                if ahead > issuer.config.leeway_secs {
+                    return Err(IdentityError::IssuedInFuture { ahead_secs: ahead });
+                }
+            }
+        }
         let subject = claims
             .get("sub")
             .and_then(Value::as_str)

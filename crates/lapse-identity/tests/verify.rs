@@ -236,3 +236,84 @@ async fn unknown_kid_refetches_the_jwks() {
     write_jwks(&jwks, &[&k.ed.1, &k.es.1]);
     assert!(v.verify(&token, NOW).await.is_ok());
 }
+
+/// Issue 28 (6b): an `iat` a year ahead passed. A token issued in the future is
+/// refused beyond the issuer's leeway (10 s here), within it accepted; `iat`
+/// that is not a number is refused too, and a token without `iat` still passes
+/// (JWT-SVIDs need not carry one).
+#[tokio::test]
+async fn iat_in_the_future_is_refused_beyond_the_leeway() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[&k.ed.1]);
+    let v = verifier(&jwks, "{sub}").await;
+    let with_iat = |sub: &str, iat: serde_json::Value| {
+        let mut c = claims(sub);
+        c["iat"] = iat;
+        sign(Algorithm::EdDSA, "ed", &k.ed.0, &c)
+    };
+    let year_ahead = with_iat("a", json!(NOW + 365 * 24 * 3600));
+    let err = v.verify(&year_ahead, NOW).await.err();
+    assert!(
+        matches!(err, Some(IdentityError::IssuedInFuture { .. })),
+        "{err:?}"
+    );
+    assert_eq!(err.map(|e| e.reason()), Some("issued_in_future"));
+    assert!(
+        v.verify(&with_iat("b", json!(NOW + 11)), NOW)
+            .await
+            .is_err()
+    );
+    assert!(v.verify(&with_iat("c", json!(NOW + 10)), NOW).await.is_ok());
+    assert!(v.verify(&with_iat("d", json!("soon")), NOW).await.is_err());
+    let mut c = claims("e");
+    c.as_object_mut().unwrap().remove("iat");
+    assert!(
+        v.verify(&sign(Algorithm::EdDSA, "ed", &k.ed.0, &c), NOW)
+            .await
+            .is_ok()
+    );
+}
+
+/// What a refusal may name in logs and audit: the claimed issuer and `kid`,
+/// read without trusting them, clipped, never the token.
+#[tokio::test]
+async fn refusals_name_their_reason_issuer_and_kid() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[&k.ed.1, &k.rs.1]);
+    let v = verifier(&jwks, "{sub}").await;
+    // A good token's header and claims with a signature nobody made.
+    let forged = sign(Algorithm::EdDSA, "ed", &k.ed.0, &claims("a"))
+        .split('.')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(".")
+        + "."
+        + &B64.encode([7u8; 64]);
+    let err = v.verify(&forged, NOW).await.err().unwrap();
+    assert_eq!(err.reason(), "bad_signature", "{err}");
+    let origin = lapse_identity::claimed_origin(&forged);
+    assert_eq!(origin.issuer.as_deref(), Some(ISS));
+    assert_eq!(origin.kid.as_deref(), Some("ed"));
+
+    let mut c = claims("a");
+    c["iss"] = json!("https://evil.test/".to_owned() + &"x".repeat(500));
+    let foreign = sign(Algorithm::EdDSA, "ed", &k.ed.0, &c);
+    let err = v.verify(&foreign, NOW).await.err().unwrap();
+    assert_eq!(err.reason(), "unknown_issuer");
+    let origin = lapse_identity::claimed_origin(&foreign);
+    assert!(origin.issuer.unwrap().len() <= 128);
+    assert_eq!(lapse_identity::claimed_origin("not a jwt").issuer, None);
+    let expired = {
+        let mut c = claims("a");
+        c["exp"] = json!(NOW - 100);
+        sign(Algorithm::EdDSA, "ed", &k.ed.0, &c)
+    };
+    assert_eq!(
+        v.verify(&expired, NOW).await.err().unwrap().reason(),
+        "expired"
+    );
+}
