@@ -17,6 +17,7 @@ mod memory;
 mod operator;
 mod run;
 mod wait;
+mod workloads;
 
 use clap::{Parser, Subcommand};
 use lapse_core::{Clock, SystemClock, TtlDuration};
@@ -87,6 +88,11 @@ enum Cmd {
     Grants {
         #[command(subcommand)]
         cmd: GrantsCmd,
+    },
+    /// Quarantine workloads that can no longer be trusted, and release them.
+    Workloads {
+        #[command(subcommand)]
+        cmd: workloads::WorkloadsCmd,
     },
     /// Validate and test policies.
     Policy {
@@ -473,6 +479,7 @@ async fn run(cli: Cli) -> Out {
             code => Err(Fail(code, String::new())),
         },
         Cmd::Grants { cmd } => grants(cmd, json_out).await,
+        Cmd::Workloads { cmd } => workloads::run(cmd, json_out).await,
         Cmd::Approvals { cmd } => approvals::run(cmd, json_out).await,
         Cmd::Reviews { cmd } => approvals::reviews(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),

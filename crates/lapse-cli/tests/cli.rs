@@ -189,6 +189,33 @@ fn a_user_session_from_dev_token_to_a_tampered_audit_log() {
         "{}",
         show(&human)
     );
+    // Quarantine from the command line: requests are refused (exit 3, naming the
+    // quarantine) until the workload is released.
+    let workloads = |extra: &[&str]| {
+        let mut args = vec!["workloads"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--url", &url, "--token", admin]);
+        lapse(&args)
+    };
+    let q = workloads(&["quarantine", CI, "--reason", "key leaked"]);
+    assert_eq!(code(&q), 0, "{}", show(&q));
+    let refused = request("read", &[]);
+    assert_eq!(code(&refused), 3, "{}", show(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("quarantined"),
+        "{}",
+        show(&refused)
+    );
+    let listed = workloads(&["quarantined"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(CI),
+        "{}",
+        show(&listed)
+    );
+    let released = workloads(&["release", CI, "--reason", "key rotated"]);
+    assert_eq!(code(&released), 0, "{}", show(&released));
+    let again = request("read", &[]);
+    assert_eq!(code(&again), 0, "{}", show(&again));
     let bad_token = lapse(&["grants", "list", "--url", &url, "--token", "lapse_op_wrong"]);
     assert_ne!(code(&bad_token), 0, "{}", show(&bad_token));
     drop(server);

@@ -196,6 +196,8 @@ impl Lapse {
             Some(chain) => json!({ "sub": actor, "act": chain }),
             None => json!({ "sub": actor }),
         };
+        self.refuse_if_quarantined(&request, Some(self.nonce(proof)), "delegation")
+            .await?;
         let decision = policy.decide(&request);
         let id = GrantId::generate();
         let workload = request.workload.id.clone();

@@ -54,6 +54,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reviews/{id}/close", post(close_review))
         .route("/v1/feed", get(crate::feed::feed))
         .route("/v1/signals", post(signal))
+        .route("/v1/workloads/quarantined", get(quarantined))
+        .route("/v1/workloads/release", post(release_workload))
         .route("/v1/usage", post(usage))
         .route("/v1/tool-calls", post(tool_calls))
         .route("/v1/policies", get(policies))
@@ -1158,6 +1160,31 @@ async fn signal(
         crate::signals::answer(&kind, &ended),
         StatusCode::OK,
     ))
+}
+
+async fn quarantined(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    let list = s.quarantines(&op).await?;
+    Ok(no_store(json!({ "quarantined": list }), StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    workload: String,
+    reason: String,
+}
+
+async fn release_workload(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op = s.operator(authorization(&headers))?;
+    let b = body(b)?;
+    let r: ReleaseBody = json_body(&headers, &b)?;
+    let lifted = s.release(&op, &r.workload, &r.reason).await?;
+    Ok(no_store(json!({ "released": lifted }), StatusCode::OK))
 }
 
 /// The loaded policy files, for gates to build the same bundle; `digest` changes

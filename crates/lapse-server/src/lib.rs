@@ -24,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 mod openapi;
+pub mod quarantine;
 pub mod report;
 pub mod service;
 pub mod signals;

@@ -193,6 +193,15 @@ fn paths_and_schemas() -> Value {
             "reason": { "type": "string" }, "event_timestamp": { "type": "integer" } } } } } },
           "responses": { "200": { "description": "the grants it ended", "content": { "application/json": { "schema": { "type": "object", "properties": { "type": { "type": "string" }, "ended": { "type": "array", "items": { "type": "string" } } } } } } },
             "400": e("unknown type or empty subject"), "401": e("operator token required"), "403": e("signal role missing"), "415": e("wrong content type"), "503": e("store unavailable") } } },
+        "/v1/workloads/quarantined": { "get": {
+          "summary": "Workloads under quarantine (set by a `workload-quarantined` signal): no new grants or renewals on the audiences named (all when empty) until released", "security": op_auth,
+          "responses": { "200": { "description": "the quarantines standing", "content": { "application/json": { "schema": { "type": "object", "required": ["quarantined"], "properties": { "quarantined": { "type": "array", "items": { "$ref": "#/components/schemas/Quarantine" } } } } } } },
+            "401": e("operator token required"), "403": e("read role missing"), "503": e("store unavailable") } } },
+        "/v1/workloads/release": { "post": {
+          "summary": "Lift a workload's quarantine (admin)", "security": op_auth,
+          "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["workload", "reason"], "properties": { "workload": { "type": "string" }, "reason": { "type": "string", "minLength": 1 } } } } } },
+          "responses": { "200": { "description": "the quarantine lifted", "content": { "application/json": { "schema": { "type": "object", "required": ["released"], "properties": { "released": { "$ref": "#/components/schemas/Quarantine" } } } } } },
+            "400": e("bad body or empty reason"), "401": e("operator token required"), "403": e("admin role missing"), "404": e("not quarantined"), "413": e("body too large"), "415": e("wrong content type"), "503": e("store unavailable") } } },
         "/v1/usage": { "post": {
           "summary": "Gates report which grants they saw used (for `@idle` windows)", "security": op_auth,
           "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["uses"], "properties": {
@@ -244,6 +253,7 @@ fn paths_and_schemas() -> Value {
             "access_token": { "type": "string" }, "issued_token_type": { "type": "string" }, "token_type": { "const": "DPoP" },
             "expires_in": { "type": "integer" }, "scope": { "type": "string" }, "grant_id": { "type": "string" }, "task": { "type": "string" } } },
           "Issued": { "allOf": [ { "$ref": "#/components/schemas/TokenResponse" }, { "type": "object", "properties": { "grant": { "$ref": "#/components/schemas/Grant" }, "status": { "type": "string" } } } ] },
+          "Quarantine": { "type": "object", "required": ["workload", "audiences", "reason", "by", "since"], "properties": { "workload": { "type": "string" }, "audiences": { "type": "array", "items": { "type": "string" }, "description": "empty: every audience" }, "reason": { "type": "string" }, "by": { "type": "string" }, "since": { "type": "integer", "description": "ms since the epoch" } } },
           "Pending": { "type": "object", "required": ["status", "request_id"], "properties": { "status": { "const": "pending" }, "request_id": { "type": "string" }, "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] } } },
           "AccessRequest": { "type": "object", "additionalProperties": false, "required": ["identity_token", "audience", "actions", "task"], "properties": {
             "identity_token": { "type": "string" }, "audience": { "type": "string" }, "actions": { "type": "array", "items": { "type": "string" }, "minItems": 1 },
@@ -276,8 +286,9 @@ fn paths_and_schemas() -> Value {
           "StandingReport": { "type": "object", "required": ["generated_at", "window", "ok", "findings", "proof", "targets"], "properties": {
             "generated_at": { "type": "integer" }, "window": { "type": "object", "properties": { "from": { "type": "integer" }, "to": { "type": "integer" } } },
             "ok": { "type": "boolean" },
+            "quarantined": { "type": "array", "items": { "$ref": "#/components/schemas/Quarantine" } },
             "findings": { "type": "array", "items": { "type": "object", "required": ["kind", "detail"], "properties": {
-              "kind": { "enum": ["break_glass_review_open", "audit_chain_broken", "active_past_expiry", "renewed_beyond_span", "credential_not_yet_destroyed", "near_continuous_access", "orphan_credential", "target_unreachable", "issue_without_end", "credential_without_destroy"] },
+              "kind": { "enum": ["break_glass_review_open", "audit_chain_broken", "active_past_expiry", "renewed_beyond_span", "credential_not_yet_destroyed", "near_continuous_access", "orphan_credential", "target_unreachable", "issue_without_end", "credential_without_destroy", "look_alike_role", "unexpected_group_member"] },
               "grant_id": { "type": "string" }, "workload": { "type": "string" }, "target": { "type": "string" }, "credential": { "type": "string" }, "detail": { "type": "string" } } } },
             "proof": { "type": "object", "properties": { "audit_chain_verified": { "type": "boolean" }, "audit_entries": { "type": "integer" }, "issued_in_window": { "type": "integer" },
               "ended": { "type": "integer" }, "still_active_within_lifetime": { "type": "integer" }, "unended": { "type": "integer" } } },

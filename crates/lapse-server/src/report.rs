@@ -358,6 +358,9 @@ impl Lapse {
                 "unended": unended,
             },
             "targets": targets,
+            // Blocks standing on workloads: not access, but what an auditor asks
+            // next about a workload whose grants were ended by a signal.
+            "quarantined": self.store.quarantines().await?,
         }))
     }
 }

@@ -448,6 +448,8 @@ impl Lapse {
             },
             tools: input.tools,
         };
+        self.refuse_if_quarantined(&request, Some(self.nonce(proof)), "exchange")
+            .await?;
         let decision = policy.decide(&request);
         self.metrics
             .decisions
@@ -960,6 +962,8 @@ impl Lapse {
         if let Some(t) = ttl_secs {
             request.requested_ttl_secs = t;
         }
+        self.refuse_if_quarantined(&request, Some(self.nonce(proof)), "renewal")
+            .await?;
         let decision: Decision = policy.decide(&request);
         self.metrics
             .decisions

@@ -144,10 +144,38 @@ impl Lapse {
                 format!(": {}", crate::service::clip(&signal.reason))
             }
         );
+        // A quarantine outlives the grants it ends: the workload named, or the
+        // workloads of the grants matched, get no new grant until it is lifted.
+        let mut quarantined: Vec<String> = Vec::new();
+        if kind == "workload-quarantined" {
+            quarantined.extend(s.workload.clone());
+            for g in &matched {
+                if !quarantined.contains(&g.request.workload.id) {
+                    quarantined.push(g.request.workload.id.clone());
+                }
+            }
+        }
+        let quarantines: Vec<lapse_store::QuarantineChange> = quarantined
+            .iter()
+            .map(|w| self.quarantine_by(op, w, &signal.reason))
+            .collect();
+        let mut events: Vec<lapse_store::AuditEvent> = quarantines
+            .iter()
+            .filter_map(|q| match q {
+                lapse_store::QuarantineChange::Set(q) => Some(event(
+                    self.now(),
+                    "workload.quarantined",
+                    None,
+                    &op.name,
+                    json!({ "quarantine": q }),
+                )),
+                lapse_store::QuarantineChange::Lift(_) => None,
+            })
+            .collect();
         // The signal itself is on the record before anything it causes.
-        self.commit(WriteBatch {
-            grants: vec![],
-            events: vec![event(
+        events.insert(
+            0,
+            event(
                 self.now(),
                 "signal.received",
                 None,
@@ -160,8 +188,13 @@ impl Lapse {
                     "matched": matched.len(),
                     // Matched the subject but on audiences the sender is not bound to.
                     "out_of_scope": out_of_scope.len(),
+                    "quarantined": quarantined,
                 }),
-            )],
+            ),
+        );
+        self.commit(WriteBatch {
+            events,
+            quarantines,
             ..Default::default()
         })
         .await?;

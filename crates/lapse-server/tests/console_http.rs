@@ -493,3 +493,34 @@ async fn request_data_is_shown_escaped_never_as_markup() {
         );
     }
 }
+
+/// The grants page lists the quarantines standing, with who set them and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grants_page_shows_quarantined_workloads() {
+    let s = start().await;
+    let c = sign_in(&s, "erin", &token_of("erin")).await;
+    assert!(!c.get("/ui/grants").await.body.contains("id=\"quarantined\""));
+    let (st, v) = s
+        .send(
+            s.http
+                .post(format!("{}/v1/signals", s.url))
+                .bearer_auth(&s.admin)
+                .json(&serde_json::json!({
+                    "type": "workload-quarantined",
+                    "subject": { "workload": CI },
+                    "reason": "token seen in a public log <b>",
+                })),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let page = c.get("/ui/grants").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("id=\"quarantined\""), "{}", page.body);
+    assert!(page.body.contains(&format!("data-quarantined=\"{CI}\"")), "{}", page.body);
+    assert!(page.body.contains("every audience"), "{}", page.body);
+    assert!(
+        page.body.contains("token seen in a public log &lt;b&gt;"),
+        "the reason is shown escaped: {}",
+        page.body
+    );
+}

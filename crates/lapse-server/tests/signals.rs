@@ -92,3 +92,116 @@ async fn a_signal_ends_only_grants_on_the_senders_audiences() {
         "revoked"
     );
 }
+
+/// A quarantine outlives the grants it ends: the workload's next exchange is
+/// refused, naming it, until an admin releases it with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_refuses_new_grants_until_an_admin_releases_it() {
+    let s = server().await;
+    let key = DpopKey::generate();
+    let (st, v) = s.exchange(&key, "read", "300").await;
+    assert_eq!(st, 200, "{v}");
+    let first = v["grant_id"].as_str().unwrap().to_owned();
+    let (st, v) = signal(&s, "db-sensor", json!({ "workload": CI })).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ended"], json!([first]), "{v}");
+
+    let (st, v) = s.exchange(&key, "read", "300").await;
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["error"], "access_denied", "{v}");
+    let why = v["error_description"].as_str().unwrap();
+    assert!(
+        why.contains("is quarantined")
+            && why.contains("db-sensor")
+            && why.contains("lapse workloads release"),
+        "{why}"
+    );
+    let list = s.admin_get("/v1/workloads/quarantined").await;
+    let q = &list["quarantined"][0];
+    assert_eq!(q["workload"], CI, "{list}");
+    assert_eq!(
+        q["audiences"],
+        json!(["orders-db"]),
+        "bound to the sender's audiences: {list}"
+    );
+    let report = s.admin_get("/v1/reports/standing").await;
+    assert_eq!(report["quarantined"][0]["workload"], CI, "{report}");
+
+    let release = |who: String, body: Value| {
+        let s = &s;
+        async move {
+            s.send(
+                s.http
+                    .post(format!("{}/v1/workloads/release", s.url))
+                    .bearer_auth(who)
+                    .json(&body),
+            )
+            .await
+        }
+    };
+    // Lifting is for admins, with a reason.
+    let (st, v) = release(
+        token_of("db-sensor"),
+        json!({ "workload": CI, "reason": "fixed" }),
+    )
+    .await;
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = release(s.admin.clone(), json!({ "workload": CI, "reason": " " })).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = release(
+        s.admin.clone(),
+        json!({ "workload": "spiffe://nobody", "reason": "x" }),
+    )
+    .await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = s.exchange(&key, "read", "300").await;
+    assert_eq!(st, 403, "still quarantined: {v}");
+    let (st, v) = release(
+        s.admin.clone(),
+        json!({ "workload": CI, "reason": "key rotated, INC-9" }),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["released"]["by"], "db-sensor", "{v}");
+    let (st, v) = s.exchange(&key, "read", "300").await;
+    assert_eq!(st, 200, "released: {v}");
+    assert_eq!(
+        s.admin_get("/v1/workloads/quarantined").await["quarantined"],
+        json!([])
+    );
+
+    // Each step is on the record: set, the refusals, the release.
+    let audit = s.admin_get("/v1/audit?limit=1000").await;
+    let kinds: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == "workload.quarantined")
+            .count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "access.refused").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "workload.released").count(),
+        1,
+        "{kinds:?}"
+    );
+    let (st, v) = s
+        .send(
+            s.http
+                .get(format!("{}/v1/audit/verify", s.url))
+                .bearer_auth(&s.admin),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+}

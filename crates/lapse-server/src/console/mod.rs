@@ -750,17 +750,18 @@ async fn grants_page(
                     .map(|g| next_link("/ui/grants", &q, &cursor_of(g)))
             })
             .flatten();
-        Ok::<_, ApiError>((list, next))
+        let quarantined = s.store.quarantines().await?;
+        Ok::<_, ApiError>((list, next, quarantined))
     }
     .await;
     match result {
-        Ok((list, next)) => v.page(
+        Ok((list, next, quarantined)) => v.page(
             &s,
             StatusCode::OK,
             Nav::Grants,
             "Active grants",
             done_banner(&q).as_ref(),
-            |f| pages::grants(f, &list, next.as_deref()),
+            |f| pages::grants(f, &list, next.as_deref(), &quarantined),
         ),
         Err(e) => problem(&s, &v, &e),
     }

@@ -308,8 +308,31 @@ pub fn request(f: &Frame<'_>, p: &RequestPage<'_>) -> Markup {
     }
 }
 
-pub fn grants(f: &Frame<'_>, list: &[Grant], next: Option<&str>) -> Markup {
+pub fn grants(
+    f: &Frame<'_>,
+    list: &[Grant],
+    next: Option<&str>,
+    quarantined: &[lapse_store::Quarantine],
+) -> Markup {
     html! {
+        @if !quarantined.is_empty() {
+            table.list id="quarantined" {
+                caption { "Quarantined workloads: no new grants until released (lapse workloads release)" }
+                thead { tr {
+                    th scope="col" { "Workload" } th scope="col" { "Audiences" } th scope="col" { "By" }
+                    th scope="col" { "Reason" } th scope="col" { "Since" }
+                } }
+                tbody { @for q in quarantined { tr data-quarantined=(q.workload) {
+                    td data-label="Workload" { code { (q.workload) } }
+                    td data-label="Audiences" {
+                        @if q.audiences.is_empty() { "every audience" } @else { (q.audiences.join(", ")) }
+                    }
+                    td data-label="By" { (q.by) }
+                    td data-label="Reason" { (q.reason) }
+                    td data-label="Since" { (when(Timestamp::from_millis(q.since))) }
+                } } }
+            }
+        }
         @if list.is_empty() {
             p.empty id="no-grants" { "No grant is active." }
         } @else {
