@@ -393,21 +393,27 @@ pub(crate) fn fail(code: u8, msg: impl Into<String>) -> Fail {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LAPSE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            if matches!(
-                cli.cmd,
-                Cmd::Serve { .. } | Cmd::Gate { .. } | Cmd::McpProxy { http: true, .. }
-            ) {
-                "info"
-            } else {
-                "warn"
-            },
-        )
-    });
+    // `LAPSE_LOG` first (it names this program), then the usual `RUST_LOG`.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAPSE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                if matches!(
+                    cli.cmd,
+                    Cmd::Serve { .. } | Cmd::Gate { .. } | Cmd::McpProxy { http: true, .. }
+                ) {
+                    "info"
+                } else {
+                    "warn"
+                },
+            )
+        });
+    // Colour codes only for a person at a terminal: a journal or a log file
+    // would keep them as escape sequences.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(path) = &cli.ca_file
         && let Err(e) = lapse_identity::trust_ca_file(path)
@@ -507,7 +513,8 @@ async fn gate(config: &Path) -> Out {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| fail(1, format!("cannot listen on {listen}: {e}")))?;
-    tracing::info!(%listen, "lapse gate listening");
+    let listen = listener.local_addr().unwrap_or(listen);
+    tracing::info!(%listen, "lapse gate listening on {listen}");
     // SIGTERM too (what service managers send): a gate stops gracefully and sends
     // its last use report.
     lapse_gate::serve(gate, listener, lapse_gate::stop_signal())
@@ -597,6 +604,9 @@ async fn serve(
     let lapse = lapse_server::build(cfg, Arc::new(SystemClock))
         .await
         .map_err(|e| fail(1, e.to_string()))?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "listening on {addr}");
+    }
     memory::give_back_freed_memory_every(memory::TRIM_PERIOD);
     if let Some((path, _)) = &admin {
         println!(

@@ -154,6 +154,10 @@ impl IntoResponse for ApiError {
             }
             Self::Unauthorized(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                // For the router to record the failed authentication, with the
+                // source only it knows.
+                resp.extensions_mut()
+                    .insert(crate::auth_failures::OperatorRefused);
             }
             Self::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

@@ -79,6 +79,10 @@ pub fn router(state: AppState) -> Router {
             limit_time,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_operator_refusals,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -104,6 +108,39 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
             status: resp.status().as_u16(),
         })
         .inc();
+    resp
+}
+
+/// Records refused operator credentials (answers marked
+/// [`crate::auth_failures::OperatorRefused`]) with the request's source. A request
+/// that presented no credential at all is counted but not logged: it is a probe or
+/// a misconfigured client, not a guess.
+async fn record_operator_refusals(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    use crate::auth_failures::{AuthFailure, Credential, OperatorRefused};
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip());
+    let reason = match authorization(req.headers()) {
+        None => "no_token",
+        Some(a) if a.starts_with("Bearer ") => "unknown_token",
+        Some(_) => "not_bearer",
+    };
+    let resp = next.run(req).await;
+    if resp.extensions().get::<OperatorRefused>().is_some() {
+        let f = AuthFailure::new(Credential::OperatorToken, reason);
+        if reason == "no_token" {
+            s.metrics
+                .auth_failures
+                .get_or_create(&crate::metrics::AuthFailureLabels {
+                    credential: f.credential.as_str().to_owned(),
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        } else {
+            s.auth_failed(source, f).await;
+        }
+    }
     resp
 }
 

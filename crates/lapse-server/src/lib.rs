@@ -11,6 +11,7 @@
 #![recursion_limit = "256"]
 
 pub mod approvals;
+pub mod auth_failures;
 pub mod config;
 pub mod console;
 pub mod credentials;

@@ -234,6 +234,8 @@ pub struct Limits {
     pub login_operator: Limiter,
     /// Permits for Argon2 password checks.
     pub password_checks: tokio::sync::Semaphore,
+    /// Which failed authentications are logged and audited (all are counted).
+    pub auth_failures: crate::auth_failures::Throttle,
 }
 
 impl Limits {
@@ -244,6 +246,7 @@ impl Limits {
             login_source: Limiter::new(cfg.login_per_source),
             login_operator: Limiter::new(cfg.login_per_operator),
             password_checks: tokio::sync::Semaphore::new(cfg.max_password_checks.max(1)),
+            auth_failures: crate::auth_failures::Throttle::default(),
             cfg,
         }
     }

@@ -19,6 +19,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// A failed authentication: what was presented and why it was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    pub credential: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteOnly {
     pub route: String,
@@ -33,6 +40,8 @@ pub struct Metrics {
     pub active_grants: Gauge<i64, AtomicI64>,
     pub policy_reload_failures: Counter,
     pub webhook_events: Family<OutcomeLabels, Counter>,
+    /// Every failed authentication, recorded or suppressed (see `auth_failures`).
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
 }
 
 impl Metrics {
@@ -49,6 +58,12 @@ impl Metrics {
         let active_grants = Gauge::<i64, AtomicI64>::default();
         let policy_reload_failures = Counter::default();
         let webhook_events = Family::<OutcomeLabels, Counter>::default();
+        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Failed authentications by credential (identity_token, client_certificate, operator_token, console_password) and reason",
+            auth_failures.clone(),
+        );
         registry.register(
             "webhook_events",
             "Webhook events: delivered, retried, failed, dropped",
@@ -89,6 +104,7 @@ impl Metrics {
             active_grants,
             policy_reload_failures,
             webhook_events,
+            auth_failures,
         }
     }
 

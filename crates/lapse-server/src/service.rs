@@ -369,23 +369,35 @@ impl Lapse {
         let policy = self.policy()?;
         let workload = match (&input.client_cert, input.identity_token.is_empty()) {
             // The TLS layer verified the chain against the trust bundle.
-            (Some(cert), true) => cert.svid().map_err(ApiError::InvalidGrant)?,
+            (Some(cert), true) => match cert.svid() {
+                Ok(w) => w,
+                Err(why) => {
+                    let f = crate::auth_failures::AuthFailure::new(
+                        crate::auth_failures::Credential::ClientCertificate,
+                        "not_an_svid",
+                    );
+                    self.auth_failed(Some(input.source), f).await;
+                    return Err(ApiError::InvalidGrant(why));
+                }
+            },
             (None, true) => {
                 return Err(ApiError::InvalidRequest(
                     "`subject_token` is required (or a client certificate: an X.509-SVID)".into(),
                 ));
             }
-            (_, false) => self
+            (_, false) => match self
                 .identity
                 .verify(&input.identity_token, now.unix_seconds())
                 .await
-                .map_err(|e| {
-                    if e.is_unavailable() {
-                        ApiError::Unavailable(e.to_string())
-                    } else {
-                        ApiError::InvalidGrant(e.to_string())
-                    }
-                })?,
+            {
+                Ok(w) => w,
+                Err(e) if e.is_unavailable() => return Err(ApiError::Unavailable(e.to_string())),
+                Err(e) => {
+                    let f = crate::auth_failures::AuthFailure::identity(&input.identity_token, &e);
+                    self.auth_failed(Some(input.source), f).await;
+                    return Err(ApiError::InvalidGrant(e.to_string()));
+                }
+            },
         };
         let x5t = input
             .client_cert

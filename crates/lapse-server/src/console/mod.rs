@@ -488,7 +488,23 @@ async fn login(
             r
         }
         Err(e) => {
-            tracing::warn!(operator = %crate::service::clip(&name), source = %peer.ip(), "console sign-in failed");
+            // Logged (rate-limited) and audited there; the name only when it is a
+            // configured one, since people type passwords into name fields.
+            let known = s.cfg.operators.iter().any(|o| o.name == name);
+            let f = crate::auth_failures::AuthFailure {
+                operator: known.then(|| name.clone()),
+                ..crate::auth_failures::AuthFailure::new(
+                    crate::auth_failures::Credential::ConsolePassword,
+                    if known {
+                        "wrong_secret"
+                    } else {
+                        "unknown_operator"
+                    },
+                )
+            };
+            if matches!(e, ApiError::Unauthorized(_)) {
+                s.auth_failed(Some(peer.ip()), f).await;
+            }
             again(StatusCode::UNAUTHORIZED, &e.to_string(), &next, &name)
         }
     }
