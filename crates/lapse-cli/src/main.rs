@@ -321,6 +321,15 @@ enum GrantsCmd {
         server: Server,
         #[arg(long)]
         reason: Option<String>,
+        /// A gate (its base URL, e.g. http://gate:7900) that must have applied the
+        /// ending before this answers: its `/readyz` `feed_position` reaches the
+        /// revoke's. Repeatable. Without it the answer may come before gates hear.
+        #[arg(long = "wait-gate")]
+        wait_gates: Vec<String>,
+        /// How long to wait for the gates (`--wait-gate`); then exit 7 naming
+        /// those that did not confirm.
+        #[arg(long, default_value = "5s")]
+        wait_timeout: TtlDuration,
     },
     /// Renew your own grant (workload): policy decides again.
     Renew {
@@ -490,7 +499,7 @@ async fn run(cli: Cli) -> Out {
         Cmd::Reviews { cmd } => approvals::reviews(cmd, json_out).await,
         Cmd::Policy { cmd } => policy(cmd, json_out),
         Cmd::Audit { cmd } => audit(cmd, json_out).await,
-        Cmd::Operator { cmd } => operator::run(cmd),
+        Cmd::Operator { cmd } => operator::run(cmd, json_out),
         Cmd::Keys { cmd } => keys::run(cmd, json_out).await,
         Cmd::Gate { config } => gate(&config).await,
         Cmd::McpProxy {
@@ -954,7 +963,13 @@ async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {
                 }
             }
         }
-        GrantsCmd::Revoke { id, server, reason } => {
+        GrantsCmd::Revoke {
+            id,
+            server,
+            reason,
+            wait_gates,
+            wait_timeout,
+        } => {
             let url = format!("{}/v1/grants/{id}/revoke", server.url.trim_end_matches('/'));
             let v = answer(
                 client()
@@ -965,6 +980,21 @@ async fn grants(cmd: GrantsCmd, json_out: bool) -> Out {
                     .await,
             )
             .await?;
+            if !wait_gates.is_empty() {
+                let at = v["feed_position"].as_u64().unwrap_or(0);
+                let within = std::time::Duration::from_secs(wait_timeout.secs().max(1));
+                let late = gates_behind(&wait_gates, at, within).await;
+                if !late.is_empty() {
+                    return Err(fail(
+                        7,
+                        format!(
+                            "revoked, but these gates had not applied it (feed position {at}) within {}s: {}",
+                            within.as_secs(),
+                            late.join("; ")
+                        ),
+                    ));
+                }
+            }
             if json_out {
                 println!("{v}")
             } else {
@@ -1160,6 +1190,49 @@ fn verify_export_file(
         key(kid).is_some_and(|p| p.verify(m, s).is_ok())
     })
     .map_err(|e| fail(5, format!("{}: {e}", file.display())))
+}
+
+/// The gates (of `gates`) whose `/readyz` `feed_position` did not reach `at`
+/// within `within`, each with what it last said.
+async fn gates_behind(gates: &[String], at: u64, within: std::time::Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    let http = client();
+    let mut waiting: Vec<(String, String)> = gates
+        .iter()
+        .map(|g| {
+            (
+                g.trim_end_matches('/').to_owned(),
+                "not asked yet".to_owned(),
+            )
+        })
+        .collect();
+    loop {
+        let mut still = Vec::new();
+        for (gate, _) in waiting {
+            let asked = http
+                .get(format!("{gate}/readyz"))
+                .timeout(std::time::Duration::from_secs(1))
+                .send()
+                .await;
+            let said = match asked {
+                Ok(r) => match r.json::<Value>().await {
+                    Ok(v) if v["feed_position"].as_u64().is_some_and(|p| p >= at) => continue,
+                    Ok(v) => format!("at feed position {}", v["feed_position"]),
+                    Err(e) => format!("no readiness answer: {e}"),
+                },
+                Err(e) => format!("unreachable: {e}"),
+            };
+            still.push((gate, said));
+        }
+        waiting = still;
+        if waiting.is_empty() || std::time::Instant::now() >= deadline {
+            return waiting
+                .into_iter()
+                .map(|(g, why)| format!("{g} ({why})"))
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 async fn audit(cmd: AuditCmd, json_out: bool) -> Out {
