@@ -584,4 +584,82 @@ fn lapse_gate_runs_from_its_config_file_and_refuses_by_default() {
         );
         assert_eq!(st, 403, "{uri}: {head}");
     }
+
+    // A revoke that waits for the gate answers once the gate has applied it; one
+    // that waits for a gate that never confirms says which (exit 7).
+    let grant = || {
+        let t = lapse(&[
+            "dev",
+            "token",
+            "--workload",
+            CI,
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        let identity = String::from_utf8(t.stdout).unwrap().trim().to_owned();
+        let o = lapse(&[
+            "request",
+            "--json",
+            "--url",
+            &url,
+            "--identity-token",
+            &identity,
+            "--audience",
+            "orders-db",
+            "--scope",
+            "read",
+            "--task",
+            "T-wait",
+            "--purpose",
+            "wait test",
+        ]);
+        assert_eq!(code(&o), 0, "{}", show(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["grant_id"].as_str().unwrap().to_owned()
+    };
+    let gate_url = format!("http://127.0.0.1:{port}");
+    let id = grant();
+    let o = lapse(&[
+        "grants",
+        "revoke",
+        &id,
+        "--json",
+        "--url",
+        &url,
+        "--token",
+        admin.trim(),
+        "--wait-gate",
+        &gate_url,
+    ]);
+    assert_eq!(code(&o), 0, "{}", show(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let at = v["feed_position"].as_u64().unwrap();
+    let (_, body) = http_get(port, "/readyz", &[]);
+    let seen: u64 = body
+        .rsplit("\"feed_position\":")
+        .next()
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(seen >= at, "{seen} < {at}: {body}");
+    let id = grant();
+    let o = lapse(&[
+        "grants",
+        "revoke",
+        &id,
+        "--url",
+        &url,
+        "--token",
+        admin.trim(),
+        "--wait-gate",
+        "http://127.0.0.1:1",
+        "--wait-timeout",
+        "1s",
+    ]);
+    assert_eq!(code(&o), 7, "{}", show(&o));
+    assert!(
+        show(&o).contains("http://127.0.0.1:1 (unreachable"),
+        "{}",
+        show(&o)
+    );
 }

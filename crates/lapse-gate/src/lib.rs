@@ -573,6 +573,9 @@ async fn readyz(State(g): State<Arc<Gate>>) -> Response {
         "keys": r.keys,
         "policy": r.policy,
         "feed": feed,
+        // The last revocation-feed entry applied: every ending up to it is
+        // refused here (compare with a revoke's `feed_position`).
+        "feed_position": g.verifier.seq(),
     });
     if r.ready() {
         (StatusCode::OK, axum::Json(body)).into_response()

@@ -551,3 +551,54 @@ async fn sigterm_stops_the_gate_gracefully_with_its_last_use_report() {
         "the last use report reached the broker"
     );
 }
+
+/// A revoke answers with the feed position of its ending; once a gate's `/readyz`
+/// reports that position, the very next call with the grant's token is refused —
+/// every time, not only usually (the answer alone comes before gates hear of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_gate_reports_the_revokes_feed_position_the_next_call_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = orders_broker(None).await;
+    let port = start(&config_text(tmp.path(), &b.url, free_port(), "")).await;
+    until_ready(port, 200, Duration::from_secs(10)).await;
+    for round in 0..20 {
+        let key = DpopKey::generate();
+        let (token, id) = b
+            .token(&key, CI, "orders-db", "read", &format!("T-pos-{round}"))
+            .await;
+        assert_eq!(
+            check(port, "/orders/7", Some((&key, &token)), 0)
+                .await
+                .status,
+            200
+        );
+        let v: Value = b
+            .http
+            .post(format!("{}/v1/grants/{id}/revoke", b.url))
+            .bearer_auth(&b.admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["state"], "revoked", "{v}");
+        let at = v["feed_position"].as_u64().unwrap_or_else(|| panic!("{v}"));
+        assert!(at >= 1, "{v}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, body) = get(port, "/readyz").await;
+            let r: Value = serde_json::from_str(&body).unwrap();
+            if r["feed_position"].as_u64().unwrap_or(0) >= at {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reached {at}: {r}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let c = check(port, "/orders/7", Some((&key, &token)), 0).await;
+        assert_eq!(c.status, 401, "round {round}: {:?}", c.body);
+    }
+}

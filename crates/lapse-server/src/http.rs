@@ -1034,7 +1034,12 @@ async fn revoke_grant(
     let g = s.find(id, "grant").await?;
     let reason = r.reason.unwrap_or_else(|| "revoked by operator".into());
     let g = s.revoke(g, &op.name, &clip(&reason)).await?;
-    Ok(no_store(grant_view(&g), StatusCode::OK))
+    // Read after the ending committed, so at least its own entry's number: a gate
+    // whose feed position (its `/readyz`) has reached it has applied the ending.
+    let head = s.store.feed_head().await?;
+    let mut v = grant_view(&g);
+    set_field(&mut v, "feed_position", json!(head));
+    Ok(no_store(v, StatusCode::OK))
 }
 
 async fn renew(

@@ -117,7 +117,7 @@ fn paths_and_schemas() -> Value {
         "/v1/grants/{id}/revoke": { "post": {
           "summary": "An operator ends a grant", "security": op_auth, "parameters": [gid],
           "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Reason" } } } },
-          "responses": { "200": { "description": "revoked", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Grant" } } } },
+          "responses": { "200": { "description": "revoked; `feed_position`: a gate whose `/readyz` `feed_position` has reached it has applied the ending", "content": { "application/json": { "schema": { "allOf": [ { "$ref": "#/components/schemas/Grant" }, { "type": "object", "required": ["feed_position"], "properties": { "feed_position": { "type": "integer", "minimum": 0 } } } ] } } } },
             "401": e("operator token required"), "403": e("role missing"), "404": e("no such grant"), "409": e("grant already ended") } } },
         "/v1/grants/{id}/renew": { "post": {
           "summary": "Explicit renewal: policy is decided again now; capped by the grant's maximum lifetime", "security": wl_auth, "parameters": [gid, dpop],
