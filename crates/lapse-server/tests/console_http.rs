@@ -499,7 +499,12 @@ async fn request_data_is_shown_escaped_never_as_markup() {
 async fn the_grants_page_shows_quarantined_workloads() {
     let s = start().await;
     let c = sign_in(&s, "erin", &token_of("erin")).await;
-    assert!(!c.get("/ui/grants").await.body.contains("id=\"quarantined\""));
+    assert!(
+        !c.get("/ui/grants")
+            .await
+            .body
+            .contains("id=\"quarantined\"")
+    );
     let (st, v) = s
         .send(
             s.http
@@ -516,7 +521,11 @@ async fn the_grants_page_shows_quarantined_workloads() {
     let page = c.get("/ui/grants").await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains("id=\"quarantined\""), "{}", page.body);
-    assert!(page.body.contains(&format!("data-quarantined=\"{CI}\"")), "{}", page.body);
+    assert!(
+        page.body.contains(&format!("data-quarantined=\"{CI}\"")),
+        "{}",
+        page.body
+    );
     assert!(page.body.contains("every audience"), "{}", page.body);
     assert!(
         page.body.contains("token seen in a public log &lt;b&gt;"),
