@@ -12,6 +12,8 @@ pub struct ProxyConfig {
     /// The broker's base URL.
     pub broker: String,
     /// The `iss` of Lapse tokens (the broker's `public_url`); default `broker`.
+    /// Set it when the proxy reaches the broker by another URL than the one the
+    /// broker names itself by (inside a cluster, through a sidecar). README: MCP.
     #[serde(default)]
     pub issuer: Option<String>,
     /// The audience agents' tokens must be for (set it to the proxy's URL for
@@ -82,6 +84,7 @@ pub struct UpstreamConfig {
     pub credential: Option<String>,
     /// Environment for a stdio server, beyond a minimal `PATH`/`HOME`: the
     /// proxy's own environment (which holds the agent's token) is not inherited.
+    /// Values are passed as written, not resolved as `env:`/`file:` references.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
 }

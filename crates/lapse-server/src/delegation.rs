@@ -41,17 +41,43 @@ pub struct DelegationInput {
     pub source: IpAddr,
 }
 
+/// A sub-agent given less time than it asked for, and what set the limit: the
+/// answer says so (`requested_expires_in`, `ttl_capped_by`) instead of quietly
+/// handing out a shorter token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtlCapped {
+    pub requested_secs: u64,
+    /// `parent_grant` (a sub-agent never outlives its parent), `policy` (a
+    /// `@ttl` cap) or `max_ttl` (the broker's).
+    pub by: &'static str,
+}
+
+/// Which limit gave `granted` seconds: the smallest of them, the parent first
+/// when they tie (it is the one a caller can do nothing about).
+fn cap_reason(parent_secs: u64, policy_secs: Option<u64>, max_ttl_secs: u64) -> &'static str {
+    let mut by = ("parent_grant", parent_secs);
+    for (name, secs) in [("policy", policy_secs), ("max_ttl", Some(max_ttl_secs))] {
+        if let Some(secs) = secs
+            && secs < by.1
+        {
+            by = (name, secs);
+        }
+    }
+    by.0
+}
+
 /// RFC 9278: a key named by its thumbprint, the actor when it has no identity.
 fn thumbprint_uri(jkt: &str) -> String {
     format!("urn:ietf:params:oauth:jwk-thumbprint:sha-256:{jkt}")
 }
 
 impl Lapse {
+    /// The sub-agent's token, and whether its lifetime is shorter than asked.
     pub async fn delegate(
         &self,
         input: DelegationInput,
         proof: &DpopProof,
-    ) -> Result<Issued, ApiError> {
+    ) -> Result<(Issued, Option<TtlCapped>), ApiError> {
         let now = self.now();
         self.policy()?;
         let claims = self
@@ -143,7 +169,7 @@ impl Lapse {
         input: &DelegationInput,
         proof: &DpopProof,
         actor: &str,
-    ) -> Result<Issued, ApiError> {
+    ) -> Result<(Issued, Option<TtlCapped>), ApiError> {
         let now = self.now();
         let policy = self.policy()?;
         if let Some(a) = &input.audience
@@ -249,6 +275,7 @@ impl Lapse {
             server_max_ttl_secs: self.cfg.max_ttl.secs(),
             max_lifetime_secs: self.cfg.max_lifetime.secs(),
         };
+        let policy_cap_secs = ttl_cap_secs.clone().ok().flatten();
         let child = match (widening, ttl_cap_secs) {
             (Err(e), _) => Err(e),
             (Ok(()), Err(why)) => Err(ApiError::AccessDenied {
@@ -286,7 +313,22 @@ impl Lapse {
             Err(e) => return Err(e),
         };
         let token = self.mint(&child, now)?;
+        let capped = input
+            .ttl_secs
+            .filter(|asked| child.remaining_secs(now) < *asked)
+            .map(|asked| TtlCapped {
+                requested_secs: asked,
+                by: cap_reason(
+                    parent.remaining_secs(now),
+                    policy_cap_secs,
+                    self.cfg.max_ttl.secs(),
+                ),
+            });
         let mut data = issued_data(&child, &decision, now);
+        if let Some(c) = &capped {
+            crate::set_field(&mut data, "requested_ttl_secs", json!(c.requested_secs));
+            crate::set_field(&mut data, "ttl_capped_by", json!(c.by));
+        }
         crate::set_field(&mut data, "parent", json!(parent.id.to_string()));
         crate::set_field(&mut data, "act", act.clone());
         crate::set_field(&mut data, "depth", json!(child.request.context.depth));
@@ -310,12 +352,13 @@ impl Lapse {
             other => other.into(),
         })?;
         self.metrics.active_grants.inc();
-        Ok(Issued {
+        let issued = Issued {
             expires_in: child.remaining_secs(now),
             grant: child,
             access_token: token,
             credentials: vec![],
-        })
+        };
+        Ok((issued, capped))
     }
 
     /// Every live grant delegated, directly or not, from `grant`.

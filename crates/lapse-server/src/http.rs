@@ -460,8 +460,12 @@ async fn delegate(
         dpop_jkt: p("dpop_jkt").map(str::to_owned),
         source: peer.ip(),
     };
-    let issued = s.delegate(input, &proof).await?;
+    let (issued, capped) = s.delegate(input, &proof).await?;
     let mut v = token_response(&issued);
+    if let Some(c) = capped {
+        set_field(&mut v, "requested_expires_in", json!(c.requested_secs));
+        set_field(&mut v, "ttl_capped_by", json!(c.by));
+    }
     if let Some(act) = &issued.grant.act {
         set_field(&mut v, "act", act.clone());
     }

@@ -356,3 +356,39 @@ async fn a_refused_renewal_ends_what_was_delegated_too() {
         .await;
     assert_eq!(g["state"], "revoked", "{g}");
 }
+
+/// Issue 28 (27): a sub-agent that asked for longer than its parent has left was
+/// silently given less. The answer says so: `expires_in` is what it got,
+/// `requested_expires_in` what it asked, `ttl_capped_by` why; the audit entry too.
+/// Within what the parent allows, nothing is said.
+#[tokio::test]
+async fn a_sub_agent_asking_beyond_its_parent_is_told_it_was_capped() {
+    let s = common::start().await;
+    let key = DpopKey::generate();
+    let parent = agent_token(&s, &key).await;
+    let parent_token = parent["access_token"].as_str().unwrap();
+    let parent_left = parent["expires_in"].as_u64().unwrap();
+
+    let (st, child) = sub(&s, &key, parent_token, &[("expires_in", "99999")]).await;
+    assert_eq!(st, 200, "{child}");
+    let got = child["expires_in"].as_u64().unwrap();
+    assert!(got <= parent_left && got < 99_999, "{child}");
+    assert_eq!(child["requested_expires_in"], 99_999, "{child}");
+    assert_eq!(child["ttl_capped_by"], "parent_grant", "{child}");
+    let issued = s.admin_get("/v1/audit?limit=10000").await["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "grant.issued" && e["grant_id"] == child["grant_id"])
+        .map(|e| serde_json::from_str::<Value>(e["data"].as_str().unwrap()).unwrap())
+        .next()
+        .unwrap();
+    assert_eq!(issued["ttl_capped_by"], "parent_grant", "{issued}");
+    assert_eq!(issued["requested_ttl_secs"], 99_999, "{issued}");
+
+    let (st, short) = sub(&s, &key, parent_token, &[("expires_in", "60")]).await;
+    assert_eq!(st, 200, "{short}");
+    assert_eq!(short["expires_in"], 60);
+    assert!(short.get("ttl_capped_by").is_none(), "{short}");
+    assert!(short.get("requested_expires_in").is_none(), "{short}");
+}
