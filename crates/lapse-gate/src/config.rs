@@ -61,6 +61,14 @@ pub struct GateConfig {
     /// segment is a `..` segment).
     #[serde(default)]
     pub decode_unreserved: bool,
+    /// Require RFC 9449 server nonces: a proof must carry a nonce this gate process
+    /// issued (sent in `DPoP-Nonce` on every answer; a proof without one, or with
+    /// another gate's, is refused `use_dpop_nonce` with a fresh one). A proof
+    /// captured on its way to one replica is then refused by every other. Clients
+    /// that speak RFC 9449 retry by themselves; behind nginx the example passes
+    /// the header through.
+    #[serde(default)]
+    pub dpop_nonce: bool,
     /// Method and path to action, first match wins; no match is refused.
     #[serde(rename = "rule")]
     pub rules: Vec<Rule>,

@@ -186,6 +186,7 @@ impl Gate {
                 on_stale: cfg.on_stale,
             },
             i64::try_from(cfg.dpop_max_age.secs()).unwrap_or(policy::DPOP_MAX_AGE_SECS),
+            cfg.dpop_nonce,
         )
         .await;
         let gate = Arc::new(Self {
@@ -519,6 +520,20 @@ async fn check(
         },
     };
     g.metrics.decided(labels, started.elapsed());
+    // With `dpop_nonce`, every answer carries this gate's current nonce (RFC 9449
+    // section 8.2), so a client has one for its next proof before it needs it.
+    let nonce = g
+        .verifier
+        .dpop_nonce(now_secs())
+        .and_then(|n| HeaderValue::from_str(&n).ok());
+    let mut r = answer(decided, &method, &uri);
+    if let Some(n) = nonce {
+        r.headers_mut().insert("dpop-nonce", n);
+    }
+    r
+}
+
+fn answer(decided: Result<Allowed, Refusal>, method: &str, uri: &str) -> Response {
     match decided {
         Ok(a) => {
             let mut r = StatusCode::OK.into_response();

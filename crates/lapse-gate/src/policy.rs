@@ -47,8 +47,13 @@ pub async fn connect(
 pub async fn open(
     link: &BrokerLink<'_>,
     dpop_max_age_secs: i64,
+    dpop_nonces: bool,
 ) -> (Arc<Verifier>, Arc<BrokerPolicy>, bool) {
-    let verifier = Verifier::offline(verifier_config(link, dpop_max_age_secs), Default::default());
+    let mut verifier =
+        Verifier::offline(verifier_config(link, dpop_max_age_secs), Default::default());
+    if dpop_nonces {
+        verifier = verifier.requiring_dpop_nonces();
+    }
     let keys = match verifier.refresh_keys().await {
         Ok(()) => true,
         Err(e) => {

@@ -602,3 +602,80 @@ async fn once_a_gate_reports_the_revokes_feed_position_the_next_call_is_refused(
         assert_eq!(c.status, 401, "round {round}: {:?}", c.body);
     }
 }
+
+/// With `dpop_nonce`, a gate takes only proofs carrying a nonce it issued: a client
+/// without one is told `use_dpop_nonce` and given one, and a proof accepted by one
+/// replica is refused by another (without nonces that replay passes once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dpop_nonces_a_proof_for_one_replica_is_refused_by_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = orders_broker(None).await;
+    let with = |port| config_text(tmp.path(), &b.url, port, "dpop_nonce = true");
+    let (a, c) = (
+        start(&with(free_port())).await,
+        start(&with(free_port())).await,
+    );
+    let plain = start(&config_text(tmp.path(), &b.url, free_port(), "")).await;
+    for port in [a, c, plain] {
+        until_ready(port, 200, Duration::from_secs(10)).await;
+    }
+    let key = DpopKey::generate();
+    let (token, _) = b.token(&key, CI, "orders-db", "read", "T-nonce").await;
+    let send = |port: u16, proof: String| {
+        let token = token.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{port}/check"))
+                .header("X-Original-Method", "GET")
+                .header("X-Original-URI", "/orders/7")
+                .header("X-Real-IP", "127.0.0.1")
+                .header("Authorization", format!("DPoP {token}"))
+                .header("DPoP", proof)
+                .send()
+                .await
+                .unwrap();
+            Answer {
+                status: r.status().as_u16(),
+                headers: r.headers().clone(),
+                body: r.json().await.unwrap_or(Value::Null),
+            }
+        }
+    };
+    let url = "http://orders.test/orders/7";
+    let now = || SystemClock.now().unix_seconds();
+
+    // No nonce: refused, with one to use.
+    let first = send(a, key.proof("GET", url, Some(&token), now())).await;
+    assert_eq!(first.status, 401, "{:?}", first.body);
+    assert!(
+        first
+            .header("www-authenticate")
+            .contains("error=\"use_dpop_nonce\""),
+        "{}",
+        first.header("www-authenticate")
+    );
+    let nonce = first.header("dpop-nonce").to_owned();
+    assert!(!nonce.is_empty(), "a nonce comes with the refusal");
+    // With it: allowed, and the answer carries the next nonce.
+    let proof = key.proof_with_nonce("GET", url, Some(&token), now(), Some(&nonce));
+    let ok = send(a, proof.clone()).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert!(!ok.header("dpop-nonce").is_empty());
+    // The same proof at the other replica: another gate's nonce, refused.
+    let replayed = send(c, proof.clone()).await;
+    assert_eq!(replayed.status, 401, "{:?}", replayed.body);
+    assert_eq!(
+        replayed.body["error"], "use_dpop_nonce",
+        "{:?}",
+        replayed.body
+    );
+    // ...and at the first again: spent.
+    assert_eq!(send(a, proof).await.status, 401);
+    // Without nonces, a proof accepted by one gate passes once at another: the
+    // window `dpop_nonce` closes.
+    let proof = key.proof("GET", url, Some(&token), now());
+    assert_eq!(send(plain, proof.clone()).await.status, 200);
+    let other = start(&config_text(tmp.path(), &b.url, free_port(), "")).await;
+    until_ready(other, 200, Duration::from_secs(10)).await;
+    assert_eq!(send(other, proof).await.status, 200);
+}

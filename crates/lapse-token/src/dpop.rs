@@ -99,6 +99,9 @@ pub struct DpopProof {
     pub jkt: String,
     pub jti: String,
     pub iat: i64,
+    /// The server-provided nonce the proof carries (RFC 9449 section 8), checked by
+    /// the server that requires one.
+    pub nonce: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -282,7 +285,12 @@ impl Signed {
             .saturating_add(req.max_skew_secs)
             .max(req.now_secs + 1);
         match replay.check_and_insert(&format!("{jkt}:{jti}"), expires, req.now_secs) {
-            Seen::New => Ok(DpopProof { jkt, jti, iat }),
+            Seen::New => Ok(DpopProof {
+                jkt,
+                jti,
+                iat,
+                nonce: claims.nonce,
+            }),
             Seen::Replay => Err(TokenError::DpopReplay),
             Seen::Full => Err(TokenError::ReplayCacheFull),
         }
@@ -350,6 +358,18 @@ impl DpopKey {
 
     /// A proof for one request, issued at `now_secs`, with a fresh random `jti`.
     pub fn proof(&self, htm: &str, htu: &str, access_token: Option<&str>, now_secs: i64) -> String {
+        self.proof_with_nonce(htm, htu, access_token, now_secs, None)
+    }
+
+    /// [`DpopKey::proof`] carrying a server's `DPoP-Nonce` (RFC 9449 section 8).
+    pub fn proof_with_nonce(
+        &self,
+        htm: &str,
+        htu: &str,
+        access_token: Option<&str>,
+        now_secs: i64,
+        nonce: Option<&str>,
+    ) -> String {
         let jti: [u8; 16] = rand::random();
         let claims = ProofClaims {
             jti: Some(b64::encode(jti)),
@@ -357,7 +377,7 @@ impl DpopKey {
             htu: Some(htu.to_owned()),
             iat: Some(now_secs),
             ath: access_token.map(b64::sha256),
-            nonce: None,
+            nonce: nonce.map(str::to_owned),
         };
         let header = serde_json::json!({ "typ": DPOP_TYP, "alg": "EdDSA", "jwk": self.jwk });
         self.key

@@ -12,6 +12,7 @@
 
 mod batch;
 mod feed;
+pub mod nonce;
 
 pub use batch::{Batcher, MAX_BATCH};
 pub use feed::FeedEntry;
@@ -87,6 +88,10 @@ pub enum Denial {
     InvalidProof { fault: DpopFault, detail: String },
     #[error("the DPoP proof was already used")]
     ProofReplayed,
+    /// RFC 9449 section 8: this gate wants its own nonce in the proof (a fresh one
+    /// comes in the answer's `DPoP-Nonce`).
+    #[error("the DPoP proof must carry this gate's nonce (sent in `DPoP-Nonce`)")]
+    UseDpopNonce,
     #[error("the DPoP proof is signed by another key than the token is bound to")]
     ProofKeyMismatch,
     #[error(
@@ -135,6 +140,7 @@ impl Denial {
             | Self::NoRule
             | Self::PolicyDenied(_) => "insufficient_scope",
             Self::FeedStale(_) | Self::Unavailable(_) => "temporarily_unavailable",
+            Self::UseDpopNonce => "use_dpop_nonce",
             _ => "invalid_token",
         }
     }
@@ -231,6 +237,9 @@ pub struct Verifier {
     heard_ms: AtomicI64,
     /// Claims of tokens whose signature verified, by the token's SHA-256.
     verified: RwLock<HashMap<[u8; 32], Arc<AccessClaims>>>,
+    /// Set: every proof must carry a nonce this verifier issued
+    /// ([`Verifier::requiring_dpop_nonces`]).
+    nonces: Option<nonce::NonceKey>,
 }
 
 /// Verified tokens kept at most; beyond it the expired go, then all.
@@ -260,7 +269,20 @@ impl Verifier {
             seq: AtomicU64::new(0),
             heard_ms: AtomicI64::new(0),
             verified: RwLock::new(HashMap::new()),
+            nonces: None,
         }
+    }
+
+    /// This verifier then accepts only proofs that carry a nonce it issued
+    /// ([`Verifier::dpop_nonce`]): a proof made for another gate is refused here.
+    pub fn requiring_dpop_nonces(mut self) -> Self {
+        self.nonces = Some(nonce::NonceKey::generate());
+        self
+    }
+
+    /// The nonce to send in `DPoP-Nonce` now, when nonces are required.
+    pub fn dpop_nonce(&self, now_secs: i64) -> Option<String> {
+        self.nonces.as_ref().map(|k| k.issue(now_secs))
     }
 
     pub fn config(&self) -> &VerifierConfig {
@@ -503,6 +525,14 @@ impl Verifier {
             .map_err(proof_denial)?;
         if proof.jkt != claims.cnf.jkt {
             return Err(Denial::ProofKeyMismatch);
+        }
+        if let Some(k) = &self.nonces
+            && !proof
+                .nonce
+                .as_deref()
+                .is_some_and(|n| k.accepts(n, req.now_secs))
+        {
+            return Err(Denial::UseDpopNonce);
         }
         // Both bindings hold when a token has both: the DPoP key and the
         // certificate the workload authenticated with when the token was issued.
