@@ -535,6 +535,10 @@ async fn over_http(modern: bool) {
         challenge.contains("resource_metadata=\"http://127.0.0.1:"),
         "{challenge}"
     );
+    assert!(
+        !challenge.contains("error="),
+        "no credentials, no error code (RFC 6750 3.1): {challenge}"
+    );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], -31003, "{body}");
     // 2026-07-28 routing headers must say what the body says.

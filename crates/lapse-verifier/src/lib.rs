@@ -145,8 +145,12 @@ impl Denial {
         }
     }
 
-    /// A `WWW-Authenticate` value for a 401 or 403.
+    /// A `WWW-Authenticate` value for a 401 or 403. A request without any
+    /// credentials gets the bare challenge, no error code (RFC 6750 section 3.1).
     pub fn www_authenticate(&self) -> String {
+        if *self == Self::MissingToken {
+            return "DPoP algs=\"EdDSA ES256 RS256\"".into();
+        }
         let desc: String = self
             .to_string()
             .chars()

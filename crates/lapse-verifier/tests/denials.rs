@@ -425,6 +425,16 @@ fn denials_map_to_statuses_and_error_codes() {
     .www_authenticate();
     assert!(h.bytes().all(|b| b == b' ' || b.is_ascii_graphic()), "{h}");
     assert!(Denial::MissingToken.www_authenticate().is_ascii());
+    // No credentials at all: the bare challenge, no error code (RFC 6750 3.1).
+    assert_eq!(
+        Denial::MissingToken.www_authenticate(),
+        "DPoP algs=\"EdDSA ES256 RS256\""
+    );
+    assert!(
+        Denial::MissingProof
+            .www_authenticate()
+            .contains("error=\"invalid_dpop_proof\"")
+    );
 }
 
 #[test]
