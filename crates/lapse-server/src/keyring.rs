@@ -236,6 +236,10 @@ impl KeyRing {
             match seeded {
                 // Another replica seeded it first: use that ring.
                 Ok(()) | Err(StoreError::Conflict(_)) => {}
+                // Its seeding commit may also have landed just before ours, signed
+                // by the key it added, which this ring does not know yet: the
+                // writer then refuses to append after it. Use that ring too.
+                Err(_) if !store.keys().await?.is_empty() => {}
                 Err(e) => return Err(e.into()),
             }
         }
