@@ -10,10 +10,12 @@
 use crate::error::ApiError;
 use crate::service::Lapse;
 use lapse_core::{CredentialState, GrantState, Timestamp};
+use lapse_providers::CredentialProvider;
 use lapse_providers::StrayKind;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 #[derive(Debug, Serialize)]
 pub struct Finding {
@@ -48,194 +50,222 @@ const EXPIRY_GRACE_SECS: u64 = 5;
 
 const ENDS: &[&str] = &["grant.completed", "grant.revoked", "grant.expired"];
 
+/// What the report reads: the broker's own parts when it runs, or the store, key
+/// ring and providers `lapse report standing --config` opens without a server.
+pub struct Sources<'a> {
+    pub store: &'a dyn lapse_store::Store,
+    pub keys: &'a crate::keyring::KeyRing,
+    /// Credential providers by audience; each is asked for what exists on its
+    /// target, and one that cannot be reached is a `target_unreachable` finding.
+    pub providers: &'a HashMap<String, Arc<dyn CredentialProvider>>,
+    pub cfg: &'a crate::config::Config,
+    pub now: Timestamp,
+}
+
 impl Lapse {
     /// The report over `[now - window, now]`.
     pub async fn standing_report(&self, window_secs: u64) -> Result<Value, ApiError> {
-        let now = self.now();
-        let from =
-            Timestamp::from_millis(now.millis().saturating_sub(
-                i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
-            ));
-        let mut findings: Vec<Finding> = Vec::new();
+        standing_report(
+            Sources {
+                store: self.store.as_ref(),
+                keys: &self.keys,
+                providers: &self.providers,
+                cfg: &self.cfg,
+                now: self.now(),
+            },
+            window_secs,
+        )
+        .await
+    }
+}
 
-        // 1. The audit chain itself, and what the proof (4.) needs from it: one read
-        // of the log.
-        let mut issued: BTreeMap<String, i64> = BTreeMap::new();
-        let mut ended: BTreeMap<String, i64> = BTreeMap::new();
-        let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
-        let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
-        let audit = crate::verify_audit_visiting(self.store.as_ref(), &self.keys, |e| {
-            let Some(g) = e.grant_id.clone() else {
-                return;
-            };
-            let name = || {
-                serde_json::from_str::<Value>(&e.data)
-                    .ok()
-                    .and_then(|d| d.get("name").and_then(Value::as_str).map(str::to_owned))
-            };
-            match e.kind.as_str() {
-                "grant.issued" if e.at >= from.millis() => {
-                    issued.insert(g, e.at);
-                }
-                k if ENDS.contains(&k) => {
-                    ended.insert(g, e.at);
-                }
-                "credential.created" => {
-                    if let Some(n) = name() {
-                        created.insert(n, g);
-                    }
-                }
-                "credential.destroyed" | "credential.orphan_removed" => {
-                    if let Some(n) = name() {
-                        destroyed.insert(n, e.at);
-                    }
-                }
-                _ => {}
+/// The report over `[now - window, now]` from `src`.
+pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value, ApiError> {
+    let now = src.now;
+    let from = Timestamp::from_millis(
+        now.millis()
+            .saturating_sub(i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX)),
+    );
+    let mut findings: Vec<Finding> = Vec::new();
+
+    // 1. The audit chain itself, and what the proof (4.) needs from it: one read
+    // of the log.
+    let mut issued: BTreeMap<String, i64> = BTreeMap::new();
+    let mut ended: BTreeMap<String, i64> = BTreeMap::new();
+    let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
+    let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
+    let audit = crate::verify_audit_visiting(src.store, src.keys, |e| {
+        let Some(g) = e.grant_id.clone() else {
+            return;
+        };
+        let name = || {
+            serde_json::from_str::<Value>(&e.data)
+                .ok()
+                .and_then(|d| d.get("name").and_then(Value::as_str).map(str::to_owned))
+        };
+        match e.kind.as_str() {
+            "grant.issued" if e.at >= from.millis() => {
+                issued.insert(g, e.at);
             }
+            k if ENDS.contains(&k) => {
+                ended.insert(g, e.at);
+            }
+            "credential.created" => {
+                if let Some(n) = name() {
+                    created.insert(n, g);
+                }
+            }
+            "credential.destroyed" | "credential.orphan_removed" => {
+                if let Some(n) = name() {
+                    destroyed.insert(n, e.at);
+                }
+            }
+            _ => {}
+        }
+    })
+    .await?;
+    if let Some((seq, why)) = &audit.first_bad {
+        findings.push(Finding::new(
+            "audit_chain_broken",
+            format!("entry {seq}: {why}; nothing below can be proven"),
+        ));
+    }
+
+    // 2. Grants: active past expiry, kept alive too long, owed destroys.
+    let grants = src
+        .store
+        .grants(lapse_store::GrantFilter {
+            limit: 10_000,
+            ..Default::default()
         })
         .await?;
-        if let Some((seq, why)) = &audit.first_bad {
-            findings.push(Finding::new(
-                "audit_chain_broken",
-                format!("entry {seq}: {why}; nothing below can be proven"),
-            ));
+    let span = src.cfg.standing_span.secs();
+    let mut by_workload: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+    for g in &grants {
+        if g.state == GrantState::Active && g.expires_at.plus_secs(EXPIRY_GRACE_SECS) < now {
+            findings.push(Finding {
+                grant_id: Some(g.id.to_string()),
+                workload: Some(g.request.workload.id.clone()),
+                ..Finding::new(
+                    "active_past_expiry",
+                    format!("active although it expired at {}", g.expires_at.rfc3339()),
+                )
+            });
         }
-
-        // 2. Grants: active past expiry, kept alive too long, owed destroys.
-        let grants = self
-            .store
-            .grants(lapse_store::GrantFilter {
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await?;
-        let span = self.cfg.standing_span.secs();
-        let mut by_workload: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
-        for g in &grants {
-            if g.state == GrantState::Active && g.expires_at.plus_secs(EXPIRY_GRACE_SECS) < now {
-                findings.push(Finding {
-                    grant_id: Some(g.id.to_string()),
-                    workload: Some(g.request.workload.id.clone()),
-                    ..Finding::new(
-                        "active_past_expiry",
-                        format!("active although it expired at {}", g.expires_at.rfc3339()),
-                    )
-                });
-            }
-            if g.state == GrantState::Active && g.created_at.plus_secs(span) < now {
-                findings.push(Finding {
-                    grant_id: Some(g.id.to_string()),
-                    workload: Some(g.request.workload.id.clone()),
-                    ..Finding::new(
-                        "renewed_beyond_span",
-                        format!(
-                            "alive since {} through {} renewal(s), longer than {}s",
-                            g.created_at.rfc3339(),
-                            g.renewals,
-                            span
-                        ),
-                    )
-                });
-            }
-            if let Some(r) = g.review.as_ref().filter(|r| r.is_open()) {
-                findings.push(Finding {
-                    grant_id: Some(g.id.to_string()),
-                    workload: Some(g.request.workload.id.clone()),
-                    ..Finding::new(
-                        "break_glass_review_open",
-                        format!(
-                            "break-glass {} since {}, not yet reviewed; justification: {}",
-                            g.state,
-                            r.opened_at.rfc3339(),
-                            r.justification
-                        ),
-                    )
-                });
-            }
-            for c in g
-                .credentials
-                .iter()
-                .filter(|c| c.state == CredentialState::Destroying)
-            {
-                findings.push(Finding {
-                    grant_id: Some(g.id.to_string()),
-                    target: Some(c.target.clone()),
-                    credential: Some(c.name.clone()),
-                    ..Finding::new(
-                        "credential_not_yet_destroyed",
-                        format!(
-                            "grant ended but the credential still exists after {} attempt(s){}",
-                            c.attempts,
-                            c.last_error
-                                .as_deref()
-                                .map(|e| format!(": {e}"))
-                                .unwrap_or_default()
-                        ),
-                    )
-                });
-            }
-            if g.state != GrantState::Pending && g.state != GrantState::Denied {
-                let start = g.created_at.millis().max(from.millis());
-                let end = g
-                    .ended_at
-                    .unwrap_or(g.expires_at)
-                    .millis()
-                    .min(now.millis());
-                if end > start {
-                    by_workload
-                        .entry(g.request.workload.id.as_str())
-                        .or_default()
-                        .push((start, end));
-                }
-            }
+        if g.state == GrantState::Active && g.created_at.plus_secs(span) < now {
+            findings.push(Finding {
+                grant_id: Some(g.id.to_string()),
+                workload: Some(g.request.workload.id.clone()),
+                ..Finding::new(
+                    "renewed_beyond_span",
+                    format!(
+                        "alive since {} through {} renewal(s), longer than {}s",
+                        g.created_at.rfc3339(),
+                        g.renewals,
+                        span
+                    ),
+                )
+            });
         }
-        let window_ms = now.millis().saturating_sub(from.millis()).max(1);
-        for (workload, mut spans) in by_workload {
-            spans.sort_unstable();
-            let mut covered = 0i64;
-            let mut cur: Option<(i64, i64)> = None;
-            for (s, e) in spans {
-                cur = match cur {
-                    Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
-                    Some((cs, ce)) => {
-                        covered += ce - cs;
-                        Some((s, e))
-                    }
-                    None => Some((s, e)),
-                };
-            }
-            if let Some((cs, ce)) = cur {
-                covered += ce - cs;
-            }
-            let share = covered as f64 / window_ms as f64;
-            if share > self.cfg.standing_share {
-                findings.push(Finding {
-                    workload: Some(workload.to_owned()),
-                    ..Finding::new(
-                        "near_continuous_access",
-                        format!("held access {:.0}% of the window", share * 100.0),
-                    )
-                });
-            }
+        if let Some(r) = g.review.as_ref().filter(|r| r.is_open()) {
+            findings.push(Finding {
+                grant_id: Some(g.id.to_string()),
+                workload: Some(g.request.workload.id.clone()),
+                ..Finding::new(
+                    "break_glass_review_open",
+                    format!(
+                        "break-glass {} since {}, not yet reviewed; justification: {}",
+                        g.state,
+                        r.opened_at.rfc3339(),
+                        r.justification
+                    ),
+                )
+            });
         }
-
-        // 3. The targets: credentials with no active grant behind them.
-        let live: HashMap<&str, GrantState> = grants
+        for c in g
+            .credentials
             .iter()
-            .flat_map(|g| {
-                g.credentials
-                    .iter()
-                    .map(move |c| (c.name.as_str(), g.state))
-            })
-            .collect();
-        let mut targets = Vec::new();
-        for (target, p) in &self.providers {
-            match p.list().await {
-                Ok(existing) => {
-                    targets.push(json!({ "target": target, "credentials": existing.len() }));
-                    for ex in existing {
-                        if live.get(ex.name.as_str()) != Some(&GrantState::Active) {
-                            findings.push(Finding {
+            .filter(|c| c.state == CredentialState::Destroying)
+        {
+            findings.push(Finding {
+                grant_id: Some(g.id.to_string()),
+                target: Some(c.target.clone()),
+                credential: Some(c.name.clone()),
+                ..Finding::new(
+                    "credential_not_yet_destroyed",
+                    format!(
+                        "grant ended but the credential still exists after {} attempt(s){}",
+                        c.attempts,
+                        c.last_error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    ),
+                )
+            });
+        }
+        if g.state != GrantState::Pending && g.state != GrantState::Denied {
+            let start = g.created_at.millis().max(from.millis());
+            let end = g
+                .ended_at
+                .unwrap_or(g.expires_at)
+                .millis()
+                .min(now.millis());
+            if end > start {
+                by_workload
+                    .entry(g.request.workload.id.as_str())
+                    .or_default()
+                    .push((start, end));
+            }
+        }
+    }
+    let window_ms = now.millis().saturating_sub(from.millis()).max(1);
+    for (workload, mut spans) in by_workload {
+        spans.sort_unstable();
+        let mut covered = 0i64;
+        let mut cur: Option<(i64, i64)> = None;
+        for (s, e) in spans {
+            cur = match cur {
+                Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+                Some((cs, ce)) => {
+                    covered += ce - cs;
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((cs, ce)) = cur {
+            covered += ce - cs;
+        }
+        let share = covered as f64 / window_ms as f64;
+        if share > src.cfg.standing_share {
+            findings.push(Finding {
+                workload: Some(workload.to_owned()),
+                ..Finding::new(
+                    "near_continuous_access",
+                    format!("held access {:.0}% of the window", share * 100.0),
+                )
+            });
+        }
+    }
+
+    // 3. The targets: credentials with no active grant behind them.
+    let live: HashMap<&str, GrantState> = grants
+        .iter()
+        .flat_map(|g| {
+            g.credentials
+                .iter()
+                .map(move |c| (c.name.as_str(), g.state))
+        })
+        .collect();
+    let mut targets = Vec::new();
+    for (target, p) in src.providers {
+        match p.list().await {
+            Ok(existing) => {
+                targets.push(json!({ "target": target, "credentials": existing.len() }));
+                for ex in existing {
+                    if live.get(ex.name.as_str()) != Some(&GrantState::Active) {
+                        findings.push(Finding {
                                 grant_id: ex.grant.map(|g| g.to_string()),
                                 target: Some(target.clone()),
                                 credential: Some(ex.name.clone()),
@@ -248,119 +278,118 @@ impl Lapse {
                                     ),
                                 )
                             });
-                        }
                     }
                 }
-                Err(e) => findings.push(Finding {
-                    target: Some(target.clone()),
-                    ..Finding::new(
-                        "target_unreachable",
-                        format!("cannot list credentials: {e}"),
-                    )
-                }),
             }
-            // What sits in Lapse's namespace without being Lapse's: no grant ends
-            // it and the reconciler leaves it alone, so a person has to.
-            match p.strays().await {
-                Ok(strays) => findings.extend(strays.into_iter().map(|s| {
-                    let (kind, what) = match s.kind {
-                        StrayKind::LookAlike => (
-                            "look_alike_role",
-                            "named like Lapse's credentials but not made by Lapse",
-                        ),
-                        StrayKind::GroupMember => (
-                            "unexpected_group_member",
-                            "a member of Lapse's group roles that Lapse did not make",
-                        ),
-                    };
-                    let groups = if s.groups.is_empty() {
-                        "no Lapse group".to_owned()
-                    } else {
-                        s.groups
-                            .iter()
-                            .map(|g| format!("`{g}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    };
-                    Finding {
-                        target: Some(target.clone()),
-                        credential: Some(s.name),
-                        ..Finding::new(
-                            kind,
-                            format!(
-                                "{what} (login {}, {} session(s), in {groups})",
-                                if s.can_login { "allowed" } else { "refused" },
-                                s.sessions
-                            ),
-                        )
-                    }
-                })),
-                Err(e) => findings.push(Finding {
-                    target: Some(target.clone()),
-                    ..Finding::new(
-                        "target_unreachable",
-                        format!("cannot list look-alike roles and group members: {e}"),
-                    )
-                }),
-            }
+            Err(e) => findings.push(Finding {
+                target: Some(target.clone()),
+                ..Finding::new(
+                    "target_unreachable",
+                    format!("cannot list credentials: {e}"),
+                )
+            }),
         }
+        // What sits in Lapse's namespace without being Lapse's: no grant ends
+        // it and the reconciler leaves it alone, so a person has to.
+        match p.strays().await {
+            Ok(strays) => findings.extend(strays.into_iter().map(|s| {
+                let (kind, what) = match s.kind {
+                    StrayKind::LookAlike => (
+                        "look_alike_role",
+                        "named like Lapse's credentials but not made by Lapse",
+                    ),
+                    StrayKind::GroupMember => (
+                        "unexpected_group_member",
+                        "a member of Lapse's group roles that Lapse did not make",
+                    ),
+                };
+                let groups = if s.groups.is_empty() {
+                    "no Lapse group".to_owned()
+                } else {
+                    s.groups
+                        .iter()
+                        .map(|g| format!("`{g}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                Finding {
+                    target: Some(target.clone()),
+                    credential: Some(s.name),
+                    ..Finding::new(
+                        kind,
+                        format!(
+                            "{what} (login {}, {} session(s), in {groups})",
+                            if s.can_login { "allowed" } else { "refused" },
+                            s.sessions
+                        ),
+                    )
+                }
+            })),
+            Err(e) => findings.push(Finding {
+                target: Some(target.clone()),
+                ..Finding::new(
+                    "target_unreachable",
+                    format!("cannot list look-alike roles and group members: {e}"),
+                )
+            }),
+        }
+    }
 
-        // 4. The proof from the log (read in 1.): every issue in the window has its end.
-        let state: HashMap<String, (GrantState, Timestamp)> = grants
-            .iter()
-            .map(|g| (g.id.to_string(), (g.state, g.expires_at)))
-            .collect();
-        let mut open_within_lifetime = 0;
-        let mut unended = 0;
-        for g in issued.keys() {
-            if ended.contains_key(g) {
-                continue;
-            }
-            match state.get(g) {
-                Some((GrantState::Active, exp)) if *exp >= now => open_within_lifetime += 1,
-                _ => {
-                    unended += 1;
-                    findings.push(Finding {
-                        grant_id: Some(g.clone()),
-                        ..Finding::new(
-                            "issue_without_end",
-                            "issued in the window, past its expiry, and no end is recorded".into(),
-                        )
-                    });
-                }
-            }
+    // 4. The proof from the log (read in 1.): every issue in the window has its end.
+    let state: HashMap<String, (GrantState, Timestamp)> = grants
+        .iter()
+        .map(|g| (g.id.to_string(), (g.state, g.expires_at)))
+        .collect();
+    let mut open_within_lifetime = 0;
+    let mut unended = 0;
+    for g in issued.keys() {
+        if ended.contains_key(g) {
+            continue;
         }
-        for (name, g) in &created {
-            let grant_live = matches!(state.get(g), Some((GrantState::Active, _)));
-            if !destroyed.contains_key(name) && !grant_live {
+        match state.get(g) {
+            Some((GrantState::Active, exp)) if *exp >= now => open_within_lifetime += 1,
+            _ => {
+                unended += 1;
                 findings.push(Finding {
                     grant_id: Some(g.clone()),
-                    credential: Some(name.clone()),
                     ..Finding::new(
-                        "credential_without_destroy",
-                        "created for a grant that ended, and no destroy is recorded".into(),
+                        "issue_without_end",
+                        "issued in the window, past its expiry, and no end is recorded".into(),
                     )
                 });
             }
         }
-
-        Ok(json!({
-            "generated_at": now,
-            "window": { "from": from, "to": now },
-            "ok": findings.is_empty(),
-            "findings": findings,
-            "proof": {
-                "audit_chain_verified": audit.ok(),
-                "audit_entries": audit.entries,
-                "issued_in_window": issued.len(),
-                "ended": issued.len() - open_within_lifetime - unended,
-                "still_active_within_lifetime": open_within_lifetime,
-                "unended": unended,
-            },
-            "targets": targets,
-            // Blocks standing on workloads: not access, but what an auditor asks
-            // next about a workload whose grants were ended by a signal.
-            "quarantined": self.store.quarantines().await?,
-        }))
     }
+    for (name, g) in &created {
+        let grant_live = matches!(state.get(g), Some((GrantState::Active, _)));
+        if !destroyed.contains_key(name) && !grant_live {
+            findings.push(Finding {
+                grant_id: Some(g.clone()),
+                credential: Some(name.clone()),
+                ..Finding::new(
+                    "credential_without_destroy",
+                    "created for a grant that ended, and no destroy is recorded".into(),
+                )
+            });
+        }
+    }
+
+    Ok(json!({
+        "generated_at": now,
+        "window": { "from": from, "to": now },
+        "ok": findings.is_empty(),
+        "findings": findings,
+        "proof": {
+            "audit_chain_verified": audit.ok(),
+            "audit_entries": audit.entries,
+            "issued_in_window": issued.len(),
+            "ended": issued.len() - open_within_lifetime - unended,
+            "still_active_within_lifetime": open_within_lifetime,
+            "unended": unended,
+        },
+        "targets": targets,
+        // Blocks standing on workloads: not access, but what an auditor asks
+        // next about a workload whose grants were ended by a signal.
+        "quarantined": src.store.quarantines().await?,
+    }))
 }
