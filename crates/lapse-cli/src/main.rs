@@ -120,9 +120,20 @@ enum Cmd {
     McpProxy {
         #[arg(long)]
         config: PathBuf,
-        /// Serve streamable HTTP on the config's `[http]` listener.
+        /// Serve streamable HTTP on the config's `[http]` listener; the endpoint's
+        /// URL is printed on standard output, one line, once it listens.
         #[arg(long)]
         http: bool,
+        /// With `--http`: listen here instead of `[http] listen` (port 0: any free
+        /// one); the endpoint is then this address with `[http] url`'s path
+        /// (`/mcp` without `[http]`).
+        #[arg(long, requires = "http")]
+        listen: Option<std::net::SocketAddr>,
+        /// With `--http`: the operator token is the first line of standard input
+        /// (as `token = "stdin"`), not the config's `token`, and the proxy stops
+        /// when standard input ends. For a supervisor: `lapse run --mcp-proxy`.
+        #[arg(long, requires = "http")]
+        token_stdin: bool,
         /// Stdio: the agent's Lapse access token.
         #[arg(long, env = "LAPSE_ACCESS_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -232,6 +243,10 @@ pub(crate) struct AccessArgs {
     environment: Option<String>,
     #[arg(long)]
     pub(crate) ttl: Option<TtlDuration>,
+    /// The tools an agent's task declares (JSON, as the `tools` of a token
+    /// exchange): all an MCP proxy will let it call.
+    #[arg(long, value_name = "JSON")]
+    tools: Option<String>,
     /// Break glass: decided by `@break_glass` policies only, issued at once with a
     /// hard short lifetime, announced, and reviewed afterwards. Needs --justification.
     #[arg(long, requires = "justification")]
@@ -264,6 +279,9 @@ impl AccessArgs {
         }
         if let Some(t) = self.ttl {
             form.push(("expires_in", t.secs().to_string()));
+        }
+        if let Some(t) = &self.tools {
+            form.push(("tools", t.clone()));
         }
         if self.break_glass {
             form.push(("break_glass", "true".to_owned()));
@@ -513,8 +531,10 @@ async fn run(cli: Cli) -> Out {
         Cmd::McpProxy {
             config,
             http,
+            listen,
+            token_stdin,
             token,
-        } => mcp_proxy(&config, http, token).await,
+        } => mcp_proxy(&config, http.then_some(listen), token_stdin, token).await,
         Cmd::Report {
             cmd:
                 ReportCmd::Standing {
@@ -551,16 +571,38 @@ async fn gate(config: &Path) -> Out {
         .map_err(|e| fail(1, e.to_string()))
 }
 
-async fn mcp_proxy(config: &Path, http: bool, token: Option<String>) -> Out {
+async fn mcp_proxy(
+    config: &Path,
+    http: Option<Option<std::net::SocketAddr>>,
+    token_stdin: bool,
+    token: Option<String>,
+) -> Out {
+    // The operator token in its memory writes audit records: no other process of
+    // this user (an agent) may read that memory or `/proc/PID/environ`.
+    run::mcp_proxy::not_dumpable().map_err(|e| fail(1, e))?;
     let text = std::fs::read_to_string(config)
         .map_err(|e| fail(1, format!("cannot read `{}`: {e}", config.display())))?;
-    let cfg = lapse_mcp::config::ProxyConfig::parse(&text)
+    let mut cfg = lapse_mcp::config::ProxyConfig::parse(&text)
         .map_err(|e| fail(2, format!("`{}`: {e}", config.display())))?;
+    let token_stdin =
+        token_stdin || cfg.token_source() == Ok(lapse_mcp::config::TokenSource::Stdin);
     let listen = match (http, &cfg.http) {
-        (true, Some(h)) => Some(h.listen),
-        (true, None) => return Err(fail(2, "`--http` needs an `[http]` table in the config")),
-        (false, _) => None,
+        (Some(Some(addr)), _) => Some(addr),
+        (Some(None), Some(h)) => Some(h.listen),
+        (Some(None), None) => {
+            return Err(fail(
+                2,
+                "`--http` needs an `[http]` table in the config, or `--listen`",
+            ));
+        }
+        (None, _) => None,
     };
+    if token_stdin && listen.is_none() {
+        return Err(fail(
+            2,
+            "the operator token from standard input needs `--http` (over stdio, standard input is the agent's)",
+        ));
+    }
     let token = match (listen, token) {
         (Some(_), _) => String::new(),
         (None, Some(t)) if !t.trim().is_empty() => t.trim().to_owned(),
@@ -571,9 +613,30 @@ async fn mcp_proxy(config: &Path, http: bool, token: Option<String>) -> Out {
             ));
         }
     };
-    let proxy = lapse_mcp::Proxy::new(cfg)
-        .await
-        .map_err(|e| fail(7, e.to_string()))?;
+    // Bound before the proxy starts, so that its URL names the port really taken
+    // (`--listen 127.0.0.1:0`); connections wait in the backlog meanwhile.
+    let listener = match listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| fail(1, format!("cannot listen on {addr}: {e}")))?;
+            if matches!(http, Some(Some(_))) {
+                cfg.listen_at(l.local_addr().unwrap_or(addr));
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let (proxy, supervisor) = if token_stdin {
+        let (operator, ended) = run::mcp_proxy::from_supervisor().map_err(|e| fail(2, e))?;
+        (
+            lapse_mcp::Proxy::with_token(cfg, operator).await,
+            Some(ended),
+        )
+    } else {
+        (lapse_mcp::Proxy::new(cfg).await, None)
+    };
+    let proxy = proxy.map_err(|e| fail(7, e.to_string()))?;
     let background = proxy.run_background();
     // Calls before the revocation feed is first heard would all be refused.
     let within = std::time::Duration::from_secs(proxy.config().staleness.secs().max(1));
@@ -582,14 +645,26 @@ async fn mcp_proxy(config: &Path, http: bool, token: Option<String>) -> Out {
             "the broker's revocation feed has not answered; tool calls are refused until it does"
         );
     }
-    let r = match listen {
-        Some(listen) => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| fail(1, format!("cannot listen on {listen}: {e}")))?;
-            tracing::info!(%listen, "lapse mcp-proxy listening");
-            lapse_mcp::http::serve(proxy, listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+    let r = match listener {
+        Some(listener) => {
+            let url = proxy.config().http.as_ref().map(|h| h.url.clone());
+            let url = url.unwrap_or_default();
+            tracing::info!(%url, "lapse mcp-proxy listening");
+            // The line a supervisor (or a script, with port 0) waits for; nobody
+            // reading it is no reason to stop.
+            let _ =
+                std::io::Write::write_all(&mut std::io::stdout(), format!("{url}\n").as_bytes());
+            lapse_mcp::http::serve(proxy, listener, async move {
+                match supervisor {
+                    // The supervisor is done (or gone): stop, after the last report.
+                    Some(ended) => tokio::select! {
+                        _ = ended => {}
+                        () = lapse_gate::stop_signal() => {}
+                    },
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
             })
             .await
         }

@@ -14,11 +14,16 @@
 //! grant's expiry by the local clock, so a slow or frozen broker delays neither
 //! forwarded signals nor the stop at expiry.
 //!
+//! With `--mcp-proxy CONFIG`, the agent's MCP proxy runs beside the command as
+//! our child, holding the operator token the command never gets ([`mcp_proxy`]).
+//!
 //! Exit codes: the command's own; 128+N when a signal N ended it; 111 when the grant
 //! ended first and the command was stopped; before the command starts, the CLI's
 //! codes (1 failure, 2 usage, 3 denied, 4 approval needed, 7 unavailable); 126/127
 //! when the command cannot be executed / is not found. With `--exit-code-base N`,
 //! every code of Lapse's own (all but the command's) is N higher.
+
+pub(crate) mod mcp_proxy;
 
 use crate::identity_source::{IdentityArgs, IdentitySource};
 use crate::{AccessArgs, Fail, fail};
@@ -85,6 +90,13 @@ pub struct RunArgs {
     /// `{"phase": "before-command"|"command", "exit": CODE, "error": MESSAGE|null}`.
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// Start `lapse mcp-proxy --http` with this config beside the command, never
+    /// under it: on a free loopback port, its operator token handed over a pipe;
+    /// the command gets the proxy's URL in `LAPSE_MCP_URL` and no operator
+    /// credential. The proxy ends after the command, once its last tool-call
+    /// records are sent.
+    #[arg(long, value_name = "CONFIG")]
+    mcp_proxy: Option<PathBuf>,
     /// Print nothing of its own unless something goes wrong.
     #[arg(long, short)]
     quiet: bool,
@@ -271,6 +283,16 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
         });
     }
 
+    // What the command must not get is in our environment from the start (identity
+    // material, operator tokens) and soon in our memory: the command, a process of
+    // the same user, must not read `/proc/PID/environ` or `mem` of ours.
+    mcp_proxy::not_dumpable().map_err(|e| fail(1, e))?;
+    // The MCP proxy's config and operator token, before anything is asked: a
+    // mistake there is a usage error, and no grant is made for nothing.
+    let plan = match &a.mcp_proxy {
+        Some(path) => Some(mcp_proxy::Plan::read(path).map_err(|e| fail(2, e))?),
+        None => None,
+    };
     let env = |k: &str| std::env::var(k).ok();
     let source = IdentitySource::detect(&a.identity, &env)?;
     let http = lapse_identity::http_client();
@@ -331,7 +353,7 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
         complete(&http, &held, json!({ "reason": "`lapse run`: no command" })).await;
         return Err(fail(2, "no command given after `--`"));
     };
-    let vars = match child_env(&issued, &held, &base, &renames) {
+    let mut vars = match child_env(&issued, &held, &base, &renames) {
         Ok(v) => v,
         Err(e) => {
             complete(
@@ -352,9 +374,40 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
         .await;
         return Err(fail(1, e));
     }
+    // The proxy first, as our child: the command is never its parent, so never
+    // holds what the proxy holds.
+    let identity_vars = source.secret_vars(&a.identity);
+    let mut proxy = match &plan {
+        Some(p) => match mcp_proxy::Supervised::start(p, &identity_vars).await {
+            Ok(s) => {
+                say(a.quiet, &format!("MCP proxy at {}", s.url));
+                vars.push((renamed(&renames, "LAPSE_MCP_URL"), s.url.clone()));
+                Some(s)
+            }
+            Err(e) => {
+                complete(
+                    &http,
+                    &held,
+                    json!({ "reason": format!("`lapse run`: {e}") }),
+                )
+                .await;
+                return Err(fail(7, e));
+            }
+        },
+        None => None,
+    };
+    let spare = proxy.as_ref().and_then(|p| p.pid);
     let mut cmd = Command::new(program);
     cmd.args(args);
-    for v in source.secret_vars(&a.identity) {
+    // No operator credential, ever: neither the CLI's nor the proxy's.
+    let keep_out = match &plan {
+        Some(p) => p.command_keep_out(),
+        None => mcp_proxy::OPERATOR_VARS
+            .iter()
+            .map(|v| (*v).to_owned())
+            .collect(),
+    };
+    for v in identity_vars.iter().chain(&keep_out) {
         cmd.env_remove(v);
     }
     cmd.envs(vars);
@@ -380,6 +433,7 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
             } else {
                 126
             };
+            stop_proxy(&mut proxy).await;
             complete(
                 &http,
                 &held,
@@ -410,16 +464,43 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
                 let status = match status {
                     Ok(s) => s,
                     Err(e) => {
-                        let body = json!({ "reason": "`lapse run`: the command could not be waited for" });
-                        tokio::join!(complete(&http, &held, body), end_leftovers(group, grace, false));
+                        let mut body = json!({ "reason": "`lapse run`: the command could not be waited for" });
+                        proxy_note(&mut body, proxy.as_ref());
+                        tokio::join!(
+                            async {
+                                stop_proxy(&mut proxy).await;
+                                complete(&http, &held, body).await;
+                            },
+                            end_leftovers(group, grace, false, spare)
+                        );
+                        end_proxy_orphans(spare, grace).await;
                         return Ok(Done::Lost(fail(1, format!("waiting for the command: {e}"))));
                     }
                 };
-                let (code, body) = outcome(status);
-                // The grant is completed while what the command left running is
-                // ended: neither waits for the other.
-                tokio::join!(complete(&http, &held, body), end_leftovers(group, grace, false));
+                let (code, mut body) = outcome(status);
+                proxy_note(&mut body, proxy.as_ref());
+                // The grant is completed (after the proxy's last records) while
+                // what the command left running is ended: neither waits for the
+                // other.
+                tokio::join!(
+                    async {
+                        stop_proxy(&mut proxy).await;
+                        complete(&http, &held, body).await;
+                    },
+                    end_leftovers(group, grace, false, spare)
+                );
+                end_proxy_orphans(spare, grace).await;
                 return Ok(Done::Exited(code));
+            }
+            status = async {
+                match proxy.as_mut() {
+                    Some(p) => p.exited().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                say(false, &format!(
+                    "the MCP proxy exited ({status}) before the command; its tool calls fail from now on"
+                ));
             }
             Some(sig) = sig_rx.recv() => {
                 let doubled = from_terminal && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
@@ -474,13 +555,47 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
     }
     // The group (if any) has had its SIGTERM; what is left of it, and what was
     // left outside it, gets the rest of the grace period.
-    end_leftovers(
-        group,
-        deadline.saturating_duration_since(Instant::now()),
-        true,
-    )
-    .await;
+    tokio::join!(
+        stop_proxy(&mut proxy),
+        end_leftovers(
+            group,
+            deadline.saturating_duration_since(Instant::now()),
+            true,
+            spare,
+        )
+    );
+    end_proxy_orphans(spare, grace).await;
     Ok(Done::Stopped(ended))
+}
+
+/// Stops the MCP proxy, if one runs: it sends its last records first.
+async fn stop_proxy(proxy: &mut Option<mcp_proxy::Supervised>) {
+    if let Some(p) = proxy {
+        p.stop(COMPLETE_TIMEOUT).await;
+    }
+}
+
+/// Ends what a stopped MCP proxy left behind (its stdio upstreams are re-parented
+/// to us when it is killed).
+async fn end_proxy_orphans(spare: Option<Pid>, grace: Duration) {
+    if spare.is_some() {
+        end_leftovers(None, grace, false, None).await;
+    }
+}
+
+/// A proxy that ended before the command may have taken records with it: the
+/// completion says so.
+fn proxy_note(body: &mut Value, proxy: Option<&mcp_proxy::Supervised>) {
+    let Some(status) = proxy.and_then(mcp_proxy::Supervised::ended_early) else {
+        return;
+    };
+    if let Some(o) = body.as_object_mut() {
+        let reason = o.get("reason").and_then(Value::as_str).unwrap_or_default();
+        let reason = format!(
+            "{reason}; the MCP proxy had exited before it ({status}): tool-call records may be missing"
+        );
+        o.insert("reason".into(), Value::String(reason));
+    }
 }
 
 /// What the poll task tells the supervision loop.
@@ -539,9 +654,10 @@ struct Leftover {
 }
 
 /// What the command left running: members of its process group (when it has one)
-/// and processes re-parented to us, not counting zombies (ours are reaped here).
+/// and processes re-parented to us, not counting zombies (ours are reaped here)
+/// nor `spare` (the MCP proxy, our own child, stopped on its own terms).
 /// `None` when `/proc` cannot be read.
-fn leftovers(group: Option<Pid>) -> Option<Vec<Leftover>> {
+fn leftovers(group: Option<Pid>, spare: Option<Pid>) -> Option<Vec<Leftover>> {
     use nix::sys::wait::{WaitPidFlag, waitpid};
     let me = std::process::id().to_string();
     let group = group.map(|g| g.as_raw().to_string());
@@ -551,6 +667,9 @@ fn leftovers(group: Option<Pid>) -> Option<Vec<Leftover>> {
         let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
+        if spare == Some(Pid::from_raw(pid)) {
+            continue;
+        }
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
@@ -583,10 +702,16 @@ fn leftovers(group: Option<Pid>) -> Option<Vec<Leftover>> {
 
 /// Ends what the command left running: SIGTERM, then SIGKILL once `grace` has
 /// passed. `group_termed`: the command's group has had its SIGTERM already.
-async fn end_leftovers(group: Option<Pid>, grace: Duration, group_termed: bool) {
+/// `spare`: see [`leftovers`].
+async fn end_leftovers(
+    group: Option<Pid>,
+    grace: Duration,
+    group_termed: bool,
+    spare: Option<Pid>,
+) {
     const EVERY: Duration = Duration::from_millis(50);
     let deadline = Instant::now() + grace;
-    let Some(mut left) = leftovers(group) else {
+    let Some(mut left) = leftovers(group, spare) else {
         // No `/proc`: the group is all we know of.
         if let Some(g) = group
             && killpg(g, None::<Signal>).is_ok()
@@ -619,7 +744,7 @@ async fn end_leftovers(group: Option<Pid>, grace: Duration, group_termed: bool) 
             break;
         }
         tokio::time::sleep(EVERY.min(deadline.saturating_duration_since(Instant::now()))).await;
-        left = leftovers(group).unwrap_or_default();
+        left = leftovers(group, spare).unwrap_or_default();
         if left.is_empty() {
             return;
         }
@@ -638,7 +763,7 @@ async fn end_leftovers(group: Option<Pid>, grace: Duration, group_termed: bool) 
             let _ = kill(l.pid, Signal::SIGKILL);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        left = leftovers(group).unwrap_or_default();
+        left = leftovers(group, spare).unwrap_or_default();
         if left.is_empty() {
             return;
         }
@@ -827,6 +952,7 @@ const VARS: &[&str] = &[
     "PGDATABASE",
     "PGUSER",
     "PGPASSWORD",
+    "LAPSE_MCP_URL",
 ];
 
 fn parse_renames(pairs: &[String]) -> Result<BTreeMap<String, String>, Fail> {
@@ -858,6 +984,14 @@ fn parse_renames(pairs: &[String]) -> Result<BTreeMap<String, String>, Fail> {
         out.insert(from.to_owned(), to.to_owned());
     }
     Ok(out)
+}
+
+/// The name `--env-name` gives a variable.
+fn renamed(renames: &BTreeMap<String, String>, name: &str) -> String {
+    renames
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| name.to_owned())
 }
 
 /// The variables the command gets.

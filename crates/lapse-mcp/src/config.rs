@@ -1,5 +1,5 @@
 //! `mcp-proxy.toml`. Unknown keys are errors; secrets come from `env:NAME` or
-//! `file:PATH`.
+//! `file:PATH` (the operator token also from `stdin`, see [`TokenSource`]).
 
 use lapse_core::TtlDuration;
 use lapse_verifier::OnStale;
@@ -23,7 +23,8 @@ pub struct ProxyConfig {
     #[serde(default = "default_action")]
     pub action: String,
     /// The proxy's operator API token: role `gate` (and `signal` for
-    /// `on_drift = "revoke"`), bound to `audience`.
+    /// `on_drift = "revoke"`), bound to `audience`. Where it comes from:
+    /// [`TokenSource`].
     pub token: String,
     /// How long the revocation feed may be silent before calls are refused.
     #[serde(default = "default_staleness")]
@@ -89,6 +90,36 @@ pub struct UpstreamConfig {
     pub env: std::collections::BTreeMap<String, String>,
 }
 
+/// Where the proxy's operator token comes from (`token`). It writes audit records,
+/// so it must never be in the agent's hands: see THREATS.md T68.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource<'a> {
+    /// `env:NAME`: the proxy's environment.
+    Env(&'a str),
+    /// `file:PATH`.
+    File(&'a str),
+    /// `stdin`: the first line of standard input, written by a supervisor (`lapse
+    /// run --mcp-proxy`) through a pipe; HTTP only (over stdio, standard input is
+    /// the agent's). The proxy stops when that input ends.
+    Stdin,
+}
+
+impl<'a> TokenSource<'a> {
+    pub fn parse(spec: &'a str) -> Result<Self, String> {
+        if let Some(name) = spec.strip_prefix("env:") {
+            Ok(Self::Env(name))
+        } else if let Some(path) = spec.strip_prefix("file:") {
+            Ok(Self::File(path))
+        } else if spec == "stdin" {
+            Ok(Self::Stdin)
+        } else {
+            Err(format!(
+                "`token` must be `env:NAME`, `file:PATH` or `stdin`, not `{spec}`"
+            ))
+        }
+    }
+}
+
 fn default_action() -> String {
     "call".into()
 }
@@ -108,6 +139,7 @@ fn default_max_unreported() -> usize {
 impl ProxyConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        TokenSource::parse(&cfg.token)?;
         if cfg.upstreams.is_empty() {
             return Err("at least one `[[upstream]]` is needed".into());
         }
@@ -130,6 +162,40 @@ impl ProxyConfig {
         }
         Ok(cfg)
     }
+
+    /// Serves HTTP at `addr` instead of `[http] listen` (`lapse mcp-proxy
+    /// --listen`): the endpoint keeps `[http] url`'s path (`/mcp` without
+    /// `[http]`) and TLS, its URL names `addr`.
+    pub fn listen_at(&mut self, addr: SocketAddr) {
+        let old = self.http.take();
+        let path = old
+            .as_ref()
+            .and_then(|h| url::Url::parse(&h.url).ok())
+            .map_or_else(|| "/mcp".to_owned(), |u| u.path().to_owned());
+        let tls = old.and_then(|h| h.tls);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        self.http = Some(HttpConfig {
+            listen: addr,
+            url: format!("{scheme}://{addr}{path}"),
+            tls,
+        });
+    }
+
+    /// Where the operator token comes from.
+    pub fn token_source(&self) -> Result<TokenSource<'_>, String> {
+        TokenSource::parse(&self.token)
+    }
+
+    /// The operator token from `env:` or `file:`; `stdin` is read by the caller
+    /// (see [`crate::Proxy::with_token`]).
+    pub fn operator_token(&self) -> Result<String, String> {
+        match self.token_source()? {
+            TokenSource::Stdin => {
+                Err("`token = \"stdin\"`: the token is read from standard input (HTTP only)".into())
+            }
+            _ => lapse_gate::config::secret("token", &self.token).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,11 +214,37 @@ command = ["python3", "server.py"]
 "#;
         let c = ProxyConfig::parse(ok).expect("parses");
         assert_eq!((c.action.as_str(), c.on_drift), ("call", OnDrift::Refuse));
+        assert_eq!(c.token_source(), Ok(TokenSource::Env("T")));
+        let c = ProxyConfig::parse(&ok.replace("env:T", "stdin")).expect("parses");
+        assert_eq!(c.token_source(), Ok(TokenSource::Stdin));
+        assert!(
+            c.operator_token().is_err(),
+            "the caller reads standard input"
+        );
+        let mut c = c;
+        let at: SocketAddr = "127.0.0.1:40123".parse().expect("address");
+        c.listen_at(at);
+        let h = c.http.as_ref().expect("an [http] listener");
+        assert_eq!(
+            (h.listen, h.url.as_str()),
+            (at, "http://127.0.0.1:40123/mcp")
+        );
+        let mut c = ProxyConfig::parse(&format!(
+            "{ok}[http]\nlisten = \"0.0.0.0:7801\"\nurl = \"https://tools.example.com/v1/mcp\"\n"
+        ))
+        .expect("parses");
+        c.listen_at(at);
+        let h = c.http.as_ref().expect("an [http] listener");
+        assert_eq!(
+            h.url, "http://127.0.0.1:40123/v1/mcp",
+            "path kept, address replaced"
+        );
         for bad in [
             ok.replace("command = [\"python3\", \"server.py\"]", ""),
             format!("{ok}url = \"http://x\"\n"),
             format!("{ok}credential = \"env:X\"\n"),
             format!("{ok}colour = 1\n"),
+            ok.replace("env:T", "T"),
             ok.replace(
                 "[[upstream]]\nname = \"files\"\ncommand = [\"python3\", \"server.py\"]\n",
                 "",

@@ -220,8 +220,13 @@ impl Proxy {
     /// Connects to the broker (keys, feed position, policies) and starts every
     /// upstream.
     pub async fn new(cfg: ProxyConfig) -> Result<Arc<Self>, ProxyError> {
-        let token = lapse_gate::config::secret("token", &cfg.token)
-            .map_err(|e| ProxyError::Config(e.to_string()))?;
+        let token = cfg.operator_token().map_err(ProxyError::Config)?;
+        Self::with_token(cfg, token).await
+    }
+
+    /// [`Proxy::new`] with the operator token already read (`token = "stdin"`:
+    /// the caller read it from its supervisor's pipe).
+    pub async fn with_token(cfg: ProxyConfig, token: String) -> Result<Arc<Self>, ProxyError> {
         let (verifier, policy) = lapse_gate::policy::connect(&lapse_gate::policy::BrokerLink {
             broker: &cfg.broker,
             issuer: cfg.issuer.as_deref(),
