@@ -1039,3 +1039,89 @@ async fn an_approved_request_gets_its_database_user_when_collected() {
     s.stop().await;
     target.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_roles_and_hand_added_group_members_are_standing_findings() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(
+        tmp.path().join("data"),
+        &target,
+        Arc::new(SystemClock),
+        true,
+    )
+    .await;
+    let key = DpopKey::generate();
+    let report = async || {
+        let (status, r) = s
+            .op(
+                reqwest::Method::GET,
+                "/v1/reports/standing?window=1h",
+                json!(null),
+            )
+            .await;
+        assert_eq!(status, 200, "{r}");
+        r
+    };
+
+    // A real grant: its role (Lapse's marker, Lapse's group) is no finding.
+    let (status, v) = s.exchange(&key, "read", 600).await;
+    assert_eq!(status, 200, "{v}");
+    let r = report().await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    // By hand: a login role named in Lapse's scheme, in Lapse's groups, without
+    // the marker; and an ordinary role made a member of the write group.
+    let read = format!("{}_orders_db_read", target.prefix);
+    let write = format!("{}_orders_db_write", target.prefix);
+    let look_alike = format!(
+        "{}_gr_{}",
+        target.prefix, "0123456789abcdef0123456789abcdef"
+    );
+    let member = format!("{}_mallory", target.prefix);
+    target
+        .su
+        .batch_execute(&format!(
+            "CREATE ROLE \"{look_alike}\" LOGIN PASSWORD 'hand-made' IN ROLE \"{read}\", \"{write}\";
+             CREATE ROLE \"{member}\" LOGIN PASSWORD 'hand-made';
+             GRANT \"{write}\" TO \"{member}\";"
+        ))
+        .await
+        .unwrap();
+
+    let r = report().await;
+    assert_eq!(r["ok"], false, "{r}");
+    let findings = r["findings"].as_array().unwrap();
+    let finding = |kind: &str, name: &str| {
+        findings
+            .iter()
+            .find(|f| f["kind"] == kind && f["credential"] == name)
+            .unwrap_or_else(|| panic!("no `{kind}` finding for `{name}`: {r}"))
+    };
+    let f = finding("look_alike_role", &look_alike);
+    assert_eq!(f["target"], "orders-db", "{f}");
+    let detail = f["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&read) && detail.contains(&write),
+        "{detail}"
+    );
+    let f = finding("unexpected_group_member", &member);
+    assert!(f["detail"].as_str().unwrap().contains(&write), "{f}");
+    // Lapse's own credential is not among them, and nothing else is.
+    let ours = v["credentials"][0]["username"].as_str().unwrap();
+    assert!(findings.iter().all(|f| f["credential"] != ours), "{r}");
+    assert_eq!(findings.len(), 2, "{r}");
+    // Reporting is all: Lapse does not remove what it did not make.
+    s.lapse.reconcile().await.unwrap();
+    assert!(target.roles().await.contains(&look_alike));
+
+    s.stop().await;
+    for r in [&look_alike, &member] {
+        target
+            .su
+            .batch_execute(&format!("DROP ROLE IF EXISTS \"{r}\""))
+            .await
+            .unwrap();
+    }
+    target.cleanup().await;
+}
