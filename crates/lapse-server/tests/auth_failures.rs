@@ -192,7 +192,10 @@ async fn refused_identity_and_operator_tokens_are_audited_rate_limited_and_count
         1.0
     );
     // The chain still verifies with the new entries in it.
-    assert_eq!(s.admin_get("/v1/audit/verify").await["first_bad"], Value::Null);
+    assert_eq!(
+        s.admin_get("/v1/audit/verify").await["first_bad"],
+        Value::Null
+    );
 }
 
 /// The value of hidden input `name` in a page.
