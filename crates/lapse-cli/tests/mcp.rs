@@ -96,6 +96,8 @@ fn python() -> PathBuf {
 struct Broker {
     url: String,
     dir: PathBuf,
+    /// The store's SQLite file.
+    db: PathBuf,
     admin: String,
     http: reqwest::Client,
     /// Stops the broker gracefully (its feed streams end).
@@ -112,6 +114,11 @@ impl Broker {
 }
 
 async fn broker() -> Broker {
+    broker_with(|_| {}).await
+}
+
+/// [`broker`], with `adjust` changing its config last.
+async fn broker_with(adjust: impl FnOnce(&mut lapse_server::config::Config)) -> Broker {
     let tmp = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -125,6 +132,8 @@ async fn broker() -> Broker {
         audiences: vec!["mcp-tools".into()],
         password_argon2: None,
     });
+    adjust(&mut cfg);
+    let db = PathBuf::from(cfg.store.strip_prefix("sqlite://").unwrap());
     let lapse = lapse_server::build(cfg, Arc::new(lapse_core::SystemClock))
         .await
         .unwrap();
@@ -138,6 +147,7 @@ async fn broker() -> Broker {
     Broker {
         url: format!("http://{addr}"),
         dir: dir.canonicalize().unwrap(),
+        db,
         admin,
         http: lapse_identity::http_client(),
         stop: std::sync::Mutex::new(Some(stop)),
@@ -741,4 +751,76 @@ async fn bad_messages_get_precise_errors_and_drift_can_end_the_task() {
         &["deny", "deny", "allow", "deny", "deny"],
     )
     .await;
+}
+
+/// The broker's store stalls (another session holds SQLite's write lock) past the
+/// proxy's 5 s report timeout. The proxy resends its report, with the calls
+/// decided meanwhile behind it, and once the lock goes the broker commits both
+/// the abandoned copy and the resend. Each call is still recorded exactly once:
+/// the resend's calls already on record are left out (issue 28, item 2; before
+/// the idempotency keys, 4 calls left 6 records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_resent_after_a_store_stall_records_each_call_once() {
+    // The broker waits on the lock far longer than the proxy waits for it.
+    let b = broker_with(|cfg| cfg.store_timeout = lapse_core::TtlDuration::from_secs(30)).await;
+    let (pk, ck) = (DpopKey::generate(), DpopKey::generate());
+    let (parent, _) = b.tokens(&pk, &ck).await;
+    let grant = parent["grant_id"].as_str().unwrap().to_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = proxy_config(tmp.path(), &b.url, "stdio", None);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // The feed stays fresh through the stall (it only reads), but leave room.
+    std::fs::write(
+        &cfg,
+        text.replace("staleness = \"5s\"", "staleness = \"60s\""),
+    )
+    .unwrap();
+    let token = parent["access_token"].as_str().unwrap().to_owned();
+    let db = b.db.clone();
+    let (answers, stalled) = tokio::task::spawn_blocking(move || {
+        let mut p = RawProxy::start(&cfg, &token);
+        // The proxy is up (connected, upstream listed) before the stall.
+        let mut a = vec![p.line(r#"{"jsonrpc":"2.0","id":0,"method":"ping"}"#)];
+        let lock = rusqlite::Connection::open(&db).unwrap();
+        lock.execute_batch("BEGIN EXCLUSIVE; INSERT INTO lapse_migrations VALUES (999, 0);")
+            .unwrap();
+        let stalled = Instant::now();
+        for n in 1..=2 {
+            a.push(p.call(n, "read_file", json!({ "path": format!("/data/{n}.txt") })));
+        }
+        // The report of calls 1 and 2 now waits on the store.
+        std::thread::sleep(Duration::from_millis(1500));
+        for n in 3..=4 {
+            a.push(p.call(n, "read_file", json!({ "path": format!("/data/{n}.txt") })));
+        }
+        // Past the proxy's timeout: it resent 1 and 2 with 3 and 4.
+        std::thread::sleep(Duration::from_millis(6500));
+        lock.execute_batch("ROLLBACK").unwrap();
+        let stalled = stalled.elapsed();
+        // The proxy sends what is left and exits once the broker took it.
+        drop(p.stdin);
+        let _ = p.child.0.wait();
+        (a, stalled)
+    })
+    .await
+    .unwrap();
+    assert!(stalled > Duration::from_secs(5), "{stalled:?}");
+    assert_eq!(answers[0]["result"], json!({}), "{}", answers[0]);
+    for a in &answers[1..] {
+        assert_eq!(a["result"]["isError"], false, "{a}");
+    }
+    // The abandoned first report committed before the resend was answered (one
+    // writer, in order), so nothing more can arrive now.
+    let calls: Vec<Value> = b
+        .audit_for(&grant)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "tool.called")
+        .collect();
+    assert_eq!(
+        calls.len(),
+        4,
+        "one record per call, however often it was sent: {calls:#?}"
+    );
+    check_audit(&b, &grant, &["allow"; 4]).await;
 }

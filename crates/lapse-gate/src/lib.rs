@@ -204,7 +204,9 @@ impl Gate {
 
     /// Sends the uses seen since the last report to the broker (for `@idle`), in
     /// reports of at most [`USES_PER_REPORT`]. A
-    /// failed report is merged back and sent next time.
+    /// failed report is merged back and sent next time. "Failed" may be an answer
+    /// lost after the broker committed: it records a use once per gate by grant
+    /// and the `at` sent here, so sending it again adds nothing.
     pub async fn report_uses(&self) -> Result<usize, String> {
         let batch: Vec<(String, i64)> = match self.uses.lock() {
             Ok(mut u) => u.drain().collect(),

@@ -54,9 +54,10 @@ const LATEST_HANDSHAKE: &str = "2025-11-25";
 pub const MODERN_VERSION: &str = "2026-07-28";
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 /// Most calls in one audit report (the broker takes 200), and most bytes of their
-/// JSON (the broker takes 64 KiB bodies; a record with a long reason is ~1.3 KiB).
+/// JSON (the broker takes 64 KiB bodies; a record with a long reason is ~1.3 KiB,
+/// a short one with its key ~280 bytes, so 200 of those still fit).
 const CALLS_PER_REPORT: usize = 200;
-const REPORT_BYTES: usize = 48 * 1024;
+const REPORT_BYTES: usize = 56 * 1024;
 const USES_PER_REPORT: usize = lapse_gate::USES_PER_REPORT;
 
 /// How many of the queued records go in the next report: at most
@@ -101,6 +102,8 @@ impl Outbox {
 
     /// Sends the queue, in order, in batches the broker takes. A batch leaves
     /// the queue only once the broker has taken it; a failed one stays first.
+    /// "Failed" may be an answer lost after the broker committed: the resend
+    /// (with new records behind it) is safe because each record carries its key.
     async fn flush<F, Fut>(&self, mut send: F) -> Result<usize, String>
     where
         F: FnMut(Vec<Value>) -> Fut,
@@ -648,12 +651,16 @@ impl Proxy {
     ) {
         let at = now_secs().saturating_mul(1000);
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // The record's idempotency key, sent with every copy of it: a report
+        // resent after a lost answer (the broker committed it all the same) is
+        // then recorded once.
+        let key = hex::encode(rand::random::<[u8; 16]>());
         let rec = match outcome {
             Ok(policies) => {
-                json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "allow", "policies": policies, "latency_us": latency_us })
+                json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "allow", "policies": policies, "latency_us": latency_us, "key": key })
             }
             Err((why, policies, drift)) => {
-                json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "deny", "reason": why.chars().take(1000).collect::<String>(), "policies": policies, "drift": drift, "latency_us": latency_us })
+                json!({ "grant": grant, "at": at, "tool": clip(tool), "args_sha256": args_sha256, "decision": "deny", "reason": why.chars().take(1000).collect::<String>(), "policies": policies, "drift": drift, "latency_us": latency_us, "key": key })
             }
         };
         // Allowed calls stop at `max_unreported`; refusals may go on being
@@ -849,7 +856,7 @@ mod tests {
 
     #[test]
     fn reports_fit_what_the_broker_takes() {
-        let call = |reason: usize| json!({ "grant": "gr_0123456789abcdef0123456789abcdef", "at": 1, "tool": "read_file", "args_sha256": "0".repeat(64), "decision": "deny", "reason": "x".repeat(reason), "policies": ["p"], "drift": true, "latency_us": 10 });
+        let call = |reason: usize| json!({ "grant": "gr_0123456789abcdef0123456789abcdef", "at": 1, "tool": "read_file", "args_sha256": "0".repeat(64), "decision": "deny", "reason": "x".repeat(reason), "policies": ["p"], "drift": true, "latency_us": 10, "key": "0".repeat(32) });
         let short: Vec<Value> = (0..1000).map(|_| call(10)).collect();
         assert_eq!(batch_len(&short), CALLS_PER_REPORT);
         let long: Vec<Value> = (0..1000).map(|_| call(1000)).collect();

@@ -180,7 +180,8 @@ impl From<lapse_store::StoreError> for ApiError {
                 Self::Conflict(format!("grant `{id}` changed concurrently; retry"))
             }
             lapse_store::StoreError::Invalid(why) => Self::InvalidRequest(why),
-            // Only DPoP proofs are spent as nonces.
+            // The nonces that reach here are DPoP proofs: reports' keys
+            // (tool_calls.rs) answer their own replays as already recorded.
             lapse_store::StoreError::Replay(_) => {
                 Self::InvalidDpopProof("the DPoP proof was already used".into())
             }

@@ -1188,8 +1188,11 @@ async fn tool_calls(
     op.require(Role::Gate)?;
     let b = body(b)?;
     let r: crate::tool_calls::Report = json_body(&headers, &b)?;
-    let recorded = s.record_tool_calls(&op, r).await?;
-    Ok(no_store(json!({ "recorded": recorded }), StatusCode::OK))
+    let done = s.record_tool_calls(&op, r).await?;
+    Ok(no_store(
+        json!({ "recorded": done.recorded, "already_recorded": done.already_recorded }),
+        StatusCode::OK,
+    ))
 }
 
 async fn signal(

@@ -203,7 +203,7 @@ fn paths_and_schemas() -> Value {
           "responses": { "200": { "description": "the quarantine lifted", "content": { "application/json": { "schema": { "type": "object", "required": ["released"], "properties": { "released": { "$ref": "#/components/schemas/Quarantine" } } } } } },
             "400": e("bad body or empty reason"), "401": e("operator token required"), "403": e("admin role missing"), "404": e("not quarantined"), "413": e("body too large"), "415": e("wrong content type"), "503": e("store unavailable") } } },
         "/v1/usage": { "post": {
-          "summary": "Gates report which grants they saw used (for `@idle` windows)", "security": op_auth,
+          "summary": "Gates report which grants they saw used (for `@idle` windows); a use (grant and `at` as sent) is recorded once per sender, so a resent report records nothing again", "security": op_auth,
           "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["uses"], "properties": {
             "uses": { "type": "array", "maxItems": 1000, "items": { "type": "object", "additionalProperties": false, "required": ["grant", "at"], "properties": { "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" } } } } } } } } },
           "responses": { "200": { "description": "how many grants got a new last use", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
@@ -215,8 +215,9 @@ fn paths_and_schemas() -> Value {
               "grant": { "type": "string" }, "at": { "type": "integer", "description": "unix ms" }, "tool": { "type": "string", "maxLength": 256 },
               "args_sha256": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }, "decision": { "enum": ["allow", "deny"] },
               "reason": { "type": "string", "maxLength": 2000 }, "policies": { "type": "array", "maxItems": 64, "items": { "type": "string" } },
-              "drift": { "type": "boolean", "description": "refused as outside the task's declared intent" }, "latency_us": { "type": "integer", "minimum": 0 } } } } } } } } },
-          "responses": { "200": { "description": "how many calls were recorded", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" } } } } } },
+              "drift": { "type": "boolean", "description": "refused as outside the task's declared intent" }, "latency_us": { "type": "integer", "minimum": 0 },
+              "key": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$", "description": "the sender's idempotency key for this call: a call whose key this sender already spent (kept 24 h) is not recorded again; without one, every copy is recorded" } } } } } } } } },
+          "responses": { "200": { "description": "how many calls were recorded now, and how many had been recorded before (their key was spent)", "content": { "application/json": { "schema": { "type": "object", "properties": { "recorded": { "type": "integer" }, "already_recorded": { "type": "integer" } } } } } },
             "400": e("bad body"), "401": e("operator token required"), "403": e("gate role missing, or a grant of an audience this gate does not guard"), "404": e("no such grant"), "413": e("body over 64 KiB"), "415": e("wrong content type"), "503": e("store unavailable") } } },
         "/.well-known/oauth-authorization-server": { "get": { "summary": "RFC 8414 metadata", "responses": { "200": { "description": "metadata" } } } },
         "/.well-known/jwks.json": { "get": { "summary": "Keys that sign access tokens", "responses": { "200": { "description": "JWKS" } } } },

@@ -1085,6 +1085,7 @@ impl Lapse {
         let now = self.now();
         let mut n = 0;
         for (id, at) in uses {
+            let key = crate::tool_calls::use_nonce(gate, *id, *at, now);
             let at = Timestamp::from_millis((*at).min(now.millis()));
             let Some(g) = self.store.grant(*id).await? else {
                 continue;
@@ -1114,12 +1115,15 @@ impl Lapse {
                         gate,
                         json!({ "at": at.millis() }),
                     )],
+                    nonces: vec![key],
                     ..Default::default()
                 })
                 .await;
             match r {
                 Ok(()) => n += 1,
-                Err(lapse_store::StoreError::Conflict(_)) => {}
+                // Conflict: a concurrent copy of this report moved the grant first;
+                // Replay: this very use was recorded before (a resent report).
+                Err(lapse_store::StoreError::Conflict(_) | lapse_store::StoreError::Replay(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }

@@ -215,6 +215,11 @@ pub trait Store: Send + Sync + 'static {
     async fn quarantines(&self) -> Result<Vec<Quarantine>, StoreError>;
     /// Forgets spent nonces that expired before `now`; returns how many.
     async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError>;
+    /// Which of `values` are spent nonces (expired or not: until pruned, a commit
+    /// spending one fails with [`StoreError::Replay`]). Lets a writer drop what was
+    /// already written before committing the rest, instead of one failed commit
+    /// per spent value.
+    async fn spent_nonces(&self, values: &[String]) -> Result<Vec<String>, StoreError>;
     /// Takes or renews the lease on the singleton jobs (sweeper, cleanup,
     /// reconciler) for `lease`, and answers the term's generation, or `None` while
     /// another process holds an unexpired lease. Backends shared by several replicas

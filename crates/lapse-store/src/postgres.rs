@@ -1221,6 +1221,26 @@ impl Store for PgStore {
             .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
     }
 
+    async fn spent_nonces(&self, values: &[String]) -> Result<Vec<String>, StoreError> {
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let work = async {
+            let c = self.client().await?;
+            let stmt = c
+                .prepare_cached("SELECT value FROM nonces WHERE value = ANY($1)")
+                .await
+                .map_err(pg_err)?;
+            let rows = c.query(&stmt, &[&values]).await.map_err(pg_err)?;
+            rows.iter()
+                .map(|r| r.try_get::<_, String>(0).map_err(pg_err))
+                .collect()
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres: timed out".into()))?
+    }
+
     async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError> {
         let work = async {
             let c = self.client().await?;

@@ -783,6 +783,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn spent_nonces(&self, values: &[String]) -> Result<Vec<String>, StoreError> {
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values = values.to_vec();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT 1 FROM nonces WHERE value = ?1")?;
+            let mut spent = Vec::new();
+            for v in values {
+                if stmt.exists(params![v])? {
+                    spent.push(v);
+                }
+            }
+            Ok(spent)
+        })
+        .await
+    }
+
     async fn prune_nonces(&self, now: Timestamp) -> Result<u64, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writer
