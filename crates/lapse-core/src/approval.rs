@@ -18,6 +18,10 @@ pub struct Approval {
     pub at: Timestamp,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// The actions this approval took away from what was still on offer (so a
+    /// later approver sees who narrowed what).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// What an approver may take away.
@@ -81,6 +85,7 @@ impl Grant {
                 by: by.to_owned(),
             });
         }
+        let mut removed = Vec::new();
         if let Some(keep) = &narrowing.actions {
             if keep.is_empty() {
                 return Err(LifecycleError::Widening {
@@ -89,19 +94,22 @@ impl Grant {
                 });
             }
             if let Some(extra) = keep.iter().find(|a| !self.actions.contains(a)) {
-                return Err(LifecycleError::Widening {
-                    id: self.id,
-                    what: format!("`{extra}` was not asked for"),
-                });
+                let by = self
+                    .approvals
+                    .iter()
+                    .find(|a| a.removed.contains(extra))
+                    .map(|a| a.by.as_str());
+                let what = match by {
+                    Some(by) => format!("`{extra}` is no longer on offer: `{by}` removed it"),
+                    None => format!("`{extra}` was not asked for"),
+                };
+                return Err(LifecycleError::Widening { id: self.id, what });
             }
-            let mut kept: Vec<String> = self
-                .actions
-                .iter()
-                .filter(|a| keep.contains(a))
-                .cloned()
-                .collect();
+            let (mut kept, gone): (Vec<String>, Vec<String>) =
+                self.actions.iter().cloned().partition(|a| keep.contains(a));
             kept.dedup();
             self.actions = kept;
+            removed = gone;
         }
         if let Some(ttl) = narrowing.ttl_secs {
             let current = self.effective_ttl_secs(server_max_ttl_secs);
@@ -117,6 +125,7 @@ impl Grant {
             by: by.to_owned(),
             at: now,
             reason: reason.to_owned(),
+            removed,
         });
         self.version += 1;
         let have = u32::try_from(self.approvals.len()).unwrap_or(u32::MAX);
@@ -180,6 +189,36 @@ mod tests {
             Approved::Complete(g) => assert_eq!(g.approvals.len(), 2),
             Approved::Waiting(..) => panic!("two distinct approvals were needed"),
         }
+    }
+
+    /// A later approver is offered what is left, and told who took the rest.
+    #[test]
+    fn an_approval_records_what_it_removed() {
+        let g = pending(2);
+        let read = Narrowing {
+            actions: Some(vec!["read".into()]),
+            ttl_secs: None,
+        };
+        let g = waiting(g.approve(t(1010), "alice", "", &read, 3600));
+        assert_eq!(g.actions, vec!["read".to_owned()]);
+        assert_eq!(g.approvals[0].removed, vec!["write".to_owned()]);
+        let back = Narrowing {
+            actions: Some(vec!["read".into(), "write".into()]),
+            ttl_secs: None,
+        };
+        match g.clone().approve(t(1020), "bob", "", &back, 3600) {
+            Err(LifecycleError::Widening { what, .. }) => {
+                assert_eq!(what, "`write` is no longer on offer: `alice` removed it");
+            }
+            other => panic!("{other:?}"),
+        }
+        let Approved::Complete(g) = g
+            .approve(t(1020), "bob", "", &Narrowing::default(), 3600)
+            .unwrap()
+        else {
+            panic!("two approvals were needed")
+        };
+        assert!(g.approvals[1].removed.is_empty());
     }
 
     #[test]

@@ -268,7 +268,7 @@ fn paths_and_schemas() -> Value {
               "maximum": { "type": "number" }, "pattern": { "type": "string", "minLength": 1, "maxLength": 256, "description": "a regular expression the whole value must match" } } } } } },
           "PendingRequest": { "allOf": [ { "$ref": "#/components/schemas/Grant" }, { "type": "object", "properties": {
             "approvals_required": { "type": "integer" }, "approvers": { "type": ["string", "null"] },
-            "approvals": { "type": "array", "items": { "type": "object", "properties": { "by": { "type": "string" }, "at": { "type": "integer" }, "reason": { "type": "string" } } } },
+            "approvals": { "type": "array", "items": { "type": "object", "properties": { "by": { "type": "string" }, "at": { "type": "integer" }, "reason": { "type": "string" }, "removed": { "type": "array", "items": { "type": "string" }, "description": "actions this approval took away from what was still on offer" } } } },
             "ttl": { "type": "integer", "description": "seconds the grant gets if approved now" }, "context": { "type": "object" },
             "approvable_until": { "type": "integer" }, "history": { "type": "array", "items": { "type": "object" } } } } ] },
           "ApprovalDecision": { "type": "object", "additionalProperties": false, "properties": {

@@ -415,3 +415,77 @@ async fn a_break_glass_review_is_closed_from_the_console() {
     assert_eq!(open["reviews"], json!([]), "{open}");
     c.close().await.unwrap();
 }
+
+/// Issue 28, item 6, in a real browser: alice narrowed `admin read write` to
+/// `read write`; bob's page offers those two, shows `admin` struck through as
+/// removed by alice, and unticking `write` there issues `read` alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_approver_sees_and_narrows_what_is_still_on_offer() {
+    let s = start().await;
+    let d = driver();
+    let c = browser(&d, 1280, 1000).await;
+    let key = DpopKey::generate();
+    let url = format!("{}/oauth/token", s.url);
+    let identity = lapse_server::dev::dev_token(&s.dir, CI, 3600, &[], s.now()).unwrap();
+    let proof = key.proof("POST", &url, None, s.now());
+    let (st, v) = s
+        .send(s.http.post(&url).header("DPoP", proof).form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", identity.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "orders-db"),
+            ("scope", "admin read write"),
+            ("task", "T-dba"),
+            ("purpose", "rebuild an index"),
+            ("ticket", "DBA-7"),
+            ("environment", "prod"),
+            ("expires_in", "600"),
+        ]))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    let id = v["request_id"].as_str().unwrap().to_owned();
+    let (st, v) = s
+        .decide(
+            "alice",
+            &id,
+            "approve",
+            json!({ "actions": ["read", "write"] }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    sign_in(&c, &s, "bob", &token_of("bob")).await;
+    c.goto(&format!("{}/ui/requests/{id}", s.url))
+        .await
+        .unwrap();
+    assert_eq!(text(&c, "#actions").await.trim(), "read write");
+    let removed = text(&c, "#removed").await;
+    assert!(
+        removed.contains("admin") && removed.contains("removed by alice"),
+        "{removed}"
+    );
+    let offered = c
+        .execute(
+            "return [...document.querySelectorAll('#approve-form input[name=actions]')]\
+             .map(i => i.value + (i.checked ? '+' : '-'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(offered, json!(["read+", "write+"]), "admin is not offered");
+    click(&c, "#approve-form input[value='write']").await;
+    click(&c, "#approve").await;
+    assert!(
+        text(&c, "#banner").await.contains("You approved request"),
+        "{}",
+        path(&c).await
+    );
+    let (st, v) = s.poll(&key, &id).await;
+    assert_eq!(st, 200, "{v}");
+    let claims = verified_claims(&s, v["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["scope"], "read", "{claims}");
+    c.close().await.unwrap();
+}

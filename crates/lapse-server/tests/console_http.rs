@@ -533,3 +533,142 @@ async fn the_grants_page_shows_quarantined_workloads() {
         page.body
     );
 }
+
+/// The actions a request page ticks in its approve form (what a browser sends
+/// when the approver changes nothing).
+fn ticked(body: &str) -> Vec<String> {
+    body.split("<input ")
+        .skip(1)
+        .filter(|i| i.starts_with(r#"type="checkbox" name="actions""#))
+        .filter(|i| i.split('>').next().unwrap().contains(" checked"))
+        .map(|i| {
+            i.split("value=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `admin read write` on `orders-db` (writes need a ticket and an environment),
+/// pending two approvals; answers the request id.
+async fn ask_all(s: &Server, key: &DpopKey) -> String {
+    let url = format!("{}/oauth/token", s.url);
+    let identity = lapse_server::dev::dev_token(&s.dir, CI, 3600, &[], s.now()).unwrap();
+    let form = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", identity.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("audience", "orders-db"),
+        ("scope", "admin read write"),
+        ("task", "T-dba"),
+        ("purpose", "rebuild an index"),
+        ("ticket", "DBA-7"),
+        ("environment", "prod"),
+        ("expires_in", "600"),
+    ];
+    let proof = key.proof("POST", &url, None, s.now());
+    let (st, v) = s
+        .send(s.http.post(&url).header("DPoP", proof).form(&form))
+        .await;
+    assert_eq!(
+        (st, &v["error"]),
+        (400, &"authorization_pending".into()),
+        "{v}"
+    );
+    v["request_id"].as_str().unwrap().to_owned()
+}
+
+/// Issue 28, item 6: after alice narrowed `admin read write` to `read write`,
+/// bob is offered `read write`, sees that alice removed `admin`, and what he
+/// submits is compared with that: as shown it keeps `read write`, unticking
+/// `write` leaves `read` (it used to be refused as asking for `admin`), and
+/// asking `admin` back names who removed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_approver_is_offered_what_earlier_approvers_left() {
+    let s = start().await;
+    let alice = sign_in(&s, "alice", ALICE_PASSWORD).await;
+    let bob = sign_in(&s, "bob", &token_of("bob")).await;
+    let actions = |v: &Value| -> Vec<String> {
+        let mut a: Vec<String> = v["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect();
+        a.sort();
+        a
+    };
+    for (unticked, kept) in [
+        (None, &["read", "write"][..]),
+        (Some("write"), &["read"][..]),
+    ] {
+        let key = DpopKey::generate();
+        let id = ask_all(&s, &key).await;
+        let page = alice.get(&format!("/ui/requests/{id}")).await;
+        assert_eq!(ticked(&page.body), ["admin", "read", "write"]);
+        let p = alice.approve(&id, &["read", "write"], "").await;
+        assert_eq!(p.status, 303, "{}", p.body);
+
+        let page = bob.get(&format!("/ui/requests/{id}")).await;
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            ticked(&page.body),
+            ["read", "write"],
+            "only what is still on offer is ticked"
+        );
+        let removed = page.body.split("id=\"removed\"").nth(1).unwrap_or_default();
+        let removed = removed.split("</dd>").next().unwrap();
+        assert!(
+            removed.contains("<code class=\"action\">admin</code>")
+                && removed.contains("removed by <strong>alice</strong>"),
+            "{removed}"
+        );
+        assert!(
+            page.body.contains("<input type=\"checkbox\" disabled>"),
+            "the removed action is shown, not offered"
+        );
+
+        let mut send: Vec<String> = ticked(&page.body);
+        send.retain(|a| Some(a.as_str()) != unticked);
+        let send: Vec<&str> = send.iter().map(String::as_str).collect();
+        let p = bob.approve(&id, &send, "").await;
+        assert_eq!(p.status, 303, "{}", p.body);
+        let g = s.admin_get(&format!("/v1/approvals/{id}")).await;
+        assert_eq!(g["state"], "active", "{g}");
+        assert_eq!(actions(&g), kept, "{g}");
+        let who: Vec<(&str, &Value)> = g["approvals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a["by"].as_str().unwrap(), &a["removed"]))
+            .collect();
+        assert_eq!(who[0], ("alice", &serde_json::json!(["admin"])), "{g}");
+        match unticked {
+            None => assert_eq!(who[1], ("bob", &Value::Null), "{g}"),
+            Some(_) => assert_eq!(who[1], ("bob", &serde_json::json!(["write"])), "{g}"),
+        }
+        let (st, v) = s.poll(&key, &id).await;
+        assert_eq!(st, 200, "{v}");
+    }
+
+    // A page shown before alice narrowed still asks for `admin`: refused, saying who.
+    let id = ask_all(&s, &DpopKey::generate()).await;
+    assert_eq!(alice.approve(&id, &["read"], "").await.status, 303);
+    let p = bob.approve(&id, &["admin", "read"], "").await;
+    assert_eq!(p.status, 400, "{}", p.body);
+    assert!(
+        p.body
+            .contains("<code>admin</code> is no longer on offer: <code>alice</code> removed it")
+            || p.body
+                .contains("`admin` is no longer on offer: `alice` removed it"),
+        "{}",
+        p.body
+    );
+}

@@ -690,7 +690,10 @@ async fn approve(
                 "tick at least one action to approve, or deny the request".into(),
             ));
         }
-        let mut asked = grant.request.actions.clone();
+        // Compared with what is still on offer, as the form showed it: after an
+        // earlier approver narrowed, the request's own list would read an
+        // unchanged form as a narrowing (or as asking back what was removed).
+        let mut asked = grant.actions.clone();
         asked.sort();
         let ttl_field = form.get("ttl").trim();
         let ttl = if ttl_field.is_empty() {

@@ -187,7 +187,7 @@ pub fn pending(f: &Frame<'_>, p: &PendingPage<'_>) -> Markup {
                             td data-label="Workload" { code { (g.request.workload.id) } }
                             td data-label="Task" { (g.request.task.id) br; small { (g.request.task.purpose) } }
                             td data-label="Audience" { (g.request.audience) }
-                            td data-label="Actions" { (actions(&g.request.actions)) }
+                            td data-label="Actions" { (actions(&g.actions)) }
                             td data-label="TTL" { (human(g.effective_ttl_secs(p.max_ttl))) }
                             td data-label="Approvals" {
                                 (g.approvals.len()) " of " (g.approvals_required)
@@ -218,11 +218,35 @@ pub struct RequestPage<'a> {
     pub history: &'a [Grant],
 }
 
+/// The actions asked for that earlier approvers took away, each with who took
+/// it (`None`: a record from before approvals said so).
+fn removed_actions(g: &Grant) -> Vec<(&str, Option<&str>)> {
+    g.request
+        .actions
+        .iter()
+        .filter(|a| !g.actions.contains(a))
+        .map(|a| {
+            let by = g
+                .approvals
+                .iter()
+                .find(|x| x.removed.contains(a))
+                .map(|x| x.by.as_str());
+            (a.as_str(), by)
+        })
+        .collect()
+}
+
+fn removed_by(by: Option<&str>) -> Markup {
+    html! { "removed by " @match by { Some(b) => strong { (b) }, None => "an earlier approver" } }
+}
+
 pub fn request(f: &Frame<'_>, p: &RequestPage<'_>) -> Markup {
     let g = p.g;
     let r = &g.request;
     let ttl = g.effective_ttl_secs(p.max_ttl);
     let open = g.state == GrantState::Pending && f.now < g.expires_at;
+    // What an approval now covers: the request after earlier approvers narrowed it.
+    let removed = removed_actions(g);
     html! {
         section aria-labelledby="what" {
             h2 id="what" { "What is asked" }
@@ -234,7 +258,13 @@ pub fn request(f: &Frame<'_>, p: &RequestPage<'_>) -> Markup {
                 dt { "Purpose" } dd id="purpose" { (r.task.purpose) }
                 @if !r.task.ticket.is_empty() { dt { "Ticket" } dd { (r.task.ticket) } }
                 dt { "Audience" } dd id="audience" { (r.audience) @if !p.audience_description.is_empty() { " — " (p.audience_description) } }
-                dt { "Actions" } dd id="actions" { (actions(&r.actions)) }
+                dt { "Actions" } dd id="actions" { (actions(&g.actions)) }
+                @if !removed.is_empty() {
+                    dt { "Removed by approvers" }
+                    dd id="removed" { @for (a, by) in &removed {
+                        span.removed { del { code.action { (a) } } " (" (removed_by(*by)) ")" } " "
+                    } }
+                }
                 dt { "Lifetime" } dd id="ttl" { (human(ttl)) " (asked " (human(r.requested_ttl_secs)) ")" }
                 dt { "Environment" } dd id="environment" { @if r.context.environment.is_empty() { "—" } @else { (r.context.environment) } }
                 dt { "Source" } dd { (r.context.source) }
@@ -254,7 +284,10 @@ pub fn request(f: &Frame<'_>, p: &RequestPage<'_>) -> Markup {
             }
             @if !g.approvals.is_empty() {
                 ul.approvals { @for a in &g.approvals {
-                    li { strong { (a.by) } " approved at " (when(a.at)) @if !a.reason.is_empty() { ": " (a.reason) } }
+                    li {
+                        strong { (a.by) } " approved at " (when(a.at)) @if !a.reason.is_empty() { ": " (a.reason) }
+                        @if !a.removed.is_empty() { " — removed " (actions(&a.removed)) }
+                    }
                 } }
             }
         }
@@ -271,8 +304,13 @@ pub fn request(f: &Frame<'_>, p: &RequestPage<'_>) -> Markup {
                     (csrf(f))
                     fieldset {
                         legend { "Actions to approve (untick to narrow)" }
-                        @for a in &r.actions {
+                        @for a in &g.actions {
                             label.check { input type="checkbox" name="actions" value=(a) checked; " " code { (a) } }
+                        }
+                        // Shown so the approver knows they were asked, never sent:
+                        // no longer on offer.
+                        @for (a, by) in &removed {
+                            label.check.removed { input type="checkbox" disabled; " " del { code { (a) } } " " small { (removed_by(*by)) } }
                         }
                     }
                     label for="approve-ttl" { "Lifetime (at most " (human(ttl)) ", e.g. 5m)" }
