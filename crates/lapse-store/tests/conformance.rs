@@ -794,7 +794,11 @@ async fn a_nonce_is_spent_once(kind: Kind) -> Result<(), StoreError> {
         .spent_nonces(&["jti-2".into(), "jti-1".into(), "jti-9".into()])
         .await?;
     spent.sort();
-    assert_eq!(spent, vec!["jti-1".to_owned()], "a failed batch spends nothing");
+    assert_eq!(
+        spent,
+        vec!["jti-1".to_owned()],
+        "a failed batch spends nothing"
+    );
     assert_eq!(f.store.spent_nonces(&[]).await?, Vec::<String>::new());
     assert_eq!(
         f.store.prune_nonces(Timestamp::from_millis(5_000)).await?,
