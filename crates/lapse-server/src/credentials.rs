@@ -212,14 +212,16 @@ impl Lapse {
                 .filter(|ex| !live.contains(ex.name.as_str()))
             {
                 // An ended grant may still owe this destroy: the cleanup loop does it.
-                let owed = match ex.grant {
-                    Some(id) => self.store.grant(id).await?.is_some_and(|g| {
-                        g.credentials
-                            .iter()
-                            .any(|c| c.name == ex.name && c.state == CredentialState::Destroying)
-                    }),
-                    None => false,
+                // The grant the credential belonged to, if it is still on record.
+                let owner = match ex.grant {
+                    Some(id) => self.store.grant(id).await?,
+                    None => None,
                 };
+                let owed = owner.as_ref().is_some_and(|g| {
+                    g.credentials
+                        .iter()
+                        .any(|c| c.name == ex.name && c.state == CredentialState::Destroying)
+                });
                 if owed {
                     continue;
                 }
@@ -240,12 +242,7 @@ impl Lapse {
                 } else {
                     "credential.orphan_remove_failed"
                 };
-                // The grant the orphan belonged to, if it is still on record, so a
-                // break-glass grant's entry is marked like its others.
-                let owner = match ex.grant {
-                    Some(id) => self.store.grant(id).await?,
-                    None => None,
-                };
+                // The owner, so a break-glass grant's entry is marked like its others.
                 self.commit_about(
                     WriteBatch {
                         events: vec![event(

@@ -101,7 +101,7 @@ pub fn trusted_head(
             "{why}; refusing to append to the audit log (run `lapse audit verify`)"
         ))
     };
-    let (cp_seq, cp_hash) = match checkpoint {
+    let cp = match checkpoint {
         // A fresh store (the PostgreSQL schema starts with an unsigned row at 0).
         None | Some(Checkpoint { seq: 0, .. }) => {
             return match last {
@@ -111,8 +111,9 @@ pub fn trusted_head(
                 )),
             };
         }
-        Some(cp) => (cp.seq, cp.hash.as_str()),
+        Some(cp) => cp,
     };
+    let (cp_seq, cp_hash) = (cp.seq, cp.hash.as_str());
     match last {
         Some((seq, _)) if seq > cp_seq => {
             return refuse(format!(
@@ -135,9 +136,6 @@ pub fn trusted_head(
     if known.is_some_and(|(s, h)| *s == cp_seq && h == cp_hash) {
         return Ok((cp_seq, cp_hash.to_owned()));
     }
-    let Some(cp) = checkpoint else {
-        return refuse("no checkpoint".into());
-    };
     let sig = hex::decode(&cp.signature).unwrap_or_default();
     if verifies(&cp.kid, &checkpoint_message(cp.seq, &cp.hash), &sig) {
         Ok((cp_seq, cp_hash.to_owned()))
