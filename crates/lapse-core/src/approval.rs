@@ -7,22 +7,12 @@
 //! separation of duties) is the server's to check; this module keeps the record
 //! consistent.
 
+mod record;
+
+pub use record::Approval;
+
 use crate::clock::Timestamp;
 use crate::grant::{Grant, GrantState, LifecycleError};
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Approval {
-    /// The approver's account name.
-    pub by: String,
-    pub at: Timestamp,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    /// The actions this approval took away from what was still on offer (so a
-    /// later approver sees who narrowed what).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub removed: Vec<String>,
-}
 
 /// What an approver may take away.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -2,60 +2,12 @@
 //! (with the requester's written justification), closed only by a person with a
 //! verdict. It outlives the grant: access may have ended long before anyone looked.
 
+mod record;
+
+pub use record::{Review, Verdict};
+
 use crate::clock::Timestamp;
 use crate::grant::{Grant, LifecycleError};
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// The emergency was real and the access fitted it.
-    Justified,
-    /// It was not; follow up.
-    Unjustified,
-}
-
-impl Verdict {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "justified" => Some(Self::Justified),
-            "unjustified" => Some(Self::Unjustified),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Review {
-    /// Why the requester broke glass, in their words.
-    pub justification: String,
-    pub opened_at: Timestamp,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub closed_at: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub closed_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<Verdict>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub note: String,
-}
-
-impl Review {
-    pub fn open(justification: &str, now: Timestamp) -> Self {
-        Self {
-            justification: justification.to_owned(),
-            opened_at: now,
-            closed_at: None,
-            closed_by: None,
-            verdict: None,
-            note: String::new(),
-        }
-    }
-
-    pub fn is_open(&self) -> bool {
-        self.closed_at.is_none()
-    }
-}
 
 impl Grant {
     /// Closes the grant's break-glass review with a verdict; in any grant state.
