@@ -2,8 +2,8 @@
 //! thumbprints.
 
 use crate::TokenError;
+use crate::alg::Alg;
 use crate::b64;
-use crate::jws::Alg;
 use serde::{Deserialize, Serialize};
 
 /// A JWK as it appears in a JWKS document or a DPoP header. Only public members

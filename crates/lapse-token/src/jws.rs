@@ -1,38 +1,9 @@
 //! Compact JWS: parse into [`Unverified`], verify into bytes you may trust.
 
+pub use crate::alg::Alg;
 use crate::jwk::{Jwk, PublicKey};
 use crate::{TokenError, b64};
 use serde::Deserialize;
-
-/// The only algorithms Lapse accepts. Anything else, including `none` and the HMAC
-/// family, fails to parse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alg {
-    EdDSA,
-    ES256,
-    RS256,
-}
-
-impl Alg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::EdDSA => "EdDSA",
-            Self::ES256 => "ES256",
-            Self::RS256 => "RS256",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, TokenError> {
-        match s {
-            "EdDSA" | "Ed25519" => Ok(Self::EdDSA),
-            "ES256" => Ok(Self::ES256),
-            "RS256" => Ok(Self::RS256),
-            other => Err(TokenError::UnsupportedAlgorithm(
-                other.chars().take(32).collect(),
-            )),
-        }
-    }
-}
 
 /// The JOSE header members Lapse reads.
 #[derive(Debug, Clone, Deserialize)]

@@ -7,6 +7,7 @@
 //! parse, so they can never be confused with a public-key algorithm.
 
 pub mod access;
+mod alg;
 pub mod b64;
 pub mod dpop;
 mod error;
