@@ -1,8 +1,9 @@
 //! Following the broker's revocation feed (`GET /v1/feed`, server-sent events).
 
-use crate::Verifier;
+use super::Verifier;
 use serde::Deserialize;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// One grant ending, as the broker's feed sends it.
@@ -28,6 +29,21 @@ fn now_ms() -> i64 {
 }
 
 impl Verifier {
+    /// Records a feed entry (a grant that ended). Only a `head` marks the feed as
+    /// heard: a gate replaying old entries has not caught up yet.
+    pub fn apply(&self, e: &FeedEntry, now_ms: i64) {
+        if let Ok(mut ended) = self.ended.write() {
+            ended
+                .by_grant
+                .insert(e.grant_id.clone(), (e.state.clone(), e.exp));
+            // Entries whose tokens have expired on their own can go.
+            if ended.by_grant.len() % 1024 == 0 {
+                lapse_core::table::prune(&mut ended.by_grant, |_, (_, exp)| *exp > now_ms);
+            }
+        }
+        self.seq.fetch_max(e.seq, Ordering::AcqRel);
+    }
+
     /// Follows the feed until the process ends: connects, applies every entry after
     /// the last one applied (`Last-Event-ID`), notes heartbeats, and reconnects with
     /// backoff when the stream breaks or shows a gap.
