@@ -132,32 +132,7 @@ impl PolicyBundle {
     }
 
     fn build(files: &[SourceFile], indexed: bool) -> Result<Self, PolicyError> {
-        let mut fragments = Vec::new();
-        let mut schema_text = String::from(BASE_SCHEMA);
-        let base = SchemaFragment::from_cedarschema_str(BASE_SCHEMA)
-            .map_err(|e| PolicyError::Schema {
-                file: BASE_SCHEMA_NAME.into(),
-                message: message(&e),
-            })?
-            .0;
-        fragments.push(base);
-        for f in files.iter().filter(|f| f.name.ends_with(".cedarschema")) {
-            let frag = SchemaFragment::from_cedarschema_str(&f.text).map_err(|e| {
-                let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&f.text, o));
-                PolicyError::Syntax {
-                    file: f.name.clone(),
-                    line,
-                    column,
-                    message: message(&e),
-                }
-            })?;
-            fragments.push(frag.0);
-            schema_text.push_str(&format!("\n// ---- {} ----\n{}", f.name, f.text));
-        }
-        let schema = Schema::from_schema_fragments(fragments).map_err(|e| PolicyError::Schema {
-            file: "schema".into(),
-            message: message(&e),
-        })?;
+        let (schema, schema_text) = schema_of(files)?;
 
         // Parse each policy file on its own so that offsets in errors are offsets
         // into that file, then give each policy a stable, readable id.
@@ -564,6 +539,38 @@ impl PolicyBundle {
         }
         Entities::from_entities(all, None).map_err(|e| e.to_string())
     }
+}
+
+/// The schema: Lapse's base schema with every `.cedarschema` file added, and its
+/// text as shown to operators (each file under a header naming it).
+fn schema_of(files: &[SourceFile]) -> Result<(Schema, String), PolicyError> {
+    let mut fragments = Vec::new();
+    let mut schema_text = String::from(BASE_SCHEMA);
+    let base = SchemaFragment::from_cedarschema_str(BASE_SCHEMA)
+        .map_err(|e| PolicyError::Schema {
+            file: BASE_SCHEMA_NAME.into(),
+            message: message(&e),
+        })?
+        .0;
+    fragments.push(base);
+    for f in files.iter().filter(|f| f.name.ends_with(".cedarschema")) {
+        let frag = SchemaFragment::from_cedarschema_str(&f.text).map_err(|e| {
+            let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&f.text, o));
+            PolicyError::Syntax {
+                file: f.name.clone(),
+                line,
+                column,
+                message: message(&e),
+            }
+        })?;
+        fragments.push(frag.0);
+        schema_text.push_str(&format!("\n// ---- {} ----\n{}", f.name, f.text));
+    }
+    let schema = Schema::from_schema_fragments(fragments).map_err(|e| PolicyError::Schema {
+        file: "schema".into(),
+        message: message(&e),
+    })?;
+    Ok((schema, schema_text))
 }
 
 /// One tool-call argument as a `ToolArg` record.
