@@ -17,13 +17,21 @@
 //! every replica listens and wakes its feed streams, so a grant ended on one
 //! replica reaches gates following another within milliseconds.
 
-use crate::audit::{AuditEntry, AuditSigner, Checkpoint, checkpoint_message, entry_hash};
-use crate::{
-    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Quarantine, QuarantineChange, Store, StoreError,
-    WriteBatch, quarantine_from_body, redact_url,
+use crate::audit::{
+    AuditEntry, AuditEvent, AuditSigner, Checkpoint, checkpoint_message, entry_hash,
 };
+use crate::batch::{GrantWrite, Nonce, WriteBatch, validate};
+use crate::error::StoreError;
+use crate::feed::FeedEntry;
+use crate::filter::GrantFilter;
+use crate::keyring::{KeyRecord, same_kids};
+use crate::quarantine::{Quarantine, QuarantineChange, quarantine_from_body};
+use crate::redact::redact_url;
+use crate::store::Store;
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+};
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -340,11 +348,28 @@ struct Row<'a> {
 #[derive(Default)]
 struct Plan<'a> {
     rows: Vec<(String, Row<'a>)>,
+    /// Where each grant's row is in `rows`.
+    row_index: HashMap<String, usize>,
     feed: Vec<&'a Grant>,
-    events: Vec<&'a crate::AuditEvent>,
-    nonces: Vec<&'a crate::Nonce>,
+    events: Vec<&'a AuditEvent>,
+    nonces: Vec<&'a Nonce>,
     keys: Vec<&'a KeyRecord>,
     quarantines: Vec<&'a QuarantineChange>,
+}
+
+/// What is committed that the group's checks need, read under the lock every
+/// writer takes first, and amended by each batch that passes.
+struct Committed {
+    /// id -> (state, version)
+    view: HashMap<String, (String, u64)>,
+    /// The grants stored before this group: their rows are updated, the others
+    /// inserted.
+    in_db: HashSet<String>,
+    spent: HashSet<String>,
+    /// The ring's key ids, read only when a batch has a precondition on them.
+    kids: Vec<String>,
+    /// The leader lease's generation, read only when a batch is fenced.
+    term: Option<u64>,
 }
 
 impl Writer {
@@ -420,320 +445,25 @@ impl Writer {
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let tx = client.transaction().await.map_err(pg_err)?;
         let (mut seq, mut hash, mut feed_seq) = self.read_head(&tx).await?;
-
-        // What is committed, read under the lock every writer takes first.
-        let ids: Vec<String> = batches
-            .iter()
-            .flat_map(|b| &b.grants)
-            .map(|w| match w {
-                GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g.id.to_string(),
-            })
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let values: Vec<&str> = batches
-            .iter()
-            .flat_map(|b| &b.nonces)
-            .map(|n| n.value.as_str())
-            .collect();
-        // The ring's key ids, for batches with a precondition on them.
-        let mut kids: Vec<String> = if batches.iter().any(|b| b.keys_expected.is_some()) {
-            tx.query("SELECT kid FROM signing_keys", &[])
-                .await
-                .map_err(pg_err)?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()
-                .map_err(pg_err)?
-        } else {
-            Vec::new()
-        };
-        let term = if batches.iter().any(|b| b.fence.is_some()) {
-            Some(leader_term(&tx).await?)
-        } else {
-            None
-        };
-        let (existing, spent) = tokio::try_join!(
-            async {
-                if ids.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let stmt = tx
-                    .prepare_cached("SELECT id, state, version FROM grants WHERE id = ANY($1)")
-                    .await?;
-                tx.query(&stmt, &[&ids]).await
-            },
-            async {
-                if values.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let stmt = tx
-                    .prepare_cached("SELECT value FROM nonces WHERE value = ANY($1)")
-                    .await?;
-                tx.query(&stmt, &[&values]).await
-            }
-        )
-        .map_err(pg_err)?;
-        // id -> (state, version)
-        let mut view: HashMap<String, (String, u64)> = HashMap::new();
-        for r in &existing {
-            let id: String = r.try_get(0).map_err(pg_err)?;
-            let state: String = r.try_get(1).map_err(pg_err)?;
-            let version: i64 = r.try_get(2).map_err(pg_err)?;
-            view.insert(id, (state, to_u64(version)));
-        }
-        let in_db: HashSet<String> = view.keys().cloned().collect();
-        let mut spent_set: HashSet<String> = spent
-            .iter()
-            .map(|r| r.try_get::<_, String>(0))
-            .collect::<Result<_, _>>()
-            .map_err(pg_err)?;
-
-        let mut plan = Plan::default();
-        let mut row_index: HashMap<String, usize> = HashMap::new();
-        let mut results = Vec::with_capacity(batches.len());
-        for b in batches {
-            let checked = match (&b.keys_expected, b.fence) {
-                (_, Some(fence)) if term != Some(fence) => Err(StoreError::Fenced(fence)),
-                (Some(expected), _) if !crate::same_kids(&kids, expected) => Err(
-                    StoreError::Conflict("the signing key ring changed meanwhile".into()),
-                ),
-                _ => check(b, &view, &spent_set),
-            };
-            match checked {
-                Err(e) => results.push(Err(e)),
-                Ok(ends) => {
-                    for w in &b.grants {
-                        let g = match w {
-                            GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g,
-                        };
-                        let id = g.id.to_string();
-                        view.insert(id.clone(), (g.state.as_str().to_owned(), g.version));
-                        let row = Row {
-                            grant: g,
-                            exists: in_db.contains(&id),
-                        };
-                        match row_index.get(&id) {
-                            Some(&i) => {
-                                if let Some(slot) = plan.rows.get_mut(i) {
-                                    slot.1 = row;
-                                }
-                            }
-                            None => {
-                                row_index.insert(id.clone(), plan.rows.len());
-                                plan.rows.push((id, row));
-                            }
-                        }
-                    }
-                    plan.feed.extend(ends);
-                    plan.events.extend(&b.events);
-                    for n in &b.nonces {
-                        spent_set.insert(n.value.clone());
-                        plan.nonces.push(n);
-                    }
-                    plan.keys.extend(&b.keys);
-                    plan.quarantines.extend(&b.quarantines);
-                    for k in &b.keys {
-                        if !kids.contains(&k.kid) {
-                            kids.push(k.kid.clone());
-                        }
-                    }
-                    results.push(Ok(()));
-                }
-            }
-        }
+        let mut committed = Committed::read(&tx, batches).await?;
+        let (plan, results) = Plan::of(batches, &mut committed);
 
         // Audit entries and feed entries numbered after the head this group holds.
-        let mut audit_rows = AuditColumns::default();
-        for ev in &plan.events {
-            seq += 1;
-            let data =
-                serde_json::to_string(&ev.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let h = entry_hash(
-                seq,
-                ev.at,
-                &ev.kind,
-                ev.grant_id.as_deref(),
-                &ev.actor,
-                &data,
-                &hash,
-            );
-            audit_rows.push(seq, ev, data, std::mem::replace(&mut hash, h.clone()), h);
-        }
-        let mut feed_rows = FeedColumns::default();
-        for g in &plan.feed {
-            feed_seq += 1;
-            feed_rows.push(feed_seq, g);
-        }
-        let mut inserts = GrantColumns::default();
-        let mut updates = GrantColumns::default();
-        for (_, row) in &plan.rows {
-            if row.exists {
-                updates.push(row.grant)?;
-            } else {
-                inserts.push(row.grant)?;
-            }
-        }
+        let audit_rows = AuditColumns::numbered(&plan.events, &mut seq, &mut hash)?;
+        let feed_rows = FeedColumns::numbered(&plan.feed, &mut feed_seq);
+        let (inserts, updates) = GrantColumns::split(&plan.rows)?;
+        let head_moved = !audit_rows.seq.is_empty() || !feed_rows.seq.is_empty();
 
-        let t = &tx;
-        let write_grants = async {
-            if !inserts.id.is_empty() {
-                let stmt = t
-                    .prepare_cached(
-                        "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
-                         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::int8[])",
-                    )
-                    .await?;
-                t.execute(&stmt, &inserts.args()).await?;
-            }
-            Ok::<_, tokio_postgres::Error>(())
-        };
-        let update_grants = async {
-            if !updates.id.is_empty() {
-                let stmt = t
-                    .prepare_cached(
-                        "UPDATE grants AS g SET state = u.state, expires_at = u.expires_at, version = u.version, body = u.body, cleanup_at = u.cleanup_at, idle_at = u.idle_at
-                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::int8[])
-                           AS u(id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
-                         WHERE g.id = u.id",
-                    )
-                    .await?;
-                t.execute(&stmt, &updates.args()).await?;
-            }
-            Ok(())
-        };
-        let write_audit = async {
-            if !audit_rows.seq.is_empty() {
-                let stmt = t
-                    .prepare_cached(
-                        "INSERT INTO audit (seq, at, kind, grant_id, actor, data, prev_hash, hash)
-                         SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])",
-                    )
-                    .await?;
-                let a = &audit_rows;
-                t.execute(
-                    &stmt,
-                    &[
-                        &a.seq,
-                        &a.at,
-                        &a.kind,
-                        &a.grant_id,
-                        &a.actor,
-                        &a.data,
-                        &a.prev,
-                        &a.hash,
-                    ],
-                )
-                .await?;
-            }
-            Ok(())
-        };
-        let write_feed = async {
-            if !feed_rows.seq.is_empty() {
-                let stmt = t
-                    .prepare_cached(
-                        "INSERT INTO feed (seq, at, grant_id, state, audience, jti, exp, reason)
-                         SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[])",
-                    )
-                    .await?;
-                let f = &feed_rows;
-                t.execute(
-                    &stmt,
-                    &[
-                        &f.seq,
-                        &f.at,
-                        &f.grant_id,
-                        &f.state,
-                        &f.audience,
-                        &f.jti,
-                        &f.exp,
-                        &f.reason,
-                    ],
-                )
-                .await?;
-                t.execute(&format!("NOTIFY {FEED_CHANNEL}"), &[]).await?;
-            }
-            Ok(())
-        };
-        let write_nonces = async {
-            if !plan.nonces.is_empty() {
-                let values: Vec<&str> = plan.nonces.iter().map(|n| n.value.as_str()).collect();
-                let exp: Vec<i64> = plan.nonces.iter().map(|n| n.expires_at).collect();
-                let stmt = t
-                    .prepare_cached(
-                        "INSERT INTO nonces (value, expires_at) SELECT * FROM unnest($1::text[], $2::int8[])",
-                    )
-                    .await?;
-                t.execute(&stmt, &[&values, &exp]).await?;
-            }
-            Ok(())
-        };
-        let write_keys = async {
-            for k in &plan.keys {
-                t.execute(
-                    "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (kid) DO UPDATE SET sealed = excluded.sealed, activates_at = excluded.activates_at, retires_at = excluded.retires_at",
-                    &[&k.kid, &k.alg, &k.public, &k.sealed, &k.created_at, &k.activates_at, &k.retires_at],
-                )
-                .await?;
-            }
-            Ok(())
-        };
-        let write_quarantines = async {
-            for q in &plan.quarantines {
-                match q {
-                    QuarantineChange::Set(q) => {
-                        // Serialising a plain struct cannot fail.
-                        let body = serde_json::to_string(q).unwrap_or_default();
-                        t.execute(
-                            "INSERT INTO quarantines (workload, body) VALUES ($1, $2)
-                             ON CONFLICT (workload) DO UPDATE SET body = excluded.body",
-                            &[&q.workload, &body],
-                        )
-                        .await?;
-                    }
-                    QuarantineChange::Lift(w) => {
-                        t.execute("DELETE FROM quarantines WHERE workload = $1", &[w])
-                            .await?;
-                    }
-                }
-            }
-            Ok(())
-        };
-        let write_head = async {
-            if !audit_rows.seq.is_empty() || !feed_rows.seq.is_empty() {
-                let (kid, sig) = self.signer.sign(&checkpoint_message(seq, &hash));
-                let stmt = t
-                    .prepare_cached(
-                        "UPDATE audit_checkpoint SET seq = $1, hash = $2, kid = $3, signature = $4,
-                         at = EXTRACT(EPOCH FROM now())::BIGINT, feed_seq = $5 WHERE id = 1",
-                    )
-                    .await?;
-                t.execute(
-                    &stmt,
-                    &[
-                        &to_i64(seq),
-                        &hash,
-                        &kid,
-                        &hex::encode(sig),
-                        &to_i64(feed_seq),
-                    ],
-                )
-                .await?;
-            }
-            Ok(())
-        };
         // Pipelined on the one session: the round trips overlap.
         tokio::try_join!(
-            write_grants,
-            update_grants,
-            write_audit,
-            write_feed,
-            write_nonces,
-            write_keys,
-            write_quarantines,
-            write_head
+            insert_grants(&tx, &inserts),
+            update_grants(&tx, &updates),
+            write_audit(&tx, &audit_rows),
+            write_feed(&tx, &feed_rows),
+            write_nonces(&tx, &plan.nonces),
+            write_keys(&tx, &plan.keys),
+            write_quarantines(&tx, &plan.quarantines),
+            self.write_head(&tx, head_moved, seq, &hash, feed_seq)
         )
         .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
@@ -742,6 +472,39 @@ impl Writer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((seq, hash));
         Ok(results)
+    }
+
+    /// Re-signs the head at the group's last audit entry, when the group appended
+    /// to the audit log or the feed.
+    async fn write_head(
+        &self,
+        t: &Transaction<'_>,
+        moved: bool,
+        seq: u64,
+        hash: &str,
+        feed_seq: u64,
+    ) -> Result<(), tokio_postgres::Error> {
+        if moved {
+            let (kid, sig) = self.signer.sign(&checkpoint_message(seq, hash));
+            let stmt = t
+                .prepare_cached(
+                    "UPDATE audit_checkpoint SET seq = $1, hash = $2, kid = $3, signature = $4,
+                     at = EXTRACT(EPOCH FROM now())::BIGINT, feed_seq = $5 WHERE id = 1",
+                )
+                .await?;
+            t.execute(
+                &stmt,
+                &[
+                    &to_i64(seq),
+                    &hash,
+                    &kid,
+                    &hex::encode(sig),
+                    &to_i64(feed_seq),
+                ],
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Locks the head row (every writer of every replica queues here) and answers
@@ -795,8 +558,154 @@ impl Writer {
     }
 }
 
-/// Checks one batch against the committed state as amended by the batches before
-/// it in the group; returns the grants whose ending goes on the feed.
+impl Committed {
+    async fn read(tx: &Transaction<'_>, batches: &[WriteBatch]) -> Result<Self, StoreError> {
+        let ids: Vec<String> = batches
+            .iter()
+            .flat_map(|b| &b.grants)
+            .map(|w| match w {
+                GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g.id.to_string(),
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let values: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| &b.nonces)
+            .map(|n| n.value.as_str())
+            .collect();
+        let kids: Vec<String> = if batches.iter().any(|b| b.keys_expected.is_some()) {
+            tx.query("SELECT kid FROM signing_keys", &[])
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(pg_err)?
+        } else {
+            Vec::new()
+        };
+        let term = if batches.iter().any(|b| b.fence.is_some()) {
+            Some(leader_term(tx).await?)
+        } else {
+            None
+        };
+        let (existing, spent) = tokio::try_join!(
+            async {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let stmt = tx
+                    .prepare_cached("SELECT id, state, version FROM grants WHERE id = ANY($1)")
+                    .await?;
+                tx.query(&stmt, &[&ids]).await
+            },
+            async {
+                if values.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let stmt = tx
+                    .prepare_cached("SELECT value FROM nonces WHERE value = ANY($1)")
+                    .await?;
+                tx.query(&stmt, &[&values]).await
+            }
+        )
+        .map_err(pg_err)?;
+        let mut view: HashMap<String, (String, u64)> = HashMap::new();
+        for r in &existing {
+            let id: String = r.try_get(0).map_err(pg_err)?;
+            let state: String = r.try_get(1).map_err(pg_err)?;
+            let version: i64 = r.try_get(2).map_err(pg_err)?;
+            view.insert(id, (state, to_u64(version)));
+        }
+        let in_db: HashSet<String> = view.keys().cloned().collect();
+        let spent: HashSet<String> = spent
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<_, _>>()
+            .map_err(pg_err)?;
+        Ok(Self {
+            view,
+            in_db,
+            spent,
+            kids,
+            term,
+        })
+    }
+}
+
+impl<'a> Plan<'a> {
+    /// Checks each batch in order, against what is committed as amended by the
+    /// batches before it, and plans the writes of those that pass; answers each
+    /// batch's result.
+    fn of(
+        batches: &'a [WriteBatch],
+        committed: &mut Committed,
+    ) -> (Self, Vec<Result<(), StoreError>>) {
+        let mut plan = Self::default();
+        let mut results = Vec::with_capacity(batches.len());
+        for b in batches {
+            let checked = match (&b.keys_expected, b.fence) {
+                (_, Some(fence)) if committed.term != Some(fence) => Err(StoreError::Fenced(fence)),
+                (Some(expected), _) if !same_kids(&committed.kids, expected) => Err(
+                    StoreError::Conflict("the signing key ring changed meanwhile".into()),
+                ),
+                _ => check(b, &committed.view, &committed.spent),
+            };
+            match checked {
+                Err(e) => results.push(Err(e)),
+                Ok(ends) => {
+                    plan.admit(b, ends, committed);
+                    results.push(Ok(()));
+                }
+            }
+        }
+        (plan, results)
+    }
+
+    /// Adds a batch that passed its checks, and what it writes to what the next
+    /// batches are checked against.
+    fn admit(&mut self, b: &'a WriteBatch, ends: Vec<&'a Grant>, committed: &mut Committed) {
+        for w in &b.grants {
+            let g = match w {
+                GrantWrite::Insert(g) | GrantWrite::Update { grant: g, .. } => g,
+            };
+            let id = g.id.to_string();
+            committed
+                .view
+                .insert(id.clone(), (g.state.as_str().to_owned(), g.version));
+            let row = Row {
+                grant: g,
+                exists: committed.in_db.contains(&id),
+            };
+            match self.row_index.get(&id) {
+                Some(&i) => {
+                    if let Some(slot) = self.rows.get_mut(i) {
+                        slot.1 = row;
+                    }
+                }
+                None => {
+                    self.row_index.insert(id.clone(), self.rows.len());
+                    self.rows.push((id, row));
+                }
+            }
+        }
+        self.feed.extend(ends);
+        self.events.extend(&b.events);
+        for n in &b.nonces {
+            committed.spent.insert(n.value.clone());
+            self.nonces.push(n);
+        }
+        self.keys.extend(&b.keys);
+        self.quarantines.extend(&b.quarantines);
+        for k in &b.keys {
+            if !committed.kids.contains(&k.kid) {
+                committed.kids.push(k.kid.clone());
+            }
+        }
+    }
+}
+
 /// The leader lease's current generation, read `FOR SHARE` so a takeover (which
 /// updates the row) waits until this transaction, and the fenced writes in it, end.
 async fn leader_term(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, StoreError> {
@@ -810,12 +719,14 @@ async fn leader_term(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, StoreE
     Ok(to_u64(row.try_get(0).map_err(pg_err)?))
 }
 
+/// Checks one batch against the committed state as amended by the batches before
+/// it in the group; returns the grants whose ending goes on the feed.
 fn check<'a>(
     b: &'a WriteBatch,
     view: &HashMap<String, (String, u64)>,
     spent: &HashSet<String>,
 ) -> Result<Vec<&'a Grant>, StoreError> {
-    crate::validate(b)?;
+    validate(b)?;
     // Writes within one batch see each other too.
     let mut local: HashMap<String, (String, u64)> = HashMap::new();
     let mut ends = Vec::new();
@@ -888,6 +799,20 @@ impl GrantColumns {
         Ok(())
     }
 
+    /// The group's grant rows: those to insert, and those to update.
+    fn split(rows: &[(String, Row<'_>)]) -> Result<(Self, Self), StoreError> {
+        let mut inserts = Self::default();
+        let mut updates = Self::default();
+        for (_, row) in rows {
+            if row.exists {
+                updates.push(row.grant)?;
+            } else {
+                inserts.push(row.grant)?;
+            }
+        }
+        Ok((inserts, updates))
+    }
+
     fn args(&self) -> [&(dyn ToSql + Sync); 11] {
         [
             &self.id,
@@ -918,7 +843,33 @@ struct AuditColumns {
 }
 
 impl AuditColumns {
-    fn push(&mut self, seq: u64, ev: &crate::AuditEvent, data: String, prev: String, hash: String) {
+    /// The group's audit entries, numbered and chained after the head at `seq`
+    /// and `hash`, which move to the last entry.
+    fn numbered(
+        events: &[&AuditEvent],
+        seq: &mut u64,
+        hash: &mut String,
+    ) -> Result<Self, StoreError> {
+        let mut rows = Self::default();
+        for ev in events {
+            *seq += 1;
+            let data =
+                serde_json::to_string(&ev.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let h = entry_hash(
+                *seq,
+                ev.at,
+                &ev.kind,
+                ev.grant_id.as_deref(),
+                &ev.actor,
+                &data,
+                hash,
+            );
+            rows.push(*seq, ev, data, std::mem::replace(hash, h.clone()), h);
+        }
+        Ok(rows)
+    }
+
+    fn push(&mut self, seq: u64, ev: &AuditEvent, data: String, prev: String, hash: String) {
         self.seq.push(to_i64(seq));
         self.at.push(ev.at);
         self.kind.push(ev.kind.clone());
@@ -943,6 +894,16 @@ struct FeedColumns {
 }
 
 impl FeedColumns {
+    /// The group's feed entries, numbered after `feed_seq`, which moves to the last.
+    fn numbered(grants: &[&Grant], feed_seq: &mut u64) -> Self {
+        let mut rows = Self::default();
+        for g in grants {
+            *feed_seq += 1;
+            rows.push(*feed_seq, g);
+        }
+        rows
+    }
+
     fn push(&mut self, seq: u64, g: &Grant) {
         self.seq.push(to_i64(seq));
         self.at.push(g.ended_at.unwrap_or(g.expires_at).millis());
@@ -956,6 +917,146 @@ impl FeedColumns {
         self.reason
             .push(g.end.as_ref().map_or(String::new(), |e| e.reason.clone()));
     }
+}
+
+async fn insert_grants(
+    t: &Transaction<'_>,
+    inserts: &GrantColumns,
+) -> Result<(), tokio_postgres::Error> {
+    if !inserts.id.is_empty() {
+        let stmt = t
+            .prepare_cached(
+                "INSERT INTO grants (id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::int8[])",
+            )
+            .await?;
+        t.execute(&stmt, &inserts.args()).await?;
+    }
+    Ok(())
+}
+
+async fn update_grants(
+    t: &Transaction<'_>,
+    updates: &GrantColumns,
+) -> Result<(), tokio_postgres::Error> {
+    if !updates.id.is_empty() {
+        let stmt = t
+            .prepare_cached(
+                "UPDATE grants AS g SET state = u.state, expires_at = u.expires_at, version = u.version, body = u.body, cleanup_at = u.cleanup_at, idle_at = u.idle_at
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::int8[])
+                   AS u(id, state, workload, audience, task_id, created_at, expires_at, version, body, cleanup_at, idle_at)
+                 WHERE g.id = u.id",
+            )
+            .await?;
+        t.execute(&stmt, &updates.args()).await?;
+    }
+    Ok(())
+}
+
+async fn write_audit(t: &Transaction<'_>, a: &AuditColumns) -> Result<(), tokio_postgres::Error> {
+    if !a.seq.is_empty() {
+        let stmt = t
+            .prepare_cached(
+                "INSERT INTO audit (seq, at, kind, grant_id, actor, data, prev_hash, hash)
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])",
+            )
+            .await?;
+        t.execute(
+            &stmt,
+            &[
+                &a.seq,
+                &a.at,
+                &a.kind,
+                &a.grant_id,
+                &a.actor,
+                &a.data,
+                &a.prev,
+                &a.hash,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Appends the group's feed entries and wakes every replica's feed streams.
+async fn write_feed(t: &Transaction<'_>, f: &FeedColumns) -> Result<(), tokio_postgres::Error> {
+    if !f.seq.is_empty() {
+        let stmt = t
+            .prepare_cached(
+                "INSERT INTO feed (seq, at, grant_id, state, audience, jti, exp, reason)
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[])",
+            )
+            .await?;
+        t.execute(
+            &stmt,
+            &[
+                &f.seq,
+                &f.at,
+                &f.grant_id,
+                &f.state,
+                &f.audience,
+                &f.jti,
+                &f.exp,
+                &f.reason,
+            ],
+        )
+        .await?;
+        t.execute(&format!("NOTIFY {FEED_CHANNEL}"), &[]).await?;
+    }
+    Ok(())
+}
+
+async fn write_nonces(t: &Transaction<'_>, nonces: &[&Nonce]) -> Result<(), tokio_postgres::Error> {
+    if !nonces.is_empty() {
+        let values: Vec<&str> = nonces.iter().map(|n| n.value.as_str()).collect();
+        let exp: Vec<i64> = nonces.iter().map(|n| n.expires_at).collect();
+        let stmt = t
+            .prepare_cached(
+                "INSERT INTO nonces (value, expires_at) SELECT * FROM unnest($1::text[], $2::int8[])",
+            )
+            .await?;
+        t.execute(&stmt, &[&values, &exp]).await?;
+    }
+    Ok(())
+}
+
+async fn write_keys(t: &Transaction<'_>, keys: &[&KeyRecord]) -> Result<(), tokio_postgres::Error> {
+    for k in keys {
+        t.execute(
+            "INSERT INTO signing_keys (kid, alg, public, sealed, created_at, activates_at, retires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (kid) DO UPDATE SET sealed = excluded.sealed, activates_at = excluded.activates_at, retires_at = excluded.retires_at",
+            &[&k.kid, &k.alg, &k.public, &k.sealed, &k.created_at, &k.activates_at, &k.retires_at],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn write_quarantines(
+    t: &Transaction<'_>,
+    changes: &[&QuarantineChange],
+) -> Result<(), tokio_postgres::Error> {
+    for q in changes {
+        match q {
+            QuarantineChange::Set(q) => {
+                // Serialising a plain struct cannot fail.
+                let body = serde_json::to_string(q).unwrap_or_default();
+                t.execute(
+                    "INSERT INTO quarantines (workload, body) VALUES ($1, $2)
+                     ON CONFLICT (workload) DO UPDATE SET body = excluded.body",
+                    &[&q.workload, &body],
+                )
+                .await?;
+            }
+            QuarantineChange::Lift(w) => {
+                t.execute("DELETE FROM quarantines WHERE workload = $1", &[w])
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn grant_from_body(body: &str) -> Result<Grant, StoreError> {

@@ -13,10 +13,13 @@
 use crate::audit::{
     AuditEntry, AuditEvent, AuditSigner, Checkpoint, GENESIS, checkpoint_message, entry_hash,
 };
-use crate::{
-    FeedEntry, GrantFilter, GrantWrite, KeyRecord, Quarantine, QuarantineChange, Store, StoreError,
-    WriteBatch, quarantine_from_body, same_kids,
-};
+use crate::batch::{GrantWrite, WriteBatch, validate};
+use crate::error::StoreError;
+use crate::feed::FeedEntry;
+use crate::filter::GrantFilter;
+use crate::keyring::{KeyRecord, same_kids};
+use crate::quarantine::{Quarantine, QuarantineChange, quarantine_from_body};
+use crate::store::Store;
 use async_trait::async_trait;
 use lapse_core::{Grant, GrantId, GrantState, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -372,7 +375,7 @@ fn apply(
     batch: &WriteBatch,
     head: &mut (u64, String),
 ) -> Result<(), StoreError> {
-    crate::validate(batch)?;
+    validate(batch)?;
     for w in &batch.grants {
         match w {
             GrantWrite::Insert(g) => {
