@@ -1,6 +1,7 @@
 //! `lapse approvals list|show|approve|deny`: people deciding pending requests.
 
-use crate::{Out, Server, answer, client, fail, operator_token};
+use crate::client::{Server, answer, client, operator_token};
+use crate::exit::{Out, fail};
 use lapse_core::TtlDuration;
 use serde_json::{Value, json};
 

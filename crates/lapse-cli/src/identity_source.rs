@@ -6,7 +6,8 @@
 //! `id_tokens` variable, and in development the dev issuer. A file is read at each
 //! use, never cached, so a rotated token is picked up.
 
-use crate::{Fail, fail};
+use crate::exit::{Fail, fail};
+use crate::local::DEFAULT_DEV_DIR;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ pub struct IdentityArgs {
     #[arg(long)]
     pub dev_workload: Option<String>,
     /// The dev folder of `lapse serve --dev` (for --dev-workload).
-    #[arg(long, default_value = crate::DEFAULT_DEV_DIR)]
+    #[arg(long, default_value = DEFAULT_DEV_DIR)]
     pub dev_data: PathBuf,
 }
 

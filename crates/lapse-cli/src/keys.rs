@@ -1,6 +1,7 @@
 //! `lapse keys`: the signing key ring in the store (needs `key_encryption_key`).
 
-use crate::{DEFAULT_DEV_DIR, Out, fail, open_store};
+use crate::exit::{Out, fail};
+use crate::local::{DEFAULT_DEV_DIR, open_store};
 use clap::Subcommand;
 use lapse_core::{Clock, SystemClock};
 use lapse_server::keyring::Kek;

@@ -3,7 +3,7 @@
 //! snippet printed is complete (roles, groups and audiences from the flags), so it
 //! can be pasted into `lapse.toml` as it is; `--json` gives the same as one object.
 
-use crate::{Fail, fail};
+use crate::exit::{Fail, fail};
 use clap::Subcommand;
 use lapse_server::config::Role;
 use serde_json::json;

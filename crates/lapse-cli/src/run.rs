@@ -25,8 +25,9 @@
 
 pub(crate) mod mcp_proxy;
 
+use crate::exchange::{AccessArgs, exchange};
+use crate::exit::{Fail, fail};
 use crate::identity_source::{IdentityArgs, IdentitySource};
-use crate::{AccessArgs, Fail, fail};
 use lapse_core::{Clock, SystemClock, TtlDuration};
 use lapse_token::DpopKey;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -193,6 +194,18 @@ impl Held {
         }
         rb.send().await
     }
+
+    /// Takes in what the poll task reports: `Some(why)` when the grant has ended.
+    fn update(&mut self, report: Report) -> Option<String> {
+        match report {
+            Report::Lease { token, expires_at } => {
+                self.token = token;
+                self.expires_at = expires_at;
+                None
+            }
+            Report::Ended(why) => Some(why),
+        }
+    }
 }
 
 fn say(quiet: bool, msg: &str) {
@@ -261,7 +274,73 @@ pub async fn run(a: RunArgs) -> Result<u8, Fail> {
 async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
     // Our handlers go in first: a signal that arrives while the grant is being
     // obtained or the command started is held and passed on, never lost or fatal.
-    let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<Signal>();
+    let signals = catch_signals();
+
+    // What the command must not get is in our environment from the start (identity
+    // material, operator tokens) and soon in our memory: the command, a process of
+    // the same user, must not read `/proc/PID/environ` or `mem` of ours.
+    mcp_proxy::not_dumpable().map_err(|e| fail(1, e))?;
+    // The MCP proxy's config and operator token, before anything is asked: a
+    // mistake there is a usage error, and no grant is made for nothing.
+    let plan = match &a.mcp_proxy {
+        Some(path) => Some(mcp_proxy::Plan::read(path).map_err(|e| fail(2, e))?),
+        None => None,
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let source = IdentitySource::detect(&a.identity, &env)?;
+    let http = lapse_identity::http_client();
+    let identity = source
+        .token(&http, &env, SystemClock.now().unix_seconds())
+        .await?;
+    let renames = parse_renames(&a.env_names)?;
+
+    // 1. One grant for this task.
+    let (issued, held) = obtain_grant(&a, &http, identity).await?;
+    say(
+        a.quiet,
+        &format!(
+            "grant {} for {}, expires in {}s (identity from {})",
+            held.id,
+            a.access.describe(),
+            held.granted_secs,
+            source.name()
+        ),
+    );
+
+    // 2. The command, with the grant in its environment and no identity material.
+    let started = start_command(
+        &a,
+        plan.as_ref(),
+        &source,
+        &issued,
+        &held,
+        &renames,
+        status_file,
+    )
+    .await;
+    let command = match started {
+        Ok(c) => c,
+        Err(Abort(f, reason)) => {
+            complete(&http, &held, json!({ "reason": reason })).await;
+            return Err(f);
+        }
+    };
+
+    // 3. Watch both: the command ending, and the grant ending.
+    let supervisor = Supervisor {
+        http,
+        held,
+        command,
+        signals,
+        grace: a.grace,
+        quiet: a.quiet,
+    };
+    Ok(supervisor.watch(a.poll.0).await)
+}
+
+/// The signals passed on to the command, as they arrive.
+fn catch_signals() -> mpsc::UnboundedReceiver<Signal> {
+    let (sig_tx, sig_rx) = mpsc::unbounded_channel::<Signal>();
     for (kind, sig) in [
         (SignalKind::terminate(), Signal::SIGTERM),
         (SignalKind::hangup(), Signal::SIGHUP),
@@ -282,43 +361,27 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
             }
         });
     }
+    sig_rx
+}
 
-    // What the command must not get is in our environment from the start (identity
-    // material, operator tokens) and soon in our memory: the command, a process of
-    // the same user, must not read `/proc/PID/environ` or `mem` of ours.
-    mcp_proxy::not_dumpable().map_err(|e| fail(1, e))?;
-    // The MCP proxy's config and operator token, before anything is asked: a
-    // mistake there is a usage error, and no grant is made for nothing.
-    let plan = match &a.mcp_proxy {
-        Some(path) => Some(mcp_proxy::Plan::read(path).map_err(|e| fail(2, e))?),
-        None => None,
-    };
-    let env = |k: &str| std::env::var(k).ok();
-    let source = IdentitySource::detect(&a.identity, &env)?;
-    let http = lapse_identity::http_client();
-    let identity = source
-        .token(&http, &env, SystemClock.now().unix_seconds())
-        .await?;
-    let renames = parse_renames(&a.env_names)?;
+/// Exchanges the identity token for one grant, bound to a DPoP key that exists
+/// only in this process's memory (and, later, the command's environment).
+async fn obtain_grant(
+    a: &RunArgs,
+    http: &reqwest::Client,
+    identity: String,
+) -> Result<(Value, Held), Fail> {
     let base = a.url.trim_end_matches('/').to_owned();
     let key = DpopKey::generate();
-
-    // 1. One grant for this task.
-    let issued = crate::exchange(
-        &http,
-        &base,
-        &key,
-        &a.access.exchange_form(identity),
-        a.wait,
-    )
-    .await
-    .map_err(|(f, body)| {
-        if body["error"] == "authorization_pending" {
-            fail(4, pending_message(&body))
-        } else {
-            f
-        }
-    })?;
+    let issued = exchange(http, &base, &key, &a.access.exchange_form(identity), a.wait)
+        .await
+        .map_err(|(f, body)| {
+            if body["error"] == "authorization_pending" {
+                fail(4, pending_message(&body))
+            } else {
+                f
+            }
+        })?;
     let token = issued["access_token"]
         .as_str()
         .unwrap_or_default()
@@ -328,8 +391,8 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
     if token.is_empty() || id.is_empty() {
         return Err(fail(1, "the broker's answer has no access token"));
     }
-    let mut held = Held {
-        base: base.clone(),
+    let held = Held {
+        base,
         id,
         token,
         key,
@@ -338,86 +401,85 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
         granted_secs: expires_in,
         renewing: a.renew,
     };
-    say(
-        a.quiet,
-        &format!(
-            "grant {} for {}, expires in {expires_in}s (identity from {})",
-            held.id,
-            a.access.describe(),
-            source.name()
-        ),
-    );
+    Ok((issued, held))
+}
 
-    // 2. The command, with the grant in its environment and no identity material.
+/// Why the command was never started: what `lapse run` fails with, and the
+/// reason the grant (obtained for nothing) is completed with.
+struct Abort(Fail, String);
+
+/// The command as it runs, and the MCP proxy beside it.
+struct Started {
+    child: tokio::process::Child,
+    target: Option<Target>,
+    /// The command's own process group, when it has one.
+    group: Option<Pid>,
+    /// The command shares our terminal, so the terminal's SIGINT and SIGQUIT
+    /// reach it without us.
+    from_terminal: bool,
+    proxy: Option<mcp_proxy::Supervised>,
+    /// The proxy's process, which is none of the command's leftovers.
+    spare: Option<Pid>,
+}
+
+/// Starts the MCP proxy (with `plan`), then the command.
+async fn start_command(
+    a: &RunArgs,
+    plan: Option<&mcp_proxy::Plan>,
+    source: &IdentitySource,
+    issued: &Value,
+    held: &Held,
+    renames: &BTreeMap<String, String>,
+    status_file: &StatusFile,
+) -> Result<Started, Abort> {
     let Some((program, args)) = a.command.split_first() else {
-        complete(&http, &held, json!({ "reason": "`lapse run`: no command" })).await;
-        return Err(fail(2, "no command given after `--`"));
+        return Err(Abort(
+            fail(2, "no command given after `--`"),
+            "`lapse run`: no command".to_owned(),
+        ));
     };
-    let mut vars = match child_env(&issued, &held, &base, &renames) {
-        Ok(v) => v,
-        Err(e) => {
-            complete(
-                &http,
-                &held,
-                json!({ "reason": format!("`lapse run`: {}", e.1) }),
-            )
-            .await;
-            return Err(e);
-        }
-    };
+    let mut vars = child_env(issued, held, &held.base, renames).map_err(|e| {
+        let reason = format!("`lapse run`: {}", e.1);
+        Abort(e, reason)
+    })?;
     if let Err(e) = status_file.write("command", None, None) {
-        complete(
-            &http,
-            &held,
-            json!({ "reason": format!("`lapse run`: {e}") }),
-        )
-        .await;
-        return Err(fail(1, e));
+        let reason = format!("`lapse run`: {e}");
+        return Err(Abort(fail(1, e), reason));
     }
     // The proxy first, as our child: the command is never its parent, so never
     // holds what the proxy holds.
     let identity_vars = source.secret_vars(&a.identity);
-    let mut proxy = match &plan {
+    let mut proxy = match plan {
         Some(p) => match mcp_proxy::Supervised::start(p, &identity_vars).await {
             Ok(s) => {
                 say(a.quiet, &format!("MCP proxy at {}", s.url));
-                vars.push((renamed(&renames, "LAPSE_MCP_URL"), s.url.clone()));
+                vars.push((renamed(renames, "LAPSE_MCP_URL"), s.url.clone()));
                 Some(s)
             }
             Err(e) => {
-                complete(
-                    &http,
-                    &held,
-                    json!({ "reason": format!("`lapse run`: {e}") }),
-                )
-                .await;
-                return Err(fail(7, e));
+                let reason = format!("`lapse run`: {e}");
+                return Err(Abort(fail(7, e), reason));
             }
         },
         None => None,
     };
     let spare = proxy.as_ref().and_then(|p| p.pid);
-    let mut cmd = Command::new(program);
-    cmd.args(args);
     // No operator credential, ever: neither the CLI's nor the proxy's.
-    let keep_out = match &plan {
+    let keep_out = match plan {
         Some(p) => p.command_keep_out(),
         None => mcp_proxy::OPERATOR_VARS
             .iter()
             .map(|v| (*v).to_owned())
             .collect(),
     };
-    for v in identity_vars.iter().chain(&keep_out) {
-        cmd.env_remove(v);
-    }
-    cmd.envs(vars);
+    let from_terminal = std::io::stdin().is_terminal();
+    let mut cmd = command(program, args, identity_vars.iter().chain(&keep_out), vars);
     // Signals for the command reach it through us. Without a terminal (CI), the
     // command gets a process group of its own, so that ending it ends everything
     // it started (a shell's children too). On a terminal it stays in ours so that
     // it can read the terminal and job control (Ctrl-Z, `fg`) works on the whole
     // job; SIGINT and SIGQUIT from the terminal then already reach it, and
     // forwarding them would deliver them twice.
-    let from_terminal = std::io::stdin().is_terminal();
     if !from_terminal {
         cmd.process_group(0);
     }
@@ -425,7 +487,7 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
     // init, so that we find it and end it even when it is not in the command's
     // group (on a terminal, or after `setsid`).
     adopt_orphans();
-    let mut child = match cmd.spawn() {
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound {
@@ -434,13 +496,10 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
                 126
             };
             stop_proxy(&mut proxy).await;
-            complete(
-                &http,
-                &held,
-                json!({ "reason": format!("`lapse run`: the command could not start: {e}") }),
-            )
-            .await;
-            return Err(fail(code, format!("cannot run `{program}`: {e}")));
+            return Err(Abort(
+                fail(code, format!("cannot run `{program}`: {e}")),
+                format!("`lapse run`: the command could not start: {e}"),
+            ));
         }
     };
     let target = child
@@ -451,121 +510,183 @@ async fn supervise(a: RunArgs, status_file: &StatusFile) -> Result<Done, Fail> {
             group: !from_terminal,
         });
     let group = target.as_ref().filter(|t| t.group).map(|t| t.pid);
-    let grace = a.grace.0;
+    Ok(Started {
+        child,
+        target,
+        group,
+        from_terminal,
+        proxy,
+        spare,
+    })
+}
 
-    // 3. Watch both: the command ending, and the grant ending. The broker is asked
-    //    by a task of its own; this loop never waits on the network.
-    let (poll_tx, mut poll_rx) = mpsc::unbounded_channel::<Report>();
-    let poller = tokio::spawn(watch_grant(http.clone(), held.clone(), a.poll.0, poll_tx));
-    let ended: String = loop {
-        tokio::select! {
-            status = child.wait() => {
-                poller.abort();
-                let status = match status {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let mut body = json!({ "reason": "`lapse run`: the command could not be waited for" });
-                        proxy_note(&mut body, proxy.as_ref());
-                        tokio::join!(
-                            async {
-                                stop_proxy(&mut proxy).await;
-                                complete(&http, &held, body).await;
-                            },
-                            end_leftovers(group, grace, false, spare)
-                        );
-                        end_proxy_orphans(spare, grace).await;
-                        return Ok(Done::Lost(fail(1, format!("waiting for the command: {e}"))));
+/// The command to run: `vars` in its environment, `keep_out` not.
+fn command<'k>(
+    program: &str,
+    args: &[String],
+    keep_out: impl Iterator<Item = &'k String>,
+    vars: Vec<(String, String)>,
+) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    for v in keep_out {
+        cmd.env_remove(v);
+    }
+    cmd.envs(vars);
+    cmd
+}
+
+/// What the supervision loop watches once the command runs.
+struct Supervisor {
+    http: reqwest::Client,
+    held: Held,
+    command: Started,
+    signals: mpsc::UnboundedReceiver<Signal>,
+    grace: Span,
+    quiet: bool,
+}
+
+impl Supervisor {
+    /// Waits for the command to end or the grant to end, whichever comes first.
+    /// The broker is asked by a task of its own; this loop never waits on the
+    /// network.
+    async fn watch(mut self, poll: Duration) -> Done {
+        let (poll_tx, mut poll_rx) = mpsc::unbounded_channel::<Report>();
+        let poller = tokio::spawn(watch_grant(
+            self.http.clone(),
+            self.held.clone(),
+            poll,
+            poll_tx,
+        ));
+        let ended: String = loop {
+            tokio::select! {
+                status = self.command.child.wait() => {
+                    poller.abort();
+                    return self.command_exited(status).await;
+                }
+                status = proxy_exit(self.command.proxy.as_mut()) => {
+                    say(false, &format!(
+                        "the MCP proxy exited ({status}) before the command; its tool calls fail from now on"
+                    ));
+                }
+                Some(sig) = self.signals.recv() => self.command.forward(sig),
+                () = tokio::time::sleep_until(self.held.expires_at) => {
+                    break "the grant expired".to_owned();
+                }
+                Some(report) = poll_rx.recv() => {
+                    if let Some(why) = self.held.update(report) {
+                        break why;
                     }
-                };
-                let (code, mut body) = outcome(status);
-                proxy_note(&mut body, proxy.as_ref());
-                // The grant is completed (after the proxy's last records) while
-                // what the command left running is ended: neither waits for the
-                // other.
-                tokio::join!(
-                    async {
-                        stop_proxy(&mut proxy).await;
-                        complete(&http, &held, body).await;
-                    },
-                    end_leftovers(group, grace, false, spare)
-                );
-                end_proxy_orphans(spare, grace).await;
-                return Ok(Done::Exited(code));
-            }
-            status = async {
-                match proxy.as_mut() {
-                    Some(p) => p.exited().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                say(false, &format!(
-                    "the MCP proxy exited ({status}) before the command; its tool calls fail from now on"
-                ));
-            }
-            Some(sig) = sig_rx.recv() => {
-                let doubled = from_terminal && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
-                if let (Some(t), false) = (&target, doubled) {
-                    t.signal(sig);
                 }
             }
-            () = tokio::time::sleep_until(held.expires_at) => {
-                break "the grant expired".to_owned();
-            }
-            Some(report) = poll_rx.recv() => match report {
-                Report::Lease { token, expires_at } => {
-                    held.token = token;
-                    held.expires_at = expires_at;
-                }
-                Report::Ended(why) => break why,
-            },
-        }
-    };
-    poller.abort();
+        };
+        poller.abort();
+        self.grant_ended(ended).await
+    }
 
-    // 4. The grant ended first: stop the command.
-    say(
-        false,
-        &format!("access ended: {ended}; stopping the command"),
-    );
-    if let Some(t) = &target {
-        t.signal(Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + grace;
-    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
-        Ok(s) => s.ok(),
-        Err(_) => {
-            say(
-                false,
-                &format!(
-                    "the command did not exit within {} of SIGTERM; sending SIGKILL",
-                    a.grace
-                ),
-            );
-            match &target {
-                Some(t) => t.signal(Signal::SIGKILL),
-                None => {
-                    let _ = child.start_kill();
-                }
+    /// The command ended first (or could not be waited for). The grant is
+    /// completed (after the proxy's last records) while what the command left
+    /// running is ended: neither waits for the other.
+    async fn command_exited(self, status: std::io::Result<ExitStatus>) -> Done {
+        let (done, mut body) = match status {
+            Ok(s) => {
+                let (code, body) = outcome(s);
+                (Done::Exited(code), body)
             }
-            child.wait().await.ok()
-        }
-    };
-    if let Some(s) = status {
-        say(a.quiet, &format!("the command ended ({})", describe(s)));
+            Err(e) => (
+                Done::Lost(fail(1, format!("waiting for the command: {e}"))),
+                json!({ "reason": "`lapse run`: the command could not be waited for" }),
+            ),
+        };
+        let Self {
+            http,
+            held,
+            mut command,
+            grace,
+            ..
+        } = self;
+        proxy_note(&mut body, command.proxy.as_ref());
+        let (group, spare) = (command.group, command.spare);
+        tokio::join!(
+            async {
+                stop_proxy(&mut command.proxy).await;
+                complete(&http, &held, body).await;
+            },
+            end_leftovers(group, grace.0, false, spare)
+        );
+        end_proxy_orphans(spare, grace.0).await;
+        done
     }
-    // The group (if any) has had its SIGTERM; what is left of it, and what was
-    // left outside it, gets the rest of the grace period.
-    tokio::join!(
-        stop_proxy(&mut proxy),
-        end_leftovers(
-            group,
-            deadline.saturating_duration_since(Instant::now()),
-            true,
-            spare,
-        )
-    );
-    end_proxy_orphans(spare, grace).await;
-    Ok(Done::Stopped(ended))
+
+    /// The grant ended first: stop the command, SIGTERM then SIGKILL once the
+    /// grace period has passed.
+    async fn grant_ended(self, ended: String) -> Done {
+        let Self {
+            mut command,
+            grace,
+            quiet,
+            ..
+        } = self;
+        say(
+            false,
+            &format!("access ended: {ended}; stopping the command"),
+        );
+        if let Some(t) = &command.target {
+            t.signal(Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace.0;
+        let status = match tokio::time::timeout_at(deadline, command.child.wait()).await {
+            Ok(s) => s.ok(),
+            Err(_) => {
+                say(
+                    false,
+                    &format!("the command did not exit within {grace} of SIGTERM; sending SIGKILL"),
+                );
+                match &command.target {
+                    Some(t) => t.signal(Signal::SIGKILL),
+                    None => {
+                        let _ = command.child.start_kill();
+                    }
+                }
+                command.child.wait().await.ok()
+            }
+        };
+        if let Some(s) = status {
+            say(quiet, &format!("the command ended ({})", describe(s)));
+        }
+        // The group (if any) has had its SIGTERM; what is left of it, and what was
+        // left outside it, gets the rest of the grace period.
+        let (group, spare) = (command.group, command.spare);
+        tokio::join!(
+            stop_proxy(&mut command.proxy),
+            end_leftovers(
+                group,
+                deadline.saturating_duration_since(Instant::now()),
+                true,
+                spare,
+            )
+        );
+        end_proxy_orphans(spare, grace.0).await;
+        Done::Stopped(ended)
+    }
+}
+
+impl Started {
+    /// Passes a signal on, unless the terminal has delivered it already.
+    fn forward(&self, sig: Signal) {
+        let doubled = self.from_terminal && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
+        if let (Some(t), false) = (&self.target, doubled) {
+            t.signal(sig);
+        }
+    }
+}
+
+/// Resolves when the MCP proxy exits; never without one.
+async fn proxy_exit(proxy: Option<&mut mcp_proxy::Supervised>) -> ExitStatus {
+    match proxy {
+        Some(p) => p.exited().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Stops the MCP proxy, if one runs: it sends its last records first.

@@ -3,7 +3,8 @@
 //! On a terminal a live line says who must approve and for how long it has waited;
 //! otherwise (CI logs) a plain line now and then.
 
-use crate::{Fail, error_fail, fail};
+use crate::client::error_fail;
+use crate::exit::{Fail, fail};
 use lapse_core::{Clock, SystemClock};
 use lapse_token::DpopKey;
 use serde_json::Value;

@@ -2,7 +2,8 @@
 //! no longer be trusted. A quarantine ends the workload's grants and refuses its
 //! new ones until an operator releases it.
 
-use crate::{Out, Server, answer, client, operator_token};
+use crate::client::{Server, answer, client, operator_token};
+use crate::exit::Out;
 use serde_json::{Value, json};
 
 #[derive(clap::Subcommand)]
