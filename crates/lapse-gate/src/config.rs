@@ -1,6 +1,6 @@
 //! `gate.toml`. Unknown keys are errors; secrets come from `env:NAME` or `file:PATH`.
 
-use crate::GateError;
+use crate::error::GateError;
 use lapse_core::TtlDuration;
 use lapse_verifier::OnStale;
 use serde::Deserialize;

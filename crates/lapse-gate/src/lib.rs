@@ -25,6 +25,7 @@
 //! (`X-Forwarded-Tls-Client-Cert`), Envoy `x-forwarded-client-cert` (`Hash=`).
 
 pub mod config;
+mod error;
 pub mod metrics;
 pub mod policy;
 
@@ -33,6 +34,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use config::{GateConfig, PathFault, Proxy};
+pub use error::GateError;
 use lapse_core::{
     AccessRequest, DecisionOutcome, RequestContext, Task, Timestamp, WorkloadIdentity,
 };
@@ -153,14 +155,6 @@ impl Readiness {
     pub fn ready(&self) -> bool {
         self.keys && self.policy && (self.feed_fresh || self.introspects)
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum GateError {
-    #[error(transparent)]
-    Verifier(#[from] lapse_verifier::VerifierError),
-    #[error("{0}")]
-    Config(String),
 }
 
 fn now_secs() -> i64 {
