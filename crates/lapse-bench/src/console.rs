@@ -63,7 +63,7 @@ pub fn run(pending: usize, samples: usize, approvals: usize, json_out: bool) -> 
 }
 
 fn crate_page() -> usize {
-    lapse_server::console::PAGE
+    lapse_console::PAGE
 }
 
 /// `n` requests that wait for approval, from `n` distinct CI workloads.

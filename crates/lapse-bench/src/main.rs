@@ -412,7 +412,7 @@ impl Server {
 
     fn start_with(
         parent: Option<&PathBuf>,
-        adjust: impl FnOnce(&mut lapse_server::config::Config, &std::path::Path) -> anyhow::Result<()>,
+        adjust: impl FnOnce(&mut lapse_broker::config::Config, &std::path::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         let tmp = match parent {
             Some(p) => tempfile::tempdir_in(p)?,
@@ -432,10 +432,10 @@ impl Server {
         store: &str,
     ) -> anyhow::Result<Vec<Self>> {
         let public = format!("http://lapse-bench.invalid:{}", rand::random::<u16>());
-        let shared = |cfg: &mut lapse_server::config::Config, dir: &std::path::Path| {
+        let shared = |cfg: &mut lapse_broker::config::Config, dir: &std::path::Path| {
             let kek = dir.join("kek");
             if !kek.exists() {
-                std::fs::write(&kek, lapse_server::keyring::Kek::generate())?;
+                std::fs::write(&kek, lapse_keyring::Kek::generate())?;
             }
             cfg.store = store.to_owned();
             cfg.key_encryption_key = Some(format!("file:{}", kek.display()));
@@ -453,7 +453,7 @@ impl Server {
 
     fn start_in(
         dir: PathBuf,
-        adjust: impl FnOnce(&mut lapse_server::config::Config, &std::path::Path) -> anyhow::Result<()>,
+        adjust: impl FnOnce(&mut lapse_broker::config::Config, &std::path::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

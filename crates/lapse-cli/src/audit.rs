@@ -95,7 +95,7 @@ pub(crate) async fn run(cmd: AuditCmd, json_out: bool) -> Out {
                 (None, _) => {
                     let (store, keys, _) = open_store(config, &data, false).await?;
                     note_unauthenticated(&keys);
-                    lapse_server::verify_audit(store.as_ref(), &keys)
+                    lapse_broker::audit::verify_audit(store.as_ref(), &keys)
                         .await
                         .map_err(|e| fail(7, e.to_string()))?
                 }
@@ -130,7 +130,7 @@ pub(crate) async fn run(cmd: AuditCmd, json_out: bool) -> Out {
             // Entries, then the checkpoint read after them, as its last line: an
             // export verifies offline (`lapse audit verify --file`).
             let mut written: Result<(), Fail> = Ok(());
-            let checkpoint = lapse_server::read_audit(store.as_ref(), |e| {
+            let checkpoint = lapse_broker::audit::read_audit(store.as_ref(), |e| {
                 if written.is_ok() {
                     written = serde_json::to_string(e)
                         .map_err(|e| fail(1, e.to_string()))

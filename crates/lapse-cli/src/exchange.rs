@@ -43,7 +43,7 @@ impl AccessArgs {
     /// The RFC 8693 token-exchange form for `identity`.
     pub(crate) fn exchange_form(&self, identity: String) -> Vec<(&'static str, String)> {
         let mut form = vec![
-            ("grant_type", lapse_server::http::TOKEN_EXCHANGE.to_owned()),
+            ("grant_type", lapse_api::http::TOKEN_EXCHANGE.to_owned()),
             ("subject_token", identity),
             (
                 "subject_token_type",

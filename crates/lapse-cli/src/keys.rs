@@ -4,7 +4,7 @@ use crate::exit::{Out, fail};
 use crate::local::{DEFAULT_DEV_DIR, open_store};
 use clap::Subcommand;
 use lapse_core::{Clock, SystemClock};
-use lapse_server::keyring::Kek;
+use lapse_keyring::Kek;
 use serde_json::json;
 use std::path::PathBuf;
 

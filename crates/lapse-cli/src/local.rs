@@ -2,7 +2,7 @@
 //! and the store and key ring a config names.
 
 use crate::exit::{Fail, fail};
-use lapse_server::config::Config;
+use lapse_broker::config::Config;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,29 +20,29 @@ pub(crate) async fn open_store(
 ) -> Result<
     (
         Arc<dyn lapse_store::Store>,
-        Arc<lapse_server::keyring::KeyRing>,
+        Arc<lapse_keyring::KeyRing>,
         Config,
     ),
     Fail,
 > {
-    use lapse_server::keyring::KeyRing;
+    use lapse_keyring::KeyRing;
     let path = config.unwrap_or_else(|| data.join("lapse.toml"));
     let cfg = Config::load(&path).map_err(|e| fail(1, e.to_string()))?;
     let ring = match (&cfg.key_encryption_key, private) {
         (None, _) => {
-            let path = cfg.signing_key.as_deref().ok_or_else(|| {
-                fail(
-                    1,
-                    lapse_server::keyring::KeyRingError::NoKeyFile.to_string(),
-                )
-            })?;
+            let path = cfg
+                .signing_key
+                .as_deref()
+                .ok_or_else(|| fail(1, lapse_keyring::KeyRingError::NoKeyFile.to_string()))?;
             KeyRing::single(
                 lapse_token::SigningKey::load(path).map_err(|e| fail(1, e.to_string()))?,
             )
         }
-        (Some(_), true) => KeyRing::new(&cfg).map_err(|e| fail(1, e.to_string()))?,
+        (Some(_), true) => KeyRing::new(cfg.key_sources()).map_err(|e| fail(1, e.to_string()))?,
         // The key-encryption key authenticates the keys when it is at hand.
-        (Some(_), false) => KeyRing::new(&cfg).unwrap_or_else(|_| KeyRing::public_only()),
+        (Some(_), false) => {
+            KeyRing::new(cfg.key_sources()).unwrap_or_else(|_| KeyRing::public_only())
+        }
     };
     let ring = Arc::new(ring);
     let store = lapse_store::open(
@@ -58,7 +58,7 @@ pub(crate) async fn open_store(
     Ok((store, ring, cfg))
 }
 
-pub(crate) fn note_unauthenticated(keys: &lapse_server::keyring::KeyRing) {
+pub(crate) fn note_unauthenticated(keys: &lapse_keyring::KeyRing) {
     if !keys.authenticated() {
         eprintln!(
             "note: the signing keys were read from the database without the key-encryption key; \

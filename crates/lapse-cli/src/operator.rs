@@ -5,7 +5,7 @@
 
 use crate::exit::{Fail, fail};
 use clap::Subcommand;
-use lapse_server::config::Role;
+use lapse_broker::config::Role;
 use serde_json::json;
 use std::io::BufRead;
 
@@ -130,7 +130,7 @@ pub fn run(cmd: OperatorCmd, json_out: bool) -> Result<(), Fail> {
             let entry = entry.with_default_roles(&[Role::Read]);
             let raw: [u8; 32] = rand::random();
             let token = format!("lapse_op_{}", lapse_token::b64::encode(raw));
-            let hash = hex::encode(lapse_server::service::hash_secret(&token));
+            let hash = hex::encode(lapse_broker::broker::hash_secret(&token));
             let line = format!("token_sha256 = \"{hash}\"");
             let snippet = entry.snippet(&line);
             if json_out {
@@ -165,8 +165,7 @@ pub fn run(cmd: OperatorCmd, json_out: bool) -> Result<(), Fail> {
             if password.chars().count() < 12 {
                 return Err(fail(2, "a console password needs at least 12 characters"));
             }
-            let phc =
-                lapse_server::console::session::hash_password(password).map_err(|e| fail(1, e))?;
+            let phc = lapse_broker::password::hash_password(password).map_err(|e| fail(1, e))?;
             let line = format!("password_argon2 = {}", toml_str(&phc));
             let snippet = entry.snippet(&line);
             if json_out {

@@ -84,8 +84,8 @@ async fn standing_offline(
             Err(e) => notes.push(format!("target `{}` not checked: {e}", p.audience)),
         }
     }
-    let mut v = lapse_server::report::standing_report(
-        lapse_server::report::Sources {
+    let mut v = lapse_broker::report::standing_report(
+        lapse_broker::report::Sources {
             store: store.as_ref(),
             keys: &keys,
             providers: &providers,
@@ -96,8 +96,8 @@ async fn standing_offline(
     )
     .await
     .map_err(|e| fail(7, e.to_string()))?;
-    lapse_server::set_field(&mut v, "offline", json!(true));
-    lapse_server::set_field(&mut v, "notes", json!(notes));
+    lapse_broker::json::set_field(&mut v, "offline", json!(true));
+    lapse_broker::json::set_field(&mut v, "notes", json!(notes));
     if !json_out {
         println!(
             "offline report from the store (no broker asked); {} target(s) asked directly",

@@ -2,8 +2,9 @@
 
 use crate::exit::{Out, fail};
 use crate::memory;
+use lapse_broker::config::Config;
 use lapse_core::SystemClock;
-use lapse_server::{config::Config, dev};
+use lapse_server::dev;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -87,7 +87,7 @@ pub async fn wait_for_approval(
                 .post(&url)
                 .header("DPoP", proof)
                 .form(&[
-                    ("grant_type", lapse_server::http::TOKEN_EXCHANGE),
+                    ("grant_type", lapse_api::http::TOKEN_EXCHANGE),
                     ("request_id", id.as_str()),
                 ])
                 .timeout(Duration::from_secs(10))

@@ -443,7 +443,7 @@ fn operator_credentials_are_shown_once_and_configured_as_hashes() {
         .to_owned();
     assert!(token.starts_with("lapse_op_"), "{token}");
     let snippet = String::from_utf8(o.stderr.clone()).unwrap();
-    let hash = hex::encode(lapse_server::service::hash_secret(&token));
+    let hash = hex::encode(lapse_broker::broker::hash_secret(&token));
     assert!(
         snippet.contains(&format!("token_sha256 = \"{hash}\"")),
         "{snippet}"
@@ -477,7 +477,7 @@ fn operator_credentials_are_shown_once_and_configured_as_hashes() {
         .unwrap()
         .trim_matches('"')
         .to_owned();
-    lapse_server::console::session::check_password_hash(&phc).unwrap();
+    lapse_broker::password::check_password_hash(&phc).unwrap();
 
     let mut child = std::process::Command::new(LAPSE)
         .args(["operator", "password", "alice"])

@@ -11,7 +11,7 @@
 //! per step; this test holds each to what the proxy must do, then reads the
 //! broker's audit log: exactly one `tool.called` record per attempted call.
 
-use lapse_server::config::{OperatorEntry, Role};
+use lapse_broker::config::{OperatorEntry, Role};
 use lapse_testkit::process::{Running, free_port};
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
@@ -118,7 +118,7 @@ async fn broker() -> Broker {
 }
 
 /// [`broker`], with `adjust` changing its config last.
-async fn broker_with(adjust: impl FnOnce(&mut lapse_server::config::Config)) -> Broker {
+async fn broker_with(adjust: impl FnOnce(&mut lapse_broker::config::Config)) -> Broker {
     let tmp = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -126,7 +126,7 @@ async fn broker_with(adjust: impl FnOnce(&mut lapse_server::config::Config)) -> 
     let (mut cfg, _, admin) = lapse_server::dev::prepare(&dir, addr).unwrap();
     cfg.operators.push(OperatorEntry {
         name: "mcp-proxy".into(),
-        token_sha256: Some(hex::encode(lapse_server::service::hash_secret(PROXY_TOKEN))),
+        token_sha256: Some(hex::encode(lapse_broker::broker::hash_secret(PROXY_TOKEN))),
         roles: vec![Role::Gate, Role::Signal],
         groups: vec![],
         audiences: vec!["mcp-tools".into()],

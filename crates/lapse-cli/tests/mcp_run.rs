@@ -11,7 +11,7 @@
 //! part with what the agent has: its environment, and what a process of the same
 //! user can read of the other two processes.
 
-use lapse_server::config::{OperatorEntry, Role};
+use lapse_broker::config::{OperatorEntry, Role};
 use lapse_token::{DpopKey, SigningKey};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -95,7 +95,7 @@ async fn broker() -> Broker {
     let (mut cfg, _, admin) = lapse_server::dev::prepare(&dir, addr).unwrap();
     cfg.operators.push(OperatorEntry {
         name: "mcp-proxy".into(),
-        token_sha256: Some(hex::encode(lapse_server::service::hash_secret(PROXY_TOKEN))),
+        token_sha256: Some(hex::encode(lapse_broker::broker::hash_secret(PROXY_TOKEN))),
         roles: vec![Role::Gate],
         groups: vec![],
         audiences: vec!["mcp-tools".into()],

@@ -8,7 +8,7 @@
 //! snippets that had to be edited. The snippet now carries the roles, groups and
 //! audiences given, and is loaded as it is by the broker's own config loader.
 
-use lapse_server::config::{Config, Role};
+use lapse_broker::config::{Config, Role};
 use lapse_testkit::process::show;
 use serde_json::Value;
 use std::process::{Command, Output, Stdio};
@@ -32,7 +32,7 @@ fn lapse(args: &[&str], stdin: Option<&str>) -> Output {
 
 /// The dev config with `snippet` appended, loaded by the broker's loader: the
 /// operator entry it yields.
-fn load_with(snippet: &str, name: &str) -> lapse_server::config::OperatorEntry {
+fn load_with(snippet: &str, name: &str) -> lapse_broker::config::OperatorEntry {
     let tmp = tempfile::tempdir().unwrap();
     let (_, path, _) =
         lapse_server::dev::prepare(tmp.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -77,7 +77,7 @@ fn operator_token_takes_roles_groups_audiences_and_prints_a_working_entry() {
     assert_eq!(e.audiences, ["orders-db", "mcp-tools"]);
     assert_eq!(
         e.token_sha256.unwrap(),
-        hex::encode(lapse_server::service::hash_secret(&token))
+        hex::encode(lapse_broker::broker::hash_secret(&token))
     );
 
     // --json: one object on stdout, with the same snippet.
@@ -99,7 +99,7 @@ fn operator_token_takes_roles_groups_audiences_and_prints_a_working_entry() {
     assert_eq!(e.groups, ["dba", "sre"]);
     assert_eq!(
         e.token_sha256.as_deref(),
-        Some(hex::encode(lapse_server::service::hash_secret(token)).as_str())
+        Some(hex::encode(lapse_broker::broker::hash_secret(token)).as_str())
     );
     assert_eq!(v["token_sha256"], e.token_sha256.unwrap().as_str());
 
@@ -122,8 +122,7 @@ fn operator_password_json_and_snippet_load_as_they_are() {
     let e = load_with(&snippet, "bob");
     assert_eq!(e.roles, [Role::Approve]);
     assert_eq!(e.groups, ["dba"]);
-    lapse_server::console::session::check_password_hash(e.password_argon2.as_deref().unwrap())
-        .unwrap();
+    lapse_broker::password::check_password_hash(e.password_argon2.as_deref().unwrap()).unwrap();
 
     let o = lapse(&["--json", "operator", "password", "bob"], Some(password));
     assert!(o.status.success(), "{}", show(&o));

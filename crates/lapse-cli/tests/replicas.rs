@@ -138,7 +138,7 @@ impl Cluster {
         let (_, cfg_path, admin) = lapse_server::dev::prepare(&dir, free_addr()).unwrap();
         let dir = dir.canonicalize().unwrap();
         let kek = dir.join("kek");
-        std::fs::write(&kek, lapse_server::keyring::Kek::generate()).unwrap();
+        std::fs::write(&kek, lapse_keyring::Kek::generate()).unwrap();
         let base = std::fs::read_to_string(&cfg_path).unwrap();
         let mut c = Self {
             dir,

@@ -24,11 +24,11 @@ async fn feed_broker() -> Broker {
     broker(|cfg, _| {
         cfg.operators.push(operator(
             "ci-system",
-            lapse_server::config::Role::Signal,
+            lapse_broker::config::Role::Signal,
             &[],
         ));
         cfg.operators
-            .push(operator("auditor", lapse_server::config::Role::Read, &[]));
+            .push(operator("auditor", lapse_broker::config::Role::Read, &[]));
     })
     .await
 }

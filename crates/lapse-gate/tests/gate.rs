@@ -37,10 +37,10 @@ fn config_text(dir: &Path, broker: &str, port: u16, extra: &str) -> String {
 
 /// A broker that knows the orders gate's operator account.
 async fn orders_broker(listener: Option<tokio::net::TcpListener>) -> Broker {
-    let adjust = |cfg: &mut lapse_server::config::Config, _: &Path| {
+    let adjust = |cfg: &mut lapse_broker::config::Config, _: &Path| {
         cfg.operators.push(operator(
             "orders-gate",
-            lapse_server::config::Role::Gate,
+            lapse_broker::config::Role::Gate,
             &["orders-db"],
         ));
     };

@@ -35,7 +35,7 @@ async fn unused_grants_with_an_idle_window_are_revoked_and_used_ones_are_not() {
         // A gate that guards another audience: its use reports do not count here.
         cfg.operators.push(operator(
             "tickets-gate",
-            lapse_server::config::Role::Gate,
+            lapse_broker::config::Role::Gate,
             &["tickets-api"],
         ));
     })

@@ -6,8 +6,8 @@
 //! and keys survive restarts.
 
 use crate::StartError;
-use crate::config::Config;
-use crate::set_field;
+use lapse_broker::config::Config;
+use lapse_broker::json::set_field;
 use lapse_token::SigningKey;
 use lapse_token::signing::write_private;
 use std::path::{Path, PathBuf};
@@ -74,8 +74,8 @@ pub fn prepare(
     std::fs::write(dir.join("dev-issuer.jwks.json"), jwks.to_string()).map_err(err)?;
     let token = operator_token(&dir.join(ADMIN_TOKEN_FILE)).map_err(err)?;
     let approver = operator_token(&dir.join(APPROVER_TOKEN_FILE)).map_err(err)?;
-    let approver_hash = hex::encode(crate::service::hash_secret(&approver));
-    let hash = hex::encode(crate::service::hash_secret(&token));
+    let approver_hash = hex::encode(lapse_broker::broker::hash_secret(&approver));
+    let hash = hex::encode(lapse_broker::broker::hash_secret(&token));
     let toml = format!(
         r#"# Written by `lapse serve --dev`. Serve it again with `lapse serve --config {cfg}`.
 listen = "{listen}"

@@ -1,42 +1,20 @@
-//! The Lapse broker.
+//! The Lapse broker process: builds the broker from `lapse.toml`, serves its HTTP
+//! API and console, and runs its background jobs.
 //!
-//! - `config`: `lapse.toml`.
-//! - [`service`]: exchange, introspect, complete, revoke, renew, sweep — no HTTP.
-//! - [`http`]: the axum router (`router(state)`, so tests drive it directly or over a
-//!   real socket).
+//! - [`build`]: config → key ring, store, policies, issuers, providers → [`Lapse`].
+//! - [`serve`]: `lapse-api`'s router with `lapse-console`'s pages, over TCP or
+//!   TLS, with the leader lease, sweeper, cleanup, reconciler, key-ring refresh
+//!   and policy reloads running beside it.
 //! - [`dev`]: `lapse serve --dev`: a data folder with keys, a dev issuer and example
 //!   policies.
 
-// The OpenAPI document is one `json!` literal, deeper than the default limit.
-#![recursion_limit = "256"]
-
-pub mod approvals;
-pub mod auth_failures;
-pub mod config;
-pub mod console;
-pub mod credentials;
-pub mod delegation;
 pub mod dev;
-pub mod error;
-pub mod feed;
-pub mod http;
-pub mod keyring;
-pub mod limits;
-pub mod metrics;
-pub mod notify;
-mod openapi;
-pub mod quarantine;
-pub mod report;
-pub mod service;
-pub mod signals;
-pub mod tool_calls;
-pub use lapse_tls as tls;
 
-use config::Config;
+use lapse_broker::config::Config;
+use lapse_broker::{BrokerError, Lapse};
 use lapse_core::Clock;
+use lapse_keyring::KeyRing;
 use lapse_policy::PolicyBundle;
-use lapse_store::{Store, VerifyReport};
-use service::Lapse;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -45,9 +23,9 @@ use std::time::{Duration, SystemTime};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] lapse_broker::config::ConfigError),
     #[error(transparent)]
-    Key(#[from] keyring::KeyRingError),
+    Key(#[from] lapse_keyring::KeyRingError),
     #[error(transparent)]
     KeyFile(#[from] lapse_token::signing::KeyFileError),
     #[error(transparent)]
@@ -68,20 +46,20 @@ pub enum StartError {
     #[error("webhook: {0}")]
     Webhook(String),
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] lapse_tls::TlsError),
 }
 
 /// Builds the broker from its config: key, store, policies, issuers. Any of them
 /// failing stops the start with an error that names what and where.
 pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, StartError> {
-    let keys = Arc::new(keyring::KeyRing::new(&cfg)?);
+    let keys = Arc::new(KeyRing::new(cfg.key_sources())?);
     let store = lapse_store::open(
         &cfg.store,
         keys.clone(),
         Duration::from_secs(cfg.store_timeout.secs()),
     )
     .await?;
-    keys.init(&cfg, store.as_ref(), clock.now().millis())
+    keys.init(cfg.key_sources(), store.as_ref(), clock.now().millis())
         .await?;
     let policy = PolicyBundle::load_dir(&cfg.policies)?;
     tracing::info!(policies = policy.policy_count, actions = ?policy.actions(), "policies loaded");
@@ -119,15 +97,17 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
     let tls = cfg
         .tls
         .as_ref()
-        .map(tls::Tls::load)
+        .map(lapse_tls::Tls::load)
         .transpose()?
         .map(Arc::new);
     let mut lapse = Lapse::new(cfg, store, Some(policy), identity, keys, clock);
     lapse.providers = providers;
     lapse.tls = tls;
     if let Some(w) = webhook {
-        lapse.notifier =
-            Some(notify::Notifier::start(&w, lapse.metrics.clone()).map_err(StartError::Webhook)?);
+        lapse.notifier = Some(
+            lapse_broker::notify::Notifier::start(&w, lapse.metrics.clone())
+                .map_err(StartError::Webhook)?,
+        );
     }
     let lapse = Arc::new(lapse);
     if let Ok(n) = lapse.store.count(lapse_core::GrantState::Active).await {
@@ -221,7 +201,7 @@ pub async fn serve(
     }
     let closing = lapse.closing.clone();
     let tls = lapse.tls.clone();
-    let app = http::router(lapse);
+    let app = lapse_api::router(lapse, lapse_console::routes(axum::Router::new()));
     // Feed streams never end by themselves; they must, for the graceful shutdown
     // to finish (gates reconnect to another replica, or resume).
     let result = lapse_tls::serve(tls, listener, app, shutdown, move || {
@@ -252,7 +232,7 @@ async fn lead_loop(lapse: Arc<Lapse>, period: Duration) {
 async fn every_as_leader<F, Fut>(lapse: Arc<Lapse>, period: Duration, what: &'static str, pass: F)
 where
     F: Fn(Arc<Lapse>) -> Fut,
-    Fut: Future<Output = Result<usize, error::ApiError>>,
+    Fut: Future<Output = Result<usize, BrokerError>>,
 {
     every(period, what, || {
         let l = lapse.clone();
@@ -267,7 +247,7 @@ where
 async fn every<F, Fut>(period: Duration, what: &'static str, mut pass: F)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<usize, error::ApiError>>,
+    Fut: Future<Output = Result<usize, BrokerError>>,
 {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -319,67 +299,5 @@ async fn policy_watch_loop(lapse: Arc<Lapse>) {
                 tracing::error!(error = %e, "policy change refused; keeping the last good set");
             }
         }
-    }
-}
-
-/// Verifies the whole audit chain in the store against the signed checkpoint.
-pub async fn verify_audit(
-    store: &dyn Store,
-    keys: &keyring::KeyRing,
-) -> Result<VerifyReport, lapse_store::StoreError> {
-    verify_audit_visiting(store, keys, |_| {}).await
-}
-
-/// [`verify_audit`], showing every entry to `visit` on the way, so a caller that
-/// also needs the log's content reads it once. Verification stops at the first bad
-/// entry; the visit goes on to the end.
-pub async fn verify_audit_visiting(
-    store: &dyn Store,
-    keys: &keyring::KeyRing,
-    visit: impl FnMut(&lapse_store::AuditEntry),
-) -> Result<VerifyReport, lapse_store::StoreError> {
-    let mut v = lapse_store::audit::ChainVerifier::new(None);
-    let mut visit = visit;
-    let checkpoint = read_audit(store, |e| {
-        v.push(e);
-        visit(e);
-    })
-    .await?;
-    v.set_checkpoint(checkpoint);
-    // The checkpoint may be signed by any key the ring ever had.
-    Ok(v.finish(|k, m, s| keys.any(k).is_some_and(|p| p.verify(m, s).is_ok())))
-}
-
-/// Shows every audit entry to `visit`, in order, then answers the signed
-/// checkpoint, read after the entries: every commit appends and re-signs in one
-/// transaction, so a checkpoint read later covers at least every entry read, and
-/// an entry past it is a tail Lapse did not write. A checkpoint ahead of the
-/// entries read means commits landed meanwhile: read on (a few rounds; past them,
-/// a checkpoint the log never reaches is a truncation, which verification reports).
-pub async fn read_audit(
-    store: &dyn Store,
-    mut visit: impl FnMut(&lapse_store::AuditEntry),
-) -> Result<Option<lapse_store::Checkpoint>, lapse_store::StoreError> {
-    let mut after = 0;
-    let mut checkpoint = None;
-    for _ in 0..4 {
-        loop {
-            let page = store.audit(after, 5000).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            page.iter().for_each(&mut visit);
-        }
-        checkpoint = store.checkpoint().await?;
-        if checkpoint.as_ref().is_none_or(|cp| cp.seq <= after) {
-            break;
-        }
-    }
-    Ok(checkpoint)
-}
-
-/// Sets `key` on a JSON object (a no-op on anything else, which callers never pass).
-pub fn set_field(v: &mut serde_json::Value, key: &str, value: serde_json::Value) {
-    if let Some(o) = v.as_object_mut() {
-        o.insert(key.to_owned(), value);
     }
 }

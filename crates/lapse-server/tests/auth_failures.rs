@@ -13,7 +13,7 @@
 mod common;
 
 use common::{ALICE_PASSWORD, start};
-use lapse_server::auth_failures::PER_SOURCE_PER_MINUTE;
+use lapse_broker::auth_failures::PER_SOURCE_PER_MINUTE;
 use lapse_token::DpopKey;
 use serde_json::Value;
 use std::net::IpAddr;

@@ -25,7 +25,7 @@ struct Server {
     task: tokio::task::JoinHandle<()>,
     http: reqwest::Client,
     /// The service behind the listener, for races HTTP cannot time.
-    lapse: Arc<lapse_server::service::Lapse>,
+    lapse: Arc<lapse_broker::Lapse>,
 }
 
 async fn start_in(dir: PathBuf, clock: FakeClock, addr: &str) -> Server {

@@ -11,7 +11,7 @@
 mod common;
 
 use common::{CI, ONCALL, start_with};
-use lapse_server::limits::Rate;
+use lapse_broker::limits::Rate;
 use lapse_token::DpopKey;
 use serde_json::Value;
 

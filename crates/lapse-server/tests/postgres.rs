@@ -13,10 +13,10 @@
 //! (SCRAM) — without it PostgreSQL's trust auth would let an expired role in and the
 //! expiry test could not mean anything. If the server is missing, tests fail loudly.
 
+use lapse_broker::Lapse;
 use lapse_core::{Clock, FakeClock, SystemClock, TtlDuration};
 use lapse_providers::postgres::{PostgresConfig, PrivilegeConfig};
 use lapse_server::dev;
-use lapse_server::service::Lapse;
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -709,7 +709,7 @@ async fn an_issue_interrupted_between_intent_and_record_is_reconciled() {
         .unwrap();
     // Within the grace period it is left alone (the issue may still be running).
     assert_eq!(s.lapse.reconcile().await.unwrap(), 0);
-    clock.advance_secs(lapse_server::credentials::INTENT_GRACE_SECS + 1);
+    clock.advance_secs(lapse_broker::credentials::INTENT_GRACE_SECS + 1);
     assert!(s.lapse.reconcile().await.unwrap() >= 1);
     let g = s.lapse.store.grant(id).await.unwrap().unwrap();
     assert_eq!(g.state, lapse_core::GrantState::Revoked);

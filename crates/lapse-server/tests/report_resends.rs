@@ -13,7 +13,7 @@
 mod common;
 
 use common::start_with;
-use lapse_server::config::{OperatorEntry, Role};
+use lapse_broker::config::{OperatorEntry, Role};
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -29,7 +29,7 @@ async fn server() -> common::Server {
         ] {
             cfg.operators.push(OperatorEntry {
                 name: name.into(),
-                token_sha256: Some(hex::encode(lapse_server::service::hash_secret(token))),
+                token_sha256: Some(hex::encode(lapse_broker::broker::hash_secret(token))),
                 roles: vec![Role::Gate],
                 groups: vec![],
                 audiences: vec!["orders-db".into()],

@@ -10,7 +10,7 @@
 mod common;
 
 use common::{CI, Server, token_of};
-use lapse_server::config::{OperatorEntry, Role};
+use lapse_broker::config::{OperatorEntry, Role};
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
 
@@ -22,7 +22,7 @@ async fn server() -> Server {
         ] {
             cfg.operators.push(OperatorEntry {
                 name: name.into(),
-                token_sha256: Some(hex::encode(lapse_server::service::hash_secret(&token_of(
+                token_sha256: Some(hex::encode(lapse_broker::broker::hash_secret(&token_of(
                     name,
                 )))),
                 roles: vec![Role::Signal],

@@ -12,8 +12,8 @@
 
 use lapse_core::{Clock, SystemClock};
 use lapse_server::dev;
-use lapse_server::tls::TlsConfig;
 use lapse_testkit::pki::{Ca, ca, client, leaf, server_leaf, svid_leaf};
+use lapse_tls::TlsConfig;
 use lapse_token::{DpopKey, Jwk, PublicKey};
 use rcgen::{ExtendedKeyUsagePurpose, SanType};
 use serde_json::Value;

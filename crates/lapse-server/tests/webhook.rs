@@ -9,9 +9,9 @@
 //! never slows a decision.
 
 use hmac::{Hmac, Mac};
+use lapse_broker::notify::WebhookConfig;
 use lapse_core::{Clock, FakeClock, SystemClock, TtlDuration};
 use lapse_server::dev;
-use lapse_server::notify::WebhookConfig;
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
 use sha2::Sha256;

@@ -8,8 +8,8 @@
 //! A real broker for the gate tests (dev config, real clock, on loopback) and a
 //! workload that exchanges dev identity tokens with it.
 
+use lapse_broker::config::Config;
 use lapse_core::{Clock, SystemClock};
-use lapse_server::config::Config;
 use lapse_server::dev;
 use lapse_token::DpopKey;
 use serde_json::Value;
@@ -72,12 +72,12 @@ pub async fn broker_on(
 /// An operator account with one role and the token `token-of-NAME`.
 pub fn operator(
     name: &str,
-    role: lapse_server::config::Role,
+    role: lapse_broker::config::Role,
     audiences: &[&str],
-) -> lapse_server::config::OperatorEntry {
-    lapse_server::config::OperatorEntry {
+) -> lapse_broker::config::OperatorEntry {
+    lapse_broker::config::OperatorEntry {
         name: name.into(),
-        token_sha256: Some(hex::encode(lapse_server::service::hash_secret(&format!(
+        token_sha256: Some(hex::encode(lapse_broker::broker::hash_secret(&format!(
             "token-of-{name}"
         )))),
         password_argon2: None,

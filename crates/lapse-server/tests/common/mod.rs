@@ -9,8 +9,8 @@
 //! the `dba` group approve `admin` on `orders-db`), operator accounts made here,
 //! a fake clock, and a workload that asks and polls over real HTTP.
 
+use lapse_broker::config::{OperatorEntry, OwnerEntry, Role};
 use lapse_core::{Clock, FakeClock, SystemClock};
-use lapse_server::config::{OperatorEntry, OwnerEntry, Role};
 use lapse_server::dev;
 use lapse_token::DpopKey;
 use serde_json::{Value, json};
@@ -51,7 +51,7 @@ pub async fn start() -> Server {
 }
 
 /// [`start`], with `adjust` changing the config last.
-pub async fn start_with(adjust: impl FnOnce(&mut lapse_server::config::Config)) -> Server {
+pub async fn start_with(adjust: impl FnOnce(&mut lapse_broker::config::Config)) -> Server {
     let tmp = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -60,14 +60,14 @@ pub async fn start_with(adjust: impl FnOnce(&mut lapse_server::config::Config)) 
     for (name, roles, groups) in PEOPLE {
         cfg.operators.push(OperatorEntry {
             name: (*name).into(),
-            token_sha256: Some(hex::encode(lapse_server::service::hash_secret(&token_of(
+            token_sha256: Some(hex::encode(lapse_broker::broker::hash_secret(&token_of(
                 name,
             )))),
             roles: roles.to_vec(),
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
             audiences: vec![],
             password_argon2: (*name == "alice")
-                .then(|| lapse_server::console::session::hash_password(ALICE_PASSWORD).unwrap()),
+                .then(|| lapse_broker::password::hash_password(ALICE_PASSWORD).unwrap()),
         });
     }
     cfg.owners.push(OwnerEntry {

@@ -8,8 +8,11 @@
 //! telling it how far down the chain it is. Ending a grant ends every grant
 //! delegated from it, in the same commit.
 
-use crate::error::ApiError;
-use crate::service::{Issued, Lapse, clip, event, issued_data, lifecycle, new_jti};
+use crate::audit::{event, issued_data};
+use crate::broker::Lapse;
+use crate::error::BrokerError;
+use crate::error::{clip, lifecycle};
+use crate::exchange::{Issued, new_jti};
 use lapse_core::grant::NewGrant;
 use lapse_core::{
     AccessRequest, DecisionOutcome, Grant, GrantId, GrantState, RequestContext, Task, ToolDecl,
@@ -77,16 +80,16 @@ impl Lapse {
         &self,
         input: DelegationInput,
         proof: &DpopProof,
-    ) -> Result<(Issued, Option<TtlCapped>), ApiError> {
+    ) -> Result<(Issued, Option<TtlCapped>), BrokerError> {
         let now = self.now();
         self.policy()?;
         let claims = self
             .verify_access_token(&input.subject_token)
-            .map_err(|e| ApiError::InvalidGrant(format!("`subject_token`: {e}")))?;
+            .map_err(|e| BrokerError::InvalidGrant(format!("`subject_token`: {e}")))?;
         // Holding the parent's token is not enough: the request must be made with
         // its key.
         if proof.jkt != claims.cnf.jkt {
-            return Err(ApiError::InvalidDpopProof(
+            return Err(BrokerError::InvalidDpopProof(
                 "a sub-agent token is requested with a DPoP proof of the subject token's key"
                     .into(),
             ));
@@ -94,7 +97,7 @@ impl Lapse {
         let parent_id: GrantId = claims
             .grant_id
             .parse()
-            .map_err(|_| ApiError::InvalidGrant("`subject_token` names no grant".into()))?;
+            .map_err(|_| BrokerError::InvalidGrant("`subject_token` names no grant".into()))?;
         let actor = match &input.actor_token {
             Some(t) => {
                 self.identity
@@ -102,9 +105,9 @@ impl Lapse {
                     .await
                     .map_err(|e| {
                         if e.is_unavailable() {
-                            ApiError::Unavailable(e.to_string())
+                            BrokerError::Unavailable(e.to_string())
                         } else {
-                            ApiError::InvalidGrant(format!("`actor_token`: {e}"))
+                            BrokerError::InvalidGrant(format!("`actor_token`: {e}"))
                         }
                     })?
                     .id
@@ -117,7 +120,7 @@ impl Lapse {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
         {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`dpop_jkt` must be an RFC 7638 SHA-256 thumbprint (43 base64url characters)"
                     .into(),
             ));
@@ -126,7 +129,7 @@ impl Lapse {
             .token_workload
             .check(&claims.sub)
             .map_err(|wait| {
-                ApiError::TooManyRequests(
+                BrokerError::TooManyRequests(
                     format!("workload `{}` is over its request rate", clip(&claims.sub)),
                     wait,
                 )
@@ -134,17 +137,16 @@ impl Lapse {
         // The parent may change under us (a use report, another delegation); the
         // commit checks its version, so a moved parent means read it again.
         for _ in 0..3 {
-            let parent = self
-                .find(parent_id, "grant")
-                .await
-                .map_err(|_| ApiError::InvalidGrant("`subject_token`'s grant is unknown".into()))?;
+            let parent = self.find(parent_id, "grant").await.map_err(|_| {
+                BrokerError::InvalidGrant("`subject_token`'s grant is unknown".into())
+            })?;
             if parent.token_jti.as_deref() != Some(claims.jti.as_str()) {
-                return Err(ApiError::InvalidGrant(
+                return Err(BrokerError::InvalidGrant(
                     "`subject_token` is not its grant's current token".into(),
                 ));
             }
             if !parent.is_live(now) {
-                return Err(ApiError::InvalidGrant(format!(
+                return Err(BrokerError::InvalidGrant(format!(
                     "the parent grant `{parent_id}` is {}",
                     if parent.state == GrantState::Active {
                         "expired"
@@ -154,11 +156,11 @@ impl Lapse {
                 )));
             }
             match self.delegate_from(&parent, &input, proof, &actor).await {
-                Err(ApiError::Conflict(_)) => continue,
+                Err(BrokerError::Conflict(_)) => continue,
                 other => return other,
             }
         }
-        Err(ApiError::Unavailable(
+        Err(BrokerError::Unavailable(
             "the parent grant kept changing; try again".into(),
         ))
     }
@@ -169,13 +171,13 @@ impl Lapse {
         input: &DelegationInput,
         proof: &DpopProof,
         actor: &str,
-    ) -> Result<(Issued, Option<TtlCapped>), ApiError> {
+    ) -> Result<(Issued, Option<TtlCapped>), BrokerError> {
         let now = self.now();
         let policy = self.policy()?;
         if let Some(a) = &input.audience
             && *a != parent.request.audience
         {
-            return Err(ApiError::InvalidTarget(format!(
+            return Err(BrokerError::InvalidTarget(format!(
                 "a sub-agent token is for its parent's audience `{}`, not `{}`",
                 parent.request.audience,
                 clip(a)
@@ -214,7 +216,7 @@ impl Lapse {
                 .unwrap_or_else(|| parent.request.tools.clone()),
         };
         if request.requested_ttl_secs == 0 {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`expires_in` must be at least 1 second".into(),
             ));
         }
@@ -244,7 +246,7 @@ impl Lapse {
             .map_err(|e| match e {
                 lapse_core::LifecycleError::DelegationWidens { .. }
                 | lapse_core::LifecycleError::TooDeep { .. } => {
-                    ApiError::InvalidScope(e.to_string())
+                    BrokerError::InvalidScope(e.to_string())
                 }
                 other => lifecycle(other),
             });
@@ -278,7 +280,7 @@ impl Lapse {
         let policy_cap_secs = ttl_cap_secs.clone().ok().flatten();
         let child = match (widening, ttl_cap_secs) {
             (Err(e), _) => Err(e),
-            (Ok(()), Err(why)) => Err(ApiError::AccessDenied {
+            (Ok(()), Err(why)) => Err(BrokerError::AccessDenied {
                 description: why,
                 policies: decision.policies.clone(),
             }),
@@ -292,14 +294,14 @@ impl Lapse {
             .map_err(|e| match e {
                 lapse_core::LifecycleError::DelegationWidens { .. }
                 | lapse_core::LifecycleError::TooDeep { .. } => {
-                    ApiError::InvalidScope(e.to_string())
+                    BrokerError::InvalidScope(e.to_string())
                 }
                 other => lifecycle(other),
             }),
         };
         let child = match child {
             Ok(c) => c,
-            Err(e @ (ApiError::AccessDenied { .. } | ApiError::InvalidScope(_))) => {
+            Err(e @ (BrokerError::AccessDenied { .. } | BrokerError::InvalidScope(_))) => {
                 // A refused hop is recorded like any denial; no grant row exists.
                 let recorded = refuse(e.to_string(), decision.policies.clone());
                 self.commit(WriteBatch {
@@ -326,12 +328,12 @@ impl Lapse {
             });
         let mut data = issued_data(&child, &decision, now);
         if let Some(c) = &capped {
-            crate::set_field(&mut data, "requested_ttl_secs", json!(c.requested_secs));
-            crate::set_field(&mut data, "ttl_capped_by", json!(c.by));
+            crate::json::set_field(&mut data, "requested_ttl_secs", json!(c.requested_secs));
+            crate::json::set_field(&mut data, "ttl_capped_by", json!(c.by));
         }
-        crate::set_field(&mut data, "parent", json!(parent.id.to_string()));
-        crate::set_field(&mut data, "act", act.clone());
-        crate::set_field(&mut data, "depth", json!(child.request.context.depth));
+        crate::json::set_field(&mut data, "parent", json!(parent.id.to_string()));
+        crate::json::set_field(&mut data, "act", act.clone());
+        crate::json::set_field(&mut data, "depth", json!(child.request.context.depth));
         let issued = event(now, "grant.issued", Some(&child.id), &workload, data);
         let bumped = parent.clone().delegated().map_err(lifecycle)?;
         self.commit(WriteBatch {
@@ -348,7 +350,7 @@ impl Lapse {
         })
         .await
         .map_err(|e| match e {
-            lapse_store::StoreError::Conflict(m) => ApiError::Conflict(m),
+            lapse_store::StoreError::Conflict(m) => BrokerError::Conflict(m),
             other => other.into(),
         })?;
         self.metrics.active_grants.inc();
@@ -362,7 +364,7 @@ impl Lapse {
     }
 
     /// Every live grant delegated, directly or not, from `grant`.
-    pub(crate) async fn live_descendants(&self, grant: &Grant) -> Result<Vec<Grant>, ApiError> {
+    pub(crate) async fn live_descendants(&self, grant: &Grant) -> Result<Vec<Grant>, BrokerError> {
         if grant.delegations == 0 {
             return Ok(vec![]);
         }
@@ -397,7 +399,7 @@ impl Lapse {
         &self,
         grant: &Grant,
         ended: &Grant,
-    ) -> Result<Vec<(Grant, Grant, lapse_store::AuditEvent)>, ApiError> {
+    ) -> Result<Vec<(Grant, Grant, lapse_store::AuditEvent)>, BrokerError> {
         let now = self.now();
         let reason = format!(
             "its parent grant `{}` was {}",

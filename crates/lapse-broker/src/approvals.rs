@@ -7,17 +7,20 @@
 //! the token endpoint with its `request_id` and the same DPoP key, and receives
 //! the credentials exactly once.
 
+use crate::audit::{event, issued_data};
+use crate::broker::{Lapse, Operator};
 use crate::config::Role;
-use crate::error::ApiError;
-use crate::service::{Issued, Lapse, Operator, event, issued_data, lifecycle, new_jti};
+use crate::error::BrokerError;
+use crate::error::lifecycle;
+use crate::exchange::{Issued, new_jti};
 use lapse_core::{Approved, Grant, GrantId, GrantState, LifecycleError, Narrowing};
 use lapse_store::{GrantFilter, GrantWrite, WriteBatch};
 use lapse_token::DpopProof;
-use serde_json::{Value, json};
+use serde_json::json;
 
 impl Lapse {
     /// Pending requests, newest first.
-    pub async fn pending_requests(&self, limit: usize) -> Result<Vec<Grant>, ApiError> {
+    pub async fn pending_requests(&self, limit: usize) -> Result<Vec<Grant>, BrokerError> {
         Ok(self
             .store
             .grants(GrantFilter {
@@ -33,7 +36,7 @@ impl Lapse {
         &self,
         workload: &str,
         limit: usize,
-    ) -> Result<Vec<Grant>, ApiError> {
+    ) -> Result<Vec<Grant>, BrokerError> {
         Ok(self
             .store
             .grants(GrantFilter {
@@ -45,7 +48,7 @@ impl Lapse {
     }
 
     /// Whether `op` may decide on `grant`; a refusal is audited before it is answered.
-    async fn may_decide(&self, op: &Operator, grant: &Grant) -> Result<(), ApiError> {
+    async fn may_decide(&self, op: &Operator, grant: &Grant) -> Result<(), BrokerError> {
         op.require(Role::Approve)?;
         let workload = &grant.request.workload.id;
         let why = if let Some(g) = grant.approvers.as_ref().filter(|g| !op.groups.contains(g)) {
@@ -78,7 +81,7 @@ impl Lapse {
             &[grant],
         )
         .await?;
-        Err(ApiError::Forbidden(why))
+        Err(BrokerError::Forbidden(why))
     }
 
     /// `op` approves request `id`, narrowed as asked. The last approval activates it.
@@ -88,7 +91,7 @@ impl Lapse {
         id: GrantId,
         reason: &str,
         narrowing: Narrowing,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, BrokerError> {
         let grant = self.find(id, "request").await?;
         self.may_decide(op, &grant).await?;
         let now = self.now();
@@ -104,7 +107,7 @@ impl Lapse {
         let (next, events) = match approved {
             Approved::Waiting(g, left) => {
                 let mut d = data;
-                crate::set_field(&mut d, "approvals_left", json!(left));
+                crate::json::set_field(&mut d, "approvals_left", json!(left));
                 (
                     g.clone(),
                     vec![event(now, "approval.granted", Some(&id), &op.name, d)],
@@ -136,7 +139,7 @@ impl Lapse {
                     policies: active.policies.clone(),
                 };
                 let mut issued = issued_data(&active, &decision, now);
-                crate::set_field(&mut issued, "approved_by", json!(approvers));
+                crate::json::set_field(&mut issued, "approved_by", json!(approvers));
                 (
                     active.clone(),
                     vec![
@@ -178,9 +181,11 @@ impl Lapse {
         op: &Operator,
         id: GrantId,
         reason: &str,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, BrokerError> {
         if reason.trim().is_empty() {
-            return Err(ApiError::InvalidRequest("a denial needs a `reason`".into()));
+            return Err(BrokerError::InvalidRequest(
+                "a denial needs a `reason`".into(),
+            ));
         }
         let grant = self.find(id, "request").await?;
         self.may_decide(op, &grant).await?;
@@ -219,8 +224,8 @@ impl Lapse {
 
     /// The waiting workload asks for the outcome of request `id`, proving with a
     /// DPoP proof that it holds the key the request was made with.
-    pub async fn collect(&self, id: GrantId, proof: &DpopProof) -> Result<Issued, ApiError> {
-        let unknown = || ApiError::InvalidGrant(format!("no request `{id}` for this key"));
+    pub async fn collect(&self, id: GrantId, proof: &DpopProof) -> Result<Issued, BrokerError> {
+        let unknown = || BrokerError::InvalidGrant(format!("no request `{id}` for this key"));
         let grant = self.store.grant(id).await?.ok_or_else(unknown)?;
         // Another key learns nothing about the request, not even that it exists.
         if grant.jkt != proof.jkt {
@@ -237,14 +242,14 @@ impl Lapse {
                 })
                 .await?;
                 let have = u32::try_from(grant.approvals.len()).unwrap_or(u32::MAX);
-                Err(ApiError::AuthorizationPending {
+                Err(BrokerError::AuthorizationPending {
                     request_id: id.to_string(),
                     approvals: grant.approvals_required.saturating_sub(have),
                     approvers: grant.approvers.clone(),
                 })
             }
             GrantState::Pending | GrantState::Expired if grant.token_jti.is_none() => {
-                Err(ApiError::AccessDenied {
+                Err(BrokerError::AccessDenied {
                     description: "the request expired before it was approved".into(),
                     policies: grant.policies.clone(),
                 })
@@ -254,22 +259,22 @@ impl Lapse {
                     .end
                     .as_ref()
                     .map_or(("", ""), |e| (e.by.as_str(), e.reason.as_str()));
-                Err(ApiError::AccessDenied {
+                Err(BrokerError::AccessDenied {
                     description: format!("denied by `{by}`: {why}"),
                     policies: grant.policies.clone(),
                 })
             }
             GrantState::Active if !grant.delivered => self.deliver(grant, proof).await,
-            GrantState::Active => Err(ApiError::InvalidGrant(format!(
+            GrantState::Active => Err(BrokerError::InvalidGrant(format!(
                 "the credentials of request `{id}` were already delivered"
             ))),
-            s => Err(ApiError::InvalidGrant(format!(
+            s => Err(BrokerError::InvalidGrant(format!(
                 "request `{id}` has ended ({s})"
             ))),
         }
     }
 
-    async fn deliver(&self, grant: Grant, proof: &DpopProof) -> Result<Issued, ApiError> {
+    async fn deliver(&self, grant: Grant, proof: &DpopProof) -> Result<Issued, BrokerError> {
         let now = self.now();
         let delivered = grant.clone().deliver(now).map_err(lifecycle)?;
         let actor = grant.request.workload.id.clone();
@@ -318,7 +323,7 @@ impl Lapse {
 impl Lapse {
     /// Break-glass grants (their reviews), newest first, among the newest 10,000
     /// grants; `open_only` keeps the ones nobody has closed.
-    pub async fn reviews(&self, open_only: bool) -> Result<Vec<Grant>, ApiError> {
+    pub async fn reviews(&self, open_only: bool) -> Result<Vec<Grant>, BrokerError> {
         Ok(self
             .store
             .grants(GrantFilter {
@@ -338,7 +343,7 @@ impl Lapse {
         id: GrantId,
         verdict: lapse_core::Verdict,
         note: &str,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, BrokerError> {
         let grant = self.find(id, "request").await?;
         self.may_decide(op, &grant).await?;
         let now = self.now();
@@ -370,23 +375,11 @@ impl Lapse {
 }
 
 /// Lifecycle errors of a decision, as the approver should read them.
-fn approval_error(e: LifecycleError) -> ApiError {
+fn approval_error(e: LifecycleError) -> BrokerError {
     match e {
         LifecycleError::Widening { .. } | LifecycleError::ZeroTtl => {
-            ApiError::InvalidRequest(e.to_string())
+            BrokerError::InvalidRequest(e.to_string())
         }
         other => lifecycle(other),
     }
-}
-
-/// A pending request as an approver sees it.
-pub fn request_view(g: &Grant, max_ttl_secs: u64) -> Value {
-    let mut v = crate::http::grant_view(g);
-    crate::set_field(&mut v, "approvals_required", json!(g.approvals_required));
-    crate::set_field(&mut v, "approvers", json!(g.approvers));
-    crate::set_field(&mut v, "approvals", json!(g.approvals));
-    crate::set_field(&mut v, "ttl", json!(g.effective_ttl_secs(max_ttl_secs)));
-    crate::set_field(&mut v, "context", json!(g.request.context));
-    crate::set_field(&mut v, "approvable_until", json!(g.expires_at.millis()));
-    v
 }

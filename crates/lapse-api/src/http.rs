@@ -1,11 +1,7 @@
 //! The HTTP surface. Handlers parse, call the service, and shape the answer.
 
-use crate::config::Role;
 use crate::error::ApiError;
-use crate::metrics::{RouteLabels, RouteOnly};
 use crate::openapi;
-use crate::service::{ExchangeInput, Issued, Lapse, clip};
-use crate::set_field;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
@@ -14,6 +10,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use lapse_broker::BrokerError;
+use lapse_broker::config::Role;
+use lapse_broker::error::clip;
+use lapse_broker::json::set_field;
+use lapse_broker::metrics::{RouteLabels, RouteOnly};
+use lapse_broker::{ExchangeInput, Issued, Lapse};
 use lapse_core::{GrantId, GrantState, Task, TtlDuration};
 use lapse_store::GrantFilter;
 use serde::Deserialize;
@@ -32,8 +34,10 @@ const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 type AppState = Arc<Lapse>;
 
-pub fn router(state: AppState) -> Router {
-    crate::console::routes(Router::new())
+/// The broker's HTTP API, with `pages` (the console's routes, which
+/// `lapse-server` passes in) under the same limits, metrics and refusal records.
+pub fn router(state: AppState, pages: Router<AppState>) -> Router {
+    pages
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/oauth/token", post(token))
@@ -69,7 +73,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .fallback(|| async { ApiError::from(BrokerError::NotFound("no such endpoint".into())) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limit_headers,
@@ -112,11 +116,11 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
 }
 
 /// Records refused operator credentials (answers marked
-/// [`crate::auth_failures::OperatorRefused`]) with the request's source. A request
+/// [`lapse_broker::auth_failures::OperatorRefused`]) with the request's source. A request
 /// that presented no credential at all is counted but not logged: it is a probe or
 /// a misconfigured client, not a guess.
 async fn record_operator_refusals(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    use crate::auth_failures::{AuthFailure, Credential, OperatorRefused};
+    use lapse_broker::auth_failures::{AuthFailure, Credential, OperatorRefused};
     let source = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -132,7 +136,7 @@ async fn record_operator_refusals(State(s): State<AppState>, req: Request, next:
         if reason == "no_token" {
             s.metrics
                 .auth_failures
-                .get_or_create(&crate::metrics::AuthFailureLabels {
+                .get_or_create(&lapse_broker::metrics::AuthFailureLabels {
                     credential: f.credential.as_str().to_owned(),
                     reason: reason.to_owned(),
                 })
@@ -146,11 +150,13 @@ async fn record_operator_refusals(State(s): State<AppState>, req: Request, next:
 
 /// The per-source bucket of the token endpoint and access requests: checked before
 /// any signature is verified, so a flood costs a map lookup each.
-fn limit_source(s: &Lapse, peer: std::net::IpAddr) -> Result<(), ApiError> {
+fn limit_source(s: &Lapse, peer: std::net::IpAddr) -> Result<(), BrokerError> {
     s.limits
         .token_source
         .check(&peer.to_string())
-        .map_err(|wait| ApiError::TooManyRequests(format!("too many requests from {peer}"), wait))
+        .map_err(|wait| {
+            BrokerError::TooManyRequests(format!("too many requests from {peer}"), wait)
+        })
 }
 
 /// Refuses requests with too many or too large headers (431) before any handler.
@@ -179,10 +185,10 @@ async fn limit_time(State(s): State<AppState>, req: Request, next: Next) -> Resp
     let limit = std::time::Duration::from_secs(s.limits.cfg.request_timeout.secs().max(1));
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => ApiError::Unavailable(format!(
+        Err(_) => ApiError::from(BrokerError::Unavailable(format!(
             "the request did not finish within {} s",
             limit.as_secs()
-        ))
+        )))
         .into_response(),
     }
 }
@@ -192,7 +198,7 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!("request body exceeds {} KiB", MAX_BODY / 1024))
         } else {
-            ApiError::InvalidRequest(format!("cannot read body: {e}"))
+            BrokerError::InvalidRequest(format!("cannot read body: {e}")).into()
         }
     })
 }
@@ -214,10 +220,11 @@ fn form(headers: &HeaderMap, b: &[u8]) -> Result<HashMap<String, String>, ApiErr
     let mut out = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(b) {
         if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(BrokerError::InvalidRequest(format!(
                 "parameter `{}` is repeated",
                 clip(&k)
-            )));
+            ))
+            .into());
         }
     }
     Ok(out)
@@ -237,8 +244,8 @@ fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, b: &[u8]) -> R
             "expected `application/json`".into(),
         ));
     }
-    serde_json::from_slice(b)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+    Ok(serde_json::from_slice(b)
+        .map_err(|e| BrokerError::InvalidRequest(format!("invalid JSON body: {e}")))?)
 }
 
 fn dpop_headers(headers: &HeaderMap) -> Vec<&str> {
@@ -300,7 +307,7 @@ async fn jwks(State(s): State<AppState>) -> Json<Value> {
 async fn token(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    cert: Option<axum::Extension<crate::tls::ClientCert>>,
+    cert: Option<axum::Extension<lapse_tls::ClientCert>>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -311,17 +318,18 @@ async fn token(
     match p("grant_type") {
         Some(TOKEN_EXCHANGE) => {}
         Some(other) => {
-            return Err(ApiError::UnsupportedGrantType(format!(
+            return Err(BrokerError::UnsupportedGrantType(format!(
                 "grant type `{}` is not supported; use token exchange",
                 clip(other)
-            )));
+            ))
+            .into());
         }
-        None => return Err(ApiError::InvalidRequest("`grant_type` is required".into())),
+        None => return Err(BrokerError::InvalidRequest("`grant_type` is required".into()).into()),
     }
     // A workload waiting for approval collects the outcome of its request.
     if let Some(rid) = p("request_id") {
         let id = rid.parse::<GrantId>().map_err(|_| {
-            ApiError::InvalidRequest(format!("`request_id` `{}` is not a request id", clip(rid)))
+            BrokerError::InvalidRequest(format!("`request_id` `{}` is not a request id", clip(rid)))
         })?;
         let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/oauth/token", None)?;
         let issued = s.collect(id, &proof).await?;
@@ -333,38 +341,39 @@ async fn token(
     let subject_token = match (p("subject_token"), &client_cert) {
         (None, Some(_)) if p("subject_token_type").is_none() => "",
         (None, _) => {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`subject_token` is required (or a client certificate: an X.509-SVID)".into(),
-            ));
+            )
+            .into());
         }
         (Some(t), _) => {
             match p("subject_token_type") {
                 Some(TT_JWT | TT_ID_TOKEN) => {}
                 Some(TT_ACCESS_TOKEN) => return delegate(&s, &f, peer, &headers).await,
                 Some(other) => {
-                    return Err(ApiError::InvalidRequest(format!(
+                    return Err(BrokerError::InvalidRequest(format!(
                         "unsupported `subject_token_type` `{}`",
                         clip(other)
-                    )));
+                    ))
+                    .into());
                 }
                 None => {
-                    return Err(ApiError::InvalidRequest(
+                    return Err(BrokerError::InvalidRequest(
                         "`subject_token_type` is required".into(),
-                    ));
+                    )
+                    .into());
                 }
             }
             t
         }
     };
     if p("actor_token").is_some() {
-        return Err(ApiError::InvalidRequest(
-            "`actor_token` is not supported".into(),
-        ));
+        return Err(BrokerError::InvalidRequest("`actor_token` is not supported".into()).into());
     }
     let ttl_secs = expires_in(p("expires_in"))?;
     let audience = p("audience")
         .or(p("resource"))
-        .ok_or_else(|| ApiError::InvalidRequest("`audience` is required".into()))?;
+        .ok_or_else(|| BrokerError::InvalidRequest("`audience` is required".into()))?;
     let proof = s.verify_dpop(&dpop_headers(&headers), "POST", "/oauth/token", None)?;
     let input = ExchangeInput {
         identity_token: subject_token.to_owned(),
@@ -382,10 +391,11 @@ async fn token(
             None | Some("false") => false,
             Some("true") => true,
             Some(other) => {
-                return Err(ApiError::InvalidRequest(format!(
+                return Err(BrokerError::InvalidRequest(format!(
                     "`break_glass` must be `true` or `false`, not `{}`",
                     clip(other)
-                )));
+                ))
+                .into());
             }
         },
         justification: p("justification").unwrap_or("").to_owned(),
@@ -397,18 +407,18 @@ async fn token(
 }
 
 /// `expires_in`: requested seconds.
-fn expires_in(v: Option<&str>) -> Result<Option<u64>, ApiError> {
+fn expires_in(v: Option<&str>) -> Result<Option<u64>, BrokerError> {
     v.map(|v| {
         v.parse::<u64>().map_err(|_| {
-            ApiError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
+            BrokerError::InvalidRequest("`expires_in` must be a whole number of seconds".into())
         })
     })
     .transpose()
 }
 
 /// `tools`: the task's declared tools, as JSON (`[{"name": …, "args": {…}}]`).
-fn tools_param(v: Option<&str>) -> Result<Option<Vec<lapse_core::ToolDecl>>, ApiError> {
-    v.map(|t| lapse_core::tools::parse(t).map_err(|e| ApiError::InvalidRequest(e.to_string())))
+fn tools_param(v: Option<&str>) -> Result<Option<Vec<lapse_core::ToolDecl>>, BrokerError> {
+    v.map(|t| lapse_core::tools::parse(t).map_err(|e| BrokerError::InvalidRequest(e.to_string())))
         .transpose()
 }
 
@@ -424,32 +434,36 @@ async fn delegate(
         (None, None) => None,
         (Some(t), Some(TT_JWT | TT_ID_TOKEN)) => Some(t.to_owned()),
         (Some(_), Some(other)) => {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(BrokerError::InvalidRequest(format!(
                 "unsupported `actor_token_type` `{}`",
                 clip(other)
-            )));
+            ))
+            .into());
         }
         (Some(_), None) => {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`actor_token_type` is required with `actor_token`".into(),
-            ));
+            )
+            .into());
         }
         (None, Some(_)) => {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`actor_token_type` without `actor_token`".into(),
-            ));
+            )
+            .into());
         }
     };
     for k in ["task", "break_glass", "justification", "environment"] {
         if p(k).is_some() {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(BrokerError::InvalidRequest(format!(
                 "`{k}` is the parent's for a sub-agent token and cannot be given"
-            )));
+            ))
+            .into());
         }
     }
     let ttl_secs = expires_in(p("expires_in"))?;
     let proof = s.verify_dpop(&dpop_headers(headers), "POST", "/oauth/token", None)?;
-    let input = crate::delegation::DelegationInput {
+    let input = lapse_broker::delegation::DelegationInput {
         subject_token: p("subject_token").unwrap_or("").to_owned(),
         actor_token,
         audience: p("audience").or(p("resource")).map(str::to_owned),
@@ -486,7 +500,7 @@ fn token_response(i: &Issued) -> Value {
         "task": i.grant.request.task.id,
     });
     if !i.credentials.is_empty() {
-        crate::set_field(&mut v, "credentials", json!(i.credentials));
+        set_field(&mut v, "credentials", json!(i.credentials));
     }
     v
 }
@@ -503,14 +517,14 @@ async fn introspect(
     let token = f
         .get("token")
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
+        .ok_or_else(|| BrokerError::InvalidRequest("`token` is required".into()))?;
     match s.introspect(token).await {
         Ok(v) => Ok(no_store(v, StatusCode::OK)),
-        Err(ApiError::Unavailable(msg)) => Ok(no_store(
+        Err(BrokerError::Unavailable(msg)) => Ok(no_store(
             json!({ "active": false, "error": "temporarily_unavailable", "error_description": msg }),
             StatusCode::SERVICE_UNAVAILABLE,
         )),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -534,7 +548,7 @@ async fn revoke_token(
     let token = f
         .get("token")
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::InvalidRequest("`token` is required".into()))?;
+        .ok_or_else(|| BrokerError::InvalidRequest("`token` is required".into()))?;
     if let Ok(claims) = s.verify_access_token(token)
         && let Ok(id) = claims.grant_id.parse::<GrantId>()
         && let Some(g) = s.store.grant(id).await?
@@ -542,8 +556,8 @@ async fn revoke_token(
     {
         let by = by.unwrap_or_else(|| claims.sub.clone());
         match s.revoke(g, &by, "revoked through RFC 7009").await {
-            Ok(_) | Err(ApiError::Conflict(_)) => {}
-            Err(e) => return Err(e),
+            Ok(_) | Err(BrokerError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(no_store(json!({}), StatusCode::OK))
@@ -582,7 +596,7 @@ struct TaskBody {
 async fn access_request(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    cert: Option<axum::Extension<crate::tls::ClientCert>>,
+    cert: Option<axum::Extension<lapse_tls::ClientCert>>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -610,7 +624,7 @@ async fn access_request(
         source: peer.ip(),
         tools: {
             lapse_core::tools::validate(&r.tools)
-                .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+                .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
             r.tools
         },
     };
@@ -621,7 +635,7 @@ async fn access_request(
             set_field(&mut v, "status", json!("active"));
             Ok(no_store(v, StatusCode::CREATED))
         }
-        Err(ApiError::AuthorizationPending {
+        Err(BrokerError::AuthorizationPending {
             request_id,
             approvals,
             approvers,
@@ -629,7 +643,7 @@ async fn access_request(
             json!({ "status": "pending", "request_id": request_id, "approvals_required": approvals, "approvers": approvers }),
             StatusCode::ACCEPTED,
         )),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -665,6 +679,18 @@ pub fn grant_view(g: &lapse_core::Grant) -> Value {
     })
 }
 
+/// A pending request as an approver sees it.
+pub fn request_view(g: &lapse_core::Grant, max_ttl_secs: u64) -> Value {
+    let mut v = grant_view(g);
+    set_field(&mut v, "approvals_required", json!(g.approvals_required));
+    set_field(&mut v, "approvers", json!(g.approvers));
+    set_field(&mut v, "approvals", json!(g.approvals));
+    set_field(&mut v, "ttl", json!(g.effective_ttl_secs(max_ttl_secs)));
+    set_field(&mut v, "context", json!(g.request.context));
+    set_field(&mut v, "approvable_until", json!(g.expires_at.millis()));
+    v
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
@@ -686,18 +712,18 @@ async fn list_grants(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
-    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let state = match q.state.as_deref() {
-        Some(st) => Some(
-            GrantState::parse(st)
-                .ok_or_else(|| ApiError::InvalidRequest(format!("unknown state `{}`", clip(st))))?,
-        ),
-        None => None,
-    };
+    let Query(q) = q.map_err(|e| BrokerError::InvalidRequest(e.body_text()))?;
+    let state =
+        match q.state.as_deref() {
+            Some(st) => Some(GrantState::parse(st).ok_or_else(|| {
+                BrokerError::InvalidRequest(format!("unknown state `{}`", clip(st)))
+            })?),
+            None => None,
+        };
     let before = match q.before.as_deref() {
         Some(c) => Some(
             c.parse::<lapse_store::GrantCursor>()
-                .map_err(|e| ApiError::InvalidRequest(e.to_string()))?,
+                .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?,
         ),
         None => None,
     };
@@ -730,9 +756,9 @@ async fn list_grants(
     ))
 }
 
-fn grant_id(raw: &str) -> Result<GrantId, ApiError> {
+fn grant_id(raw: &str) -> Result<GrantId, BrokerError> {
     raw.parse()
-        .map_err(|e: lapse_core::IdParseError| ApiError::NotFound(e.to_string()))
+        .map_err(|e: lapse_core::IdParseError| BrokerError::NotFound(e.to_string()))
 }
 
 async fn show_grant(
@@ -777,7 +803,7 @@ fn optional_json<T: Default + serde::de::DeserializeOwned>(
 
 async fn complete(
     State(s): State<AppState>,
-    cert: Option<axum::Extension<crate::tls::ClientCert>>,
+    cert: Option<axum::Extension<lapse_tls::ClientCert>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     b: Result<Bytes, BytesRejection>,
@@ -822,14 +848,14 @@ async fn list_approvals(
     if op.require(Role::Approve).is_err() {
         op.require(Role::Read)?;
     }
-    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(q) = q.map_err(|e| BrokerError::InvalidRequest(e.body_text()))?;
     let limit = q.limit.unwrap_or(100).min(1000);
     let max_ttl = s.cfg.max_ttl.secs();
     let pending: Vec<Value> = s
         .pending_requests(limit)
         .await?
         .iter()
-        .map(|g| crate::approvals::request_view(g, max_ttl))
+        .map(|g| request_view(g, max_ttl))
         .collect();
     Ok(no_store(json!({ "requests": pending }), StatusCode::OK))
 }
@@ -845,7 +871,7 @@ async fn show_approval(
     }
     let id = grant_id(&id)?;
     let g = s.find(id, "request").await?;
-    let mut v = crate::approvals::request_view(&g, s.cfg.max_ttl.secs());
+    let mut v = request_view(&g, s.cfg.max_ttl.secs());
     let audit = s.store.audit_for(id).await?;
     set_field(&mut v, "audit", json!(audit));
     let history: Vec<Value> = s
@@ -891,7 +917,7 @@ async fn approve(
         .approve(&op, id, &clip(d.reason.as_deref().unwrap_or("")), narrowing)
         .await?;
     Ok(no_store(
-        crate::approvals::request_view(&g, s.cfg.max_ttl.secs()),
+        request_view(&g, s.cfg.max_ttl.secs()),
         StatusCode::OK,
     ))
 }
@@ -907,15 +933,13 @@ async fn deny(
     let b = body(b)?;
     let d: DecisionBody = optional_json(&headers, &b)?;
     if d.actions.is_some() || d.ttl.is_some() {
-        return Err(ApiError::InvalidRequest(
-            "a denial takes only a `reason`".into(),
-        ));
+        return Err(BrokerError::InvalidRequest("a denial takes only a `reason`".into()).into());
     }
     let g = s
         .deny_request(&op, id, &clip(d.reason.as_deref().unwrap_or("")))
         .await?;
     Ok(no_store(
-        crate::approvals::request_view(&g, s.cfg.max_ttl.secs()),
+        request_view(&g, s.cfg.max_ttl.secs()),
         StatusCode::OK,
     ))
 }
@@ -941,15 +965,16 @@ async fn list_reviews(
     if op.require(Role::Approve).is_err() {
         op.require(Role::Read)?;
     }
-    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(q) = q.map_err(|e| BrokerError::InvalidRequest(e.body_text()))?;
     let open_only = match q.state.as_deref() {
         None | Some("open") => true,
         Some("all") => false,
         Some(other) => {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(BrokerError::InvalidRequest(format!(
                 "`state` must be `open` or `all`, not `{}`",
                 clip(other)
-            )));
+            ))
+            .into());
         }
     };
     let reviews: Vec<Value> = s
@@ -980,7 +1005,7 @@ async fn close_review(
     let b = body(b)?;
     let r: CloseReviewBody = json_body(&headers, &b)?;
     let verdict = lapse_core::Verdict::parse(&r.verdict).ok_or_else(|| {
-        ApiError::InvalidRequest(format!(
+        BrokerError::InvalidRequest(format!(
             "`verdict` must be `justified` or `unjustified`, not `{}`",
             clip(&r.verdict)
         ))
@@ -993,7 +1018,7 @@ async fn close_review(
 /// it cannot follow a revocation feed). Authenticated like complete and renew.
 async fn grant_status(
     State(s): State<AppState>,
-    cert: Option<axum::Extension<crate::tls::ClientCert>>,
+    cert: Option<axum::Extension<lapse_tls::ClientCert>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -1049,7 +1074,7 @@ async fn revoke_grant(
 async fn renew(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    cert: Option<axum::Extension<crate::tls::ClientCert>>,
+    cert: Option<axum::Extension<lapse_tls::ClientCert>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     b: Result<Bytes, BytesRejection>,
@@ -1089,7 +1114,7 @@ async fn audit(
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
-    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(q) = q.map_err(|e| BrokerError::InvalidRequest(e.body_text()))?;
     let entries = s
         .store
         .audit(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
@@ -1099,7 +1124,7 @@ async fn audit(
 
 async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
-    let report = crate::verify_audit(s.store.as_ref(), &s.keys).await?;
+    let report = lapse_broker::audit::verify_audit(s.store.as_ref(), &s.keys).await?;
     let status = if report.ok() {
         StatusCode::OK
     } else {
@@ -1121,12 +1146,12 @@ async fn standing_report(
     q: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     s.operator(authorization(&headers))?.require(Role::Read)?;
-    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(q) = q.map_err(|e| BrokerError::InvalidRequest(e.body_text()))?;
     let window = match q.window.as_deref() {
         None => 24 * 3600,
         Some(w) => w
             .parse::<lapse_core::TtlDuration>()
-            .map_err(|e| ApiError::InvalidRequest(format!("`window`: {e}")))?
+            .map_err(|e| BrokerError::InvalidRequest(format!("`window`: {e}")))?
             .secs(),
     };
     let report = s.standing_report(window).await?;
@@ -1161,16 +1186,16 @@ async fn usage(
     let b = body(b)?;
     let u: UsageBody = json_body(&headers, &b)?;
     if u.uses.len() > MAX_USES {
-        return Err(ApiError::InvalidRequest(format!(
-            "at most {MAX_USES} uses per report"
-        )));
+        return Err(
+            BrokerError::InvalidRequest(format!("at most {MAX_USES} uses per report")).into(),
+        );
     }
     let mut uses = Vec::with_capacity(u.uses.len());
     for x in u.uses {
         let id: GrantId = x
             .grant
             .parse()
-            .map_err(|e: lapse_core::IdParseError| ApiError::InvalidRequest(e.to_string()))?;
+            .map_err(|e: lapse_core::IdParseError| BrokerError::InvalidRequest(e.to_string()))?;
         uses.push((id, x.at));
     }
     let recorded = s.record_uses(&op, &uses).await?;
@@ -1187,7 +1212,7 @@ async fn tool_calls(
     let op = s.operator(authorization(&headers))?;
     op.require(Role::Gate)?;
     let b = body(b)?;
-    let r: crate::tool_calls::Report = json_body(&headers, &b)?;
+    let r: lapse_broker::tool_calls::Report = json_body(&headers, &b)?;
     let done = s.record_tool_calls(&op, r).await?;
     Ok(no_store(
         json!({ "recorded": done.recorded, "already_recorded": done.already_recorded }),
@@ -1202,11 +1227,11 @@ async fn signal(
 ) -> Result<Response, ApiError> {
     let op = s.operator(authorization(&headers))?;
     let b = body(b)?;
-    let sig: crate::signals::Signal = json_body(&headers, &b)?;
+    let sig: lapse_broker::signals::Signal = json_body(&headers, &b)?;
     let kind = sig.kind.clone();
     let ended = s.signal(&op, sig).await?;
     Ok(no_store(
-        crate::signals::answer(&kind, &ended),
+        lapse_broker::signals::answer(&kind, &ended),
         StatusCode::OK,
     ))
 }

@@ -2,8 +2,9 @@
 //! first), destroy when a grant ends (retried with backoff until done), and
 //! reconcile the target with the store.
 
-use crate::error::ApiError;
-use crate::service::{Lapse, event};
+use crate::audit::event;
+use crate::broker::Lapse;
+use crate::error::BrokerError;
 use lapse_core::{CredentialState, Grant, GrantState, ProviderCredential};
 use lapse_providers::{CredentialProvider, CredentialSpec, Handout, Secret};
 use lapse_store::{GrantWrite, WriteBatch};
@@ -26,10 +27,10 @@ impl Lapse {
         &self,
         grant: Grant,
         provider: &Arc<dyn CredentialProvider>,
-    ) -> Result<(Grant, Handout), ApiError> {
+    ) -> Result<(Grant, Handout), BrokerError> {
         let now = self.now();
         let Some(cred) = grant.credentials.last().cloned() else {
-            return Err(ApiError::Unavailable(
+            return Err(BrokerError::Unavailable(
                 "no credential intent recorded".into(),
             ));
         };
@@ -56,7 +57,7 @@ impl Lapse {
                         )
                         .await;
                 }
-                return Err(ApiError::Unavailable(format!(
+                return Err(BrokerError::Unavailable(format!(
                     "the credential for `{}` could not be created; nothing was issued",
                     provider.target()
                 )));
@@ -171,7 +172,7 @@ impl Lapse {
     }
 
     /// One pass over grants whose credential destruction is due.
-    pub async fn cleanup(&self) -> Result<usize, ApiError> {
+    pub async fn cleanup(&self) -> Result<usize, BrokerError> {
         let due = self.store.cleanup_due(self.now(), 100).await?;
         let n = due.len();
         for g in due {
@@ -183,13 +184,13 @@ impl Lapse {
     /// Makes each target agree with the store: credentials Lapse made whose grant is
     /// not active are removed; active grants whose credential is missing (or whose
     /// issue never completed) are ended. Every action is audited.
-    pub async fn reconcile(&self) -> Result<usize, ApiError> {
+    pub async fn reconcile(&self) -> Result<usize, BrokerError> {
         let mut actions = 0;
         for (target, p) in &self.providers {
             let existing = p
                 .list()
                 .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
             let now = self.now();
             let active = self
                 .store
@@ -227,7 +228,7 @@ impl Lapse {
                 }
                 // What this pass read may predate a stall in which another replica
                 // took over and issued the credential it would now remove.
-                if !self.still_in_term() {
+                if !self.leader.still_in_term() {
                     return Ok(actions);
                 }
                 let d = p.destroy(&ex.name).await;
@@ -276,7 +277,7 @@ impl Lapse {
                                 relisted = Some(
                                     p.list()
                                         .await
-                                        .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+                                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?,
                                 );
                             }
                             let now_present = relisted
@@ -310,7 +311,7 @@ impl Lapse {
                     )
                     .await
                 {
-                    Ok(_) | Err(ApiError::Conflict(_)) => actions += 1,
+                    Ok(_) | Err(BrokerError::Conflict(_)) => actions += 1,
                     Err(e) => return Err(e),
                 }
             }

@@ -10,9 +10,6 @@
 pub mod pages;
 pub mod session;
 
-use crate::config::Role;
-use crate::error::ApiError;
-use crate::service::Lapse;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -20,6 +17,10 @@ use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use lapse_api::ApiError;
+use lapse_broker::BrokerError;
+use lapse_broker::Lapse;
+use lapse_broker::config::Role;
 use lapse_core::{GrantId, GrantState, Narrowing, TtlDuration};
 use lapse_store::{GrantCursor, GrantFilter};
 use maud::Markup;
@@ -127,39 +128,33 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-impl Lapse {
-    fn secure_cookies(&self) -> bool {
-        self.issuer.starts_with("https://")
-    }
+fn secure_cookies(s: &Lapse) -> bool {
+    s.issuer.starts_with("https://")
+}
 
-    /// The session cookie's name: `__Host-` (Secure, whole host, no Domain) over HTTPS.
-    fn session_cookie_name(&self) -> &'static str {
-        if self.secure_cookies() {
-            "__Host-lapse_session"
-        } else {
-            "lapse_session"
-        }
+/// The session cookie's name: `__Host-` (Secure, whole host, no Domain) over HTTPS.
+fn session_cookie_name(s: &Lapse) -> &'static str {
+    if secure_cookies(s) {
+        "__Host-lapse_session"
+    } else {
+        "lapse_session"
     }
+}
 
-    fn set_cookie(&self, name: &str, value: &str, max_age: u64) -> Option<HeaderValue> {
-        let secure = if self.secure_cookies() {
-            "; Secure"
-        } else {
-            ""
-        };
-        HeaderValue::from_str(&format!(
-            "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-        ))
-        .ok()
-    }
+fn set_cookie(s: &Lapse, name: &str, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let secure = if secure_cookies(s) { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .ok()
+}
 
-    fn console_session(&self, headers: &HeaderMap) -> Option<Session> {
-        cookie(headers, self.session_cookie_name()).and_then(|c| self.session(c).ok())
-    }
+fn console_session(s: &Lapse, headers: &HeaderMap) -> Option<Session> {
+    cookie(headers, session_cookie_name(s)).and_then(|c| session::open(s, c).ok())
+}
 
-    async fn frame_counts(&self) -> Result<u64, ApiError> {
-        Ok(self.store.count(GrantState::Pending).await?)
-    }
+async fn frame_counts(s: &Lapse) -> Result<u64, BrokerError> {
+    Ok(s.store.count(GrantState::Pending).await?)
 }
 
 /// Where a signed-out visitor of `path` is sent.
@@ -184,13 +179,12 @@ struct Viewer {
 }
 
 async fn viewer(s: &Lapse, headers: &HeaderMap, path: &str) -> Result<Viewer, Response> {
-    let Some(session) = s.console_session(headers) else {
+    let Some(session) = console_session(s, headers) else {
         return Err(to_login(path));
     };
-    let pending = s
-        .frame_counts()
+    let pending = frame_counts(s)
         .await
-        .map_err(|e| problem_page(s, &session, 0, &e))?;
+        .map_err(|e| problem_page(s, &session, 0, &ApiError::from(e)))?;
     Ok(Viewer { session, pending })
 }
 
@@ -219,7 +213,7 @@ impl Viewer {
     }
 
     /// Read access to requests and grants: the `read` or the `approve` role.
-    fn may_view(&self) -> Result<(), ApiError> {
+    fn may_view(&self) -> Result<(), BrokerError> {
         let op = &self.session.operator;
         op.require(Role::Approve)
             .or_else(|_| op.require(Role::Read))
@@ -245,7 +239,7 @@ struct Form(Vec<(String, String)>);
 
 impl Form {
     fn parse(headers: &HeaderMap, b: Result<Bytes, BytesRejection>) -> Result<Self, ApiError> {
-        let b = b.map_err(|e| ApiError::InvalidRequest(format!("cannot read the form: {e}")))?;
+        let b = b.map_err(|e| BrokerError::InvalidRequest(format!("cannot read the form: {e}")))?;
         let ct = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -318,17 +312,17 @@ async fn guarded(
         return Err(problem(
             s,
             &v,
-            &ApiError::Forbidden(
+            &ApiError::from(BrokerError::Forbidden(
                 "this form did not come from your console session (CSRF check failed); reload the page and try again".into(),
-            ),
+            )),
         ));
     }
     Ok((v, form))
 }
 
-fn parse_id(raw: &str) -> Result<GrantId, ApiError> {
+fn parse_id(raw: &str) -> Result<GrantId, BrokerError> {
     raw.parse()
-        .map_err(|e: lapse_core::IdParseError| ApiError::NotFound(e.to_string()))
+        .map_err(|e: lapse_core::IdParseError| BrokerError::NotFound(e.to_string()))
 }
 
 /// `?key=value` pairs of a page URL.
@@ -345,13 +339,13 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> &'a str {
 }
 
 /// Paging cursor `CREATED_MS.ID` ([`GrantCursor`]'s text form).
-fn parse_cursor(raw: &str) -> Result<Option<GrantCursor>, ApiError> {
+fn parse_cursor(raw: &str) -> Result<Option<GrantCursor>, BrokerError> {
     if raw.is_empty() {
         return Ok(None);
     }
     raw.parse()
         .map(Some)
-        .map_err(|_| ApiError::InvalidRequest("`before` is not a paging cursor".into()))
+        .map_err(|_| BrokerError::InvalidRequest("`before` is not a paging cursor".into()))
 }
 
 fn cursor_of(g: &lapse_core::Grant) -> String {
@@ -380,7 +374,7 @@ async fn login_page(State(s): State<AppState>, RawQuery(q): RawQuery) -> Respons
         StatusCode::OK,
         pages::login(None, &nonce, safe_next(param(&q, "next")), ""),
     );
-    if let Some(c) = s.set_cookie(LOGIN_COOKIE, &nonce, 600) {
+    if let Some(c) = set_cookie(&s, LOGIN_COOKIE, &nonce, 600) {
         r.headers_mut().append(header::SET_COOKIE, c);
     }
     r
@@ -395,7 +389,7 @@ async fn login(
     let again = |status: StatusCode, msg: &str, next: &str, name: &str| {
         let nonce = lapse_token::b64::encode(rand::random::<[u8; 24]>());
         let mut r = html(status, pages::login(Some(msg), &nonce, next, name));
-        if let Some(c) = s.set_cookie(LOGIN_COOKIE, &nonce, 600) {
+        if let Some(c) = set_cookie(&s, LOGIN_COOKIE, &nonce, 600) {
             r.headers_mut().append(header::SET_COOKIE, c);
         }
         r
@@ -448,16 +442,19 @@ async fn login(
             &name,
         );
     }
-    match s.sign_in(&name, form.get("secret")).await {
+    match session::sign_in(&s, &name, form.get("secret")).await {
         Ok((op, method)) => {
-            let cookie_value = match s.new_session(&op.name) {
+            let cookie_value = match session::new_session(&s, &op.name) {
                 Ok(c) => c,
-                Err(e) => return again(e.status(), &e.to_string(), &next, &name),
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    return again(e.status(), &e.to_string(), &next, &name);
+                }
             };
             let audit = s
                 .commit(lapse_store::WriteBatch {
                     grants: vec![],
-                    events: vec![crate::service::event(
+                    events: vec![lapse_broker::audit::event(
                         s.now(),
                         "operator.signed_in",
                         None,
@@ -475,14 +472,15 @@ async fn login(
             tracing::info!(operator = %op.name, method = method.as_str(), "console sign-in");
             let mut r = see_other(&next);
             let h = r.headers_mut();
-            if let Some(c) = s.set_cookie(
-                s.session_cookie_name(),
+            if let Some(c) = set_cookie(
+                &s,
+                session_cookie_name(&s),
                 &cookie_value,
                 s.cfg.console_session.secs(),
             ) {
                 h.append(header::SET_COOKIE, c);
             }
-            if let Some(c) = s.set_cookie(LOGIN_COOKIE, "", 0) {
+            if let Some(c) = set_cookie(&s, LOGIN_COOKIE, "", 0) {
                 h.append(header::SET_COOKIE, c);
             }
             r
@@ -491,10 +489,10 @@ async fn login(
             // Logged (rate-limited) and audited there; the name only when it is a
             // configured one, since people type passwords into name fields.
             let known = s.cfg.operators.iter().any(|o| o.name == name);
-            let f = crate::auth_failures::AuthFailure {
+            let f = lapse_broker::auth_failures::AuthFailure {
                 operator: known.then(|| name.clone()),
-                ..crate::auth_failures::AuthFailure::new(
-                    crate::auth_failures::Credential::ConsolePassword,
+                ..lapse_broker::auth_failures::AuthFailure::new(
+                    lapse_broker::auth_failures::Credential::ConsolePassword,
                     if known {
                         "wrong_secret"
                     } else {
@@ -502,7 +500,7 @@ async fn login(
                     },
                 )
             };
-            if matches!(e, ApiError::Unauthorized(_)) {
+            if matches!(e, BrokerError::Unauthorized(_)) {
                 s.auth_failed(Some(peer.ip()), f).await;
             }
             again(StatusCode::UNAUTHORIZED, &e.to_string(), &next, &name)
@@ -522,7 +520,7 @@ async fn logout(
     let _ = s
         .commit(lapse_store::WriteBatch {
             grants: vec![],
-            events: vec![crate::service::event(
+            events: vec![lapse_broker::audit::event(
                 s.now(),
                 "operator.signed_out",
                 None,
@@ -533,7 +531,7 @@ async fn logout(
         })
         .await;
     let mut r = see_other("/ui/login");
-    if let Some(c) = s.set_cookie(s.session_cookie_name(), "", 0) {
+    if let Some(c) = set_cookie(&s, session_cookie_name(&s), "", 0) {
         r.headers_mut().append(header::SET_COOKIE, c);
     }
     r
@@ -609,7 +607,7 @@ async fn request_page(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let path = format!("/ui/requests/{}", crate::service::clip(&id));
+    let path = format!("/ui/requests/{}", lapse_broker::error::clip(&id));
     let v = match viewer(&s, &headers, &path).await {
         Ok(v) => v,
         Err(r) => return r,
@@ -686,7 +684,7 @@ async fn approve(
         picked.sort();
         picked.dedup();
         if picked.is_empty() {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "tick at least one action to approve, or deny the request".into(),
             ));
         }
@@ -701,7 +699,7 @@ async fn approve(
         } else {
             let t: TtlDuration = ttl_field
                 .parse()
-                .map_err(|e| ApiError::InvalidRequest(format!("lifetime: {e}")))?;
+                .map_err(|e| BrokerError::InvalidRequest(format!("lifetime: {e}")))?;
             Some(t.secs())
         };
         let asked_ttl = grant.effective_ttl_secs(s.cfg.max_ttl.secs());
@@ -709,14 +707,14 @@ async fn approve(
             actions: (picked != asked).then_some(picked),
             ttl_secs: ttl.filter(|t| *t != asked_ttl),
         };
-        let reason = crate::service::clip(form.get("reason").trim());
+        let reason = lapse_broker::error::clip(form.get("reason").trim());
         s.approve(&v.session.operator, gid, &reason, narrowing)
             .await
     }
     .await;
     match result {
         Ok(g) => see_other(&format!("/ui/?done=approved:{}", g.id)),
-        Err(e) => refused(&s, &v, &id, &e).await,
+        Err(e) => refused(&s, &v, &id, &ApiError::from(e)).await,
     }
 }
 
@@ -732,13 +730,13 @@ async fn deny(
     };
     let result = async {
         let gid = parse_id(&id)?;
-        let reason = crate::service::clip(form.get("reason").trim());
+        let reason = lapse_broker::error::clip(form.get("reason").trim());
         s.deny_request(&v.session.operator, gid, &reason).await
     }
     .await;
     match result {
         Ok(g) => see_other(&format!("/ui/?done=denied:{}", g.id)),
-        Err(e) => refused(&s, &v, &id, &e).await,
+        Err(e) => refused(&s, &v, &id, &ApiError::from(e)).await,
     }
 }
 
@@ -791,7 +789,7 @@ async fn grant_page(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let path = format!("/ui/grants/{}", crate::service::clip(&id));
+    let path = format!("/ui/grants/{}", lapse_broker::error::clip(&id));
     let v = match viewer(&s, &headers, &path).await {
         Ok(v) => v,
         Err(r) => return r,
@@ -834,14 +832,14 @@ async fn revoke(
         let reason = if reason.is_empty() {
             "revoked from the console".to_owned()
         } else {
-            crate::service::clip(reason)
+            lapse_broker::error::clip(reason)
         };
         s.revoke(g, &op.name, &reason).await
     }
     .await;
     match result {
         Ok(g) => see_other(&format!("/ui/grants?done=revoked:{}", g.id)),
-        Err(e) => problem(&s, &v, &e),
+        Err(e) => problem(&s, &v, &ApiError::from(e)),
     }
 }
 
@@ -870,7 +868,7 @@ async fn reviews_page(
             done_banner(&q).as_ref(),
             |f| pages::reviews(f, &list, all),
         ),
-        Err(e) => problem(&s, &v, &e),
+        Err(e) => problem(&s, &v, &ApiError::from(e)),
     }
 }
 
@@ -887,16 +885,16 @@ async fn close_review(
     let result = async {
         let gid = parse_id(&id)?;
         let verdict = lapse_core::Verdict::parse(form.get("verdict")).ok_or_else(|| {
-            ApiError::InvalidRequest("choose a verdict: justified or unjustified".into())
+            BrokerError::InvalidRequest("choose a verdict: justified or unjustified".into())
         })?;
-        let note = crate::service::clip(form.get("note").trim());
+        let note = lapse_broker::error::clip(form.get("note").trim());
         s.close_review(&v.session.operator, gid, verdict, &note)
             .await
     }
     .await;
     match result {
         Ok(g) => see_other(&format!("/ui/reviews?done=reviewed:{}", g.id)),
-        Err(e) => problem(&s, &v, &e),
+        Err(e) => problem(&s, &v, &ApiError::from(e)),
     }
 }
 

@@ -12,7 +12,8 @@
 //! claims (clipped; they are the sender's words); for the console, the operator
 //! name only when it is a configured one (people type passwords into name fields).
 
-use crate::service::{Lapse, event};
+use crate::audit::event;
+use crate::broker::Lapse;
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -48,7 +49,7 @@ impl Credential {
     }
 }
 
-/// Marks an answer that refused an operator credential (`ApiError::Unauthorized`),
+/// Marks an answer that refused an operator credential (`BrokerError::Unauthorized`),
 /// so the router records it with the request's source.
 #[derive(Debug, Clone, Copy)]
 pub struct OperatorRefused;
@@ -201,7 +202,7 @@ impl Lapse {
     /// Counts a failed authentication and, unless its source is over its share,
     /// logs it and appends an `auth.failed` entry. The refusal does not wait on
     /// the store's health: a failed append is logged and the refusal stands.
-    pub(crate) async fn auth_failed(&self, source: Option<IpAddr>, f: AuthFailure) {
+    pub async fn auth_failed(&self, source: Option<IpAddr>, f: AuthFailure) {
         self.metrics
             .auth_failures
             .get_or_create(&crate::metrics::AuthFailureLabels {

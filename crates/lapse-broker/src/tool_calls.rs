@@ -13,8 +13,9 @@
 //! once however often it is sent: a resend answers success without writing, and a
 //! report mixing recorded and new calls records exactly the new ones.
 
-use crate::error::ApiError;
-use crate::service::{Lapse, Operator, event};
+use crate::audit::event;
+use crate::broker::{Lapse, Operator};
+use crate::error::BrokerError;
 use lapse_core::{Grant, GrantId, Timestamp};
 use lapse_store::WriteBatch;
 use serde::Deserialize;
@@ -107,9 +108,13 @@ impl Lapse {
     /// Appends one audit entry per call not recorded before (by its key), all in
     /// one commit; calls for grants the proxy does not guard (or that do not
     /// exist) are refused as a whole.
-    pub async fn record_tool_calls(&self, op: &Operator, r: Report) -> Result<Recorded, ApiError> {
+    pub async fn record_tool_calls(
+        &self,
+        op: &Operator,
+        r: Report,
+    ) -> Result<Recorded, BrokerError> {
         if r.calls.len() > MAX_CALLS {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(BrokerError::InvalidRequest(format!(
                 "at most {MAX_CALLS} calls per report"
             )));
         }
@@ -120,22 +125,21 @@ impl Lapse {
         let mut keys = std::collections::HashSet::new();
         let mut repeated = 0;
         for c in r.calls {
-            let id: GrantId = c
-                .grant
-                .parse()
-                .map_err(|e: lapse_core::IdParseError| ApiError::InvalidRequest(e.to_string()))?;
+            let id: GrantId = c.grant.parse().map_err(|e: lapse_core::IdParseError| {
+                BrokerError::InvalidRequest(e.to_string())
+            })?;
             if !matches!(c.decision.as_str(), "allow" | "deny") {
-                return Err(ApiError::InvalidRequest(
+                return Err(BrokerError::InvalidRequest(
                     "`decision` is `allow` or `deny`".into(),
                 ));
             }
             if c.args_sha256.len() != 64 || !c.args_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ApiError::InvalidRequest(
+                return Err(BrokerError::InvalidRequest(
                     "`args_sha256` is 64 hex digits".into(),
                 ));
             }
             if c.tool.len() > 256 || c.reason.len() > 2000 || c.policies.len() > 64 {
-                return Err(ApiError::InvalidRequest(
+                return Err(BrokerError::InvalidRequest(
                     "`tool`, `reason` or `policies` is too long".into(),
                 ));
             }
@@ -146,7 +150,7 @@ impl Lapse {
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
             {
-                return Err(ApiError::InvalidRequest(
+                return Err(BrokerError::InvalidRequest(
                     "`key` is 1 to 128 of `A-Z a-z 0-9 - _ .`".into(),
                 ));
             }
@@ -160,7 +164,7 @@ impl Lapse {
                 }
             };
             if !op.covers_audience(&audience) {
-                return Err(ApiError::Forbidden(format!(
+                return Err(BrokerError::Forbidden(format!(
                     "operator `{}` does not guard audience `{}`",
                     op.name, audience
                 )));
@@ -236,7 +240,7 @@ impl Lapse {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ApiError::Conflict(
+        Err(BrokerError::Conflict(
             "the same calls are being recorded concurrently; retry".into(),
         ))
     }

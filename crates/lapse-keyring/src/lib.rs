@@ -13,15 +13,13 @@
 //! until the longest token it signed has expired. Records are never deleted, so
 //! an audit checkpoint signed by any past key still verifies.
 
-use crate::config::Config;
-use crate::service::event;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use arc_swap::ArcSwap;
-use lapse_core::Timestamp;
-use lapse_store::{AuditSigner, KeyRecord, Store, StoreError, WriteBatch};
+use lapse_store::{AuditEvent, AuditSigner, KeyRecord, Store, StoreError, WriteBatch};
 use lapse_token::{Jwk, PublicKey, SigningKey};
 use serde_json::json;
+use std::path::Path;
 use std::sync::Arc;
 
 const ALG: &str = "EdDSA";
@@ -46,6 +44,14 @@ pub enum KeyRingError {
     Store(#[from] StoreError),
     #[error(transparent)]
     KeyFile(#[from] lapse_token::signing::KeyFileError),
+}
+
+/// Where the ring's keys come from: the `signing_key` file and the
+/// `key_encryption_key` source of `lapse.toml`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeySources<'a> {
+    pub signing_key: Option<&'a Path>,
+    pub key_encryption_key: Option<&'a str>,
 }
 
 /// The 256-bit key that seals private keys at rest.
@@ -172,12 +178,12 @@ impl KeyRing {
         }
     }
 
-    /// The ring for `cfg`: the `signing_key` file's key, or — with a key-encryption
+    /// The ring for `src`: the `signing_key` file's key, or — with a key-encryption
     /// key — an empty shared ring that [`KeyRing::init`] fills from the store.
-    pub fn new(cfg: &Config) -> Result<Self, KeyRingError> {
-        match &cfg.key_encryption_key {
+    pub fn new(src: KeySources<'_>) -> Result<Self, KeyRingError> {
+        match src.key_encryption_key {
             None => {
-                let path = cfg.signing_key.as_deref().ok_or(KeyRingError::NoKeyFile)?;
+                let path = src.signing_key.ok_or(KeyRingError::NoKeyFile)?;
                 let (key, created) = SigningKey::load_or_generate(path)?;
                 if created {
                     tracing::info!(kid = key.kid(), path = %path.display(), "generated a new signing key");
@@ -197,7 +203,7 @@ impl KeyRing {
     /// issued keep verifying — in an audited commit.
     pub async fn init(
         &self,
-        cfg: &Config,
+        src: KeySources<'_>,
         store: &dyn Store,
         now: i64,
     ) -> Result<(), KeyRingError> {
@@ -205,7 +211,7 @@ impl KeyRing {
             return Ok(());
         };
         if store.keys().await?.is_empty() {
-            let file = cfg.signing_key.as_deref().map(SigningKey::load);
+            let file = src.signing_key.map(SigningKey::load);
             let key = match file {
                 None => SigningKey::generate(),
                 Some(Ok(k)) => k,
@@ -223,10 +229,9 @@ impl KeyRing {
                 .commit(WriteBatch {
                     keys_expected: Some(vec![]),
                     keys: vec![record],
-                    events: vec![event(
-                        Timestamp::from_millis(now),
+                    events: vec![ring_event(
+                        now,
                         "key.added",
-                        None,
                         "lapse",
                         json!({ "kid": key.kid(), "alg": ALG, "reason": "first key of the ring" }),
                     )],
@@ -451,10 +456,9 @@ impl KeyRing {
                 keys: writes,
                 // Two rotations at once: the second finds the ring changed and fails.
                 keys_expected: Some(read),
-                events: vec![event(
-                    Timestamp::from_millis(now),
+                events: vec![ring_event(
+                    now,
                     "key.rotated",
-                    None,
                     actor,
                     json!({
                         "kid": rotation.new_kid,
@@ -514,6 +518,17 @@ fn seal_record(
         activates_at,
         retires_at,
     })
+}
+
+/// An audit event about the ring as a whole (no grant).
+fn ring_event(at: i64, kind: &str, actor: &str, data: serde_json::Value) -> AuditEvent {
+    AuditEvent {
+        at,
+        kind: kind.to_owned(),
+        grant_id: None,
+        actor: actor.to_owned(),
+        data,
+    }
 }
 
 fn now_ms() -> i64 {

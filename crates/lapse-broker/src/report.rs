@@ -7,8 +7,8 @@
 //! recorded (or is still inside its lifetime): the audit chain is verified first,
 //! so the proof rests on a log nobody edited.
 
-use crate::error::ApiError;
-use crate::service::Lapse;
+use crate::broker::Lapse;
+use crate::error::BrokerError;
 use lapse_core::{CredentialState, GrantState, Timestamp};
 use lapse_providers::CredentialProvider;
 use lapse_providers::StrayKind;
@@ -54,7 +54,7 @@ const ENDS: &[&str] = &["grant.completed", "grant.revoked", "grant.expired"];
 /// ring and providers `lapse report standing --config` opens without a server.
 pub struct Sources<'a> {
     pub store: &'a dyn lapse_store::Store,
-    pub keys: &'a crate::keyring::KeyRing,
+    pub keys: &'a lapse_keyring::KeyRing,
     /// Credential providers by audience; each is asked for what exists on its
     /// target, and one that cannot be reached is a `target_unreachable` finding.
     pub providers: &'a HashMap<String, Arc<dyn CredentialProvider>>,
@@ -64,7 +64,7 @@ pub struct Sources<'a> {
 
 impl Lapse {
     /// The report over `[now - window, now]`.
-    pub async fn standing_report(&self, window_secs: u64) -> Result<Value, ApiError> {
+    pub async fn standing_report(&self, window_secs: u64) -> Result<Value, BrokerError> {
         standing_report(
             Sources {
                 store: self.store.as_ref(),
@@ -80,7 +80,7 @@ impl Lapse {
 }
 
 /// The report over `[now - window, now]` from `src`.
-pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value, ApiError> {
+pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value, BrokerError> {
     let now = src.now;
     let from = Timestamp::from_millis(
         now.millis()
@@ -94,7 +94,7 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
     let mut ended: BTreeMap<String, i64> = BTreeMap::new();
     let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
     let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
-    let audit = crate::verify_audit_visiting(src.store, src.keys, |e| {
+    let audit = crate::audit::verify_audit_visiting(src.store, src.keys, |e| {
         let Some(g) = e.grant_id.clone() else {
             return;
         };

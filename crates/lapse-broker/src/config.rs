@@ -99,7 +99,7 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     /// TLS on the listener (and client certificates); plain HTTP when absent.
     #[serde(default)]
-    pub tls: Option<crate::tls::TlsConfig>,
+    pub tls: Option<lapse_tls::TlsConfig>,
 }
 
 fn default_console_session() -> TtlDuration {
@@ -353,7 +353,7 @@ impl Config {
                 ));
             }
             if let Some(p) = &op.password_argon2 {
-                crate::console::session::check_password_hash(p)
+                crate::password::check_password_hash(p)
                     .map_err(|e| format!("operator `{}`: `password_argon2`: {e}", op.name))?;
             }
         }
@@ -388,6 +388,14 @@ impl Config {
             return Err("`standing_share` must be between 0 and 1".into());
         }
         Ok(())
+    }
+
+    /// Where the signing key ring comes from.
+    pub fn key_sources(&self) -> lapse_keyring::KeySources<'_> {
+        lapse_keyring::KeySources {
+            signing_key: self.signing_key.as_deref(),
+            key_encryption_key: self.key_encryption_key.as_deref(),
+        }
     }
 
     pub fn public_url(&self) -> String {

@@ -6,9 +6,10 @@
 //! own for task endings and quarantine. Senders are operators with the `signal`
 //! role, each with its own token, so every signal is attributed in the audit log.
 
+use crate::audit::event;
+use crate::broker::{Lapse, Operator};
 use crate::config::Role;
-use crate::error::ApiError;
-use crate::service::{Lapse, Operator, event};
+use crate::error::BrokerError;
 use lapse_core::{Grant, GrantId, GrantState};
 use lapse_store::{GrantFilter, WriteBatch};
 use serde::Deserialize;
@@ -65,26 +66,26 @@ fn short_type(kind: &str) -> Option<&'static str> {
 
 impl Lapse {
     /// Ends every pending or active grant `signal` matches; answers their ids.
-    pub async fn signal(&self, op: &Operator, signal: Signal) -> Result<Vec<GrantId>, ApiError> {
+    pub async fn signal(&self, op: &Operator, signal: Signal) -> Result<Vec<GrantId>, BrokerError> {
         op.require(Role::Signal)?;
         let kind = short_type(&signal.kind).ok_or_else(|| {
-            ApiError::InvalidRequest(format!(
+            BrokerError::InvalidRequest(format!(
                 "unknown signal type `{}`; known: {}",
-                crate::service::clip(&signal.kind),
+                crate::error::clip(&signal.kind),
                 TYPES.join(", ")
             ))
         })?;
         let s = &signal.subject;
         if s.workload.is_none() && s.task.is_none() && s.grant.is_none() {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`subject` needs a `workload`, a `task` or a `grant`".into(),
             ));
         }
         let mut matched: Vec<Grant> = Vec::new();
         if let Some(id) = &s.grant {
-            let id: GrantId = id
-                .parse()
-                .map_err(|e: lapse_core::IdParseError| ApiError::InvalidRequest(e.to_string()))?;
+            let id: GrantId = id.parse().map_err(|e: lapse_core::IdParseError| {
+                BrokerError::InvalidRequest(e.to_string())
+            })?;
             matched.extend(self.store.grant(id).await?);
         } else {
             for state in [GrantState::Active, GrantState::Pending] {
@@ -129,7 +130,7 @@ impl Lapse {
                 ..Default::default()
             })
             .await?;
-            return Err(ApiError::Forbidden(format!(
+            return Err(BrokerError::Forbidden(format!(
                 "operator `{}` may signal only grants on its audiences ({})",
                 op.name,
                 op.audiences.join(", ")
@@ -141,7 +142,7 @@ impl Lapse {
             if signal.reason.is_empty() {
                 String::new()
             } else {
-                format!(": {}", crate::service::clip(&signal.reason))
+                format!(": {}", crate::error::clip(&signal.reason))
             }
         );
         // A quarantine outlives the grants it ends: the workload named, or the
@@ -183,7 +184,7 @@ impl Lapse {
                 json!({
                     "type": kind,
                     "subject": { "workload": s.workload, "task": s.task, "grant": s.grant },
-                    "reason": crate::service::clip(&signal.reason),
+                    "reason": crate::error::clip(&signal.reason),
                     "event_timestamp": signal.event_timestamp,
                     "matched": matched.len(),
                     // Matched the subject but on audiences the sender is not bound to.
@@ -214,7 +215,7 @@ impl Lapse {
                         ended.push(id);
                         break;
                     }
-                    Err(ApiError::Conflict(_)) if attempt < 4 => {
+                    Err(BrokerError::Conflict(_)) if attempt < 4 => {
                         match self.store.grant(id).await? {
                             Some(fresh) if !fresh.state.is_ended() => g = fresh,
                             _ => break,
@@ -227,11 +228,11 @@ impl Lapse {
         Ok(ended)
     }
 
-    async fn deny_request_as(&self, g: Grant, by: &str, why: &str) -> Result<(), ApiError> {
+    async fn deny_request_as(&self, g: Grant, by: &str, why: &str) -> Result<(), BrokerError> {
         let denied = g
             .clone()
             .deny(self.now(), by, why)
-            .map_err(crate::service::lifecycle)?;
+            .map_err(crate::error::lifecycle)?;
         self.commit(WriteBatch {
             grants: vec![lapse_store::GrantWrite::Update {
                 grant: denied,

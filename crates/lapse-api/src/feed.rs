@@ -7,13 +7,14 @@
 //! second tells a quiet gate the feed is alive and how far it goes, which is what
 //! its staleness bound measures.
 
-use crate::config::Role;
 use crate::error::ApiError;
-use crate::service::Lapse;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use lapse_broker::BrokerError;
+use lapse_broker::Lapse;
+use lapse_broker::config::Role;
 use serde::Deserialize;
 use serde_json::json;
 use std::convert::Infallible;
@@ -31,11 +32,11 @@ pub struct FeedQuery {
     limit: Option<usize>,
 }
 
-fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, BrokerError> {
     match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         None => Ok(None),
         Some(v) => v.trim().parse().map(Some).map_err(|_| {
-            ApiError::InvalidRequest("`Last-Event-ID` must be a sequence number".into())
+            BrokerError::InvalidRequest("`Last-Event-ID` must be a sequence number".into())
         }),
     }
 }
@@ -58,7 +59,7 @@ pub async fn feed(
     if op.require(Role::Gate).is_err() {
         op.require(Role::Read)?;
     }
-    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(q) = q.map_err(|e| BrokerError::InvalidRequest(e.body_text()))?;
     let after = match last_event_id(&headers)? {
         Some(id) => id,
         None => q.after.unwrap_or(0),

@@ -5,17 +5,19 @@
 //! `lapse workloads release`). Setting and lifting are audited in the same commit
 //! as the change.
 
+use crate::audit::event;
+use crate::broker::{Lapse, Operator};
 use crate::config::Role;
-use crate::error::ApiError;
-use crate::service::{Lapse, Operator, clip, event};
+use crate::error::BrokerError;
+use crate::error::clip;
 use lapse_core::AccessRequest;
 use lapse_store::{Quarantine, QuarantineChange, WriteBatch};
 use serde_json::json;
 
 /// The refusal a quarantined workload gets: what blocks it, since when, by whom,
 /// and how it is lifted.
-fn refusal(q: &Quarantine) -> ApiError {
-    ApiError::AccessDenied {
+fn refusal(q: &Quarantine) -> BrokerError {
+    BrokerError::AccessDenied {
         description: format!(
             "workload `{}` is quarantined (by `{}`: {}); an operator lifts it with `lapse workloads release {}`",
             clip(&q.workload),
@@ -41,7 +43,7 @@ impl Lapse {
         request: &AccessRequest,
         nonce: Option<lapse_store::Nonce>,
         step: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BrokerError> {
         let Some(q) = self.store.quarantine(&request.workload.id).await? else {
             return Ok(());
         };
@@ -82,7 +84,7 @@ impl Lapse {
     }
 
     /// Every quarantine standing.
-    pub async fn quarantines(&self, op: &Operator) -> Result<Vec<Quarantine>, ApiError> {
+    pub async fn quarantines(&self, op: &Operator) -> Result<Vec<Quarantine>, BrokerError> {
         op.require(Role::Read)?;
         Ok(self.store.quarantines().await?)
     }
@@ -93,15 +95,15 @@ impl Lapse {
         op: &Operator,
         workload: &str,
         reason: &str,
-    ) -> Result<Quarantine, ApiError> {
+    ) -> Result<Quarantine, BrokerError> {
         op.require(Role::Admin)?;
         if reason.trim().is_empty() {
-            return Err(ApiError::InvalidRequest(
+            return Err(BrokerError::InvalidRequest(
                 "`reason` is required: say why the workload can be trusted again".into(),
             ));
         }
         let q = self.store.quarantine(workload).await?.ok_or_else(|| {
-            ApiError::NotFound(format!("workload `{}` is not quarantined", clip(workload)))
+            BrokerError::NotFound(format!("workload `{}` is not quarantined", clip(workload)))
         })?;
         self.commit(WriteBatch {
             events: vec![event(
