@@ -5,8 +5,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = lapse_server::config::Config::parse(text);
-        let _ = text.parse::<lapse_server::limits::Rate>();
+        let _ = lapse_broker::config::Config::parse(text);
+        let _ = text.parse::<lapse_broker::limits::Rate>();
         let _ = text.parse::<lapse_core::TtlDuration>();
     }
 });

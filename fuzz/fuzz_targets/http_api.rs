@@ -30,12 +30,12 @@ static SETUP: LazyLock<Setup> = LazyLock::new(|| {
         let addr = "127.0.0.1:7800".parse().expect("addr");
         let (mut cfg, _, admin) =
             lapse_server::dev::prepare(&dir.path().join("data"), addr).expect("dev config");
-        cfg.limits.token_per_source = lapse_server::limits::Rate::off();
-        cfg.limits.token_per_workload = lapse_server::limits::Rate::off();
+        cfg.limits.token_per_source = lapse_broker::limits::Rate::off();
+        cfg.limits.token_per_workload = lapse_broker::limits::Rate::off();
         let lapse = lapse_server::build(cfg, Arc::new(lapse_core::SystemClock))
             .await
             .expect("broker");
-        (lapse_server::http::router(lapse), admin)
+        (lapse_api::router(lapse, lapse_console::routes(axum::Router::new())), admin)
     });
     Setup {
         rt,

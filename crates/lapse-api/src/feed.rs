@@ -55,7 +55,7 @@ pub async fn feed(
     headers: HeaderMap,
     q: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let op = s.operator(crate::http::authorization(&headers))?;
+    let op = s.operator(crate::extract::authorization(&headers))?;
     if op.require(Role::Gate).is_err() {
         op.require(Role::Read)?;
     }

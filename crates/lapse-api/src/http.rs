@@ -1,6 +1,7 @@
 //! The HTTP surface. Handlers parse, call the service, and shape the answer.
 
 use crate::error::ApiError;
+use crate::extract::{MAX_BODY, authorization, body, dpop_headers, form, json_body, optional_json};
 use crate::openapi;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -26,7 +27,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub const MAX_BODY: usize = 64 * 1024;
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const TT_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
@@ -191,75 +191,6 @@ async fn limit_time(State(s): State<AppState>, req: Request, next: Next) -> Resp
         )))
         .into_response(),
     }
-}
-
-fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    b.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!("request body exceeds {} KiB", MAX_BODY / 1024))
-        } else {
-            BrokerError::InvalidRequest(format!("cannot read body: {e}")).into()
-        }
-    })
-}
-
-/// Parses a form body; each parameter at most once (RFC 6749 section 3.2).
-fn form(headers: &HeaderMap, b: &[u8]) -> Result<HashMap<String, String>, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ct.split(';').next().is_some_and(|m| {
-        m.trim()
-            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-    }) {
-        return Err(ApiError::UnsupportedMediaType(
-            "expected `application/x-www-form-urlencoded`".into(),
-        ));
-    }
-    let mut out = HashMap::new();
-    for (k, v) in url::form_urlencoded::parse(b) {
-        if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(BrokerError::InvalidRequest(format!(
-                "parameter `{}` is repeated",
-                clip(&k)
-            ))
-            .into());
-        }
-    }
-    Ok(out)
-}
-
-fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, b: &[u8]) -> Result<T, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ct
-        .split(';')
-        .next()
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-    {
-        return Err(ApiError::UnsupportedMediaType(
-            "expected `application/json`".into(),
-        ));
-    }
-    Ok(serde_json::from_slice(b)
-        .map_err(|e| BrokerError::InvalidRequest(format!("invalid JSON body: {e}")))?)
-}
-
-fn dpop_headers(headers: &HeaderMap) -> Vec<&str> {
-    headers
-        .get_all("dpop")
-        .iter()
-        .map(|v| v.to_str().unwrap_or(""))
-        .collect()
-}
-
-pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
 }
 
 fn no_store(v: Value, status: StatusCode) -> Response {
@@ -787,18 +718,6 @@ struct ReasonBody {
     exit_status: Option<i32>,
     #[serde(default)]
     signal: Option<i32>,
-}
-
-/// A JSON body that may be left out (then every field takes its default).
-fn optional_json<T: Default + serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    b: &[u8],
-) -> Result<T, ApiError> {
-    if b.is_empty() {
-        Ok(T::default())
-    } else {
-        json_body(headers, b)
-    }
 }
 
 async fn complete(

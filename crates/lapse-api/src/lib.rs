@@ -10,6 +10,7 @@
 #![recursion_limit = "256"]
 
 pub mod error;
+mod extract;
 pub mod feed;
 pub mod http;
 mod openapi;

@@ -174,52 +174,7 @@ impl Lapse {
     ) -> Result<(Issued, Option<TtlCapped>), BrokerError> {
         let now = self.now();
         let policy = self.policy()?;
-        if let Some(a) = &input.audience
-            && *a != parent.request.audience
-        {
-            return Err(BrokerError::InvalidTarget(format!(
-                "a sub-agent token is for its parent's audience `{}`, not `{}`",
-                parent.request.audience,
-                clip(a)
-            )));
-        }
-        let actions = if input.actions.is_empty() {
-            parent.actions.clone()
-        } else {
-            input.actions.clone()
-        };
-        let request = AccessRequest {
-            workload: parent.request.workload.clone(),
-            task: Task {
-                id: parent.request.task.id.clone(),
-                purpose: if input.purpose.trim().is_empty() {
-                    parent.request.task.purpose.clone()
-                } else {
-                    input.purpose.clone()
-                },
-                ticket: parent.request.task.ticket.clone(),
-            },
-            audience: parent.request.audience.clone(),
-            actions,
-            requested_ttl_secs: input.ttl_secs.unwrap_or_else(|| parent.remaining_secs(now)),
-            context: RequestContext {
-                environment: parent.request.context.environment.clone(),
-                source: input.source,
-                time: now,
-                break_glass: parent.request.context.break_glass,
-                depth: parent.request.context.depth.saturating_add(1),
-                tool: None,
-            },
-            tools: input
-                .tools
-                .clone()
-                .unwrap_or_else(|| parent.request.tools.clone()),
-        };
-        if request.requested_ttl_secs == 0 {
-            return Err(BrokerError::InvalidRequest(
-                "`expires_in` must be at least 1 second".into(),
-            ));
-        }
+        let request = hop_request(parent, input, now)?;
         let act = match &parent.act {
             Some(chain) => json!({ "sub": actor, "act": chain }),
             None => json!({ "sub": actor }),
@@ -243,30 +198,8 @@ impl Lapse {
             policies,
         };
         let widening = Grant::may_delegate(parent, &request, now, self.cfg.max_delegation_depth)
-            .map_err(|e| match e {
-                lapse_core::LifecycleError::DelegationWidens { .. }
-                | lapse_core::LifecycleError::TooDeep { .. } => {
-                    BrokerError::InvalidScope(e.to_string())
-                }
-                other => lifecycle(other),
-            });
-        // A hop may need no more approval than its parent was given: approval is
-        // not asked for again mid-task, and is never skipped either.
-        let ttl_cap_secs = match &decision.outcome {
-            DecisionOutcome::Allow { ttl_cap_secs } => Ok(*ttl_cap_secs),
-            DecisionOutcome::ApprovalRequired {
-                approvals,
-                ttl_cap_secs,
-                ..
-            } if *approvals <= u32::try_from(parent.approvals.len()).unwrap_or(0) => {
-                Ok(*ttl_cap_secs)
-            }
-            DecisionOutcome::ApprovalRequired { approvals, .. } => Err(format!(
-                "policy requires {approvals} approvals and the parent grant has {}; a sub-agent cannot wait for approval",
-                parent.approvals.len()
-            )),
-            DecisionOutcome::Deny { reasons } => Err(reasons.join("; ")),
-        };
+            .map_err(delegation_error);
+        let ttl_cap_secs = hop_ttl_cap(parent, &decision.outcome);
         let new = NewGrant {
             id,
             request: request.clone(),
@@ -291,13 +224,7 @@ impl Lapse {
                 act.clone(),
                 self.cfg.max_delegation_depth,
             )
-            .map_err(|e| match e {
-                lapse_core::LifecycleError::DelegationWidens { .. }
-                | lapse_core::LifecycleError::TooDeep { .. } => {
-                    BrokerError::InvalidScope(e.to_string())
-                }
-                other => lifecycle(other),
-            }),
+            .map_err(delegation_error),
         };
         let child = match child {
             Ok(c) => c,
@@ -421,5 +348,90 @@ impl Lapse {
             out.push((d, e, ev));
         }
         Ok(out)
+    }
+}
+
+/// The request a hop makes: its parent's, for its parent's audience and task,
+/// one level deeper, with what the sub-agent asked to narrow.
+fn hop_request(
+    parent: &Grant,
+    input: &DelegationInput,
+    now: lapse_core::Timestamp,
+) -> Result<AccessRequest, BrokerError> {
+    if let Some(a) = &input.audience
+        && *a != parent.request.audience
+    {
+        return Err(BrokerError::InvalidTarget(format!(
+            "a sub-agent token is for its parent's audience `{}`, not `{}`",
+            parent.request.audience,
+            clip(a)
+        )));
+    }
+    let actions = if input.actions.is_empty() {
+        parent.actions.clone()
+    } else {
+        input.actions.clone()
+    };
+    let request = AccessRequest {
+        workload: parent.request.workload.clone(),
+        task: Task {
+            id: parent.request.task.id.clone(),
+            purpose: if input.purpose.trim().is_empty() {
+                parent.request.task.purpose.clone()
+            } else {
+                input.purpose.clone()
+            },
+            ticket: parent.request.task.ticket.clone(),
+        },
+        audience: parent.request.audience.clone(),
+        actions,
+        requested_ttl_secs: input.ttl_secs.unwrap_or_else(|| parent.remaining_secs(now)),
+        context: RequestContext {
+            environment: parent.request.context.environment.clone(),
+            source: input.source,
+            time: now,
+            break_glass: parent.request.context.break_glass,
+            depth: parent.request.context.depth.saturating_add(1),
+            tool: None,
+        },
+        tools: input
+            .tools
+            .clone()
+            .unwrap_or_else(|| parent.request.tools.clone()),
+    };
+    if request.requested_ttl_secs == 0 {
+        return Err(BrokerError::InvalidRequest(
+            "`expires_in` must be at least 1 second".into(),
+        ));
+    }
+    Ok(request)
+}
+
+/// A hop may need no more approval than its parent was given: approval is not
+/// asked for again mid-task, and is never skipped either. Answers the policy's
+/// TTL cap, or why the hop is refused.
+fn hop_ttl_cap(parent: &Grant, outcome: &DecisionOutcome) -> Result<Option<u64>, String> {
+    match outcome {
+        DecisionOutcome::Allow { ttl_cap_secs } => Ok(*ttl_cap_secs),
+        DecisionOutcome::ApprovalRequired {
+            approvals,
+            ttl_cap_secs,
+            ..
+        } if *approvals <= u32::try_from(parent.approvals.len()).unwrap_or(0) => Ok(*ttl_cap_secs),
+        DecisionOutcome::ApprovalRequired { approvals, .. } => Err(format!(
+            "policy requires {approvals} approvals and the parent grant has {}; a sub-agent cannot wait for approval",
+            parent.approvals.len()
+        )),
+        DecisionOutcome::Deny { reasons } => Err(reasons.join("; ")),
+    }
+}
+
+/// A hop that would widen its parent, or go too deep, is a scope error; any
+/// other lifecycle refusal is a conflict.
+fn delegation_error(e: lapse_core::LifecycleError) -> BrokerError {
+    match e {
+        lapse_core::LifecycleError::DelegationWidens { .. }
+        | lapse_core::LifecycleError::TooDeep { .. } => BrokerError::InvalidScope(e.to_string()),
+        other => lifecycle(other),
     }
 }

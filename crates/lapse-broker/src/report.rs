@@ -87,14 +87,64 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
             .saturating_sub(i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX)),
     );
     let mut findings: Vec<Finding> = Vec::new();
+    let log = read_log(&src, from).await?;
+    if let Some((seq, why)) = &log.chain.first_bad {
+        findings.push(Finding::new(
+            "audit_chain_broken",
+            format!("entry {seq}: {why}; nothing below can be proven"),
+        ));
+    }
+    let grants = src
+        .store
+        .grants(lapse_store::GrantFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await?;
+    grant_findings(&grants, src.cfg, from, now, &mut findings);
+    let targets = target_findings(&src, &grants, &mut findings).await;
+    let (open_within_lifetime, unended) = proof_findings(&log, &grants, now, &mut findings);
+    Ok(json!({
+        "generated_at": now,
+        "window": { "from": from, "to": now },
+        "ok": findings.is_empty(),
+        "findings": findings,
+        "proof": {
+            "audit_chain_verified": log.chain.ok(),
+            "audit_entries": log.chain.entries,
+            "issued_in_window": log.issued.len(),
+            "ended": log.issued.len() - open_within_lifetime - unended,
+            "still_active_within_lifetime": open_within_lifetime,
+            "unended": unended,
+        },
+        "targets": targets,
+        // Blocks standing on workloads: not access, but what an auditor asks
+        // next about a workload whose grants were ended by a signal.
+        "quarantined": src.store.quarantines().await?,
+    }))
+}
 
-    // 1. The audit chain itself, and what the proof (4.) needs from it: one read
-    // of the log.
+/// What the proof needs from the audit log, read once while its chain is verified.
+struct LogFacts {
+    chain: lapse_store::VerifyReport,
+    /// Grants issued in the window, and when.
+    issued: BTreeMap<String, i64>,
+    /// Grants whose end is recorded, and when.
+    ended: BTreeMap<String, i64>,
+    /// Credential name -> the grant it was created for.
+    created: BTreeMap<String, String>,
+    /// Credentials whose destroy is recorded, and when.
+    destroyed: BTreeMap<String, i64>,
+}
+
+/// Step 1: the audit chain itself, and what the proof (step 4) needs from it: one read of
+/// the log.
+async fn read_log(src: &Sources<'_>, from: Timestamp) -> Result<LogFacts, BrokerError> {
     let mut issued: BTreeMap<String, i64> = BTreeMap::new();
     let mut ended: BTreeMap<String, i64> = BTreeMap::new();
     let mut created: BTreeMap<String, String> = BTreeMap::new(); // credential -> grant
     let mut destroyed: BTreeMap<String, i64> = BTreeMap::new();
-    let audit = crate::audit::verify_audit_visiting(src.store, src.keys, |e| {
+    let chain = crate::audit::verify_audit_visiting(src.store, src.keys, |e| {
         let Some(g) = e.grant_id.clone() else {
             return;
         };
@@ -124,24 +174,27 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
         }
     })
     .await?;
-    if let Some((seq, why)) = &audit.first_bad {
-        findings.push(Finding::new(
-            "audit_chain_broken",
-            format!("entry {seq}: {why}; nothing below can be proven"),
-        ));
-    }
+    Ok(LogFacts {
+        chain,
+        issued,
+        ended,
+        created,
+        destroyed,
+    })
+}
 
-    // 2. Grants: active past expiry, kept alive too long, owed destroys.
-    let grants = src
-        .store
-        .grants(lapse_store::GrantFilter {
-            limit: 10_000,
-            ..Default::default()
-        })
-        .await?;
-    let span = src.cfg.standing_span.secs();
+/// Step 2, grants: active past expiry, kept alive too long, open reviews, owed
+/// destroys; and each workload's share of the window under some grant.
+fn grant_findings(
+    grants: &[lapse_core::Grant],
+    cfg: &crate::config::Config,
+    from: Timestamp,
+    now: Timestamp,
+    findings: &mut Vec<Finding>,
+) {
+    let span = cfg.standing_span.secs();
     let mut by_workload: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
-    for g in &grants {
+    for g in grants {
         if g.state == GrantState::Active && g.expires_at.plus_secs(EXPIRY_GRACE_SECS) < now {
             findings.push(Finding {
                 grant_id: Some(g.id.to_string()),
@@ -219,6 +272,17 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
             }
         }
     }
+    near_continuous(by_workload, cfg.standing_share, from, now, findings);
+}
+
+/// Workloads that held some grant for more than `limit` of the window.
+fn near_continuous(
+    by_workload: BTreeMap<&str, Vec<(i64, i64)>>,
+    limit: f64,
+    from: Timestamp,
+    now: Timestamp,
+    findings: &mut Vec<Finding>,
+) {
     let window_ms = now.millis().saturating_sub(from.millis()).max(1);
     for (workload, mut spans) in by_workload {
         spans.sort_unstable();
@@ -238,7 +302,7 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
             covered += ce - cs;
         }
         let share = covered as f64 / window_ms as f64;
-        if share > src.cfg.standing_share {
+        if share > limit {
             findings.push(Finding {
                 workload: Some(workload.to_owned()),
                 ..Finding::new(
@@ -248,8 +312,15 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
             });
         }
     }
+}
 
-    // 3. The targets: credentials with no active grant behind them.
+/// Step 3, the targets: credentials with no active grant behind them, and what sits in
+/// Lapse's namespace without being Lapse's. Answers each target's count.
+async fn target_findings(
+    src: &Sources<'_>,
+    grants: &[lapse_core::Grant],
+    findings: &mut Vec<Finding>,
+) -> Vec<Value> {
     let live: HashMap<&str, GrantState> = grants
         .iter()
         .flat_map(|g| {
@@ -335,15 +406,26 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
         }
     }
 
-    // 4. The proof from the log (read in 1.): every issue in the window has its end.
+    targets
+}
+
+/// Step 4, the proof from the log (read in step 1): every issue in the window has its end.
+/// Answers how many are still active within their lifetime, and how many have
+/// no end.
+fn proof_findings(
+    log: &LogFacts,
+    grants: &[lapse_core::Grant],
+    now: Timestamp,
+    findings: &mut Vec<Finding>,
+) -> (usize, usize) {
     let state: HashMap<String, (GrantState, Timestamp)> = grants
         .iter()
         .map(|g| (g.id.to_string(), (g.state, g.expires_at)))
         .collect();
     let mut open_within_lifetime = 0;
     let mut unended = 0;
-    for g in issued.keys() {
-        if ended.contains_key(g) {
+    for g in log.issued.keys() {
+        if log.ended.contains_key(g) {
             continue;
         }
         match state.get(g) {
@@ -360,9 +442,9 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
             }
         }
     }
-    for (name, g) in &created {
+    for (name, g) in &log.created {
         let grant_live = matches!(state.get(g), Some((GrantState::Active, _)));
-        if !destroyed.contains_key(name) && !grant_live {
+        if !log.destroyed.contains_key(name) && !grant_live {
             findings.push(Finding {
                 grant_id: Some(g.clone()),
                 credential: Some(name.clone()),
@@ -374,22 +456,5 @@ pub async fn standing_report(src: Sources<'_>, window_secs: u64) -> Result<Value
         }
     }
 
-    Ok(json!({
-        "generated_at": now,
-        "window": { "from": from, "to": now },
-        "ok": findings.is_empty(),
-        "findings": findings,
-        "proof": {
-            "audit_chain_verified": audit.ok(),
-            "audit_entries": audit.entries,
-            "issued_in_window": issued.len(),
-            "ended": issued.len() - open_within_lifetime - unended,
-            "still_active_within_lifetime": open_within_lifetime,
-            "unended": unended,
-        },
-        "targets": targets,
-        // Blocks standing on workloads: not access, but what an auditor asks
-        // next about a workload whose grants were ended by a signal.
-        "quarantined": src.store.quarantines().await?,
-    }))
+    (open_within_lifetime, unended)
 }

@@ -81,34 +81,7 @@ impl Lapse {
                 "`subject` needs a `workload`, a `task` or a `grant`".into(),
             ));
         }
-        let mut matched: Vec<Grant> = Vec::new();
-        if let Some(id) = &s.grant {
-            let id: GrantId = id.parse().map_err(|e: lapse_core::IdParseError| {
-                BrokerError::InvalidRequest(e.to_string())
-            })?;
-            matched.extend(self.store.grant(id).await?);
-        } else {
-            for state in [GrantState::Active, GrantState::Pending] {
-                matched.extend(
-                    self.store
-                        .grants(GrantFilter {
-                            state: Some(state),
-                            workload: s.workload.clone(),
-                            task: s.task.clone(),
-                            limit: 10_000,
-                            ..Default::default()
-                        })
-                        .await?,
-                );
-            }
-        }
-        matched.retain(|g| {
-            !g.state.is_ended()
-                && s.workload
-                    .as_ref()
-                    .is_none_or(|w| *w == g.request.workload.id)
-                && s.task.as_ref().is_none_or(|t| *t == g.request.task.id)
-        });
+        let matched = self.matching(s).await?;
         // A sender bound to audiences speaks for those only: grants on others that
         // its subject matches are left alone, and the record says how many.
         let (matched, out_of_scope): (Vec<Grant>, Vec<Grant>) = matched
@@ -199,6 +172,49 @@ impl Lapse {
             ..Default::default()
         })
         .await?;
+        self.end_matched(op, matched, &why).await
+    }
+
+    /// The pending and active grants a signal's subject names.
+    async fn matching(&self, s: &Subject) -> Result<Vec<Grant>, BrokerError> {
+        let mut matched: Vec<Grant> = Vec::new();
+        if let Some(id) = &s.grant {
+            let id: GrantId = id.parse().map_err(|e: lapse_core::IdParseError| {
+                BrokerError::InvalidRequest(e.to_string())
+            })?;
+            matched.extend(self.store.grant(id).await?);
+        } else {
+            for state in [GrantState::Active, GrantState::Pending] {
+                matched.extend(
+                    self.store
+                        .grants(GrantFilter {
+                            state: Some(state),
+                            workload: s.workload.clone(),
+                            task: s.task.clone(),
+                            limit: 10_000,
+                            ..Default::default()
+                        })
+                        .await?,
+                );
+            }
+        }
+        matched.retain(|g| {
+            !g.state.is_ended()
+                && s.workload
+                    .as_ref()
+                    .is_none_or(|w| *w == g.request.workload.id)
+                && s.task.as_ref().is_none_or(|t| *t == g.request.task.id)
+        });
+        Ok(matched)
+    }
+
+    /// Ends each matched grant (denies a pending one); answers the ids ended.
+    async fn end_matched(
+        &self,
+        op: &Operator,
+        matched: Vec<Grant>,
+        why: &str,
+    ) -> Result<Vec<GrantId>, BrokerError> {
         let mut ended = Vec::new();
         for mut g in matched {
             let id = g.id;
@@ -206,9 +222,9 @@ impl Lapse {
             // again and ended still; only one that ended by itself is skipped.
             for attempt in 0..5 {
                 let r = if g.state == GrantState::Pending {
-                    self.deny_request_as(g.clone(), &op.name, &why).await
+                    self.deny_request_as(g.clone(), &op.name, why).await
                 } else {
-                    self.revoke(g.clone(), &op.name, &why).await.map(|_| ())
+                    self.revoke(g.clone(), &op.name, why).await.map(|_| ())
                 };
                 match r {
                     Ok(()) => {
