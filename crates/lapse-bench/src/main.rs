@@ -53,7 +53,7 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
         /// PBKDF2 iterations of the SCRAM verifiers (the provider's default if unset).
-        #[arg(long, default_value_t = lapse_providers::scram::DEFAULT_ITERATIONS)]
+        #[arg(long, default_value_t = lapse_providers::postgres::scram::DEFAULT_ITERATIONS)]
         scram_iterations: u32,
     },
     /// A `lapse serve --dev` process held at a fixed rate of exchanges for a long

@@ -367,27 +367,23 @@ impl Config {
         if let Some(u) = &self.public_url {
             url::Url::parse(u).map_err(|e| format!("`public_url` `{u}` is not a URL: {e}"))?;
         }
-        let mut seen = std::collections::HashSet::new();
-        for p in &self.postgres {
-            if !self.audiences.iter().any(|a| a.id == p.audience) {
-                return Err(format!(
-                    "[[postgres]] audience `{}` is not declared in [[audience]]",
-                    p.audience
-                ));
-            }
-            if !seen.insert(p.audience.as_str()) {
-                return Err(format!(
-                    "two [[postgres]] entries for audience `{}`",
-                    p.audience
-                ));
-            }
-            p.validate()
-                .map_err(|e| format!("[[postgres]] `{}`: {e}", p.audience))?;
-        }
+        let audiences: std::collections::HashSet<&str> =
+            self.audiences.iter().map(|a| a.id.as_str()).collect();
+        lapse_providers::registry::validate(&self.providers(), &audiences)?;
         if !(0.0..=1.0).contains(&self.standing_share) {
             return Err("`standing_share` must be between 0 and 1".into());
         }
         Ok(())
+    }
+
+    /// Every provider table, whatever its kind.
+    pub fn providers(&self) -> Vec<lapse_providers::registry::ProviderConfig> {
+        use lapse_providers::registry::ProviderConfig;
+        self.postgres
+            .iter()
+            .cloned()
+            .map(ProviderConfig::Postgres)
+            .collect()
     }
 
     /// Where the signing key ring comes from.

@@ -76,12 +76,12 @@ async fn standing_offline(
     let mut providers: HashMap<String, Arc<dyn lapse_providers::CredentialProvider>> =
         HashMap::new();
     let mut notes = Vec::new();
-    for p in &cfg.postgres {
-        match lapse_providers::postgres::PostgresProvider::new(p.clone()) {
+    for table in cfg.providers() {
+        match table.build() {
             Ok(provider) => {
-                providers.insert(p.audience.clone(), Arc::new(provider));
+                providers.insert(table.audience().to_owned(), provider);
             }
-            Err(e) => notes.push(format!("target `{}` not checked: {e}", p.audience)),
+            Err(e) => notes.push(format!("target `{}` not checked: {e}", table.audience())),
         }
     }
     let mut v = lapse_broker::report::standing_report(

@@ -10,8 +10,7 @@
 //! it knew.
 
 pub mod postgres;
-pub mod scram;
-pub mod sql;
+pub mod registry;
 
 use async_trait::async_trait;
 use lapse_core::{GrantId, Timestamp};
@@ -83,6 +82,9 @@ pub struct Handout {
     pub audience: String,
     pub host: String,
     pub port: u16,
+    /// The database (PostgreSQL, MySQL) the credential logs in to; empty where
+    /// the target has none (Redis).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub dbname: String,
     pub username: String,
     pub password: String,
@@ -144,6 +146,15 @@ pub trait CredentialProvider: Send + Sync + 'static {
     /// The credential's name for `grant`: deterministic, so a retry after a crash
     /// finds the same thing.
     fn name_for(&self, grant: GrantId) -> String;
+    /// Sets up what every credential of this target shares (group roles, ACL
+    /// templates) and checks the admin account holds what [`Self::destroy`] will
+    /// need, so a missing privilege shows at start, not at the first revoke.
+    /// Idempotent; the broker retries it before the first credential when the
+    /// target was down at start.
+    async fn prepare(&self) -> Result<(), ProviderError>;
+    /// The actions among `actions` this provider's config gives no privileges:
+    /// a credential for them can log in and do nothing (warned at start).
+    fn unmapped(&self, actions: &[&str]) -> Vec<String>;
     /// Creates it; everything or nothing.
     async fn create(
         &self,
@@ -157,6 +168,8 @@ pub trait CredentialProvider: Send + Sync + 'static {
     async fn destroy(&self, name: &str) -> Result<Destroyed, ProviderError>;
     /// Every credential in the target marked as made by Lapse for this target.
     async fn list(&self) -> Result<Vec<Existing>, ProviderError>;
+    /// The live sessions (connections) of the credential `name`.
+    async fn sessions(&self, name: &str) -> Result<i64, ProviderError>;
     /// What looks like Lapse's but is not: see [`Stray`]. Providers whose targets
     /// have no such namespace find nothing.
     async fn strays(&self) -> Result<Vec<Stray>, ProviderError> {

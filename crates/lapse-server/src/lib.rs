@@ -79,19 +79,19 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
         String,
         Arc<dyn lapse_providers::CredentialProvider>,
     > = std::collections::HashMap::new();
-    for p in &cfg.postgres {
-        let provider = lapse_providers::postgres::PostgresProvider::new(p.clone())?;
-        // The database may come up after Lapse: a failure here is logged and the
+    let actions: Vec<&str> = policy.actions().iter().map(String::as_str).collect();
+    for table in cfg.providers() {
+        let provider = table.build()?;
+        let (kind, audience) = (table.kind(), table.audience());
+        // The target may come up after Lapse: a failure here is logged and the
         // setup retried before the first credential.
         if let Err(e) = provider.prepare().await {
-            tracing::error!(audience = %p.audience, error = %e, "postgres provider not ready; credentials for it fail until it is");
+            tracing::error!(provider = kind, audience = %audience, error = %e, "provider not ready; credentials for it fail until it is");
         }
-        for action in policy.actions() {
-            if !provider.groups().contains_key(action) {
-                tracing::warn!(audience = %p.audience, action = %action, "no [[postgres.grant]] for this action: its database role gets no privileges for it");
-            }
+        for action in provider.unmapped(&actions) {
+            tracing::warn!(provider = kind, audience = %audience, action = %action, "the provider table maps no privileges to this action: its credential can do nothing for it");
         }
-        providers.insert(p.audience.clone(), Arc::new(provider));
+        providers.insert(audience.to_owned(), provider);
     }
     let webhook = cfg.webhook.clone();
     let tls = cfg

@@ -154,7 +154,7 @@ impl Target {
             public_host: None,
             public_port: None,
             pool_size: 4,
-            scram_iterations: lapse_providers::scram::DEFAULT_ITERATIONS,
+            scram_iterations: lapse_providers::postgres::scram::DEFAULT_ITERATIONS,
             grants: vec![
                 PrivilegeConfig {
                     action: "read".into(),

@@ -30,7 +30,9 @@
 //! owner), and (PostgreSQL 15+)
 //! `GRANT SET ON PARAMETER log_statement` when statement logging is on.
 
-use crate::sql::{self, QuoteError};
+pub mod scram;
+pub mod sql;
+
 use crate::{
     CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret, Stray,
     StrayKind,
@@ -38,6 +40,7 @@ use crate::{
 use async_trait::async_trait;
 use lapse_core::{GrantId, Timestamp};
 use serde::Deserialize;
+use sql::QuoteError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,7 +107,7 @@ pub struct PostgresConfig {
     #[serde(default = "default_pool")]
     pub pool_size: usize,
     /// PBKDF2 iterations of the SCRAM-SHA-256 verifier (1..=1,000,000). See
-    /// [`crate::scram::DEFAULT_ITERATIONS`] for why the default is low for
+    /// [`scram::DEFAULT_ITERATIONS`] for why the default is low for
     /// Lapse's 256-bit generated passwords.
     #[serde(default = "default_scram_iterations")]
     pub scram_iterations: u32,
@@ -135,7 +138,7 @@ fn default_pool() -> usize {
     8
 }
 fn default_scram_iterations() -> u32 {
-    crate::scram::DEFAULT_ITERATIONS
+    scram::DEFAULT_ITERATIONS
 }
 
 impl PostgresConfig {
@@ -167,10 +170,10 @@ impl PostgresConfig {
                     .into(),
             );
         }
-        if !(1..=crate::scram::MAX_ITERATIONS).contains(&self.scram_iterations) {
+        if !(1..=scram::MAX_ITERATIONS).contains(&self.scram_iterations) {
             return Err(format!(
                 "`scram_iterations` must be 1..={}",
-                crate::scram::MAX_ITERATIONS
+                scram::MAX_ITERATIONS
             ));
         }
         if self.pool_size == 0 || self.pool_size > 64 {
@@ -453,12 +456,11 @@ impl PostgresProvider {
     /// Runs once per process before the first credential; idempotent. Privileges on
     /// the schemas' relations are kept current on every issue
     /// ([`Self::sync_privileges`]).
-    pub async fn prepare(&self) -> Result<(), ProviderError> {
+    async fn prepare_groups(&self) -> Result<(), ProviderError> {
         self.prepared
             .get_or_try_init(|| async {
                 let c = self.pool.get().await?;
-                let mut by_action: BTreeMap<&str, Vec<&crate::postgres::PrivilegeConfig>> =
-                    BTreeMap::new();
+                let mut by_action: BTreeMap<&str, Vec<&PrivilegeConfig>> = BTreeMap::new();
                 for g in &self.cfg.grants {
                     by_action.entry(g.action.as_str()).or_default().push(g);
                 }
@@ -511,7 +513,7 @@ impl PostgresProvider {
     /// (the usual case); one more transaction when something is. [`Self::create`]
     /// runs it first; exposed so an operator tool (or a test) can run it alone.
     pub async fn sync_privileges(&self, actions: &[String]) -> Result<(), ProviderError> {
-        self.prepare().await?;
+        self.prepare_groups().await?;
         let c = self.pool.get().await?;
         self.grant_current(&c, actions).await
     }
@@ -630,7 +632,11 @@ impl PostgresProvider {
         Ok(())
     }
 
-    async fn sessions(&self, c: &tokio_postgres::Client, name: &str) -> Result<i64, ProviderError> {
+    async fn sessions_on(
+        &self,
+        c: &tokio_postgres::Client,
+        name: &str,
+    ) -> Result<i64, ProviderError> {
         let row = c
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
@@ -657,12 +663,29 @@ impl CredentialProvider for PostgresProvider {
         format!("{}_{grant}", self.cfg.role_prefix)
     }
 
+    async fn prepare(&self) -> Result<(), ProviderError> {
+        self.prepare_groups().await
+    }
+
+    fn unmapped(&self, actions: &[&str]) -> Vec<String> {
+        actions
+            .iter()
+            .filter(|a| !self.groups.contains_key(**a))
+            .map(|a| (*a).to_owned())
+            .collect()
+    }
+
+    async fn sessions(&self, name: &str) -> Result<i64, ProviderError> {
+        let c = self.pool.get().await?;
+        self.sessions_on(&c, name).await
+    }
+
     async fn create(
         &self,
         spec: &CredentialSpec,
         secret: &Secret,
     ) -> Result<Handout, ProviderError> {
-        self.prepare().await?;
+        self.prepare_groups().await?;
         let name = sql::ident(&spec.name).map_err(q)?;
         let mut groups: Vec<String> = Vec::new();
         for a in &spec.actions {
@@ -678,9 +701,8 @@ impl CredentialProvider for PostgresProvider {
         // admin connection brings the groups' privileges up to date.
         let password = secret.clone();
         let iterations = self.cfg.scram_iterations;
-        let stretch = tokio::task::spawn_blocking(move || {
-            crate::scram::verifier(password.expose(), iterations)
-        });
+        let stretch =
+            tokio::task::spawn_blocking(move || scram::verifier(password.expose(), iterations));
         let (verifier, granted) = tokio::join!(stretch, self.grant_current(&c, &spec.actions));
         granted?;
         let verifier = verifier.map_err(|e| ProviderError::Step {
@@ -766,10 +788,10 @@ impl CredentialProvider for PostgresProvider {
             .try_into()
             .unwrap_or(i64::MAX);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        let mut left = self.sessions(&c, name).await?;
+        let mut left = self.sessions_on(&c, name).await?;
         while left > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            left = self.sessions(&c, name).await?;
+            left = self.sessions_on(&c, name).await?;
         }
         if left > 0 {
             return Err(ProviderError::SessionsLeft {
