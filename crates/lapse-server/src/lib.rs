@@ -234,6 +234,18 @@ where
     F: Fn(Arc<Lapse>) -> Fut,
     Fut: Future<Output = Result<usize, BrokerError>>,
 {
+    // The first pass waits for the lease rather than for a whole period: a
+    // replica that starts (or takes over) runs the reconciler as soon as it leads,
+    // not `reconcile_interval` later.
+    let retry = Duration::from_millis(100).min(period);
+    loop {
+        if let Some(r) = lapse.run_as_leader(pass(lapse.clone())).await {
+            log_pass(what, r);
+            break;
+        }
+        tokio::time::sleep(retry).await;
+    }
+    tokio::time::sleep(period).await;
     every(period, what, || {
         let l = lapse.clone();
         let run = pass(l.clone());
@@ -253,11 +265,16 @@ where
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match pass().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(count = n, "{what}"),
-            Err(e) => tracing::warn!(error = %e, "{what}: pass failed; will retry"),
-        }
+        log_pass(what, pass().await);
+    }
+}
+
+/// How many things a pass acted on, or why it failed (the next tick retries).
+fn log_pass(what: &str, r: Result<usize, BrokerError>) {
+    match r {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "{what}"),
+        Err(e) => tracing::warn!(error = %e, "{what}: pass failed; will retry"),
     }
 }
 
