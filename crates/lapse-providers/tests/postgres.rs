@@ -485,3 +485,27 @@ async fn privilege_sync_cost() {
     }
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_that_cannot_end_sessions_is_found_at_prepare() {
+    let t = Target::new().await;
+    t.su.batch_execute(&format!("REVOKE pg_signal_backend FROM {}", t.admin))
+        .await
+        .unwrap();
+    let err = t.provider().prepare().await.unwrap_err().to_string();
+    assert!(err.contains("pg_signal_backend"), "{err}");
+    assert!(!err.contains("CREATEROLE"), "{err}");
+    t.su.batch_execute(&format!("ALTER ROLE {} NOCREATEROLE", t.admin))
+        .await
+        .unwrap();
+    let err = t.provider().prepare().await.unwrap_err().to_string();
+    assert!(err.contains("CREATEROLE"), "{err}");
+    t.su.batch_execute(&format!(
+        "ALTER ROLE {0} CREATEROLE; GRANT pg_signal_backend TO {0}",
+        t.admin
+    ))
+    .await
+    .unwrap();
+    t.provider().prepare().await.unwrap();
+    t.cleanup().await;
+}

@@ -460,6 +460,7 @@ impl PostgresProvider {
         self.prepared
             .get_or_try_init(|| async {
                 let c = self.pool.get().await?;
+                self.check_admin(&c).await?;
                 let mut by_action: BTreeMap<&str, Vec<&PrivilegeConfig>> = BTreeMap::new();
                 for g in &self.cfg.grants {
                     by_action.entry(g.action.as_str()).or_default().push(g);
@@ -504,6 +505,37 @@ impl PostgresProvider {
             })
             .await
             .map(|_| ())
+    }
+
+    /// The admin role must be able to do what a revoke needs, found now rather
+    /// than at the first revoke: create and alter roles (`CREATEROLE`) and end
+    /// other roles' sessions (`pg_signal_backend`).
+    async fn check_admin(&self, c: &tokio_postgres::Client) -> Result<(), ProviderError> {
+        let row = c
+            .query_one(
+                "SELECT rolsuper, rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(self.step("check the admin role"))?;
+        let (superuser, createrole, signal): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let mut missing = Vec::new();
+        if !superuser && !createrole {
+            missing.push("CREATEROLE");
+        }
+        if !superuser && !signal {
+            missing.push("membership in pg_signal_backend (to end sessions)");
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(ProviderError::Config(format!(
+                "[[postgres]] `{}`: the admin role lacks {}",
+                self.cfg.audience,
+                missing.join(" and ")
+            )))
+        }
     }
 
     /// Grants the groups of `actions` what they lack on the relations of their
