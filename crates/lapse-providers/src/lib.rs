@@ -9,6 +9,7 @@
 //! it succeeds, and a retry must not fail because the first attempt got further than
 //! it knew.
 
+pub mod mysql;
 pub mod postgres;
 pub mod registry;
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     Postgres(crate::postgres::PostgresConfig),
+    Mysql(crate::mysql::MysqlConfig),
 }
 
 impl ProviderConfig {
@@ -18,6 +19,7 @@ impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Postgres(_) => "postgres",
+            Self::Mysql(_) => "mysql",
         }
     }
 
@@ -25,6 +27,7 @@ impl ProviderConfig {
     pub fn audience(&self) -> &str {
         match self {
             Self::Postgres(c) => &c.audience,
+            Self::Mysql(c) => &c.audience,
         }
     }
 
@@ -32,6 +35,7 @@ impl ProviderConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::Postgres(c) => c.validate(),
+            Self::Mysql(c) => c.validate(),
         }
     }
 
@@ -39,6 +43,7 @@ impl ProviderConfig {
     pub fn build(&self) -> Result<Arc<dyn CredentialProvider>, ProviderError> {
         Ok(match self {
             Self::Postgres(c) => Arc::new(crate::postgres::PostgresProvider::new(c.clone())?),
+            Self::Mysql(c) => Arc::new(crate::mysql::MysqlProvider::new(c.clone())?),
         })
     }
 }
