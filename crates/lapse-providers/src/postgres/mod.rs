@@ -519,7 +519,8 @@ impl PostgresProvider {
             )
             .await
             .map_err(self.step("check the admin role"))?;
-        let (superuser, createrole, signal): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let (superuser, createrole, signal): (bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2));
         let mut missing = Vec::new();
         if !superuser && !createrole {
             missing.push("CREATEROLE");
