@@ -54,12 +54,23 @@ async fn start(dir: PathBuf, target: &Target, clock: Arc<dyn Clock>, quiet: bool
         .unwrap_or_else(|e| panic!("{e}"));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let l2 = lapse.clone();
+    let quiet_start = quiet.then(|| lapse.clone());
     let task = tokio::spawn(async move {
         let _ = lapse_server::serve(l2, listener, async {
             let _ = rx.await;
         })
         .await;
     });
+    if let Some(l) = quiet_start {
+        // A replica runs the reconciler and the cleanup once as soon as it leads;
+        // a quiet test starts after those first passes, so only it drives them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !l.leading() {
+            assert!(Instant::now() < deadline, "never took the leader lease");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     Server {
         url: format!("http://{addr}"),
         dir,
