@@ -92,7 +92,7 @@ impl Lapse {
                 .pend(decided, approvals, ttl_cap_secs, approvers, proof)
                 .await?),
             DecisionOutcome::Allow { ttl_cap_secs } => {
-                self.issue(decided, ttl_cap_secs, proof, now).await
+                self.issue(decided, ttl_cap_secs, proof).await
             }
         }
     }
@@ -376,8 +376,8 @@ impl Lapse {
         d: Decided,
         ttl_cap_secs: Option<u64>,
         proof: &DpopProof,
-        now: Timestamp,
     ) -> Result<Issued, BrokerError> {
+        let now = d.new.now;
         let actor = d.new.request.workload.id.clone();
         let break_glass = d.new.request.context.break_glass;
         // Break-glass access is short whatever the policy says.

@@ -39,6 +39,30 @@ pub enum ProviderError {
     Config(String),
 }
 
+/// Reads an admin secret (a connection string or URL) from where a provider
+/// table's `admin_url` points: `env:NAME` or `file:/path`, never the string
+/// itself, so config files can be shared and logged.
+pub fn read_admin_secret(source: &str, audience: &str) -> Result<String, ProviderError> {
+    let cfg = |m: String| ProviderError::Config(m);
+    if let Some(var) = source.strip_prefix("env:") {
+        std::env::var(var).map_err(|_| {
+            cfg(format!(
+                "audience `{audience}`: environment variable `{var}` (admin_url) is not set"
+            ))
+        })
+    } else if let Some(path) = source.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| {
+                cfg(format!(
+                    "audience `{audience}`: admin_url file `{path}`: {e}"
+                ))
+            })
+    } else {
+        Err(cfg("`admin_url` must be env:NAME or file:/path".into()))
+    }
+}
+
 /// A secret Lapse generated. Its `Debug` never shows it.
 #[derive(Clone)]
 pub struct Secret(String);

@@ -299,26 +299,7 @@ impl MysqlConfig {
 
     /// Reads the admin URL from where `admin_url` points.
     fn admin_url(&self) -> Result<String, ProviderError> {
-        let cfg = |m: String| ProviderError::Config(m);
-        if let Some(var) = self.admin_url.strip_prefix("env:") {
-            std::env::var(var).map_err(|_| {
-                cfg(format!(
-                    "audience `{}`: environment variable `{var}` (admin_url) is not set",
-                    self.audience
-                ))
-            })
-        } else if let Some(path) = self.admin_url.strip_prefix("file:") {
-            std::fs::read_to_string(path)
-                .map(|s| s.trim().to_owned())
-                .map_err(|e| {
-                    cfg(format!(
-                        "audience `{}`: admin_url file `{path}`: {e}",
-                        self.audience
-                    ))
-                })
-        } else {
-            Err(cfg("`admin_url` must be env:NAME or file:/path".into()))
-        }
+        crate::read_admin_secret(&self.admin_url, &self.audience)
     }
 }
 
