@@ -74,6 +74,9 @@ pub struct Config {
     /// Dynamic PostgreSQL users, one `[[postgres]]` per audience.
     #[serde(default, rename = "postgres")]
     pub postgres: Vec<lapse_providers::postgres::PostgresConfig>,
+    /// Dynamic MariaDB/MySQL accounts, one `[[mysql]]` per audience.
+    #[serde(default, rename = "mysql")]
+    pub mysql: Vec<lapse_providers::mysql::MysqlConfig>,
     /// How often the reconciler compares targets with the store (also at start).
     #[serde(default = "default_reconcile_interval")]
     pub reconcile_interval: TtlDuration,
@@ -379,11 +382,9 @@ impl Config {
     /// Every provider table, whatever its kind.
     pub fn providers(&self) -> Vec<lapse_providers::registry::ProviderConfig> {
         use lapse_providers::registry::ProviderConfig;
-        self.postgres
-            .iter()
-            .cloned()
-            .map(ProviderConfig::Postgres)
-            .collect()
+        let postgres = self.postgres.iter().cloned().map(ProviderConfig::Postgres);
+        let mysql = self.mysql.iter().cloned().map(ProviderConfig::Mysql);
+        postgres.chain(mysql).collect()
     }
 
     /// Where the signing key ring comes from.
@@ -524,6 +525,57 @@ audience = "lapse"
         .err()
         .unwrap_or_default();
         assert!(e.contains("audiance"), "{e}");
+    }
+
+    /// Every provider kind is read from its own table and goes through one
+    /// registry check: its audience must be declared, one table per audience.
+    #[test]
+    fn provider_tables_of_every_kind_meet_in_one_registry() -> Result<(), String> {
+        let tables = r#"
+[[audience]]
+id = "orders-db"
+[[audience]]
+id = "orders-mysql"
+[[postgres]]
+audience = "orders-db"
+admin_url = "env:PG_ADMIN"
+[[postgres.grant]]
+action = "read"
+schema = "orders"
+privileges = ["SELECT", "INSERT"]
+[[mysql]]
+audience = "orders-mysql"
+admin_url = "env:MYSQL_ADMIN"
+[[mysql.grant]]
+action = "read"
+database = "app"
+privileges = ["SELECT"]
+"#;
+        let c = Config::parse(&format!("{MIN}{tables}"))?;
+        let kinds: Vec<_> = c.providers().iter().map(|p| p.kind()).collect();
+        assert_eq!(kinds, ["postgres", "mysql"]);
+
+        let unknown = tables.replace("audience = \"orders-mysql\"", "audience = \"nope\"");
+        let e = Config::parse(&format!("{MIN}{unknown}"))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("[[mysql]] audience `nope`"), "{e}");
+
+        let twice = tables.replace("audience = \"orders-mysql\"", "audience = \"orders-db\"");
+        let e = Config::parse(&format!("{MIN}{twice}"))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("two provider tables ([[mysql]]"), "{e}");
+
+        let all = tables.replace("privileges = [\"SELECT\"]", "privileges = [\"ALL\"]");
+        let e = Config::parse(&format!("{MIN}{all}"))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("[[mysql]] `orders-mysql`") && e.contains("`ALL`"),
+            "{e}"
+        );
+        Ok(())
     }
 
     #[test]

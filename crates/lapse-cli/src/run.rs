@@ -1140,17 +1140,65 @@ fn child_env(
         ),
     ];
     for c in issued["credentials"].as_array().into_iter().flatten() {
-        if c["type"] == "postgres" {
-            let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
-            vars.push(("PGHOST", s("host")));
-            vars.push(("PGPORT", c["port"].as_u64().unwrap_or(5432).to_string()));
-            vars.push(("PGDATABASE", s("dbname")));
-            vars.push(("PGUSER", s("username")));
-            vars.push(("PGPASSWORD", s("password")));
-        }
+        vars.extend(credential_vars(c));
     }
     Ok(vars
         .into_iter()
         .map(|(n, v)| (renames.get(n).cloned().unwrap_or_else(|| n.to_owned()), v))
         .collect())
+}
+
+/// The environment each client of a credential's kind reads by itself: libpq's
+/// `PG*`, the MariaDB/MySQL client's `MYSQL_HOST`/`MYSQL_TCP_PORT`/`MYSQL_PWD`
+/// (it takes the user only from `-u`, hence `MYSQL_USER` and `MYSQL_DATABASE`,
+/// the names the official images use), `redis-cli`'s `REDISCLI_AUTH`, and a
+/// URL (`MYSQL_URL`, `REDIS_URL`) for drivers that take one. The secrets are
+/// base64url and the names `[a-z0-9_]`, so they need no escaping in a URL.
+fn credential_vars(c: &Value) -> Vec<(&'static str, String)> {
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+    let port = |default: u64| c["port"].as_u64().unwrap_or(default).to_string();
+    let (host, user, password) = (s("host"), s("username"), s("password"));
+    let url_host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    match c["type"].as_str() {
+        Some("postgres") => vec![
+            ("PGHOST", host),
+            ("PGPORT", port(5432)),
+            ("PGDATABASE", s("dbname")),
+            ("PGUSER", user),
+            ("PGPASSWORD", password),
+        ],
+        Some("mysql") => {
+            let (port, db) = (port(3306), s("dbname"));
+            vec![
+                (
+                    "MYSQL_URL",
+                    format!("mysql://{user}:{password}@{url_host}:{port}/{db}"),
+                ),
+                ("MYSQL_HOST", host),
+                ("MYSQL_TCP_PORT", port),
+                ("MYSQL_DATABASE", db),
+                ("MYSQL_USER", user),
+                ("MYSQL_PWD", password),
+            ]
+        }
+        Some("redis") => {
+            let port = port(6379);
+            vec![
+                (
+                    "REDIS_URL",
+                    format!("redis://{user}:{password}@{url_host}:{port}"),
+                ),
+                ("REDIS_HOST", host),
+                ("REDIS_PORT", port),
+                ("REDIS_USERNAME", user),
+                ("REDIS_PASSWORD", password.clone()),
+                ("REDISCLI_AUTH", password),
+            ]
+        }
+        _ => Vec::new(),
+    }
 }

@@ -744,6 +744,100 @@ privileges = ["SELECT"]
     );
 }
 
+/// The MariaDB client takes host, port and password from `lapse run`'s
+/// environment by itself, the user and database from `MYSQL_USER` and
+/// `MYSQL_DATABASE`; the account is gone once the command is over.
+#[test]
+fn a_mysql_grant_is_usable_by_the_mariadb_client_and_gone_after_the_command() {
+    let root = std::env::var("LAPSE_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let url = url::Url::parse(&root).unwrap();
+    let as_root = |sql: &str| -> Output {
+        Command::new("mariadb")
+            .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+            .args(["-P", &url.port().unwrap_or(3306).to_string()])
+            .args(["-u", url.username(), "-N", "-B", "-e", sql])
+            .env("MYSQL_PWD", url.password().unwrap_or(""))
+            .output()
+            .unwrap_or_else(|e| panic!("the mariadb client is needed for this test: {e}"))
+    };
+    let sfx = format!("{:08x}", rand::random::<u32>());
+    let (db, marker, prefix) = (
+        format!("lapse_run_{sfx}"),
+        format!("lapse_runm_{sfx}"),
+        format!("lr{sfx}"),
+    );
+    let o = as_root(&format!(
+        "CREATE DATABASE {db}; CREATE TABLE {db}.items (id INT); INSERT INTO {db}.items VALUES (1), (2);"
+    ));
+    assert!(
+        o.status.success(),
+        "MariaDB is needed (LAPSE_TEST_MYSQL_URL): {}",
+        show(&o)
+    );
+    let mut admin = url.clone();
+    admin.set_path(&format!("/{db}"));
+    let url_file = std::env::temp_dir().join(format!("lapse-run-{sfx}.myurl"));
+    std::fs::write(&url_file, admin.as_str()).unwrap();
+    let b = Broker::start(&format!(
+        r#"
+[[mysql]]
+audience = "orders-db"
+admin_url = "file:{}"
+user_prefix = "{prefix}"
+marker_database = "{marker}"
+
+[[mysql.grant]]
+action = "read"
+database = "{db}"
+table = "items"
+privileges = ["SELECT"]
+"#,
+        url_file.display()
+    ));
+    let identity = b.dev_identity();
+    let client = |sql: &str| {
+        b.run(READ, &[("LAPSE_IDENTITY_TOKEN", &identity)])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                &format!("exec mariadb -u \"$MYSQL_USER\" -N -B -e \"{sql}\" \"$MYSQL_DATABASE\""),
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = client("SELECT CURRENT_USER(), COUNT(*) FROM items");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let line = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let (user, n) = line.split_once('\t').unwrap();
+    assert!(user.starts_with(&format!("{prefix}_")), "{line}");
+    assert_eq!(n, "2");
+    let o = client("INSERT INTO items VALUES (3)");
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("command denied"),
+        "{}",
+        show(&o)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = as_root(&format!(
+            "SELECT COUNT(*) FROM mysql.global_priv WHERE User LIKE '{prefix}\\_%'"
+        ));
+        if String::from_utf8_lossy(&o.stdout).trim() == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "accounts left: {}", show(&o));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(b);
+    let _ = std::fs::remove_file(&url_file);
+    let _ = as_root(&format!(
+        "DROP DATABASE IF EXISTS {db}; DROP DATABASE IF EXISTS {marker}"
+    ));
+}
+
 #[test]
 fn the_ci_example_policies_pass_their_own_tests() {
     for (name, _) in ISSUERS {

@@ -37,6 +37,7 @@ mod pg;
 /// The targets, one module each, in `conformance/`.
 #[path = "conformance"]
 mod targets {
+    pub mod mysql;
     pub mod postgres;
 }
 
@@ -546,4 +547,4 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(postgres);
+conformance!(postgres, mysql);
