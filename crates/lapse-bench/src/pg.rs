@@ -114,6 +114,10 @@ pub fn run(
     std::fs::write(&url_file, pg_url())?;
     let server = Server::start_with(None, |cfg, _| {
         cfg.postgres = vec![PostgresConfig {
+            idle_session_timeout: None,
+            statement_timeout: None,
+            creation: Vec::new(),
+            revocation: Vec::new(),
             audience: "orders-db".into(),
             admin_url: format!("file:{}", url_file.display()),
             role_prefix: prefix.clone(),
@@ -125,6 +129,8 @@ pub fn run(
             pool_size: 8,
             scram_iterations,
             grants: vec![PrivilegeConfig {
+                tables: Vec::new(),
+                functions: Vec::new(),
                 action: "read".into(),
                 schema: "lapse_bench".into(),
                 privileges: vec!["SELECT".into()],

@@ -35,6 +35,11 @@ pub enum ProviderError {
         name: String,
         left: i64,
     },
+    /// The target answered, and it cannot serve this config as it stands: the
+    /// admin lacks a privilege, a configured object does not exist. Found by
+    /// `prepare`; the broker refuses to start on it.
+    #[error("target `{target}` cannot serve its config: {message}")]
+    Unfit { target: String, message: String },
     #[error("provider config: {0}")]
     Config(String),
 }

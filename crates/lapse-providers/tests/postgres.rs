@@ -13,6 +13,7 @@
 //! password (SCRAM), so logging in as a generated role really uses its password.
 
 use lapse_core::{Clock, GrantId, SystemClock};
+use lapse_providers::ProviderError;
 use lapse_providers::postgres::{PostgresConfig, PostgresProvider, PrivilegeConfig};
 use lapse_providers::{CredentialProvider, CredentialSpec, Handout, Secret, StrayKind};
 use std::time::{Duration, Instant};
@@ -149,7 +150,16 @@ impl Target {
     }
 
     fn provider(&self) -> PostgresProvider {
-        PostgresProvider::new(PostgresConfig {
+        self.provider_with(|_| {})
+    }
+
+    /// The provider with the test's config changed by `change`.
+    fn provider_with(&self, change: impl FnOnce(&mut PostgresConfig)) -> PostgresProvider {
+        let mut cfg = PostgresConfig {
+            idle_session_timeout: None,
+            statement_timeout: None,
+            creation: Vec::new(),
+            revocation: Vec::new(),
             audience: "orders-db".into(),
             admin_url: format!("file:{}", self.url_file.display()),
             role_prefix: self.prefix.clone(),
@@ -162,11 +172,15 @@ impl Target {
             scram_iterations: 1,
             grants: vec![
                 PrivilegeConfig {
+                    tables: Vec::new(),
+                    functions: Vec::new(),
                     action: "read".into(),
                     schema: "orders".into(),
                     privileges: vec!["SELECT".into()],
                 },
                 PrivilegeConfig {
+                    tables: Vec::new(),
+                    functions: Vec::new(),
                     action: "write".into(),
                     schema: "orders".into(),
                     privileges: vec![
@@ -177,8 +191,9 @@ impl Target {
                     ],
                 },
             ],
-        })
-        .unwrap()
+        };
+        change(&mut cfg);
+        PostgresProvider::new(cfg).unwrap()
     }
 
     /// Runs `sql` in the test database as the application owner.
@@ -507,5 +522,274 @@ async fn an_admin_that_cannot_end_sessions_is_found_at_prepare() {
     .await
     .unwrap();
     t.provider().prepare().await.unwrap();
+    t.cleanup().await;
+}
+
+/// `tables` narrows an action to named tables (and the sequences they own),
+/// `functions` with `EXECUTE` to named routines; the rest of the schema stays
+/// out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_can_be_scoped_to_tables_and_routines() {
+    let t = Target::new().await;
+    t.as_owner(
+        "CREATE FUNCTION orders.total() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM orders.items';
+         CREATE FUNCTION orders.total(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
+         CREATE FUNCTION orders.other() RETURNS int LANGUAGE sql AS 'SELECT 1';
+         REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA orders FROM PUBLIC",
+    )
+    .await;
+    t.as_owner(&format!(
+        "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA orders TO {} WITH GRANT OPTION",
+        t.admin
+    ))
+    .await;
+    let p = t.provider_with(|c| {
+        c.grants = vec![
+            PrivilegeConfig {
+                action: "read".into(),
+                schema: "orders".into(),
+                privileges: vec!["SELECT".into(), "EXECUTE".into()],
+                tables: vec!["items".into(), "events".into()],
+                functions: vec!["total".into()],
+            },
+            PrivilegeConfig {
+                action: "write".into(),
+                schema: "orders".into(),
+                privileges: vec!["INSERT".into()],
+                tables: vec!["events".into()],
+                functions: Vec::new(),
+            },
+        ];
+    });
+    p.prepare().await.unwrap();
+    let h = issue(&p, &["read", "write"]).await;
+    let c = login(&h).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM orders.items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    denied(c.query_one("SELECT count(*) FROM orders.notes", &[]).await);
+    let n: i64 = c
+        .query_one("SELECT orders.total()", &[])
+        .await
+        .unwrap_or_else(|e| panic!("EXECUTE on a named routine: {e:?}"))
+        .get(0);
+    assert_eq!(n, 1);
+    let n: i32 = c
+        .query_one("SELECT orders.total(7)", &[])
+        .await
+        .unwrap_or_else(|e| panic!("every overload of the name: {e:?}"))
+        .get(0);
+    assert_eq!(n, 7);
+    denied(c.query_one("SELECT orders.other()", &[]).await);
+    // INSERT on `events` brings USAGE on the sequence it owns, and no other.
+    c.execute("INSERT INTO orders.events (note) VALUES ('scoped')", &[])
+        .await
+        .unwrap_or_else(|e| panic!("insert into a scoped serial table: {e:?}"));
+    denied(
+        c.execute("INSERT INTO orders.items VALUES (5, 'x')", &[])
+            .await,
+    );
+    drop(c);
+    p.destroy(&h.username).await.unwrap();
+    t.cleanup().await;
+}
+
+/// What the config names must exist and be the admin's to pass on; the
+/// operator's statements must run. All of it is found by `prepare`, as
+/// `ProviderError::Unfit` (the broker refuses to start on it), not at the first
+/// grant, and the trial of the statements leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_finds_what_the_database_cannot_serve() {
+    let t = Target::new().await;
+    t.as_owner("CREATE TABLE orders.private (v text)").await;
+    t.db_su
+        .batch_execute(&format!("REVOKE ALL ON orders.private FROM {}", t.admin))
+        .await
+        .unwrap();
+    let scoped = |tables: &[&str], privileges: &[&str], functions: &[&str]| PrivilegeConfig {
+        action: "read".into(),
+        schema: "orders".into(),
+        privileges: privileges.iter().map(|p| (*p).to_owned()).collect(),
+        tables: tables.iter().map(|p| (*p).to_owned()).collect(),
+        functions: functions.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    type Change<'a> = Box<dyn FnOnce(&mut PostgresConfig) + 'a>;
+    let cases: Vec<(Change<'_>, &str)> = vec![
+        (
+            Box::new(move |c| c.grants = vec![scoped(&["nope"], &["SELECT"], &[])]),
+            "table `orders.nope` does not exist",
+        ),
+        (
+            Box::new(move |c| c.grants = vec![scoped(&["private"], &["SELECT"], &[])]),
+            "lacks SELECT WITH GRANT OPTION on `orders.private`",
+        ),
+        (
+            Box::new(move |c| c.grants = vec![scoped(&[], &["EXECUTE"], &["nope"])]),
+            "routine `orders.nope` does not exist",
+        ),
+        (
+            Box::new(|c| {
+                let mut g = scoped(&[], &["SELECT"], &[]);
+                g.schema = "elsewhere".into();
+                c.grants = vec![g];
+            }),
+            "schema `elsewhere` does not exist",
+        ),
+        (
+            Box::new(|c| c.creation = vec!["ALTER ROLE {{name}} SET serch_path = orders".into()]),
+            "fail on a trial role",
+        ),
+        (
+            Box::new(|c| c.revocation = vec!["DELETE FROM orders.nope WHERE g = {{grant}}".into()]),
+            "fail on a trial role",
+        ),
+    ];
+    for (change, want) in cases {
+        let e = t.provider_with(change).prepare().await.unwrap_err();
+        assert!(matches!(e, ProviderError::Unfit { .. }), "{e:?}");
+        assert!(e.to_string().contains(want), "`{want}` not in: {e}");
+    }
+    let left: i64 =
+        t.su.query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '\\_probe\\_%'",
+            &[&t.prefix],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the trial role was rolled back");
+    t.cleanup().await;
+}
+
+/// `creation` statements run in the role's own transaction with typed
+/// placeholders; `revocation` statements once its sessions are gone, before the
+/// drop. Request text never reaches them: the values are the grant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_and_revocation_statements_run_with_typed_placeholders() {
+    let t = Target::new().await;
+    t.as_owner(&format!(
+        "CREATE TABLE orders.access (grant_id text PRIMARY KEY, until timestamptz NOT NULL);
+         GRANT SELECT, INSERT, DELETE ON orders.access TO {}",
+        t.admin
+    ))
+    .await;
+    let p = t.provider_with(|c| {
+        c.creation = vec![
+            "ALTER ROLE {{name}} SET search_path = orders".into(),
+            "INSERT INTO orders.access VALUES ({{grant}}, {{valid_until}});".into(),
+        ];
+        c.revocation = vec!["DELETE FROM orders.access WHERE grant_id = {{grant}}".into()];
+    });
+    p.prepare().await.unwrap();
+    let grant = GrantId::generate();
+    let spec = CredentialSpec {
+        grant,
+        name: p.name_for(grant),
+        actions: vec!["read".into()],
+        valid_until: SystemClock.now().plus_secs(300),
+    };
+    let h = p.create(&spec, &Secret::generate()).await.unwrap();
+    let rows = t
+        .db_su
+        .query(
+            "SELECT grant_id, extract(epoch FROM until)::bigint FROM orders.access",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(0), grant.to_string());
+    assert_eq!(
+        rows[0].get::<_, i64>(1),
+        spec.valid_until.unix_seconds(),
+        "{{{{valid_until}}}} is the grant's expiry"
+    );
+    let c = login(&h).await;
+    let path: String = c.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    assert_eq!(path, "orders");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 1,
+        "the unqualified name resolves through the set search_path"
+    );
+    let d = p.destroy(&h.username).await.unwrap();
+    assert_eq!(d.sessions_terminated, 1);
+    let n: i64 = t
+        .db_su
+        .query_one("SELECT count(*) FROM orders.access", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the revocation statement ran");
+    assert!(!p.destroy(&h.username).await.unwrap().existed);
+    t.cleanup().await;
+}
+
+/// Per-role timeouts bound a session PostgreSQL would otherwise keep forever
+/// once Lapse is gone (`VALID UNTIL` refuses new logins only): an idle session
+/// is ended by the server after `idle_session_timeout`, a long statement after
+/// `statement_timeout`. A session that keeps running short statements is bounded
+/// by neither; only the broker (back up: its sweeper) ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_role_timeouts_end_idle_sessions_and_long_statements_without_lapse() {
+    let t = Target::new().await;
+    let p = t.provider_with(|c| {
+        c.idle_session_timeout = Some(lapse_core::TtlDuration::from_secs(1));
+        c.statement_timeout = Some(lapse_core::TtlDuration::from_secs(1));
+    });
+    p.prepare().await.unwrap();
+    let h = issue(&p, &["read"]).await;
+
+    let c = login(&h).await;
+    let started = std::time::Instant::now();
+    let e = c.batch_execute("SELECT pg_sleep(5)").await.unwrap_err();
+    let took = started.elapsed();
+    let m = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(m.contains("statement timeout"), "{e:?}");
+    assert!(took < Duration::from_secs(3), "cancelled after {took:?}");
+
+    // The idle session: its last statement, then nothing; the server ends it.
+    c.batch_execute("SELECT 1").await.unwrap();
+    let idle_from = std::time::Instant::now();
+    let deadline = idle_from + Duration::from_secs(5);
+    loop {
+        let n: i64 =
+            t.su.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&h.username],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle session outlived its timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gone = idle_from.elapsed();
+    assert!(
+        gone >= Duration::from_millis(900),
+        "ended before its timeout: {gone:?}"
+    );
+    eprintln!("idle session ended by the server {gone:?} after its last statement (timeout 1 s)");
+    assert!(
+        c.batch_execute("SELECT 1").await.is_err(),
+        "the client sees it closed"
+    );
+    p.destroy(&h.username).await.unwrap();
     t.cleanup().await;
 }

@@ -83,10 +83,19 @@ pub async fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Lapse>, Sta
     for table in cfg.providers() {
         let provider = table.build()?;
         let (kind, audience) = (table.kind(), table.audience());
-        // The target may come up after Lapse: a failure here is logged and the
-        // setup retried before the first credential.
-        if let Err(e) = provider.prepare().await {
-            tracing::error!(provider = kind, audience = %audience, error = %e, "provider not ready; credentials for it fail until it is");
+        // The target may come up after Lapse: a failure to reach it is logged and
+        // the setup retried before the first credential. A target that answers
+        // and cannot serve the table (the admin lacks a privilege, a configured
+        // table is missing) stops the start, naming it.
+        match provider.prepare().await {
+            Err(
+                e @ (lapse_providers::ProviderError::Unfit { .. }
+                | lapse_providers::ProviderError::Config(_)),
+            ) => return Err(e.into()),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(provider = kind, audience = %audience, error = %e, "provider not ready; credentials for it fail until it is")
+            }
         }
         for action in provider.unmapped(&actions) {
             tracing::warn!(provider = kind, audience = %audience, action = %action, "the provider table maps no privileges to this action: its credential can do nothing for it");

@@ -676,9 +676,8 @@ impl MysqlProvider {
         let needs = self.needs(dialect);
         let missing: Vec<String> = held.missing(&needs).iter().map(|n| n.to_string()).collect();
         if !missing.is_empty() {
-            return Err(ProviderError::Step {
+            return Err(ProviderError::Unfit {
                 target: self.cfg.audience.clone(),
-                step: "check the admin's privileges",
                 message: format!("`{current}` lacks {}", missing.join("; ")),
             });
         }
@@ -717,9 +716,8 @@ impl MysqlProvider {
                 .await
                 .map_err(self.step("look up configured tables"))?;
             if found.unwrap_or(0) == 0 {
-                return Err(ProviderError::Step {
+                return Err(ProviderError::Unfit {
                     target: self.cfg.audience.clone(),
-                    step: "look up configured tables",
                     message: format!("table `{db}`.`{table}` of a [[mysql.grant]] does not exist"),
                 });
             }

@@ -30,8 +30,12 @@
 //! owner), and (PostgreSQL 15+)
 //! `GRANT SET ON PARAMETER log_statement` when statement logging is on.
 
+pub mod privileges;
 pub mod scram;
 pub mod sql;
+pub mod statements;
+
+pub use privileges::{PrivilegeConfig, TABLE_PRIVILEGES};
 
 use crate::{
     CredentialProvider, CredentialSpec, Destroyed, Existing, Handout, ProviderError, Secret, Stray,
@@ -41,40 +45,11 @@ use async_trait::async_trait;
 use lapse_core::{GrantId, Timestamp};
 use serde::Deserialize;
 use sql::QuoteError;
+use statements::{Template, Values};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OnceCell, Semaphore};
-
-/// Table privileges an action may map to. Anything else (`CREATE`, `ALL`, role
-/// attributes) is refused at config load: a grant's role never owns objects.
-pub const TABLE_PRIVILEGES: &[&str] = &[
-    "SELECT",
-    "INSERT",
-    "UPDATE",
-    "DELETE",
-    "TRUNCATE",
-    "REFERENCES",
-    "TRIGGER",
-];
-
-/// The sequence privileges a table privilege needs. A `serial` column's default
-/// calls `nextval`, on INSERT and on `UPDATE … SET col = DEFAULT` (USAGE); reading
-/// a table's data as pg_dump does reads its sequences' state (SELECT). No table
-/// privilege needs `setval` (UPDATE on a sequence). Identity columns need nothing:
-/// PostgreSQL does not check privileges on their sequences.
-fn sequence_privileges(table_privilege: &str) -> &'static [&'static str] {
-    match table_privilege {
-        "SELECT" => &["SELECT"],
-        "INSERT" | "UPDATE" => &["USAGE"],
-        _ => &[],
-    }
-}
-
-/// Taken (per database, for one transaction) by every provider granting privileges
-/// to its groups: PostgreSQL refuses concurrent GRANTs on one object ("tuple
-/// concurrently updated") instead of queueing them.
-const GRANT_LOCK: i64 = 0x6c61_7073_655f_6772; // "lapse_gr"
 
 const MARKER: &str = "lapse:";
 
@@ -114,16 +89,24 @@ pub struct PostgresConfig {
     /// What each action means in this database.
     #[serde(default, rename = "grant")]
     pub grants: Vec<PrivilegeConfig>,
+    /// `ALTER ROLE … SET idle_session_timeout` (PostgreSQL 14+): the server ends a
+    /// session of the role idle this long, also while Lapse is down.
+    #[serde(default)]
+    pub idle_session_timeout: Option<lapse_core::TtlDuration>,
+    /// `ALTER ROLE … SET statement_timeout`: no statement of the role runs longer.
+    #[serde(default)]
+    pub statement_timeout: Option<lapse_core::TtlDuration>,
+    /// Statements run in the transaction that creates each role, after Lapse's
+    /// own (see [`statements`] for the placeholders).
+    #[serde(default)]
+    pub creation: Vec<String>,
+    /// Statements run once the role's sessions are gone, before it is dropped.
+    #[serde(default)]
+    pub revocation: Vec<String>,
 }
 
-/// `[[postgres.grant]]`: `action` means `privileges` on every table of `schema`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivilegeConfig {
-    pub action: String,
-    pub schema: String,
-    pub privileges: Vec<String>,
-}
+/// The longest per-role timeout accepted: a day (they bound sessions of tasks).
+const MAX_ROLE_TIMEOUT_SECS: u64 = 86_400;
 
 fn default_prefix() -> String {
     "lapse".into()
@@ -186,24 +169,37 @@ impl PostgresConfig {
             ));
         }
         for g in &self.grants {
-            sql::ident(&g.schema).map_err(|e| format!("schema `{}`: {e}", g.schema))?;
-            if g.privileges.is_empty() {
-                return Err(format!("action `{}`: no privileges listed", g.action));
-            }
-            for p in &g.privileges {
-                if !TABLE_PRIVILEGES.contains(&p.to_ascii_uppercase().as_str()) {
-                    return Err(format!(
-                        "action `{}`: privilege `{p}` is not one of {}",
-                        g.action,
-                        TABLE_PRIVILEGES.join(", ")
-                    ));
-                }
+            g.validate()?;
+        }
+        for (key, t) in [
+            ("idle_session_timeout", self.idle_session_timeout),
+            ("statement_timeout", self.statement_timeout),
+        ] {
+            if let Some(t) = t
+                && !(1..=MAX_ROLE_TIMEOUT_SECS).contains(&t.secs())
+            {
+                return Err(format!("`{key}` must be between 1s and 24h"));
             }
         }
+        self.templates()?;
         if let Some(g) = &self.login_group {
             sql::ident(g).map_err(|e| format!("`login_group`: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The `creation` and `revocation` statements, parsed.
+    fn templates(&self) -> Result<(Vec<Template>, Vec<Template>), String> {
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .enumerate()
+                .map(|(i, t)| Template::parse(t).map_err(|e| format!("`{key}[{i}]` {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok((
+            parse("creation", &self.creation)?,
+            parse("revocation", &self.revocation)?,
+        ))
     }
 
     /// Reads the admin connection string from where `admin_url` points.
@@ -307,6 +303,8 @@ pub struct PostgresProvider {
     host: String,
     port: u16,
     dbname: String,
+    creation: Vec<Template>,
+    revocation: Vec<Template>,
 }
 
 /// A LIKE pattern matching strings that start with `s`.
@@ -377,7 +375,10 @@ impl PostgresProvider {
             sql::ident(&name).map_err(q)?;
             groups.insert(g.action.clone(), name);
         }
+        let (creation, revocation) = cfg.templates().map_err(ProviderError::Config)?;
         Ok(Self {
+            creation,
+            revocation,
             pool: Pool {
                 config: pg,
                 tls,
@@ -442,6 +443,7 @@ impl PostgresProvider {
             .get_or_try_init(|| async {
                 let c = self.pool.get().await?;
                 self.check_admin(&c).await?;
+                self.check_target(&c).await?;
                 let mut by_action: BTreeMap<&str, Vec<&PrivilegeConfig>> = BTreeMap::new();
                 for g in &self.cfg.grants {
                     by_action.entry(g.action.as_str()).or_default().push(g);
@@ -512,18 +514,146 @@ impl PostgresProvider {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(ProviderError::Config(format!(
-                "[[postgres]] `{}`: the admin role lacks {}",
-                self.cfg.audience,
-                missing.join(" and ")
-            )))
+            Err(ProviderError::Unfit {
+                target: self.cfg.audience.clone(),
+                message: format!("the admin role lacks {}", missing.join(" and ")),
+            })
         }
+    }
+
+    /// What the config names must exist in the database and be the admin's to
+    /// pass on, and the operator's statements must run: all found at start.
+    async fn check_target(&self, c: &tokio_postgres::Client) -> Result<(), ProviderError> {
+        let unfit = |message: String| ProviderError::Unfit {
+            target: self.cfg.audience.clone(),
+            message,
+        };
+        if self.cfg.idle_session_timeout.is_some() {
+            let v: i32 = c
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .map_err(self.step("read the server version"))?
+                .get(0);
+            if v < 140_000 {
+                return Err(unfit(format!(
+                    "`idle_session_timeout` needs PostgreSQL 14 or later (this is {v})"
+                )));
+            }
+        }
+        for g in &self.cfg.grants {
+            let (a, schema) = (&g.action, &g.schema);
+            let row = c
+                .query_opt(
+                    "SELECT has_schema_privilege(oid, 'USAGE WITH GRANT OPTION') FROM pg_namespace WHERE nspname = $1",
+                    &[schema],
+                )
+                .await
+                .map_err(self.step("look up schemas"))?;
+            match row.map(|r| r.get::<_, bool>(0)) {
+                None => {
+                    return Err(unfit(format!(
+                        "action `{a}`: schema `{schema}` does not exist"
+                    )));
+                }
+                Some(false) => {
+                    return Err(unfit(format!(
+                        "action `{a}`: the admin role lacks USAGE WITH GRANT OPTION on schema `{schema}`"
+                    )));
+                }
+                Some(true) => {}
+            }
+            let table_privileges: Vec<String> = g
+                .privileges
+                .iter()
+                .map(|p| p.to_ascii_uppercase())
+                .filter(|p| p != privileges::EXECUTE)
+                .collect();
+            for t in &g.tables {
+                let row = c
+                    .query_opt(
+                        "SELECT ARRAY(SELECT p FROM unnest($3::text[]) p
+                                      WHERE NOT has_table_privilege(c.oid, p || ' WITH GRANT OPTION'))
+                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+                        &[schema, t, &table_privileges],
+                    )
+                    .await
+                    .map_err(self.step("look up tables"))?;
+                match row.map(|r| r.get::<_, Vec<String>>(0)) {
+                    None => {
+                        return Err(unfit(format!(
+                            "action `{a}`: table `{schema}.{t}` does not exist"
+                        )));
+                    }
+                    Some(lacking) if !lacking.is_empty() => {
+                        return Err(unfit(format!(
+                            "action `{a}`: the admin role lacks {} WITH GRANT OPTION on `{schema}.{t}`",
+                            lacking.join(", ")
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for f in &g.functions {
+                let found: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                         WHERE n.nspname = $1 AND p.proname = $2",
+                        &[schema, f],
+                    )
+                    .await
+                    .map_err(self.step("look up routines"))?
+                    .get(0);
+                if found == 0 {
+                    return Err(unfit(format!(
+                        "action `{a}`: routine `{schema}.{f}` does not exist"
+                    )));
+                }
+            }
+        }
+        self.probe_statements(c).await
+    }
+
+    /// Runs the `creation` and `revocation` statements for a throwaway role in a
+    /// transaction that is rolled back, so a typo or a missing privilege shows
+    /// now, not when the first grant is issued or ends.
+    async fn probe_statements(&self, c: &tokio_postgres::Client) -> Result<(), ProviderError> {
+        if self.creation.is_empty() && self.revocation.is_empty() {
+            return Ok(());
+        }
+        let name = format!(
+            "{}_probe_{:016x}",
+            self.cfg.role_prefix,
+            rand::random::<u64>()
+        );
+        let v = Values {
+            name: &name,
+            grant: "gr_00000000000000000000000000000000",
+            audience: &self.cfg.audience,
+            valid_until: &Timestamp::from_millis(0).rfc3339(),
+        };
+        let script = format!(
+            "BEGIN;\nCREATE ROLE {} NOLOGIN;\n{}{}ROLLBACK;",
+            sql::ident(&name).map_err(q)?,
+            statements::script(&self.creation, &v).map_err(q)?,
+            statements::script(&self.revocation, &v).map_err(q)?
+        );
+        let r = c.batch_execute(&script).await;
+        let _ = c.batch_execute("ROLLBACK").await;
+        r.map_err(|e| ProviderError::Unfit {
+            target: self.cfg.audience.clone(),
+            message: format!(
+                "the `creation`/`revocation` statements fail on a trial role: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+            ),
+        })
     }
 
     /// Grants the groups of `actions` what they lack on the relations of their
     /// schemas as they are now: the configured table privileges on tables, views,
     /// materialized views and foreign and partitioned tables, and what those need
-    /// on sequences ([`sequence_privileges`]). One query when nothing is missing
+    /// on sequences ([`privileges::sequence_privileges`]), scoped as configured. One query when nothing is missing
     /// (the usual case); one more transaction when something is. [`Self::create`]
     /// runs it first; exposed so an operator tool (or a test) can run it alone.
     pub async fn sync_privileges(&self, actions: &[String]) -> Result<(), ProviderError> {
@@ -537,77 +667,32 @@ impl PostgresProvider {
         c: &tokio_postgres::Client,
         actions: &[String],
     ) -> Result<(), ProviderError> {
-        let mut wanted: BTreeSet<(&str, &str, &str, String)> = BTreeSet::new();
-        for g in self
-            .cfg
-            .grants
-            .iter()
-            .filter(|g| actions.contains(&g.action))
-        {
-            let Some(group) = self.groups.get(&g.action) else {
-                continue;
-            };
-            for p in &g.privileges {
-                let p = p.to_ascii_uppercase();
-                for s in sequence_privileges(&p) {
-                    wanted.insert((group, &g.schema, "sequence", (*s).to_owned()));
-                }
-                wanted.insert((group, &g.schema, "table", p));
-            }
-        }
+        let wanted = privileges::wanted(&self.cfg.grants, &self.groups, actions);
         if wanted.is_empty() {
             return Ok(());
         }
-        let mut cols: [Vec<&str>; 4] = Default::default();
-        for (group, schema, kind, privilege) in &wanted {
-            let [g, s, k, p] = &mut cols;
-            g.push(group);
-            s.push(schema);
-            k.push(kind);
-            p.push(privilege);
-        }
-        let [groups, schemas, kinds, privileges] = &cols;
-        // Both privilege functions error on the other kind of relation: the
-        // CASEs keep each to its own (CASE evaluates in order).
+        let [groups, schemas, kinds, privs, objects] = &privileges::columns(&wanted);
         let rows = c
             .query(
-                "SELECT w.grp, n.nspname::text, c.relname::text, w.kind, w.priv,
-                        CASE WHEN w.kind = 'table'
-                             THEN has_table_privilege(c.oid, w.priv || ' WITH GRANT OPTION')
-                             ELSE has_sequence_privilege(c.oid, w.priv || ' WITH GRANT OPTION')
-                        END
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS w(grp, schema, kind, priv)
-                 JOIN pg_namespace n ON n.nspname = w.schema
-                 JOIN pg_class c ON c.relnamespace = n.oid
-                 WHERE CASE
-                         WHEN w.kind = 'table' AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-                           THEN NOT has_table_privilege(w.grp, c.oid, w.priv)
-                         WHEN w.kind = 'sequence' AND c.relkind = 'S'
-                           THEN NOT has_sequence_privilege(w.grp, c.oid, w.priv)
-                         ELSE false
-                       END",
-                &[groups, schemas, kinds, privileges],
+                privileges::MISSING,
+                &[groups, schemas, kinds, privs, objects],
             )
             .await
             .map_err(self.step("look up missing privileges"))?;
         if rows.is_empty() {
             return Ok(());
         }
-        // (kind, schema, relation, group) -> privileges
-        let mut grants: BTreeMap<(String, String, String, String), Vec<String>> = BTreeMap::new();
-        let mut cannot: BTreeSet<String> = BTreeSet::new();
-        for r in &rows {
-            let (group, schema, rel, kind, privilege): (String, String, String, String, String) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            if r.get::<_, Option<bool>>(5) == Some(true) {
-                grants
-                    .entry((kind, schema, rel, group))
-                    .or_default()
-                    .push(privilege);
-            } else {
-                cannot.insert(format!("{privilege} on {schema}.{rel}"));
-            }
-        }
+        let missing: Vec<privileges::Missing> = rows
+            .iter()
+            .map(|r| privileges::Missing {
+                group: r.get(0),
+                kind: r.get(1),
+                privilege: r.get(2),
+                target: r.get(3),
+                grantable: r.get::<_, Option<bool>>(4) == Some(true),
+            })
+            .collect();
+        let (script, cannot) = privileges::grant_script(&missing).map_err(q)?;
         if !cannot.is_empty() {
             tracing::warn!(
                 target = %self.cfg.audience,
@@ -615,34 +700,56 @@ impl PostgresProvider {
                 "the admin role holds no grant option on these, so grants cannot use them"
             );
         }
-        if grants.is_empty() {
+        let Some(script) = script else {
             return Ok(());
-        }
-        let mut script = format!("BEGIN;\nSELECT pg_advisory_xact_lock({GRANT_LOCK});\n");
-        for ((kind, schema, rel, group), privileges) in &grants {
-            script.push_str(&format!(
-                "GRANT {} ON {} {}.{} TO {};\n",
-                privileges.join(", "),
-                if kind == "sequence" {
-                    "SEQUENCE"
-                } else {
-                    "TABLE"
-                },
-                sql::ident(schema).map_err(q)?,
-                sql::ident(rel).map_err(q)?,
-                sql::ident(group).map_err(q)?
-            ));
-        }
-        script.push_str("COMMIT;");
+        };
         if let Err(e) = c.batch_execute(&script).await {
             let _ = c.batch_execute("ROLLBACK").await;
             return Err(self.step("grant privileges to group roles")(e));
         }
         tracing::info!(
             target = %self.cfg.audience,
-            relations = grants.len(),
-            "granted the group roles privileges on relations they lacked"
+            objects = missing.len() - cannot.len(),
+            "granted the group roles privileges they lacked"
         );
+        Ok(())
+    }
+
+    /// The operator's `revocation` statements, in one transaction. The marker
+    /// (the role's comment) gives back the grant and expiry they may name.
+    async fn run_revocation(
+        &self,
+        c: &tokio_postgres::Client,
+        name: &str,
+    ) -> Result<(), ProviderError> {
+        let row = c
+            .query_opt(
+                "SELECT shobj_description(oid, 'pg_authid'), rolvaliduntil::text FROM pg_roles WHERE rolname = $1",
+                &[&name],
+            )
+            .await
+            .map_err(self.step("read the role for its revocation statements"))?;
+        let (comment, until): (Option<String>, Option<String>) =
+            row.map_or((None, None), |r| (r.get(0), r.get(1)));
+        let grant = comment
+            .as_deref()
+            .and_then(|c| c.rsplit_once(";grant="))
+            .map(|(_, g)| g.to_owned())
+            .unwrap_or_default();
+        let v = Values {
+            name,
+            grant: &grant,
+            audience: &self.cfg.audience,
+            valid_until: until.as_deref().unwrap_or("infinity"),
+        };
+        let script = format!(
+            "BEGIN;\n{}COMMIT;",
+            statements::script(&self.revocation, &v).map_err(q)?
+        );
+        if let Err(e) = c.batch_execute(&script).await {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(self.step("run the revocation statements")(e));
+        }
         Ok(())
     }
 
@@ -750,6 +857,30 @@ impl CredentialProvider for PostgresProvider {
                 sql::literal(&self.cfg.log_statement).map_err(q)?
             ));
         }
+        for (key, t) in [
+            ("idle_session_timeout", self.cfg.idle_session_timeout),
+            ("statement_timeout", self.cfg.statement_timeout),
+        ] {
+            if let Some(t) = t {
+                script.push_str(&format!(
+                    "ALTER ROLE {name} SET {key} = {};\n",
+                    t.secs().saturating_mul(1000)
+                ));
+            }
+        }
+        let grant = spec.grant.to_string();
+        script.push_str(
+            &statements::script(
+                &self.creation,
+                &Values {
+                    name: &spec.name,
+                    grant: &grant,
+                    audience: &self.cfg.audience,
+                    valid_until: &valid_until,
+                },
+            )
+            .map_err(q)?,
+        );
         script.push_str("COMMIT;");
         if let Err(e) = c.batch_execute(&script).await {
             let _ = c.batch_execute("ROLLBACK").await;
@@ -817,6 +948,9 @@ impl CredentialProvider for PostgresProvider {
         // 3. Privileges go with the role (its memberships are dropped with it). A
         // role can only own something if privileges were widened by hand; then hand
         // it to the admin and drop it, rather than fail forever.
+        if existed && !self.revocation.is_empty() {
+            self.run_revocation(&c, name).await?;
+        }
         if existed {
             match c
                 .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))

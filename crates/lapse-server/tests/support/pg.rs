@@ -133,6 +133,10 @@ impl Target {
         let file = dir.join("orders-admin.url");
         std::fs::write(&file, &self.admin_url).unwrap();
         PostgresConfig {
+            idle_session_timeout: None,
+            statement_timeout: None,
+            creation: Vec::new(),
+            revocation: Vec::new(),
             audience: "orders-db".into(),
             admin_url: format!("file:{}", file.display()),
             role_prefix: self.prefix.clone(),
@@ -145,11 +149,15 @@ impl Target {
             scram_iterations: lapse_providers::postgres::scram::DEFAULT_ITERATIONS,
             grants: vec![
                 PrivilegeConfig {
+                    tables: Vec::new(),
+                    functions: Vec::new(),
                     action: "read".into(),
                     schema: "orders".into(),
                     privileges: vec!["SELECT".into()],
                 },
                 PrivilegeConfig {
+                    tables: Vec::new(),
+                    functions: Vec::new(),
                     action: "write".into(),
                     schema: "orders".into(),
                     privileges: vec![
