@@ -947,3 +947,37 @@ async fn look_alike_roles_and_hand_added_group_members_are_standing_findings() {
     }
     target.cleanup().await;
 }
+
+/// A provider table the database cannot serve (here: a table that does not
+/// exist) stops the start with the table named; a database that is merely down
+/// does not (it is retried before the first credential).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_database_cannot_serve_stops_the_start() {
+    let target = Target::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (mut cfg, _, _) = dev::prepare(&dir, addr).unwrap();
+    let mut table = target.provider_config(&dir);
+    table.grants[0].tables = vec!["missing".into()];
+    cfg.postgres = vec![table];
+    let e = match lapse_server::build(cfg.clone(), Arc::new(SystemClock)).await {
+        Ok(_) => panic!("started with a table the database cannot serve"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("orders-db") && e.contains("table `orders.missing` does not exist"),
+        "{e}"
+    );
+
+    let mut down = target.provider_config(&dir);
+    let file = dir.join("down.url");
+    std::fs::write(&file, "host=127.0.0.1 port=1 user=nobody dbname=none").unwrap();
+    down.admin_url = format!("file:{}", file.display());
+    cfg.postgres = vec![down];
+    assert!(
+        lapse_server::build(cfg, Arc::new(SystemClock)).await.is_ok(),
+        "an unreachable target does not stop the start"
+    );
+    target.cleanup().await;
+}
