@@ -42,9 +42,25 @@ enum Cmd {
     Exchange(LoadArgs),
     /// RFC 7662 introspection of live tokens over loopback HTTP.
     Introspect(LoadArgs),
-    /// Dynamic PostgreSQL users: issue-to-usable latency, grants/s with the provider,
-    /// revoke-to-session-gone latency. Needs a PostgreSQL superuser URL
-    /// (LAPSE_BENCH_PG_URL, default the local server as `postgres`).
+    /// A credential provider through the broker: grants/s, issue-to-usable
+    /// (exchange + login + first command), revoke-to-sessions-gone with two
+    /// sessions (one busy). Needs the target's admin URL: LAPSE_BENCH_PG_URL
+    /// (default the local server as `postgres`), LAPSE_BENCH_MYSQL_URL (default
+    /// `mysql://root@127.0.0.1:3306/test`).
+    Provider {
+        #[arg(long, value_enum)]
+        target: providers::Target,
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// PostgreSQL: PBKDF2 iterations of the SCRAM verifiers (the provider's default if unset).
+        #[arg(long, default_value_t = lapse_providers::postgres::scram::DEFAULT_ITERATIONS)]
+        scram_iterations: u32,
+    },
+    /// `provider --target postgres`.
     Postgres {
         #[arg(long, default_value_t = 300)]
         samples: usize,
@@ -52,7 +68,6 @@ enum Cmd {
         requests: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
-        /// PBKDF2 iterations of the SCRAM verifiers (the provider's default if unset).
         #[arg(long, default_value_t = lapse_providers::postgres::scram::DEFAULT_ITERATIONS)]
         scram_iterations: u32,
     },
@@ -253,12 +268,33 @@ fn main() -> anyhow::Result<()> {
             samples,
             approvals,
         } => console::run(pending, samples, approvals, cli.json),
+        Cmd::Provider {
+            target,
+            samples,
+            requests,
+            concurrency,
+            scram_iterations,
+        } => providers::run(
+            target,
+            samples,
+            requests,
+            concurrency,
+            scram_iterations,
+            cli.json,
+        ),
         Cmd::Postgres {
             samples,
             requests,
             concurrency,
             scram_iterations,
-        } => pg::run(samples, requests, concurrency, scram_iterations, cli.json),
+        } => providers::run(
+            providers::Target::Postgres,
+            samples,
+            requests,
+            concurrency,
+            scram_iterations,
+            cli.json,
+        ),
     }
 }
 
@@ -389,6 +425,7 @@ mod devserver;
 mod gate;
 mod mcp;
 mod pg;
+mod providers;
 mod runcmd;
 mod soak;
 
