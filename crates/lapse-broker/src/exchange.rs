@@ -165,6 +165,13 @@ impl Lapse {
         if input.task.purpose.trim().is_empty() {
             return Err(BrokerError::InvalidRequest("`purpose` is required".into()));
         }
+        check_words(&[
+            ("task", &input.task.id),
+            ("purpose", &input.task.purpose),
+            ("ticket", &input.task.ticket),
+            ("environment", &input.environment),
+            ("justification", &input.justification),
+        ])?;
         let justification = check_justification(&input.justification, input.break_glass)?;
         let requested = input.ttl_secs.unwrap_or(self.cfg.default_ttl.secs());
         if requested == 0 {
@@ -502,6 +509,31 @@ impl Lapse {
 
 /// The break-glass justification, trimmed: required (10 characters at least) with
 /// `break_glass`, refused without it, at most 2000 characters.
+/// The longest text a request's words may be, in characters.
+const MAX_WORDS: usize = 2000;
+
+/// The request's words go to policy, the store, the audit log and approvers'
+/// screens: no NUL or other control character (tab, CR and LF aside), nothing
+/// longer than [`MAX_WORDS`]. The error names the field.
+fn check_words(fields: &[(&str, &str)]) -> Result<(), BrokerError> {
+    for (name, value) in fields {
+        if value
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            return Err(BrokerError::InvalidRequest(format!(
+                "`{name}` contains a control character"
+            )));
+        }
+        if value.chars().count() > MAX_WORDS {
+            return Err(BrokerError::InvalidRequest(format!(
+                "`{name}` is longer than {MAX_WORDS} characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_justification(raw: &str, break_glass: bool) -> Result<String, BrokerError> {
     let justification = raw.trim().to_owned();
     if break_glass && justification.chars().count() < 10 {

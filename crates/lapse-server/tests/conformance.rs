@@ -140,6 +140,12 @@ impl Broker {
 
     /// A `read` grant for `ttl` seconds, with the task's words given as `task`.
     async fn issue(&self, key: &DpopKey, ttl: u64, task: &str) -> Value {
+        let (status, v) = self.try_issue(key, ttl, task).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    async fn try_issue(&self, key: &DpopKey, ttl: u64, task: &str) -> (u16, Value) {
         let url = format!("{}/oauth/token", self.url);
         let identity = dev::dev_token(&self.dir, CI, 600, &[], self.now()).unwrap();
         let ttl = ttl.to_string();
@@ -159,10 +165,7 @@ impl Broker {
             ("expires_in", ttl.as_str()),
         ];
         let proof = key.proof("POST", &url, None, self.now());
-        let (status, v) =
-            Self::answer(self.http.post(&url).header("DPoP", proof).form(&form)).await;
-        assert_eq!(status, 200, "{v}");
-        v
+        Self::answer(self.http.post(&url).header("DPoP", proof).form(&form)).await
     }
 
     async fn renew(&self, key: &DpopKey, issued: &Value, ttl: &str) -> (u16, Value) {
@@ -450,6 +453,28 @@ async fn orphans_and_hostile_input(target: &dyn Target) {
     let mut s = target.login(&handout).await.unwrap();
     s.read().await.expect("a hostile task name changes nothing");
     drop(s);
+    // NUL and 10 KB are refused before anything reaches the target.
+    let before = provider.list().await.unwrap().len();
+    for (task, why) in [
+        ("T-\0-nul".to_owned(), "`task` contains a control character"),
+        ("z".repeat(10_240), "`task` is longer than"),
+    ] {
+        let (status, v) = b.try_issue(&key, 300, &task).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"], "invalid_request", "{v}");
+        assert!(
+            v["error_description"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(why),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        provider.list().await.unwrap().len(),
+        before,
+        "nothing was created"
+    );
     b.stop().await;
 
     // Restarted, the reconciler (at start) removes the orphan and keeps the grant's.
