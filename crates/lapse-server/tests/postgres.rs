@@ -976,7 +976,9 @@ async fn a_table_the_database_cannot_serve_stops_the_start() {
     down.admin_url = format!("file:{}", file.display());
     cfg.postgres = vec![down];
     assert!(
-        lapse_server::build(cfg, Arc::new(SystemClock)).await.is_ok(),
+        lapse_server::build(cfg, Arc::new(SystemClock))
+            .await
+            .is_ok(),
         "an unreachable target does not stop the start"
     );
     target.cleanup().await;
