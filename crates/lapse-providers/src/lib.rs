@@ -11,6 +11,7 @@
 
 pub mod mysql;
 pub mod postgres;
+pub mod redis;
 pub mod registry;
 
 use async_trait::async_trait;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 pub enum ProviderConfig {
     Postgres(crate::postgres::PostgresConfig),
     Mysql(crate::mysql::MysqlConfig),
+    Redis(crate::redis::RedisConfig),
 }
 
 impl ProviderConfig {
@@ -20,6 +21,7 @@ impl ProviderConfig {
         match self {
             Self::Postgres(_) => "postgres",
             Self::Mysql(_) => "mysql",
+            Self::Redis(_) => "redis",
         }
     }
 
@@ -28,6 +30,7 @@ impl ProviderConfig {
         match self {
             Self::Postgres(c) => &c.audience,
             Self::Mysql(c) => &c.audience,
+            Self::Redis(c) => &c.audience,
         }
     }
 
@@ -36,6 +39,7 @@ impl ProviderConfig {
         match self {
             Self::Postgres(c) => c.validate(),
             Self::Mysql(c) => c.validate(),
+            Self::Redis(c) => c.validate(),
         }
     }
 
@@ -44,6 +48,7 @@ impl ProviderConfig {
         Ok(match self {
             Self::Postgres(c) => Arc::new(crate::postgres::PostgresProvider::new(c.clone())?),
             Self::Mysql(c) => Arc::new(crate::mysql::MysqlProvider::new(c.clone())?),
+            Self::Redis(c) => Arc::new(crate::redis::RedisProvider::new(c.clone())?),
         })
     }
 }
