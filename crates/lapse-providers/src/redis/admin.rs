@@ -102,7 +102,7 @@ impl Admin {
             Err(e) if is_server_reply(&e) => Err(ProviderError::Step {
                 target: self.target.clone(),
                 step,
-                message: self.scrub(e.to_string(), more),
+                message: self.scrub(server_words(&e), more),
             }),
             Err(e) => {
                 *self.conn.lock().await = None;
@@ -122,6 +122,14 @@ impl Admin {
 /// Whether Redis answered with an error (as opposed to the connection failing).
 fn is_server_reply(e: &RedisError) -> bool {
     matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
+}
+
+/// A server's error as Redis wrote it (`NOPERM this user has no …`).
+fn server_words(e: &RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
 }
 
 /// Whether a step failed because the server said `words` (e.g. `No such user`).

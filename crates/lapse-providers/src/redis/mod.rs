@@ -316,6 +316,18 @@ fn grant_of(prefix: &str, name: &str) -> Option<GrantId> {
     id.parse().ok()
 }
 
+/// Whether `name` is shaped like a generated name of any valid prefix.
+fn lapse_shaped(name: &str) -> bool {
+    name.rsplit_once("_gr_").is_some_and(|(prefix, _)| {
+        prefix.len() <= 16
+            && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && is_generated(prefix, name)
+    })
+}
+
 fn sha256_hex(s: &str) -> String {
     Sha256::digest(s.as_bytes())
         .iter()
@@ -472,10 +484,17 @@ impl RedisProvider {
 
     /// Checks the server and the admin's permissions (see the module docs).
     async fn prepare_once(&self) -> Result<(), ProviderError> {
-        let info = self
+        let info = match self
             .admin
             .run(cmd("INFO").arg("server"), "read the server version")
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            Err(e) if admin::said(&e, "NOPERM") => {
+                return Err(self.lacks(&["+info".to_owned()]));
+            }
+            Err(e) => return Err(e),
+        };
         let version = reply::version(&reply::text(&info).unwrap_or_default());
         let Some((major, minor)) = version.filter(|v| *v >= (6, 2)) else {
             return Err(ProviderError::Config(format!(
@@ -541,7 +560,11 @@ impl RedisProvider {
         if missing.is_empty() {
             return Ok(());
         }
-        Err(self.step(
+        Err(self.lacks(&missing))
+    }
+
+    fn lacks(&self, missing: &[String]) -> ProviderError {
+        self.step(
             "check the admin's permissions",
             format!(
                 "admin user `{}` lacks {} (needed: {})",
@@ -551,9 +574,9 @@ impl RedisProvider {
                     .map(|m| format!("`{m}`"))
                     .collect::<Vec<_>>()
                     .join(", "),
-                admin_rules(marker).join(" ")
+                admin_rules(&self.cfg.marker_key).join(" ")
             ),
-        ))
+        )
     }
 
     /// Every command a grant adds must exist in this server and must not be
@@ -797,6 +820,17 @@ impl CredentialProvider for RedisProvider {
     }
 
     async fn destroy(&self, name: &str) -> Result<Destroyed, ProviderError> {
+        if !lapse_shaped(name) {
+            // Not a name Lapse generates (with any prefix, so names made before
+            // `user_prefix` changed are still destroyed): nothing of Lapse's to
+            // end, and `default` or an operator's user is never touched.
+            tracing::warn!(target = %self.cfg.audience, user = %shown(name), "destroy of a name Lapse never generates: nothing done");
+            return Ok(Destroyed {
+                existed: false,
+                sessions_terminated: 0,
+                sessions_left: 0,
+            });
+        }
         let existed = self.flags_of(name).await?.is_some();
         let mut seen: HashSet<u64> = reply::connections_of(&self.client_list().await?, name)
             .into_iter()
@@ -935,6 +969,11 @@ mod tests {
         assert!(!is_generated("lapse", "lapse_alice"));
         assert!(!is_generated("lapse", &name.to_ascii_uppercase()));
         assert!(!is_generated("lapse", &format!("{name}0")));
+        assert!(lapse_shaped(&name));
+        assert!(lapse_shaped(&format!("old_prefix_{g}")));
+        assert!(!lapse_shaped("default"));
+        assert!(!lapse_shaped(&format!("Lapse_{g}")));
+        assert!(!lapse_shaped(&format!("a b_{g}")));
     }
 
     #[test]
