@@ -77,6 +77,9 @@ pub struct Config {
     /// Dynamic MariaDB/MySQL accounts, one `[[mysql]]` per audience.
     #[serde(default, rename = "mysql")]
     pub mysql: Vec<lapse_providers::mysql::MysqlConfig>,
+    /// Redis ACL users, one `[[redis]]` per audience.
+    #[serde(default, rename = "redis")]
+    pub redis: Vec<lapse_providers::redis::RedisConfig>,
     /// How often the reconciler compares targets with the store (also at start).
     #[serde(default = "default_reconcile_interval")]
     pub reconcile_interval: TtlDuration,
@@ -384,7 +387,8 @@ impl Config {
         use lapse_providers::registry::ProviderConfig;
         let postgres = self.postgres.iter().cloned().map(ProviderConfig::Postgres);
         let mysql = self.mysql.iter().cloned().map(ProviderConfig::Mysql);
-        postgres.chain(mysql).collect()
+        let redis = self.redis.iter().cloned().map(ProviderConfig::Redis);
+        postgres.chain(mysql).chain(redis).collect()
     }
 
     /// Where the signing key ring comes from.
@@ -550,10 +554,27 @@ admin_url = "env:MYSQL_ADMIN"
 action = "read"
 database = "app"
 privileges = ["SELECT"]
+[[audience]]
+id = "orders-cache"
+[[redis]]
+audience = "orders-cache"
+admin_url = "env:REDIS_ADMIN"
+[[redis.grant]]
+action = "read"
+keys = ["orders:*"]
+commands = ["+get"]
 "#;
         let c = Config::parse(&format!("{MIN}{tables}"))?;
         let kinds: Vec<_> = c.providers().iter().map(|p| p.kind()).collect();
-        assert_eq!(kinds, ["postgres", "mysql"]);
+        assert_eq!(kinds, ["postgres", "mysql", "redis"]);
+        let everything = tables.replace("keys = [\"orders:*\"]", "keys = [\"*\"]");
+        let e = Config::parse(&format!("{MIN}{everything}"))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("[[redis]] `orders-cache`") && e.contains("allow_all_keys"),
+            "{e}"
+        );
 
         let unknown = tables.replace("audience = \"orders-mysql\"", "audience = \"nope\"");
         let e = Config::parse(&format!("{MIN}{unknown}"))
