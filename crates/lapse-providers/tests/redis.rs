@@ -10,9 +10,6 @@
 //! connections. The admin user holds exactly the module docs' least privileges
 //! ([`admin_rules`]), not `default`.
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
-
 use lapse_core::{Clock, GrantId, SystemClock};
 use lapse_providers::redis::{
     ADMIN_COMMANDS, PrivilegeConfig, RedisConfig, RedisProvider, acl, admin_rules,
@@ -21,9 +18,9 @@ use lapse_providers::registry::ProviderConfig;
 use lapse_providers::{
     CredentialProvider, CredentialSpec, Handout, ProviderError, Secret, StrayKind,
 };
+use lapse_testkit::redis::RedisServer;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value, cmd};
-use redis_server::RedisServer;
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};

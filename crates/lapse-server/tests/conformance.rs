@@ -39,6 +39,7 @@ mod pg;
 mod targets {
     pub mod mysql;
     pub mod postgres;
+    pub mod redis;
 }
 
 const CI: &str = "spiffe://dev.lapse.local/ci/deploy";
@@ -572,4 +573,4 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(postgres, mysql);
+conformance!(postgres, mysql, redis);

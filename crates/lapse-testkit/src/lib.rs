@@ -5,3 +5,4 @@
 pub mod pg;
 pub mod pki;
 pub mod process;
+pub mod redis;
