@@ -576,13 +576,7 @@ async fn prepare_names_what_the_admin_lacks() {
         let e = p.prepare().await.expect_err(missing);
         let m = e.to_string();
         assert!(
-            matches!(
-                &e,
-                ProviderError::Step {
-                    step: "check the admin's permissions",
-                    ..
-                }
-            ),
+            matches!(&e, ProviderError::Unfit { target, .. } if target == "orders-cache"),
             "{missing}: {m}"
         );
         assert!(
@@ -623,8 +617,12 @@ async fn prepare_names_what_the_admin_lacks() {
         .collect();
     t.make_admin("lapse_adm_nokey", &rules).await;
     let p = RedisProvider::new(t.config("lapse_adm_nokey")).unwrap();
-    let m = p.prepare().await.unwrap_err().to_string();
-    assert!(m.contains("`+hset on ~lapse:credentials`"), "{m}");
+    let e = p.prepare().await.unwrap_err();
+    assert!(matches!(e, ProviderError::Unfit { .. }), "{e}");
+    assert!(
+        e.to_string().contains("`+hset on ~lapse:credentials`"),
+        "{e}"
+    );
 
     // Privileges the target does not have: a command it does not know, and one
     // it counts as dangerous that Lapse's own list misses.
@@ -632,7 +630,9 @@ async fn prepare_names_what_the_admin_lacks() {
         let mut cfg = t.config(ADMIN);
         cfg.grants[0].commands.push(command.into());
         let p = RedisProvider::new(cfg).unwrap();
-        let m = p.prepare().await.unwrap_err().to_string();
+        let e = p.prepare().await.unwrap_err();
+        assert!(matches!(e, ProviderError::Unfit { .. }), "{e}");
+        let m = e.to_string();
         assert!(
             m.contains(expect) && m.contains(command.trim_start_matches('+')),
             "{m}"

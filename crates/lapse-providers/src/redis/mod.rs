@@ -497,9 +497,8 @@ impl RedisProvider {
         };
         let version = reply::version(&reply::text(&info).unwrap_or_default());
         let Some((major, minor)) = version.filter(|v| *v >= (6, 2)) else {
-            return Err(ProviderError::Config(format!(
-                "audience `{}`: the server is {}; Lapse needs Redis 6.2 or later (ACL users with channel rules)",
-                self.cfg.audience,
+            return Err(self.unfit(format!(
+                "the server is {}; Lapse needs Redis 6.2 or later (ACL users with channel rules)",
                 version.map_or("of an unknown version".to_owned(), |(a, b)| format!(
                     "Redis {a}.{b}"
                 ))
@@ -563,20 +562,25 @@ impl RedisProvider {
         Err(self.lacks(&missing))
     }
 
+    /// What the target cannot serve: the broker refuses to start on it.
+    fn unfit(&self, message: String) -> ProviderError {
+        ProviderError::Unfit {
+            target: self.cfg.audience.clone(),
+            message,
+        }
+    }
+
     fn lacks(&self, missing: &[String]) -> ProviderError {
-        self.step(
-            "check the admin's permissions",
-            format!(
-                "admin user `{}` lacks {} (needed: {})",
-                self.admin_user,
-                missing
-                    .iter()
-                    .map(|m| format!("`{m}`"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                admin_rules(&self.cfg.marker_key).join(" ")
-            ),
-        )
+        self.unfit(format!(
+            "admin user `{}` lacks {} (needed: {})",
+            self.admin_user,
+            missing
+                .iter()
+                .map(|m| format!("`{m}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            admin_rules(&self.cfg.marker_key).join(" ")
+        ))
     }
 
     /// Every command a grant adds must exist in this server and must not be
@@ -612,19 +616,15 @@ impl RedisProvider {
                             .any(|f| c.strip_prefix('@') == Some(*f))
                     });
                     if let Some(bad) = bad {
-                        return Err(ProviderError::Config(format!(
-                            "audience `{}`: [[redis.grant]] command `+{name}` is `{bad}` in this server: never granted",
-                            self.cfg.audience
+                        return Err(self.unfit(format!(
+                            "[[redis.grant]] command `+{name}` is `{bad}` in this server: never granted"
                         )));
                     }
                 }
                 _ => {
-                    return Err(self.step(
-                        "look up the granted commands",
-                        format!(
-                            "[[redis.grant]] names command `{name}`, which this server does not have (privileges the target does not have)"
-                        ),
-                    ));
+                    return Err(self.unfit(format!(
+                        "[[redis.grant]] names command `{name}`, which this server does not have"
+                    )));
                 }
             }
         }
