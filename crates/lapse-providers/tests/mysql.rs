@@ -513,7 +513,8 @@ async fn look_alikes_are_strays_and_never_listed() {
         p.strays().await
     );
 
-    let look_alike = p.name_for(GrantId::generate());
+    let taken = GrantId::generate();
+    let look_alike = p.name_for(taken);
     let locked = p.name_for(GrantId::generate());
     t.root
         .query_drop(format!(
@@ -545,6 +546,40 @@ async fn look_alikes_are_strays_and_never_listed() {
         names,
         vec![ours.username.as_str()],
         "only what Lapse marked"
+    );
+
+    // A create onto a name that exists (made behind Lapse's back for the next
+    // grant, say) is refused and leaves that account as it was: not re-passworded,
+    // not granted more, not dropped, not marked.
+    let before: Vec<(String, i64)> = t
+        .root
+        .exec(
+            "SELECT Priv, (SELECT COUNT(*) FROM mysql.db WHERE User = ?) FROM mysql.global_priv WHERE User = ?",
+            (&look_alike, &look_alike),
+        )
+        .await
+        .unwrap();
+    let spec = CredentialSpec {
+        grant: taken,
+        name: look_alike.clone(),
+        actions: vec!["write".into()],
+        valid_until: SystemClock.now().plus_secs(300),
+    };
+    let e = p.create(&spec, &Secret::generate()).await.unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+    let after: Vec<(String, i64)> = t
+        .root
+        .exec(
+            "SELECT Priv, (SELECT COUNT(*) FROM mysql.db WHERE User = ?) FROM mysql.global_priv WHERE User = ?",
+            (&look_alike, &look_alike),
+        )
+        .await
+        .unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(after, before, "the existing account is unchanged");
+    assert!(
+        !p.list().await.unwrap().iter().any(|e| e.name == look_alike),
+        "and not marked as Lapse's"
     );
 
     p.destroy(&ours.username).await.unwrap();

@@ -4,7 +4,10 @@
 //! 32 characters with the default prefix, MySQL's limit; MariaDB 10.6+ allows 128,
 //! and `prepare` checks the server's), a password Lapse generated, `WITH
 //! MAX_USER_CONNECTIONS n`, and the privileges of its actions granted directly
-//! (`GRANT … ON db.* | db.table TO account`).
+//! (`GRANT … ON db.* | db.table TO account`). On MariaDB the first `GRANT`
+//! creates the account (`IDENTIFIED BY PASSWORD …`), half the privilege-table
+//! rebuilds of `CREATE USER` + `GRANT`; a name that exists already is refused
+//! first, never changed.
 //!
 //! Direct grants, not roles. Measured on MariaDB 10.11 (the ignored test
 //! `create_cost_direct_grants_vs_roles`): an account with three `GRANT`s in one
@@ -25,7 +28,7 @@
 //! its prefix, audience and grant. [`CredentialProvider::list`] reports marked
 //! accounts only, so a reconciler never drops an account Lapse did not make;
 //! accounts named like Lapse's without a row are [`CredentialProvider::strays`].
-//! The row is written before `CREATE USER`, so a crash in between leaves a row
+//! The row is written before the account, so a crash in between leaves a row
 //! without an account (harmless: it grants nothing and `destroy` removes it),
 //! never an account without a row. `destroy` works from the name alone (it is
 //! the grant's, 128 bits only Lapse generates), on every host of that name, so
@@ -868,8 +871,8 @@ impl CredentialProvider for MysqlProvider {
             ),
             Dialect::MySql => sql::literal(secret.expose()).map_err(q)?,
         };
-        let mut script = format!(
-            "CREATE USER {account} IDENTIFIED BY {password} WITH MAX_USER_CONNECTIONS {}",
+        let limit = format!(
+            "WITH MAX_USER_CONNECTIONS {}",
             self.cfg.max_user_connections
         );
         // One GRANT per object, with every privilege the grant's actions give there.
@@ -882,6 +885,7 @@ impl CredentialProvider for MysqlProvider {
                     .extend(privileges.iter().map(String::as_str));
             }
         }
+        let mut grants = Vec::with_capacity(objects.len());
         for ((db, table), privileges) in objects {
             let on = if table == "*" {
                 format!("{}.*", sql::grant_database(db).map_err(q)?)
@@ -893,13 +897,46 @@ impl CredentialProvider for MysqlProvider {
                 )
             };
             let privileges: Vec<&str> = privileges.into_iter().collect();
-            script.push_str(&format!(
-                ";\nGRANT {} ON {on} TO {account}",
+            grants.push(format!(
+                "GRANT {} ON {on} TO {account}",
                 privileges.join(", ")
             ));
         }
+        // Every account statement rebuilds MariaDB's in-memory privilege tables
+        // under one global lock, at a cost that grows with the number of
+        // accounts: MariaDB creates the account with its first GRANT
+        // (`IDENTIFIED BY` makes it), one statement where `CREATE USER` + `GRANT`
+        // are two (measured: 3,000 accounts in 2.3 s against 5.6 s). That GRANT
+        // would as well change an account that exists already, so `exists`
+        // below refuses one first. MySQL 8 has no `GRANT … IDENTIFIED BY`.
+        let (first, rest) = match (server.dialect, grants.split_first()) {
+            (Dialect::MariaDb, Some((first, rest))) => {
+                (format!("{first} IDENTIFIED BY {password} {limit}"), rest)
+            }
+            _ => (
+                format!("CREATE USER {account} IDENTIFIED BY {password} {limit}"),
+                &grants[..],
+            ),
+        };
+        let script = std::iter::once(first)
+            .chain(rest.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(";\n");
 
         let mut c = self.conn().await?;
+        let hosts: Vec<String> = c
+            .exec(server.dialect.hosts_query(), (&spec.name,))
+            .await
+            .map_err(self.step("look up the account"))?;
+        // Host names compare without case in account names.
+        if hosts.iter().any(|h| h.eq_ignore_ascii_case(&self.cfg.host)) {
+            // Never undone: the account is not this create's to drop.
+            return Err(ProviderError::Step {
+                target: self.cfg.audience.clone(),
+                step: "create the account",
+                message: format!("account `{}` exists already", spec.name),
+            });
+        }
         // The mark first: a crash after it leaves a row without an account, never
         // an account Lapse would not recognise as its own.
         c.exec_drop(
