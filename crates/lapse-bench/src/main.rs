@@ -46,7 +46,8 @@ enum Cmd {
     /// (exchange + login + first command), revoke-to-sessions-gone with two
     /// sessions (one busy). Needs the target's admin URL: LAPSE_BENCH_PG_URL
     /// (default the local server as `postgres`), LAPSE_BENCH_MYSQL_URL (default
-    /// `mysql://root@127.0.0.1:3306/test`).
+    /// `mysql://root@127.0.0.1:3306/test`), LAPSE_BENCH_REDIS_URL (default
+    /// `redis://127.0.0.1:6379`, a user that may create ACL users).
     Provider {
         #[arg(long, value_enum)]
         target: providers::Target,
@@ -57,17 +58,6 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
         /// PostgreSQL: PBKDF2 iterations of the SCRAM verifiers (the provider's default if unset).
-        #[arg(long, default_value_t = lapse_providers::postgres::scram::DEFAULT_ITERATIONS)]
-        scram_iterations: u32,
-    },
-    /// `provider --target postgres`.
-    Postgres {
-        #[arg(long, default_value_t = 300)]
-        samples: usize,
-        #[arg(long, default_value_t = 3000)]
-        requests: usize,
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
         #[arg(long, default_value_t = lapse_providers::postgres::scram::DEFAULT_ITERATIONS)]
         scram_iterations: u32,
     },
@@ -276,19 +266,6 @@ fn main() -> anyhow::Result<()> {
             scram_iterations,
         } => providers::run(
             target,
-            samples,
-            requests,
-            concurrency,
-            scram_iterations,
-            cli.json,
-        ),
-        Cmd::Postgres {
-            samples,
-            requests,
-            concurrency,
-            scram_iterations,
-        } => providers::run(
-            providers::Target::Postgres,
             samples,
             requests,
             concurrency,

@@ -1,4 +1,4 @@
-//! `lapse-bench provider --target postgres|mysql`: a credential provider end to
+//! `lapse-bench provider --target postgres|mysql|redis`: a credential provider end to
 //! end through the real broker, the same three figures for every target:
 //! grants/s at a concurrency, issue-to-usable (exchange → log in with the handed
 //! out secret → first command) and revoke-to-sessions-gone with two sessions
@@ -24,6 +24,7 @@ use tokio_postgres::NoTls;
 pub enum Target {
     Postgres,
     Mysql,
+    Redis,
 }
 
 impl Target {
@@ -31,6 +32,7 @@ impl Target {
         match self {
             Self::Postgres => "postgres",
             Self::Mysql => "mysql",
+            Self::Redis => "redis",
         }
     }
 }
@@ -64,6 +66,29 @@ async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(c)
 }
 
+fn redis_url() -> String {
+    std::env::var("LAPSE_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection of its own that waits as long as a command takes (the busy XREAD).
+async fn redis_connect(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(None);
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+/// The run's admin user, holding the provider's documented least privileges.
+fn redis_admin(sfx: &str) -> String {
+    format!("lapse_bench_admin_{sfx}")
+}
+
+fn redis_marker(sfx: &str) -> String {
+    format!("lapse:bench{sfx}:marks")
+}
+
 async fn mysql_root() -> anyhow::Result<mysql_async::Conn> {
     let opts = mysql_async::Opts::from_url(&mysql_url())?;
     mysql_async::Conn::new(opts)
@@ -92,6 +117,32 @@ impl Setup {
                     .await?;
                 let mut url = url::Url::parse(&mysql_url())?;
                 url.set_path(&format!("/{db}"));
+                std::fs::write(&url_file, url.as_str())?;
+            }
+            Target::Redis => {
+                let mut root = redis_connect(&redis_url()).await?;
+                let admin = redis_admin(&sfx);
+                let password = format!("{:032x}", rand::random::<u128>());
+                redis::cmd("ACL")
+                    .arg("SETUSER")
+                    .arg(&admin)
+                    .arg("reset")
+                    .arg("on")
+                    .arg(format!(">{password}"))
+                    .arg(lapse_providers::redis::admin_rules(&redis_marker(&sfx)))
+                    .query_async::<()>(&mut root)
+                    .await?;
+                redis::cmd("SET")
+                    .arg(format!("bench{sfx}:items"))
+                    .arg("1")
+                    .query_async::<()>(&mut root)
+                    .await?;
+                let mut url = url::Url::parse(&redis_url())?;
+                url.set_username(&admin)
+                    .map_err(|()| anyhow::anyhow!("LAPSE_BENCH_REDIS_URL cannot hold a user"))?;
+                url.set_password(Some(&password)).map_err(|()| {
+                    anyhow::anyhow!("LAPSE_BENCH_REDIS_URL cannot hold a password")
+                })?;
                 std::fs::write(&url_file, url.as_str())?;
             }
         }
@@ -154,6 +205,24 @@ impl Setup {
                     }],
                 }];
             }
+            Target::Redis => {
+                use lapse_providers::redis::{PrivilegeConfig, RedisConfig};
+                cfg.redis = vec![RedisConfig {
+                    audience: "orders-db".into(),
+                    admin_url,
+                    user_prefix: self.prefix.clone(),
+                    public_host: None,
+                    public_port: None,
+                    marker_key: redis_marker(&self.sfx),
+                    allow_all_keys: false,
+                    grants: vec![PrivilegeConfig {
+                        action: "read".into(),
+                        keys: vec![format!("bench{}:*", self.sfx)],
+                        channels: Vec::new(),
+                        commands: vec!["+get".into(), "+xread".into()],
+                    }],
+                }];
+            }
         }
     }
 
@@ -196,6 +265,29 @@ impl Setup {
                         .await;
                 }
             }
+            Target::Redis => {
+                let mut root = redis_connect(&redis_url()).await?;
+                let users: Vec<String> = redis::cmd("ACL")
+                    .arg("USERS")
+                    .query_async(&mut root)
+                    .await?;
+                let ours = format!("{}_", self.prefix);
+                let mut gone: Vec<String> =
+                    users.into_iter().filter(|u| u.starts_with(&ours)).collect();
+                gone.push(redis_admin(&self.sfx));
+                for chunk in gone.chunks(500) {
+                    let _ = redis::cmd("ACL")
+                        .arg("DELUSER")
+                        .arg(chunk)
+                        .query_async::<i64>(&mut root)
+                        .await;
+                }
+                let _ = redis::cmd("DEL")
+                    .arg(redis_marker(&self.sfx))
+                    .arg(format!("bench{}:items", self.sfx))
+                    .query_async::<i64>(&mut root)
+                    .await;
+            }
         }
         Ok(())
     }
@@ -205,10 +297,11 @@ impl Setup {
 enum Session {
     Pg(tokio_postgres::Client),
     My(mysql_async::Conn),
+    Rd(redis::aio::MultiplexedConnection, String),
 }
 
 impl Session {
-    async fn login(target: Target, c: &Value) -> anyhow::Result<Self> {
+    async fn login(target: Target, sfx: &str, c: &Value) -> anyhow::Result<Self> {
         let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
         let port = c["port"].as_u64().unwrap_or_default();
         Ok(match target {
@@ -232,6 +325,15 @@ impl Session {
                     .prefer_socket(false);
                 Self::My(mysql_async::Conn::new(opts).await?)
             }
+            Target::Redis => {
+                let url = format!(
+                    "redis://{}:{}@{}:{port}",
+                    s("username"),
+                    s("password"),
+                    s("host")
+                );
+                Self::Rd(redis_connect(&url).await?, format!("bench{sfx}:items"))
+            }
         })
     }
 
@@ -243,6 +345,12 @@ impl Session {
                     .await?;
             }
             Self::My(c) => c.query_drop("SELECT COUNT(*) FROM items").await?,
+            Self::Rd(c, key) => {
+                redis::cmd("GET")
+                    .arg(&*key)
+                    .query_async::<Option<String>>(c)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -252,6 +360,17 @@ impl Session {
         match self {
             Self::Pg(c) => c.batch_execute("SELECT pg_sleep(30)").await?,
             Self::My(mut c) => c.query_drop("SELECT SLEEP(30)").await?,
+            Self::Rd(mut c, key) => {
+                // A stream key of the granted pattern; it need not exist.
+                redis::cmd("XREAD")
+                    .arg("BLOCK")
+                    .arg(30_000)
+                    .arg("STREAMS")
+                    .arg(format!("{key}:stream"))
+                    .arg("$")
+                    .query_async::<redis::Value>(&mut c)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -338,11 +457,11 @@ fn measure(
             }
             let v: Value = serde_json::from_slice(&resp.body)?;
             let cred = v.pointer("/credentials/0").cloned().unwrap_or(Value::Null);
-            let mut idle = Session::login(target, &cred).await?;
+            let mut idle = Session::login(target, &setup.sfx, &cred).await?;
             idle.first().await?;
             stats::record(&mut issue, t.elapsed());
 
-            let busy = Session::login(target, &cred).await?;
+            let busy = Session::login(target, &setup.sfx, &cred).await?;
             let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
             let busy = tokio::spawn(async move {
                 let _ = started_tx.send(());
